@@ -1,0 +1,12 @@
+"""The TinyMind network. `from model import TinyMindConfig, TinyMindForCausalLM, masked_cross_entropy`."""
+
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from .config import TinyMindConfig
+from .model import MoEFeedForward, TinyMindForCausalLM, masked_cross_entropy
+
+# Registering makes AutoConfig / AutoModelForCausalLM.from_pretrained work on saved tinymind directories.
+AutoConfig.register(TinyMindConfig.model_type, TinyMindConfig)
+AutoModelForCausalLM.register(TinyMindConfig, TinyMindForCausalLM)
+
+__all__ = ["TinyMindConfig", "TinyMindForCausalLM", "MoEFeedForward", "masked_cross_entropy"]

@@ -1,0 +1,71 @@
+"""TinyMindConfig: every number that shapes the network, with Hugging Face Llama/Qwen field names."""
+
+import math
+
+from transformers import PretrainedConfig
+
+
+class TinyMindConfig(PretrainedConfig):
+    """A Llama-style decoder, dense or Mixture-of-Experts (`use_moe=True`).
+
+    The defaults are the `small` preset (hidden 512, 8 layers, about 25.8M parameters).
+    `intermediate_size=None` picks 64·ceil(hidden·8/3 / 64), the SwiGLU width that keeps the
+    feed-forward's parameter count near a 4x GELU MLP while staying a multiple of 64.
+    """
+
+    model_type = "tinymind"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    vocab_size: int = 6400
+    hidden_size: int = 512
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 2
+    intermediate_size: int | None = None
+    max_position_embeddings: int = 32768
+    rope_theta: float = 1e6
+    rms_norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = True
+    dropout: float = 0.0
+    use_cache: bool = True
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pad_token_id: int | None = 0
+
+    use_moe: bool = False
+    n_routed_experts: int = 4
+    num_experts_per_tok: int = 2
+    n_shared_experts: int = 1
+    norm_topk_prob: bool = True
+    aux_loss_alpha: float = 0.1
+    seq_aux: bool = True
+
+    def __post_init__(self, **kwargs):
+        if self.intermediate_size is None:
+            self.intermediate_size = 64 * math.ceil(self.hidden_size * 8 / 3 / 64)
+        super().__post_init__(**kwargs)
+        self.validate_architecture()
+
+    def validate_architecture(self):
+        """Reject shapes the network cannot be built with, naming the field to change."""
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+        if (self.hidden_size // self.num_attention_heads) % 2:
+            raise ValueError("rotary embeddings need an even head size (hidden_size / num_attention_heads)")
+        if self.use_moe and not 1 <= self.num_experts_per_tok <= self.n_routed_experts:
+            raise ValueError(
+                f"num_experts_per_tok {self.num_experts_per_tok} must be between 1 and "
+                f"n_routed_experts {self.n_routed_experts}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads

@@ -1,0 +1,324 @@
+"""The TinyMind network, top to bottom: norm, rotary, attention, feed-forward, MoE, block, model.
+
+A Llama-style decoder: token embedding → N pre-norm blocks (RMSNorm → grouped-query
+attention with rotary positions → RMSNorm → SwiGLU or Mixture-of-Experts) → RMSNorm →
+LM head tied to the embedding. Module names match the state-dict layout in DESIGN.md,
+so `state_dict()` is exactly that layout and MiniMind2-layout `.pth` files load strictly.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import DynamicCache, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+
+from .config import TinyMindConfig
+
+
+def masked_cross_entropy(logits, targets, loss_mask, num_tokens=None):
+    """Mean next-token cross-entropy over the positions where `loss_mask` is 1.
+
+    `reduction="none"` keeps one loss per position so the mask really removes padding and
+    prompt tokens (a default `reduction="mean"` would average them in). The sum is divided
+    by `num_tokens` when given (the trainer passes the trained-token count of a whole
+    optimizer step, so accumulated micro-batches add up to one large batch), else by the
+    mask's own sum. A mask of all zeros gives 0, not NaN.
+    """
+    per_token = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), reduction="none"
+    )
+    mask = loss_mask.reshape(-1).to(per_token.dtype)
+    denominator = mask.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=per_token.dtype)
+    return (per_token * mask).sum() / denominator.clamp(min=1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in float32 even under bf16 autocast: the mean of squares loses too much in 8 bits.
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for the positions asked for, in the Hugging Face Llama (rotate-half) convention."""
+
+    def __init__(self, config: TinyMindConfig):
+        super().__init__()
+        dim = config.head_dim
+        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids, dtype):
+        freqs = position_ids[..., None].float() * self.inv_freq
+        angles = torch.cat([freqs, freqs], dim=-1)[:, None]  # [batch, 1, seq, head_dim]
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_half(x):
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
+def apply_rotary(x, cos, sin):
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention: `num_key_value_heads` K/V heads shared by groups of query heads."""
+
+    def __init__(self, config: TinyMindConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.dropout = config.dropout
+        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, attn_mask, past_key_values):
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=attn_mask,
+            # Without a mask the only case left is a fresh causal prefix, where SDPA's causal kernel is fastest.
+            is_causal=attn_mask is None and seq > 1,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: TinyMindConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoEFeedForward(nn.Module):
+    """Softmax router over `n_routed_experts` SwiGLU experts, top-k per token, plus always-on shared experts.
+
+    Dispatch is one path for training and inference: sort the token→expert assignments by
+    expert, run every expert once on its contiguous slice (an empty slice still runs, so an
+    expert that got no token has a zero gradient rather than none, and DDP never waits on
+    it), weight, and add back per token with `index_add_`.
+    """
+
+    def __init__(self, config: TinyMindConfig):
+        super().__init__()
+        self.n_experts = config.n_routed_experts
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.aux_loss_alpha = config.aux_loss_alpha
+        self.seq_aux = config.seq_aux
+        self.gate = nn.Linear(config.hidden_size, self.n_experts, bias=False)
+        self.experts = nn.ModuleList(FeedForward(config) for _ in range(self.n_experts))
+        self.shared_experts = nn.ModuleList(FeedForward(config) for _ in range(config.n_shared_experts))
+        # Share of the last training forward's assignments that each expert received; the trainer logs it.
+        self.register_buffer("expert_load", torch.zeros(self.n_experts), persistent=False)
+
+    def forward(self, x, token_mask):
+        """x: [batch, seq, hidden]; token_mask: [batch, seq], 1 for real tokens. Returns (output, aux_loss)."""
+        batch, seq, hidden = x.shape
+        flat = x.reshape(-1, hidden)
+        scores = self.gate(flat).float().softmax(dim=-1)  # [tokens, experts]
+        weights, experts = scores.topk(self.top_k, dim=-1)  # [tokens, k]
+        if self.norm_topk_prob and self.top_k > 1:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+
+        assigned_expert = experts.reshape(-1)
+        order = assigned_expert.argsort(stable=True)
+        token_of = order // self.top_k
+        counts = torch.bincount(assigned_expert, minlength=self.n_experts).tolist()
+        routed = torch.cat([expert(part) for expert, part in zip(self.experts, flat[token_of].split(counts))])
+        routed = routed * weights.reshape(-1)[order, None].to(routed.dtype)
+        out = torch.zeros_like(flat).index_add_(0, token_of, routed.to(flat.dtype))
+        for shared in self.shared_experts:
+            out = out + shared(flat)
+
+        aux_loss = x.new_zeros((), dtype=torch.float32)
+        if self.training:
+            aux_loss = self._balance_loss(scores, experts, token_mask, batch, seq)
+        return out.view(batch, seq, hidden), aux_loss
+
+    def _balance_loss(self, scores, experts, token_mask, batch, seq):
+        """aux = alpha · mean over sequences of Σ_e f_e·P_e, padding left out of counts and means.
+
+        f_e = E/(k·T) · (assignments to e), P_e = mean router probability of e over the T real
+        tokens; perfectly balanced routing gives exactly alpha. With `seq_aux=False` the whole
+        batch is one sequence.
+        """
+        groups = batch if self.seq_aux else 1
+        valid = token_mask.reshape(groups, -1).to(scores.dtype)  # [groups, tokens]
+        n_valid = valid.sum(dim=1).clamp(min=1)
+        per_assignment = valid.repeat_interleave(self.top_k, dim=1)
+        counts = scores.new_zeros(groups, self.n_experts).scatter_add_(
+            1, experts.reshape(groups, -1), per_assignment
+        )
+        with torch.no_grad():
+            self.expert_load.copy_(counts.sum(0) / counts.sum().clamp(min=1))
+        if self.aux_loss_alpha == 0:
+            return scores.new_zeros(())
+        f = counts * self.n_experts / (self.top_k * n_valid[:, None])
+        p = (scores.view(groups, -1, self.n_experts) * valid[..., None]).sum(dim=1) / n_valid[:, None]
+        return self.aux_loss_alpha * (f * p).sum(dim=1).mean()
+
+
+class Block(nn.Module):
+    def __init__(self, config: TinyMindConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MoEFeedForward(config) if config.use_moe else FeedForward(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin, attn_mask, past_key_values, token_mask):
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, past_key_values))
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, MoEFeedForward):
+            h, aux_loss = self.mlp(h, token_mask)
+        else:
+            h, aux_loss = self.mlp(h), x.new_zeros((), dtype=torch.float32)
+        return x + self.dropout(h), aux_loss
+
+
+class TinyMindModel(nn.Module):
+    """The decoder body: embedding, blocks, final norm. Returns hidden states and the summed aux loss."""
+
+    def __init__(self, config: TinyMindConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config)
+        self.gradient_checkpointing = False
+
+    def forward(self, input_ids, attention_mask, position_ids, past_key_values):
+        batch, seq = input_ids.shape
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # no padding: take SDPA's mask-free kernels
+        if position_ids is None:
+            if attention_mask is None:
+                position_ids = torch.arange(past, past + seq, device=input_ids.device).expand(batch, -1)
+            else:
+                # Left-padded prompts: count positions from each row's first real token.
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
+        attn_mask = causal_mask(attention_mask, batch, seq, past, input_ids.device)
+        token_mask = (
+            attention_mask[:, -seq:] if attention_mask is not None else input_ids.new_ones(batch, seq)
+        )
+
+        x = self.dropout(self.embed_tokens(input_ids))
+        cos, sin = self.rotary(position_ids, x.dtype)
+        aux_loss = x.new_zeros((), dtype=torch.float32)
+        for block in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x, layer_aux = checkpoint(
+                    block, x, cos, sin, attn_mask, past_key_values, token_mask, use_reentrant=False
+                )
+            else:
+                x, layer_aux = block(x, cos, sin, attn_mask, past_key_values, token_mask)
+            aux_loss = aux_loss + layer_aux
+        return self.norm(x), aux_loss
+
+
+def causal_mask(attention_mask, batch, seq, past, device):
+    """Boolean [batch, 1, seq, past+seq] mask (True = may attend), or None when SDPA's own causal flag suffices."""
+    if attention_mask is None and (past == 0 or seq == 1):
+        return None
+    total = past + seq
+    query_pos = torch.arange(past, total, device=device)[:, None]
+    allowed = torch.arange(total, device=device)[None, :] <= query_pos
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, None, :total].bool()
+        # A padded query row with every key masked would give NaN; let it see itself (its output is unused).
+        allowed = allowed | (torch.arange(total, device=device)[None, :] == query_pos)
+    return allowed.expand(batch, 1, seq, total)
+
+
+class TinyMindForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = TinyMindConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Block"]
+    _supports_sdpa = True
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: TinyMindConfig):
+        super().__init__(config)
+        self.model = TinyMindModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        past_key_values=None,
+        use_cache=False,
+        labels=None,
+        position_ids=None,
+        logits_to_keep=0,
+        **kwargs,
+    ):
+        """Logits, the summed MoE aux loss, the KV cache and, given HF-style `labels`, `.loss` = masked CE + aux."""
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()
+        hidden, aux_loss = self.model(input_ids, attention_mask, position_ids, past_key_values)
+        # Generation only needs the last position's logits; skipping the rest saves the vocab matmul.
+        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+
+        loss = None
+        if labels is not None:
+            targets = labels[:, 1:]
+            mask = targets != -100
+            loss = masked_cross_entropy(logits[:, :-1], targets.masked_fill(~mask, 0), mask) + aux_loss
+        return MoeCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            logits=logits,
+            past_key_values=past_key_values if use_cache else None,
+        )
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        self.model.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self):
+        self.model.gradient_checkpointing = False
+
+    def moe_layers(self):
+        return [block.mlp for block in self.model.layers if isinstance(block.mlp, MoEFeedForward)]
+
+    def parameter_counts(self):
+        """(total, active per token): tied weights counted once; only k of the routed experts are active."""
+        total = sum(p.numel() for p in self.parameters())
+        inactive = 0
+        for moe in self.moe_layers():
+            per_expert = sum(p.numel() for p in moe.experts[0].parameters())
+            inactive += (moe.n_experts - moe.top_k) * per_expert
+        return total, total - inactive

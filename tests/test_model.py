@@ -1,0 +1,276 @@
+"""model/: the loss, the MoE layer and its aux loss, generation with the cache, the state-dict layout."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import MoEFeedForward, TinyMindConfig, TinyMindForCausalLM, masked_cross_entropy
+
+
+def tiny_config(**overrides):
+    fields = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=97)
+    return TinyMindConfig(**{**fields, **overrides})
+
+
+def moe_config(**overrides):
+    moe_fields = dict(use_moe=True, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1)
+    return tiny_config(**{**moe_fields, **overrides})
+
+
+# ---- masked cross-entropy -------------------------------------------------------------------
+
+
+def test_masked_cross_entropy_equals_hand_computation_with_padding():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 5)
+    targets = torch.tensor([[1, 4, 0], [2, 0, 0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    expected = 0.0
+    for b, t in [(0, 0), (0, 1), (1, 0)]:
+        expected += -torch.log_softmax(logits[b, t], dim=-1)[targets[b, t]].item()
+    expected /= 3
+    assert masked_cross_entropy(logits, targets, mask).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_masked_positions_change_nothing():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 7)
+    targets = torch.randint(0, 7, (2, 4))
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    base = masked_cross_entropy(logits, targets, mask)
+    garbled_logits, garbled_targets = logits.clone(), targets.clone()
+    garbled_logits[mask == 0] = 100 * torch.randn_like(garbled_logits[mask == 0])
+    garbled_targets[mask == 0] = 3
+    assert masked_cross_entropy(garbled_logits, garbled_targets, mask).item() == base.item()
+    # The trap: a default reduction="mean" averages padding into the loss.
+    assert F.cross_entropy(garbled_logits.view(-1, 7), garbled_targets.view(-1)).item() != pytest.approx(base.item())
+
+
+def test_all_zero_mask_gives_zero_not_nan():
+    loss = masked_cross_entropy(torch.randn(1, 3, 5), torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 3))
+    assert loss.item() == 0.0
+
+
+def test_num_tokens_normalises_by_the_given_count():
+    logits, targets, mask = torch.randn(1, 4, 5), torch.randint(0, 5, (1, 4)), torch.tensor([[1, 1, 1, 0]])
+    assert masked_cross_entropy(logits, targets, mask, num_tokens=6).item() == pytest.approx(
+        masked_cross_entropy(logits, targets, mask).item() * 3 / 6, rel=1e-6
+    )
+
+
+def test_labels_give_hf_style_loss_plus_aux():
+    torch.manual_seed(0)
+    model = TinyMindForCausalLM(moe_config()).train()
+    ids = torch.randint(3, 97, (2, 9))
+    labels = ids.clone()
+    labels[1, 6:] = -100
+    out = model(ids, labels=labels)
+    mask = labels[:, 1:] != -100
+    expected = masked_cross_entropy(out.logits[:, :-1], labels[:, 1:].clamp(min=0), mask) + out.aux_loss
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert out.aux_loss.item() > 0
+
+
+# ---- MoE aux loss ----------------------------------------------------------------------------
+
+
+def formula_aux(scores, experts, valid, n_experts, top_k, alpha):
+    """The load-balancing loss of one group of tokens, written out with loops."""
+    real = [t for t in range(len(valid)) if valid[t]]
+    total = 0.0
+    for e in range(n_experts):
+        chosen = sum(int(e in experts[t].tolist()) for t in real)
+        f = n_experts / (top_k * len(real)) * chosen
+        p = sum(scores[t, e].item() for t in real) / len(real)
+        total += f * p
+    return alpha * total
+
+
+@pytest.mark.parametrize("seq_aux", [True, False])
+def test_aux_loss_equals_formula_with_padding(seq_aux):
+    torch.manual_seed(1)
+    moe = MoEFeedForward(moe_config(seq_aux=seq_aux, aux_loss_alpha=0.3)).train()
+    x = torch.randn(2, 5, 64)
+    token_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    _, aux = moe(x, token_mask)
+    scores = moe.gate(x.view(-1, 64)).softmax(-1)
+    experts = scores.topk(2, dim=-1).indices
+    valid = token_mask.view(-1).tolist()
+    if seq_aux:
+        expected = sum(
+            formula_aux(scores[b * 5:(b + 1) * 5], experts[b * 5:(b + 1) * 5], valid[b * 5:(b + 1) * 5], 4, 2, 0.3)
+            for b in range(2)
+        ) / 2
+    else:
+        expected = formula_aux(scores, experts, valid, 4, 2, 0.3)
+    assert aux.item() == pytest.approx(expected, rel=1e-5)
+    assert moe.expert_load.sum().item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_balanced_routing_gives_alpha_per_layer(top_k):
+    model = TinyMindForCausalLM(moe_config(num_experts_per_tok=top_k, aux_loss_alpha=0.1, num_hidden_layers=3)).train()
+    for moe in model.moe_layers():
+        torch.nn.init.zeros_(moe.gate.weight)  # uniform router probabilities: P_e = 1/E
+    out = model(torch.randint(0, 97, (2, 8)))
+    assert out.aux_loss.item() == pytest.approx(3 * 0.1, rel=1e-6)
+
+
+def test_balanced_assignments_give_alpha():
+    """Counts of exactly k·T/E per expert with any probabilities summing to 1 give alpha."""
+    moe = MoEFeedForward(moe_config(aux_loss_alpha=0.1))
+    scores = torch.softmax(torch.randn(4, 4), dim=-1)
+    experts = torch.tensor([[0, 1], [2, 3], [1, 0], [3, 2]])
+    aux = moe._balance_loss(scores, experts, torch.ones(1, 4), batch=1, seq=4)
+    # f_e = 1 for every e, so the loss is alpha times the sum of mean probabilities = alpha.
+    assert aux.item() == pytest.approx(0.1, rel=1e-6)
+
+
+def test_aux_loss_is_sum_over_layers_and_reaches_router():
+    torch.manual_seed(0)
+    model = TinyMindForCausalLM(moe_config()).train()
+    per_layer = []
+    handles = [
+        moe.register_forward_hook(lambda mod, args, output: per_layer.append(output[1].item()))
+        for moe in model.moe_layers()
+    ]
+    out = model(torch.randint(0, 97, (2, 8)))
+    for handle in handles:
+        handle.remove()
+    assert len(per_layer) == 2
+    assert out.aux_loss.item() == pytest.approx(sum(per_layer), rel=1e-6)
+    out.aux_loss.backward()
+    for moe in model.moe_layers():
+        assert moe.gate.weight.grad is not None and moe.gate.weight.grad.abs().sum() > 0
+
+
+def test_aux_loss_is_zero_in_eval_and_for_dense():
+    ids = torch.randint(0, 97, (1, 6))
+    assert TinyMindForCausalLM(moe_config()).eval()(ids).aux_loss.item() == 0.0
+    dense_aux = TinyMindForCausalLM(tiny_config()).train()(ids).aux_loss
+    assert dense_aux.dim() == 0 and dense_aux.item() == 0.0
+
+
+# ---- MoE dispatch ----------------------------------------------------------------------------
+
+
+def test_moe_of_identical_experts_equals_the_dense_ffn():
+    torch.manual_seed(0)
+    moe = MoEFeedForward(moe_config(n_shared_experts=0, norm_topk_prob=True)).eval()
+    for expert in moe.experts[1:]:
+        expert.load_state_dict(moe.experts[0].state_dict())
+    x = torch.randn(2, 7, 64)
+    out, _ = moe(x, torch.ones(2, 7))
+    torch.testing.assert_close(out, moe.experts[0](x), atol=1e-6, rtol=1e-5)
+
+
+def test_sorted_dispatch_equals_naive_per_token_loop():
+    torch.manual_seed(0)
+    moe = MoEFeedForward(moe_config(num_experts_per_tok=2, n_shared_experts=2)).eval()
+    x = torch.randn(3, 5, 64)
+    out, _ = moe(x, torch.ones(3, 5))
+    flat = x.view(-1, 64)
+    scores = moe.gate(flat).softmax(-1)
+    expected = torch.zeros_like(flat)
+    for t in range(flat.size(0)):
+        weights, experts = scores[t].topk(2)
+        weights = weights / weights.sum()
+        for w, e in zip(weights, experts):
+            expected[t] += w * moe.experts[int(e)](flat[t])
+        for shared in moe.shared_experts:
+            expected[t] += shared(flat[t])
+    torch.testing.assert_close(out.view(-1, 64), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_expert_given_no_tokens_gets_zero_gradient():
+    torch.manual_seed(0)
+    moe = MoEFeedForward(moe_config(num_experts_per_tok=1)).train()
+    with torch.no_grad():
+        moe.gate.weight.zero_()
+        moe.gate.weight[:3, :3] = torch.eye(3)  # positive inputs give experts 0-2 a positive logit, expert 3 zero
+    out, aux = moe(torch.rand(2, 8, 64) + 0.1, torch.ones(2, 8))
+    (out.sum() + aux).backward()
+    assert moe.expert_load[3].item() == 0.0
+    for p in moe.experts[3].parameters():
+        assert p.grad is not None and torch.count_nonzero(p.grad) == 0
+    assert moe.experts[0].gate_proj.weight.grad.abs().sum() > 0
+
+
+# ---- generation, cache, layout ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_cached_generation_equals_uncached_recomputation(use_moe):
+    torch.manual_seed(0)
+    config = moe_config() if use_moe else tiny_config()
+    model = TinyMindForCausalLM(config).eval()
+    prompt = torch.randint(3, 97, (1, 6))
+    generated = model.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    tokens = prompt
+    with torch.no_grad():
+        for _ in range(12):
+            next_token = model(tokens).logits[:, -1].argmax(-1, keepdim=True)
+            tokens = torch.cat([tokens, next_token], dim=1)
+    assert torch.equal(generated, tokens)
+
+
+def test_cached_logits_equal_full_forward_with_left_padding():
+    torch.manual_seed(0)
+    model = TinyMindForCausalLM(tiny_config()).eval()
+    ids = torch.randint(3, 97, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # row 1 is left-padded
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits
+        prefix = model(ids[:, :5], attention_mask=mask[:, :5], use_cache=True)
+        step = model(ids[:, 5:], attention_mask=mask, past_key_values=prefix.past_key_values, use_cache=True)
+        alone = model(ids[1:, 3:]).logits  # the padded row without its padding
+    torch.testing.assert_close(step.logits, full[:, 5:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(full[1:, 3:], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_sampling_generation_runs_with_cache():
+    torch.manual_seed(0)
+    model = TinyMindForCausalLM(moe_config()).eval()
+    out = model.generate(torch.randint(3, 97, (2, 4)), max_new_tokens=5, do_sample=True, top_p=0.9, top_k=20)
+    assert out.shape == (2, 9)
+
+
+def test_save_load_round_trips_bit_exactly(tmp_path):
+    torch.manual_seed(0)
+    model = TinyMindForCausalLM(moe_config())
+    model.save_pretrained(tmp_path)
+    loaded = TinyMindForCausalLM.from_pretrained(tmp_path)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+    torch.save(model.state_dict(), tmp_path / "w.pth")
+    again = TinyMindForCausalLM(moe_config())
+    again.load_state_dict(torch.load(tmp_path / "w.pth", weights_only=True), strict=True)
+    ids = torch.randint(0, 97, (1, 5))
+    assert torch.equal(model.eval()(ids).logits, again.eval()(ids).logits)
+
+
+def test_state_dict_speaks_the_design_layout():
+    keys = set(TinyMindForCausalLM(moe_config(num_hidden_layers=1)).state_dict())
+    expected = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight",
+                "model.layers.0.input_layernorm.weight", "model.layers.0.post_attention_layernorm.weight",
+                "model.layers.0.mlp.gate.weight"}
+    expected |= {f"model.layers.0.self_attn.{p}_proj.weight" for p in "qkvo"}
+    expected |= {f"model.layers.0.mlp.experts.{j}.{p}_proj.weight" for j in range(4) for p in ("gate", "up", "down")}
+    expected |= {f"model.layers.0.mlp.shared_experts.0.{p}_proj.weight" for p in ("gate", "up", "down")}
+    assert keys == expected
+
+
+def test_parameter_counts_of_the_presets():
+    total, active = TinyMindForCausalLM(TinyMindConfig()).parameter_counts()
+    assert total == active and math.isclose(total / 1e6, 25.8, abs_tol=0.05)
+    total, active = TinyMindForCausalLM(TinyMindConfig(use_moe=True)).parameter_counts()
+    per_expert = 3 * 512 * 1408
+    assert total - active == 8 * 2 * per_expert
+
+
+def test_default_intermediate_size():
+    assert TinyMindConfig(hidden_size=512).intermediate_size == 1408
+    assert TinyMindConfig(hidden_size=768, num_attention_heads=8).intermediate_size == 2048
