@@ -1,0 +1,330 @@
+"""The training loop, read top to bottom: data order → micro-batches → loss → optimizer step → log → save.
+
+One optimizer step takes `accumulation_steps` micro-batches. The cross-entropy of each is
+divided by the trained-token count of the whole step, so the accumulated gradient is that
+of one large batch; the MoE aux loss is averaged over the micro-batches. Every save
+writes the weights (`.pth` + config JSON) and a resume state (optimizer, step, data
+position, RNG states, flags, log length) so `--resume` continues bit-exactly.
+"""
+
+import contextlib
+import math
+import random
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from model import masked_cross_entropy
+
+from .checkpoint import atomic_write, save_weights
+from .errors import UserError
+from .flags import run_dir, run_name
+from .metrics import BASE_COLUMNS, CsvLog, ExpertLoadWatch, load_columns
+
+# Flags a resumed run must share with the run that wrote the state, or the continuation is not the same run.
+RESUME_FLAGS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "vocab_size", "n_routed_experts", "num_experts_per_tok", "n_shared_experts", "max_seq_len",
+                "batch_size", "accumulation_steps", "seed")
+MAX_BAD_STEPS = 5
+
+
+@dataclass
+class Progress:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    position: int = 0  # samples of this epoch's order already consumed
+    tokens: int = 0  # real (non-padding) input tokens seen
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient
+
+
+class StopRequested(Exception):
+    pass
+
+
+def lr_at(step, total_steps, warmup_steps, peak):
+    """Linear warmup to `peak`, then cosine decay to peak/10 at the last step."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return peak / 10 + 0.9 * peak * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def make_optimizer(model, args):
+    # Weight decay on matrices only: decaying norms' gains and the like only hurts.
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    fused = args.device.startswith("cuda")
+    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.95), fused=fused or None)
+
+
+def epoch_order(n, seed, epoch):
+    """One seeded permutation per epoch, so a resumed run (or any process count) sees the same order."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def autocast_context(args):
+    if args.dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(args.device).type, dtype=getattr(torch, args.dtype))
+
+
+class Trainer:
+    def __init__(self, model, dataset, args, stage, pad_token_id):
+        self.model = model.to(args.device)
+        self.dataset = dataset
+        self.args = args
+        self.stage = stage
+        self.pad_token_id = pad_token_id
+        self.device = torch.device(args.device)
+        self.dir = run_dir(stage, args)
+        self.name = run_name(stage, args)
+        self.weights_path = self.dir / f"{self.name}.pth"
+        self.optimizer = make_optimizer(self.model, args)
+        # A GradScaler only for float16: bf16 has float32's exponent range and needs no loss scaling.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.dtype == "float16")
+        self.samples_per_step = args.batch_size * args.accumulation_steps
+        self.steps_per_epoch = math.ceil(len(dataset) / self.samples_per_step)
+        self.total_steps = args.max_steps or args.epochs * self.steps_per_epoch
+        self.warmup_steps = args.warmup_steps if args.warmup_steps is not None else max(1, self.total_steps // 50)
+        self.moe_watch = ExpertLoadWatch(model.moe_layers())
+        columns = BASE_COLUMNS
+        if self.moe_watch.layers:
+            columns = columns + load_columns(len(self.moe_watch.layers), self.moe_watch.layers[0].n_experts)
+        self.log = CsvLog(self.dir / f"{self.name}_log.csv", columns)
+        self.progress = Progress()
+        self.stop_signal = None
+
+    # ---- the loop ----------------------------------------------------------------------------
+
+    def train(self):
+        self.check_writable()
+        if self.args.resume:
+            self.restore()
+        elif self.log.path.exists():
+            self.log.path.unlink()  # a fresh run starts a fresh log
+        previous_handlers = self.install_signal_handlers()
+        bar = tqdm(total=self.total_steps, initial=self.progress.step, desc=self.name, dynamic_ncols=True)
+        try:
+            self.run_steps(bar)
+        except StopRequested:
+            bar.close()
+            self.save()
+            tqdm.write(f"stopped by {signal.Signals(self.stop_signal).name} at step {self.progress.step}; checkpoint "
+                       f"saved in {self.dir}. Resume with the same command plus --resume")
+            raise SystemExit(128 + self.stop_signal) from None
+        finally:
+            bar.close()
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
+        self.save()
+        return self.progress
+
+    def run_steps(self, bar):
+        interval_start, interval_tokens = time.perf_counter(), 0
+        while self.progress.step < self.total_steps:
+            for micro_batches in self.step_batches():
+                tokens_before = self.progress.tokens
+                stats = self.optimizer_step(micro_batches)
+                interval_tokens += self.progress.tokens - tokens_before
+                step = self.progress.step
+                if step % self.args.log_interval == 0 or step == self.total_steps:
+                    elapsed = time.perf_counter() - interval_start
+                    self.write_log(stats, interval_tokens / max(elapsed, 1e-9))
+                    bar.set_postfix(loss=f"{stats['loss']:.3f}", ce=f"{stats['ce']:.3f}", aux=f"{stats['aux']:.3f}",
+                                    lr=f"{stats['lr']:.2e}", tok_s=f"{interval_tokens / max(elapsed, 1e-9):.0f}")
+                    interval_start, interval_tokens = time.perf_counter(), 0
+                bar.update(1)
+                if step % self.args.save_interval == 0 and step < self.total_steps:
+                    self.save()
+                if self.stop_signal is not None:
+                    raise StopRequested
+                if step >= self.total_steps:
+                    return
+
+    def step_batches(self):
+        """This epoch's remaining micro-batches, grouped into optimizer steps; advances the epoch at its end."""
+        order = epoch_order(len(self.dataset), self.args.seed, self.progress.epoch)[self.progress.position:]
+        loader = DataLoader(
+            Subset(self.dataset, order),
+            batch_size=self.args.batch_size,
+            num_workers=self.args.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+        group = []
+        for batch in loader:
+            group.append(batch)
+            if len(group) == self.args.accumulation_steps:
+                yield group
+                group = []
+        if group:
+            yield group
+        self.progress.epoch += 1
+        self.progress.position = 0
+
+    def optimizer_step(self, micro_batches):
+        args, model = self.args, self.model
+        lr = lr_at(self.progress.step, self.total_steps, self.warmup_steps, args.learning_rate)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        model.train()
+        step_tokens = sum(int(mask.sum()) for _, _, mask in micro_batches)
+        ce_sum = torch.zeros((), device=self.device)
+        aux_sum = torch.zeros((), device=self.device)
+        load_sum = 0
+        for input_ids, targets, loss_mask in micro_batches:
+            input_ids = input_ids.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
+            loss_mask = loss_mask.to(self.device, non_blocking=True)
+            attention_mask = input_ids != self.pad_token_id
+            with autocast_context(args):
+                out = model(input_ids, attention_mask=attention_mask)
+                ce = masked_cross_entropy(out.logits, targets, loss_mask, num_tokens=step_tokens)
+                aux = out.aux_loss / len(micro_batches)
+            self.scaler.scale(ce + aux).backward()
+            ce_sum += ce.detach()
+            aux_sum += aux.detach()
+            if self.moe_watch.layers:
+                load_sum = load_sum + self.moe_watch.current()
+            self.progress.tokens += int(attention_mask.sum())
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+        loss = ce_sum + aux_sum
+        if torch.isfinite(loss) and torch.isfinite(grad_norm):
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.bad_steps_in_a_row = 0
+        else:
+            self.skip_bad_step(loss, grad_norm)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.moe_watch.layers:
+            self.moe_watch.observe(load_sum / len(micro_batches))
+        self.progress.step += 1
+        self.progress.position += sum(len(batch[0]) for batch in micro_batches)
+        return {"loss": loss.item(), "ce": ce_sum.item(), "aux": aux_sum.item(), "lr": lr,
+                "grad_norm": grad_norm.item()}
+
+    bad_steps_in_a_row = 0
+
+    def skip_bad_step(self, loss, grad_norm):
+        """A non-finite loss or gradient skips the update; several in a row stop the run, keeping the last save."""
+        self.progress.skipped_steps += 1
+        self.bad_steps_in_a_row += 1
+        if self.scaler.is_enabled():
+            self.scaler.update()  # lets float16 loss scaling back off, which is its normal way of skipping
+        tqdm.write(f"step {self.progress.step + 1}: non-finite loss {loss.item()} or gradient norm "
+                   f"{grad_norm.item()}; update skipped ({self.progress.skipped_steps} so far)")
+        if self.bad_steps_in_a_row >= MAX_BAD_STEPS:
+            raise UserError(
+                f"{MAX_BAD_STEPS} non-finite steps in a row at step {self.progress.step + 1}: training diverged. "
+                f"The last good checkpoint in {self.dir} is kept; lower --learning_rate or use --dtype float32"
+            )
+
+    def write_log(self, stats, tokens_per_s):
+        row = {"step": self.progress.step, "tokens": self.progress.tokens, "tokens_per_s": round(tokens_per_s, 1),
+               **{key: round(value, 6) for key, value in stats.items()}}
+        shares, warnings = self.moe_watch.summary()
+        for warning in warnings:
+            tqdm.write(f"warning: {warning}")
+        self.log.append({**row, **shares})
+
+    # ---- saving and resuming -----------------------------------------------------------------
+
+    def check_writable(self):
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            probe = self.dir / ".write_test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as err:
+            raise UserError(f"--out_dir {self.args.out_dir}: cannot write to {self.dir} ({err.strerror})") from None
+
+    def resume_states(self):
+        return sorted(self.dir.glob(f"{self.name}_resume_*.pt"))
+
+    def save(self):
+        """Weights + config, then the resume state; older resume states beyond --keep_last are removed."""
+        save_weights(self.model, self.weights_path, self.args.save_format)
+        state = {
+            "progress": asdict(self.progress),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "flags": {name: getattr(self.args, name) for name in RESUME_FLAGS},
+            "log_rows": self.log.rows(),
+        }
+        path = self.dir / f"{self.name}_resume_{self.progress.step:08d}.pt"
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+        for old in self.resume_states()[: -self.args.keep_last]:
+            old.unlink(missing_ok=True)
+
+    def restore(self):
+        states = self.resume_states()
+        if not states:
+            raise UserError(f"--resume: no resume state ({self.name}_resume_*.pt) in {self.dir}; run without --resume")
+        for path in reversed(states):
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+                break
+            except Exception as err:  # a state cut off by a crash: fall back to the one before it
+                tqdm.write(f"warning: {path} is unreadable ({type(err).__name__}); trying the previous state")
+        else:
+            raise UserError(f"--resume: every resume state in {self.dir} is unreadable; run without --resume")
+        for name, saved in state["flags"].items():
+            if getattr(self.args, name) != saved:
+                raise UserError(
+                    f"--resume: --{name} is {getattr(self.args, name)} but the run in {self.dir} used {saved}; "
+                    f"pass --{name} {saved} or start a new run without --resume"
+                )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(_as_tuple(state["rng"]["python"]))
+        if state["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.progress = Progress(**state["progress"])
+        self.log.truncate(state["log_rows"])
+        tqdm.write(f"resumed {path.name}: step {self.progress.step} of {self.total_steps}")
+
+    # ---- signals -----------------------------------------------------------------------------
+
+    def install_signal_handlers(self):
+        """Ctrl-C / SIGTERM finish the current step, save, and exit; a second one exits at once."""
+
+        def request_stop(sig, frame):
+            if self.stop_signal is not None:
+                raise KeyboardInterrupt
+            self.stop_signal = sig
+            tqdm.write(f"{signal.Signals(sig).name}: saving a checkpoint after this step ...")
+
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, request_stop)
+        return previous
+
+
+def _as_tuple(value):
+    """random.getstate() round-trips through torch.save as lists; setstate wants tuples."""
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def describe_run(model, dataset, trainer):
+    total, active = model.parameter_counts()
+    args = trainer.args
+    planned = trainer.total_steps * trainer.samples_per_step * (args.max_seq_len - 1)
+    return (
+        f"model: {total / 1e6:.2f}M parameters, {active / 1e6:.2f}M active per token | "
+        f"data: {len(dataset):,} samples from {Path(args.data_path)} | plan: {trainer.total_steps:,} steps × "
+        f"{trainer.samples_per_step} samples × {args.max_seq_len - 1} tokens = {planned / 1e6:.1f}M token slots"
+    )

@@ -1,0 +1,88 @@
+"""The run's CSV log and the MoE expert-load watch that warns while an expert collapses."""
+
+import csv
+from pathlib import Path
+
+import torch
+
+BASE_COLUMNS = ["step", "tokens", "loss", "ce", "aux", "lr", "grad_norm", "tokens_per_s"]
+
+
+def load_columns(n_layers, n_experts):
+    return [f"load_l{layer}_e{expert}" for layer in range(n_layers) for expert in range(n_experts)]
+
+
+class CsvLog:
+    """Appends one row per log interval; `truncate(rows)` drops rows written after a resumed checkpoint."""
+
+    def __init__(self, path, columns):
+        self.path = Path(path)
+        self.columns = columns
+
+    def rows(self) -> int:
+        if not self.path.is_file():
+            return 0
+        with open(self.path, newline="") as f:
+            return max(sum(1 for _ in csv.reader(f)) - 1, 0)
+
+    def truncate(self, rows):
+        if not self.path.is_file():
+            return
+        with open(self.path, newline="") as f:
+            kept = list(csv.reader(f))[: rows + 1]
+        with open(self.path, "w", newline="") as f:
+            csv.writer(f).writerows(kept)
+
+    def append(self, row):
+        new = not self.path.is_file() or self.path.stat().st_size == 0
+        with open(self.path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.columns)
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+
+class ExpertLoadWatch:
+    """Averages each MoE layer's expert shares over a log interval and flags experts starving throughout it.
+
+    An expert is collapsing when its share of assignments stays below a quarter of the fair
+    share 1/E at every step of the interval.
+    """
+
+    def __init__(self, moe_layers):
+        self.layers = moe_layers
+        n_experts = moe_layers[0].n_experts if moe_layers else 0
+        self.threshold = 0.25 / n_experts if n_experts else 0.0
+        self.reset()
+
+    def reset(self):
+        self.sum = None
+        self.max = None
+        self.steps = 0
+
+    def observe(self, step_load):
+        """step_load: [layers, experts] mean shares of one optimizer step."""
+        self.sum = step_load if self.sum is None else self.sum + step_load
+        self.max = step_load if self.max is None else torch.maximum(self.max, step_load)
+        self.steps += 1
+
+    def current(self):
+        return torch.stack([layer.expert_load for layer in self.layers]).detach().float().cpu()
+
+    def summary(self):
+        """(columns → mean share, warnings) for the interval, then starts a new interval."""
+        if not self.layers or self.sum is None:
+            return {}, []
+        mean = self.sum / self.steps
+        shares = {
+            f"load_l{layer}_e{expert}": round(mean[layer, expert].item(), 4)
+            for layer in range(mean.shape[0]) for expert in range(mean.shape[1])
+        }
+        warnings = [
+            f"expert {expert} of MoE layer {layer} got under {self.threshold:.3f} of the tokens at every step "
+            f"of the last {self.steps} (max {self.max[layer, expert].item():.3f}): it is collapsing; "
+            "raise --aux_loss_alpha or lower --learning_rate"
+            for layer, expert in (self.max < self.threshold).nonzero().tolist()
+        ]
+        self.reset()
+        return shares, warnings
