@@ -1,0 +1,57 @@
+"""Tiny data files and a runner for the stage scripts as a user runs them (subprocesses)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--hidden_size", "64", "--num_hidden_layers", "2", "--num_attention_heads", "4",
+        "--num_key_value_heads", "2", "--max_seq_len", "48", "--batch_size", "4", "--log_interval", "1"]
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "床前明月光，疑是地上霜。举头望明月，低头思故乡。",
+    "To be, or not to be, that is the question.",
+    "人民日报一九九八年元旦献词：迈向充满希望的新世纪。",
+    "Shall I compare thee to a summer's day? Thou art more lovely and more temperate.",
+    "学而时习之，不亦说乎？有朋自远方来，不亦乐乎？",
+    "All the world's a stage, and all the men and women merely players.",
+    "春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。",
+]
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！有什么可以帮你？"}],
+    [{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "Paris."}],
+    [{"role": "system", "content": "You are brief."}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"},
+     {"role": "assistant", "content": "Goodbye!"}],
+    [{"role": "user", "content": "“春眠不觉晓”的下一句是？"}, {"role": "assistant", "content": "处处闻啼鸟。"}],
+]
+
+
+def write_jsonl(path, records):
+    path = Path(path)
+    path.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records), encoding="utf-8")
+    return path
+
+
+def pretrain_file(directory, copies=4):
+    return write_jsonl(Path(directory) / "pretrain.jsonl", [{"text": t} for t in TEXTS * copies])
+
+
+def sft_file(directory, copies=4):
+    return write_jsonl(Path(directory) / "sft.jsonl", [{"conversations": c} for c in CONVERSATIONS * copies])
+
+
+def run_stage(script, *args, cwd, check=True, timeout=300):
+    """Run `python <script> args` in `cwd` the way a user would; returns the CompletedProcess."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / script), *map(str, args)],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result

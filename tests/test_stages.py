@@ -1,0 +1,145 @@
+"""The three stage scripts end to end, the loop's loss bookkeeping, the CSV log and perplexity."""
+
+import argparse
+import csv
+import math
+
+import pytest
+import torch
+
+from dataset import PretrainDataset, SFTDataset, load_tokenizer
+from model import TinyMindForCausalLM, masked_cross_entropy
+from trainer.flags import add_model_flags, add_training_flags, model_config, new_parser, parse
+from trainer.loop import Trainer
+from trainer.checkpoint import load_model
+
+from stage_helpers import TINY, pretrain_file, run_stage, sft_file
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer()
+
+
+def tiny_args(tmp_path, *extra):
+    parser = new_parser("test")
+    add_model_flags(parser)
+    add_training_flags(parser, default_data=str(tmp_path / "pretrain.jsonl"))
+    return parse(parser, [*TINY, "--out_dir", str(tmp_path / "output"), "--device", "cpu", *map(str, extra)])
+
+
+def test_pretrain_sft_eval_chain_moe(tmp_path):
+    (tmp_path / "data").mkdir()
+    pretrain_file(tmp_path / "data")
+    sft_file(tmp_path / "data")
+    moe = ["--model_type", "moe", "--n_routed_experts", "4", "--num_experts_per_tok", "2"]
+    pre = run_stage("1-pretrain.py", *TINY, *moe, "--max_steps", "3", cwd=tmp_path)
+    weights = tmp_path / "output/pretrain_moe/pretrain_64_moe.pth"
+    assert weights.is_file() and weights.with_suffix(".json").is_file()
+    assert "active per token" in pre.stdout
+
+    sft = run_stage("2-sft.py", *TINY, *moe, "--max_steps", "2", cwd=tmp_path)
+    assert "initialised from output/pretrain_moe/pretrain_64_moe.pth" in sft.stdout
+    assert (tmp_path / "output/sft_moe/sft_64_moe.pth").is_file()
+    header = (tmp_path / "output/sft_moe/sft_64_moe_log.csv").read_text().splitlines()[0].split(",")
+    assert header[:8] == ["step", "tokens", "loss", "ce", "aux", "lr", "grad_norm", "tokens_per_s"]
+    assert {f"load_l{layer}_e{expert}" for layer in range(2) for expert in range(4)} <= set(header)
+
+    chat = run_stage("3-eval.py", *TINY, *moe, "--prompt", "你好", "--max_new_tokens", "5", "--temperature", "0",
+                     cwd=tmp_path)
+    assert "loaded output/sft_moe/sft_64_moe.pth" in chat.stderr
+    assert "tokens/s" in chat.stderr
+
+
+def test_missing_pretrain_checkpoint_falls_back_to_random_init(tmp_path):
+    (tmp_path / "data").mkdir()
+    sft_file(tmp_path / "data")
+    result = run_stage("2-sft.py", *TINY, "--max_steps", "1", cwd=tmp_path)
+    assert "no output/pretrain_dense/pretrain_64.pth" in result.stdout
+    assert "starting from random init" in result.stdout
+    assert (tmp_path / "output/sft_dense/sft_64.pth").is_file()
+
+
+def test_mismatched_init_from_names_the_keys(tmp_path):
+    (tmp_path / "data").mkdir()
+    pretrain_file(tmp_path / "data")
+    run_stage("1-pretrain.py", *TINY, "--max_steps", "1", cwd=tmp_path)
+    result = run_stage("1-pretrain.py", *TINY, "--model_type", "moe", "--max_steps", "1",
+                       "--init_from", "output/pretrain_dense/pretrain_64.pth", cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: output/pretrain_dense/pretrain_64.pth does not fit this model")
+    assert "mlp.gate.weight" in error and "--model_type" in error
+
+
+def one_step_loss(tmp_path, tokenizer, batch_size, accumulation_steps):
+    data = pretrain_file(tmp_path, copies=1)
+    args = tiny_args(tmp_path, "--batch_size", batch_size, "--accumulation_steps", accumulation_steps,
+                     "--max_steps", 1, "--data_path", data)
+    torch.manual_seed(0)
+    model = TinyMindForCausalLM(model_config(args))
+    trainer = Trainer(model, PretrainDataset(data, tokenizer, args.max_seq_len), args, "pretrain",
+                      tokenizer.pad_token_id)
+    order = [0, 1, 2, 3]
+    batches = [tuple(torch.stack(parts) for parts in zip(*(trainer.dataset[i] for i in order[j:j + batch_size])))
+               for j in range(0, 4, batch_size)]
+    stats = trainer.optimizer_step(batches)
+    return stats, model
+
+
+def test_accumulated_loss_equals_unaccumulated(tmp_path, tokenizer):
+    whole, whole_model = one_step_loss(tmp_path / "a", tokenizer, batch_size=4, accumulation_steps=1)
+    split, split_model = one_step_loss(tmp_path / "b", tokenizer, batch_size=1, accumulation_steps=4)
+    # The four samples have different numbers of real tokens: a per-micro-batch mean would differ.
+    assert split["ce"] == pytest.approx(whole["ce"], rel=1e-5)
+    assert split["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-4)
+    for a, b in zip(whole_model.parameters(), split_model.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_logged_loss_is_the_true_step_mean(tmp_path, tokenizer):
+    stats, model = one_step_loss(tmp_path, tokenizer, batch_size=2, accumulation_steps=2)
+    dataset = PretrainDataset(tmp_path / "pretrain.jsonl", tokenizer, 48)
+    inputs, targets, masks = (torch.stack(parts) for parts in zip(*(dataset[i] for i in range(4))))
+    torch.manual_seed(0)
+    fresh = TinyMindForCausalLM(model.config)  # the same init the trainer's model had before its step
+    expected = masked_cross_entropy(fresh(inputs).logits, targets, masks).item()
+    assert stats["ce"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_ppl_data_equals_exp_of_mean_masked_ce(tmp_path, tokenizer):
+    (tmp_path / "data").mkdir()
+    sft = sft_file(tmp_path / "data")
+    run_stage("2-sft.py", *TINY, "--max_steps", "2", cwd=tmp_path)
+    checkpoint = tmp_path / "output/sft_dense/sft_64.pth"
+    result = run_stage("3-eval.py", *TINY, "--checkpoint", checkpoint, "--ppl_data", sft, cwd=tmp_path)
+    reported = float(result.stdout.strip().split()[-1])
+
+    model = load_model(checkpoint).eval()
+    total, count = 0.0, 0
+    for input_ids, targets, mask in SFTDataset(sft, tokenizer, 48):
+        with torch.no_grad():
+            logits = model(input_ids[None]).logits[0]
+        losses = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+        total += (losses * mask).sum().item()
+        count += int(mask.sum())
+    assert reported == pytest.approx(math.exp(total / count), rel=1e-4)
+
+
+def test_csv_log_has_a_row_per_interval(tmp_path):
+    (tmp_path / "data").mkdir()
+    pretrain_file(tmp_path / "data")
+    run_stage("1-pretrain.py", *TINY, "--max_steps", "4", "--log_interval", "2", cwd=tmp_path)
+    with open(tmp_path / "output/pretrain_dense/pretrain_64_log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(row["step"]) for row in rows] == [2, 4]
+    assert all(float(row["loss"]) > 0 and float(row["tokens_per_s"]) > 0 for row in rows)
+    assert int(rows[1]["tokens"]) > int(rows[0]["tokens"])
+
+
+def test_config_preset_then_flags_override(tmp_path):
+    preset = tmp_path / "p.json"
+    preset.write_text('{"hidden_size": 96, "batch_size": 3, "learning_rate": 0.01}')
+    args = tiny_args(tmp_path, "--config", preset, "--batch_size", 5)
+    assert args.batch_size == 5 and args.learning_rate == 0.01
+    assert isinstance(args, argparse.Namespace)
