@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--hidden_size", "64", "--num_hidden_layers", "2", "--num_attention_heads", "4",
-        "--num_key_value_heads", "2", "--max_seq_len", "48", "--batch_size", "4", "--log_interval", "1"]
+MODEL = ["--hidden_size", "64", "--num_hidden_layers", "2", "--num_attention_heads", "4",
+         "--num_key_value_heads", "2", "--max_seq_len", "48"]
+TINY = [*MODEL, "--batch_size", "4", "--log_interval", "1"]  # flags of the training stages
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -33,6 +34,7 @@ CONVERSATIONS = [
 
 def write_jsonl(path, records):
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records), encoding="utf-8")
     return path
 

@@ -13,7 +13,7 @@ from trainer.flags import add_model_flags, add_training_flags, model_config, new
 from trainer.loop import Trainer
 from trainer.checkpoint import load_model
 
-from stage_helpers import TINY, pretrain_file, run_stage, sft_file
+from stage_helpers import MODEL, TINY, pretrain_file, run_stage, sft_file
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_pretrain_sft_eval_chain_moe(tmp_path):
     assert header[:8] == ["step", "tokens", "loss", "ce", "aux", "lr", "grad_norm", "tokens_per_s"]
     assert {f"load_l{layer}_e{expert}" for layer in range(2) for expert in range(4)} <= set(header)
 
-    chat = run_stage("3-eval.py", *TINY, *moe, "--prompt", "你好", "--max_new_tokens", "5", "--temperature", "0",
+    chat = run_stage("3-eval.py", *MODEL, *moe, "--prompt", "你好", "--max_new_tokens", "5", "--temperature", "0",
                      cwd=tmp_path)
     assert "loaded output/sft_moe/sft_64_moe.pth" in chat.stderr
     assert "tokens/s" in chat.stderr
@@ -112,7 +112,7 @@ def test_ppl_data_equals_exp_of_mean_masked_ce(tmp_path, tokenizer):
     sft = sft_file(tmp_path / "data")
     run_stage("2-sft.py", *TINY, "--max_steps", "2", cwd=tmp_path)
     checkpoint = tmp_path / "output/sft_dense/sft_64.pth"
-    result = run_stage("3-eval.py", *TINY, "--checkpoint", checkpoint, "--ppl_data", sft, cwd=tmp_path)
+    result = run_stage("3-eval.py", *MODEL, "--checkpoint", checkpoint, "--ppl_data", sft, cwd=tmp_path)
     reported = float(result.stdout.strip().split()[-1])
 
     model = load_model(checkpoint).eval()

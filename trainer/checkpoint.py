@@ -12,7 +12,7 @@ import zipfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from model import TinyMindConfig, TinyMindForCausalLM
@@ -42,17 +42,17 @@ def config_path(weights_path) -> Path:
     return Path(weights_path).with_suffix(".json")
 
 
-def save_weights(model, path, save_format="pth"):
-    """Write the state dict (DESIGN.md layout) as `.pth` or `.safetensors`, plus the model config beside it."""
+def save_weights(state_dict, config, path, save_format="pth"):
+    """Write a state dict (DESIGN.md layout) as `.pth` or `.safetensors`, plus the model config beside it."""
     path = Path(path)
-    state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+    state = {key: value.detach().cpu().contiguous() for key, value in state_dict.items()}
     if save_format == "safetensors":
         # safetensors refuses tensors that share memory; the tied head is rebuilt from the embedding on load.
         state.pop("lm_head.weight", None)
         atomic_write(path.with_suffix(".safetensors"), lambda tmp: save_file(state, str(tmp)))
     else:
         atomic_write(path, lambda tmp: torch.save(state, tmp))
-    atomic_write(config_path(path), lambda tmp: model.config.to_json_file(tmp))
+    atomic_write(config_path(path), lambda tmp: config.to_json_file(tmp))
 
 
 def read_state_dict(path) -> dict:
@@ -70,7 +70,7 @@ def read_state_dict(path) -> dict:
             f"{path}: refused, it holds pickled Python objects, not only tensors ({str(err).splitlines()[0]}); "
             "load it in a trusted session and re-save `model.state_dict()`"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, SafetensorsError, ValueError) as err:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, SafetensorError, ValueError) as err:
         raise UserError(f"{path}: truncated or corrupt checkpoint ({str(err).splitlines()[0]})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path}: not a state dict of tensors (a resume state? pass the .pth weights file)")

@@ -59,6 +59,7 @@ def add_training_flags(parser, default_data):
     group.add_argument("--val_samples", type=int, default=256, help="held-out samples used for that perplexity")
     group.add_argument("--init_from", help="start from these weights (.pth or a Hugging Face directory)")
     group.add_argument("--resume", action="store_true", help="continue the run in the run folder")
+    group.add_argument("--fsdp", action="store_true", help="under torchrun: shard each block with FSDP2")
 
 
 def parse(parser, argv=None):

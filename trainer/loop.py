@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from model import masked_cross_entropy
 
+from . import distributed
 from .checkpoint import atomic_write, save_weights
 from .errors import UserError
 from .flags import run_dir, run_name
@@ -77,9 +78,17 @@ def autocast_context(args):
     return torch.autocast(device_type=torch.device(args.device).type, dtype=getattr(torch, args.dtype))
 
 
+def gradient_sync(model, last_micro_batch):
+    """DDP all-reduces gradients on every backward; skipping it until the last micro-batch saves the traffic."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel) and not last_micro_batch:
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
 class Trainer:
     def __init__(self, model, dataset, args, stage, pad_token_id):
-        self.model = model.to(args.device)
+        self.raw_model = model.to(args.device)
+        self.model = distributed.wrap(self.raw_model, args)
         self.dataset = dataset
         self.args = args
         self.stage = stage
@@ -88,10 +97,11 @@ class Trainer:
         self.dir = run_dir(stage, args)
         self.name = run_name(stage, args)
         self.weights_path = self.dir / f"{self.name}.pth"
-        self.optimizer = make_optimizer(self.model, args)
+        self.optimizer = make_optimizer(self.raw_model, args)
         # A GradScaler only for float16: bf16 has float32's exponent range and needs no loss scaling.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.dtype == "float16")
-        self.samples_per_step = args.batch_size * args.accumulation_steps
+        self.world_size = distributed.world_size()
+        self.samples_per_step = args.batch_size * args.accumulation_steps * self.world_size
         self.steps_per_epoch = math.ceil(len(dataset) / self.samples_per_step)
         self.total_steps = args.max_steps or args.epochs * self.steps_per_epoch
         self.warmup_steps = args.warmup_steps if args.warmup_steps is not None else max(1, self.total_steps // 50)
@@ -101,6 +111,7 @@ class Trainer:
             columns = columns + load_columns(len(self.moe_watch.layers), self.moe_watch.layers[0].n_experts)
         self.log = CsvLog(self.dir / f"{self.name}_log.csv", columns)
         self.progress = Progress()
+        self.bad_steps_in_a_row = 0
         self.stop_signal = None
 
     # ---- the loop ----------------------------------------------------------------------------
@@ -112,7 +123,8 @@ class Trainer:
         elif self.log.path.exists():
             self.log.path.unlink()  # a fresh run starts a fresh log
         previous_handlers = self.install_signal_handlers()
-        bar = tqdm(total=self.total_steps, initial=self.progress.step, desc=self.name, dynamic_ncols=True)
+        bar = tqdm(total=self.total_steps, initial=self.progress.step, desc=self.name, dynamic_ncols=True,
+                   disable=not distributed.is_main() or None)
         try:
             self.run_steps(bar)
         except StopRequested:
@@ -145,16 +157,22 @@ class Trainer:
                 bar.update(1)
                 if step % self.args.save_interval == 0 and step < self.total_steps:
                     self.save()
-                if self.stop_signal is not None:
+                if self.stop_requested():
                     raise StopRequested
                 if step >= self.total_steps:
                     return
 
     def step_batches(self):
-        """This epoch's remaining micro-batches, grouped into optimizer steps; advances the epoch at its end."""
-        order = epoch_order(len(self.dataset), self.args.seed, self.progress.epoch)[self.progress.position:]
+        """This epoch's remaining micro-batches, grouped into optimizer steps; advances the epoch at its end.
+
+        Every process takes every world_size-th sample of one global order (cut to a multiple of
+        world_size so all take the same number of steps), so N processes with batch b see the
+        samples one process with batch N·b would.
+        """
+        remaining = epoch_order(len(self.dataset), self.args.seed, self.progress.epoch)[self.progress.position:]
+        remaining = remaining[: len(remaining) - len(remaining) % self.world_size]
         loader = DataLoader(
-            Subset(self.dataset, order),
+            Subset(self.dataset, remaining[distributed.rank()::self.world_size]),
             batch_size=self.args.batch_size,
             num_workers=self.args.num_workers,
             pin_memory=self.device.type == "cuda",
@@ -176,29 +194,39 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         model.train()
-        step_tokens = sum(int(mask.sum()) for _, _, mask in micro_batches)
+        step_tokens = int(distributed.all_reduce_sum(
+            torch.tensor(sum(int(mask.sum()) for _, _, mask in micro_batches), device=self.device)))
         ce_sum = torch.zeros((), device=self.device)
         aux_sum = torch.zeros((), device=self.device)
-        load_sum = 0
-        for input_ids, targets, loss_mask in micro_batches:
+        load_sum = torch.zeros((), device=self.device)
+        tokens = 0
+        for index, (input_ids, targets, loss_mask) in enumerate(micro_batches):
             input_ids = input_ids.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
             loss_mask = loss_mask.to(self.device, non_blocking=True)
             attention_mask = input_ids != self.pad_token_id
-            with autocast_context(args):
+            with autocast_context(args), gradient_sync(model, index == len(micro_batches) - 1):
                 out = model(input_ids, attention_mask=attention_mask)
                 ce = masked_cross_entropy(out.logits, targets, loss_mask, num_tokens=step_tokens)
                 aux = out.aux_loss / len(micro_batches)
-            self.scaler.scale(ce + aux).backward()
+                # DDP and FSDP average gradients over processes; each process's CE is already its share
+                # of the global mean, so scaling by world_size turns that average back into the sum.
+                self.scaler.scale(ce * self.world_size + aux).backward()
             ce_sum += ce.detach()
             aux_sum += aux.detach()
-            if self.moe_watch.layers:
-                load_sum = load_sum + self.moe_watch.current()
-            self.progress.tokens += int(attention_mask.sum())
+            load_sum = load_sum + self.moe_watch.current(self.device)
+            tokens += int(attention_mask.sum())
+        # One all-reduce for everything the processes must agree on: loss parts, tokens, expert loads.
+        totals = torch.cat([torch.stack([ce_sum, aux_sum, torch.tensor(float(tokens), device=self.device)]),
+                            load_sum.flatten()])
+        totals = distributed.all_reduce_sum(totals).cpu()
+        ce_sum, aux_sum = totals[0], totals[1] / self.world_size
+        self.progress.tokens += int(totals[2])
+        loss = ce_sum + aux_sum
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
-        loss = ce_sum + aux_sum
-        if torch.isfinite(loss) and torch.isfinite(grad_norm):
+        # float16's GradScaler skips inf/NaN gradients itself and lowers its scale: that is not divergence.
+        if torch.isfinite(loss) and (torch.isfinite(grad_norm) or self.scaler.is_enabled()):
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.bad_steps_in_a_row = 0
@@ -206,20 +234,17 @@ class Trainer:
             self.skip_bad_step(loss, grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
         if self.moe_watch.layers:
-            self.moe_watch.observe(load_sum / len(micro_batches))
+            self.moe_watch.observe(totals[3:].view(len(self.moe_watch.layers), -1)
+                                   / (len(micro_batches) * self.world_size))
         self.progress.step += 1
-        self.progress.position += sum(len(batch[0]) for batch in micro_batches)
+        self.progress.position += sum(len(batch[0]) for batch in micro_batches) * self.world_size
         return {"loss": loss.item(), "ce": ce_sum.item(), "aux": aux_sum.item(), "lr": lr,
                 "grad_norm": grad_norm.item()}
-
-    bad_steps_in_a_row = 0
 
     def skip_bad_step(self, loss, grad_norm):
         """A non-finite loss or gradient skips the update; several in a row stop the run, keeping the last save."""
         self.progress.skipped_steps += 1
         self.bad_steps_in_a_row += 1
-        if self.scaler.is_enabled():
-            self.scaler.update()  # lets float16 loss scaling back off, which is its normal way of skipping
         tqdm.write(f"step {self.progress.step + 1}: non-finite loss {loss.item()} or gradient norm "
                    f"{grad_norm.item()}; update skipped ({self.progress.skipped_steps} so far)")
         if self.bad_steps_in_a_row >= MAX_BAD_STEPS:
@@ -229,6 +254,8 @@ class Trainer:
             )
 
     def write_log(self, stats, tokens_per_s):
+        if not distributed.is_main():
+            return
         row = {"step": self.progress.step, "tokens": self.progress.tokens, "tokens_per_s": round(tokens_per_s, 1),
                **{key: round(value, 6) for key, value in stats.items()}}
         shares, warnings = self.moe_watch.summary()
@@ -252,11 +279,17 @@ class Trainer:
 
     def save(self):
         """Weights + config, then the resume state; older resume states beyond --keep_last are removed."""
-        save_weights(self.model, self.weights_path, self.args.save_format)
+        model_state, optimizer_state = distributed.full_state_dicts(self.model, self.optimizer)
+        if distributed.is_main():
+            self.write_checkpoint(model_state, optimizer_state)
+        distributed.barrier()
+
+    def write_checkpoint(self, model_state, optimizer_state):
+        save_weights(model_state, self.raw_model.config, self.weights_path, self.args.save_format)
         state = {
             "progress": asdict(self.progress),
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optimizer_state,
             "scaler": self.scaler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
@@ -286,8 +319,7 @@ class Trainer:
                     f"--resume: --{name} is {getattr(self.args, name)} but the run in {self.dir} used {saved}; "
                     f"pass --{name} {saved} or start a new run without --resume"
                 )
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        distributed.load_full_state_dicts(self.model, self.optimizer, state["model"], state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(_as_tuple(state["rng"]["python"]))
@@ -298,6 +330,13 @@ class Trainer:
         tqdm.write(f"resumed {path.name}: step {self.progress.step} of {self.total_steps}")
 
     # ---- signals -----------------------------------------------------------------------------
+
+    def stop_requested(self):
+        """Whether any process got a stop signal: all must stop at the same step to save together."""
+        stop = torch.tensor(float(self.stop_signal is not None), device=self.device)
+        if distributed.all_reduce_sum(stop).item() and self.stop_signal is None:
+            self.stop_signal = signal.SIGTERM
+        return self.stop_signal is not None
 
     def install_signal_handlers(self):
         """Ctrl-C / SIGTERM finish the current step, save, and exit; a second one exits at once."""

@@ -66,8 +66,11 @@ class ExpertLoadWatch:
         self.max = step_load if self.max is None else torch.maximum(self.max, step_load)
         self.steps += 1
 
-    def current(self):
-        return torch.stack([layer.expert_load for layer in self.layers]).detach().float().cpu()
+    def current(self, device):
+        """[layers, experts] shares of the last forward (empty for a dense model)."""
+        if not self.layers:
+            return torch.zeros(0, device=device)
+        return torch.stack([layer.expert_load for layer in self.layers]).float()
 
     def summary(self):
         """(columns → mean share, warnings) for the interval, then starts a new interval."""

@@ -1,0 +1,107 @@
+"""More than one process: the torchrun environment, process-group setup, and the few collectives the loop needs.
+
+Run any stage as `torchrun --nproc_per_node N 1-pretrain.py ...`: NCCL on CUDA, Gloo on CPU.
+With one process (no torchrun) every helper here is a no-op, so the loop reads the same.
+"""
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def setup(args):
+    """Join the process group torchrun describes; on CUDA each process takes its LOCAL_RANK device."""
+    if not launched_by_torchrun() or dist.is_initialized():
+        return
+    if args.device.startswith("cuda"):
+        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+
+
+def shutdown():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def print0(*args, **kwargs):
+    """print on the main process only, so N processes do not say everything N times."""
+    if is_main():
+        print(*args, **kwargs)
+
+
+def all_reduce_sum(tensor):
+    """Sum over processes, in place; returns the tensor."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def wrap(model, args):
+    """DDP by default, FSDP2 (`fully_shard` per block, then the root) with --fsdp; the bare model alone.
+
+    Every MoE expert runs on every step (possibly on zero tokens), so every parameter gets a
+    gradient and DDP needs no `find_unused_parameters`.
+    """
+    if not dist.is_initialized():
+        return model
+    if getattr(args, "fsdp", False):
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.model.layers:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    device_ids = [torch.device(args.device).index] if args.device.startswith("cuda") else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def full_state_dicts(model, optimizer):
+    """(model, optimizer) state dicts as one process would hold them; under FSDP a collective on every rank."""
+    if not is_fsdp(model):
+        bare = model.module if isinstance(model, DistributedDataParallel) else model
+        return bare.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state_dicts(model, optimizer, model_state, optimizer_state):
+    if not is_fsdp(model):
+        bare = model.module if isinstance(model, DistributedDataParallel) else model
+        bare.load_state_dict(model_state)
+        optimizer.load_state_dict(optimizer_state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
+                   options=StateDictOptions(full_state_dict=True))
+
+
+def is_fsdp(model):
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
