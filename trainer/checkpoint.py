@@ -8,6 +8,7 @@ full disk at any instant leaves the previous complete file readable.
 
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
@@ -66,8 +67,11 @@ def read_state_dict(path) -> dict:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if not refused:
+            raise UserError(f"{path}: truncated or corrupt checkpoint (not a readable torch file)") from None
         raise UserError(
-            f"{path}: refused, it holds pickled Python objects, not only tensors ({str(err).splitlines()[0]}); "
+            f"{path}: refused, it holds pickled Python objects ({refused.group(1)}), not only tensors; "
             "load it in a trusted session and re-save `model.state_dict()`"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, SafetensorError, ValueError) as err:

@@ -11,6 +11,7 @@ import contextlib
 import math
 import random
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,6 +46,12 @@ class Progress:
 
 class StopRequested(Exception):
     pass
+
+
+def note(message):
+    """A line for the user on stderr that leaves the progress bar intact (main process only)."""
+    if distributed.is_main():
+        tqdm.write(message, file=sys.stderr)
 
 
 def lr_at(step, total_steps, warmup_steps, peak):
@@ -130,7 +137,7 @@ class Trainer:
         except StopRequested:
             bar.close()
             self.save()
-            tqdm.write(f"stopped by {signal.Signals(self.stop_signal).name} at step {self.progress.step}; checkpoint "
+            note(f"stopped by {signal.Signals(self.stop_signal).name} at step {self.progress.step}; checkpoint "
                        f"saved in {self.dir}. Resume with the same command plus --resume")
             raise SystemExit(128 + self.stop_signal) from None
         finally:
@@ -245,7 +252,7 @@ class Trainer:
         """A non-finite loss or gradient skips the update; several in a row stop the run, keeping the last save."""
         self.progress.skipped_steps += 1
         self.bad_steps_in_a_row += 1
-        tqdm.write(f"step {self.progress.step + 1}: non-finite loss {loss.item()} or gradient norm "
+        note(f"step {self.progress.step + 1}: non-finite loss {loss.item()} or gradient norm "
                    f"{grad_norm.item()}; update skipped ({self.progress.skipped_steps} so far)")
         if self.bad_steps_in_a_row >= MAX_BAD_STEPS:
             raise UserError(
@@ -260,7 +267,7 @@ class Trainer:
                **{key: round(value, 6) for key, value in stats.items()}}
         shares, warnings = self.moe_watch.summary()
         for warning in warnings:
-            tqdm.write(f"warning: {warning}")
+            note(f"warning: {warning}")
         self.log.append({**row, **shares})
 
     # ---- saving and resuming -----------------------------------------------------------------
@@ -310,7 +317,7 @@ class Trainer:
                 state = torch.load(path, map_location="cpu", weights_only=True)
                 break
             except Exception as err:  # a state cut off by a crash: fall back to the one before it
-                tqdm.write(f"warning: {path} is unreadable ({type(err).__name__}); trying the previous state")
+                note(f"warning: {path} is unreadable ({type(err).__name__}); trying the previous state")
         else:
             raise UserError(f"--resume: every resume state in {self.dir} is unreadable; run without --resume")
         for name, saved in state["flags"].items():
@@ -327,7 +334,7 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         self.progress = Progress(**state["progress"])
         self.log.truncate(state["log_rows"])
-        tqdm.write(f"resumed {path.name}: step {self.progress.step} of {self.total_steps}")
+        note(f"resumed {path.name}: step {self.progress.step} of {self.total_steps}")
 
     # ---- signals -----------------------------------------------------------------------------
 
@@ -345,7 +352,7 @@ class Trainer:
             if self.stop_signal is not None:
                 raise KeyboardInterrupt
             self.stop_signal = sig
-            tqdm.write(f"{signal.Signals(sig).name}: saving a checkpoint after this step ...")
+            note(f"{signal.Signals(sig).name}: saving a checkpoint after this step ...")
 
         previous = {}
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -1,0 +1,244 @@
+"""Training that survives: exact resume after SIGKILL, Ctrl-C saves, non-finite steps, and bad input."""
+
+import csv
+import errno
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import trainer.checkpoint
+import trainer.loop
+from trainer import run_cli, train_stage
+from dataset import PretrainDataset
+
+from stage_helpers import ROOT, TINY, pretrain_file, run_stage
+
+PRETRAIN = dict(stage="pretrain", description="", dataset_class=PretrainDataset,
+                default_data="data/pretrain.jsonl", default_val="data/none.jsonl")
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    pretrain_file(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def run_in_process(capsys, *argv):
+    """Run 1-pretrain's main in this process; returns (exit code, the stderr lines)."""
+    code = 0
+    try:
+        run_cli(lambda: train_stage(**PRETRAIN, argv=[*TINY, "--device", "cpu", *map(str, argv)]))
+    except SystemExit as stop:
+        code = stop.code
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def no_partial_files(directory):
+    return not [p for p in directory.rglob("*") if p.name.endswith(".tmp")]
+
+
+def log_steps(path):
+    with open(path) as f:
+        return [int(row["step"]) for row in csv.DictReader(f)]
+
+
+def start_pretrain(cwd, out_dir, *extra):
+    env = {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1", "PATH": "/usr/bin:/bin"}
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "1-pretrain.py"), *TINY, "--out_dir", out_dir, *map(str, extra)],
+        cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def wait_for_resume_state(run_dir, process, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        if list(run_dir.glob("*_resume_*.pt")):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no resume state appeared: {process.communicate()}")
+
+
+# ---- resume ----------------------------------------------------------------------------------
+
+STEPS = ["--max_steps", 60, "--save_interval", 5, "--log_interval", 1]
+
+
+def test_sigkill_then_resume_is_bit_identical(workdir):
+    run_stage("1-pretrain.py", *TINY, *STEPS, "--out_dir", "straight", cwd=workdir)
+    straight = torch.load(workdir / "straight/pretrain_dense/pretrain_64.pth", weights_only=True)
+
+    process = start_pretrain(workdir, "killed", *STEPS)
+    run_dir = workdir / "killed/pretrain_dense"
+    wait_for_resume_state(run_dir, process)
+    time.sleep(random.uniform(0.0, 1.0))
+    process.kill()
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    run_stage("1-pretrain.py", *TINY, *STEPS, "--out_dir", "killed", "--resume", cwd=workdir)
+
+    resumed = torch.load(run_dir / "pretrain_64.pth", weights_only=True)
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+    assert log_steps(run_dir / "pretrain_64_log.csv") == list(range(1, 61))
+    assert len(list(run_dir.glob("*_resume_*.pt"))) == 2  # --keep_last default
+    assert no_partial_files(run_dir)
+
+
+def test_sigint_saves_and_says_how_to_resume(workdir):
+    process = start_pretrain(workdir, "output", *STEPS)
+    run_dir = workdir / "output/pretrain_dense"
+    wait_for_resume_state(run_dir, process)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGINT
+    assert "--resume" in err
+    latest = sorted(run_dir.glob("*_resume_*.pt"))[-1]
+    state = torch.load(latest, weights_only=True)
+    assert 5 <= state["progress"]["step"] < 60
+    assert log_steps(run_dir / "pretrain_64_log.csv") == list(range(1, state["progress"]["step"] + 1))
+    run_stage("1-pretrain.py", *TINY, *STEPS, "--resume", cwd=workdir)
+    assert log_steps(run_dir / "pretrain_64_log.csv") == list(range(1, 61))
+
+
+def test_resume_with_another_batch_size_names_the_flag(workdir, capsys):
+    assert run_in_process(capsys, "--max_steps", 2)[0] == 0
+    code, err = run_in_process(capsys, "--max_steps", 4, "--batch_size", 2, "--resume")
+    assert code == 2
+    assert err[-1].startswith("error: --resume: --batch_size is 2 but the run in output/pretrain_dense used 4")
+
+
+def test_resume_without_state_says_so(workdir, capsys):
+    code, err = run_in_process(capsys, "--max_steps", 2, "--resume")
+    assert code == 2 and "no resume state" in err[-1]
+
+
+# ---- numerical faults ------------------------------------------------------------------------
+
+
+def poison_loss(monkeypatch, bad_calls):
+    """Make the loss NaN on the given (1-based) calls of masked_cross_entropy inside the loop."""
+    real = trainer.loop.masked_cross_entropy
+    calls = {"n": 0}
+
+    def maybe_nan(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] in bad_calls else loss
+
+    monkeypatch.setattr(trainer.loop, "masked_cross_entropy", maybe_nan)
+
+
+def test_nan_loss_skips_the_step(workdir, capsys, monkeypatch):
+    poison_loss(monkeypatch, bad_calls={2})
+    code, err = run_in_process(capsys, "--max_steps", 4)
+    assert code == 0
+    assert any("non-finite loss" in line and "update skipped (1 so far)" in line for line in err)
+    state = torch.load(sorted((workdir / "output/pretrain_dense").glob("*_resume_*.pt"))[-1], weights_only=True)
+    assert state["progress"]["skipped_steps"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_repeated_nan_stops_and_keeps_the_last_good_checkpoint(workdir, capsys, monkeypatch):
+    poison_loss(monkeypatch, bad_calls=set(range(3, 100)))
+    code, err = run_in_process(capsys, "--max_steps", 20, "--save_interval", 2)
+    assert code == 2
+    assert "5 non-finite steps in a row" in err[-1] and "--learning_rate" in err[-1]
+    weights = torch.load(workdir / "output/pretrain_dense/pretrain_64.pth", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+# ---- bad input -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--batch_size", 0], "--batch_size 0: must be at least 1"),
+    (["--learning_rate", -1e-3], "--learning_rate -0.001: must not be negative"),
+    (["--max_seq_len", 40000], "--max_seq_len 40000 exceeds max_position_embeddings 32768"),
+    (["--hidden_size", 66], "model flags: hidden_size 66 is not a multiple of num_attention_heads 4"),
+    (["--tokenizer_path", "no/such/dir"], "no/such/dir"),
+    (["--data_path", "data/missing.jsonl"], "data/missing.jsonl"),
+])
+def test_bad_flags_give_one_clear_line(workdir, capsys, argv, expected):
+    code, err = run_in_process(capsys, "--max_steps", 1, *argv)
+    assert code == 2
+    assert err[-1].startswith("error: ") and expected in err[-1]
+
+
+def test_unknown_config_key(workdir, capsys):
+    (workdir / "preset.json").write_text(json.dumps({"hidden_size": 64, "hiden_layers": 3}))
+    code, err = run_in_process(capsys, "--config", "preset.json")
+    assert code == 2 and err[-1] == "error: --config preset.json: unknown key 'hiden_layers' (keys are flag names, see --help)"
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"", "empty"),
+    (b'{"text": "ok"}\n{"text": oops}\n', "line 2"),
+    (b'{"text": "ok"}\n{"body": "no text key"}\n', "line 2"),
+    (b'{"text": "ok"}\n{"text": "\xff\xfe bad bytes"}\n', "line 2"),
+])
+def test_bad_data_names_file_and_line(workdir, capsys, content, expected):
+    (workdir / "data/bad.jsonl").write_bytes(content)
+    code, err = run_in_process(capsys, "--max_steps", 1, "--data_path", "data/bad.jsonl")
+    assert code == 2
+    assert "bad.jsonl" in err[-1] and expected in err[-1]
+
+
+def test_unwritable_out_dir(workdir, capsys):
+    (workdir / "a_file").write_text("")
+    code, err = run_in_process(capsys, "--max_steps", 1, "--out_dir", "a_file/output")
+    assert code == 2 and err[-1].startswith("error: --out_dir a_file/output: cannot write")
+
+
+def checkpoint_error(workdir, capsys, path):
+    code, err = run_in_process(capsys, "--max_steps", 1, "--init_from", path)
+    assert code == 2
+    return err[-1]
+
+
+def test_truncated_and_corrupt_checkpoints(workdir, capsys):
+    model_state = {"model.norm.weight": torch.ones(64)}
+    torch.save(model_state, workdir / "good.pth")
+    data = (workdir / "good.pth").read_bytes()
+    (workdir / "cut.pth").write_bytes(data[: len(data) // 2])
+    (workdir / "noise.pth").write_bytes(b"not a checkpoint at all")
+    for name in ("cut.pth", "noise.pth"):
+        assert checkpoint_error(workdir, capsys, name).startswith(f"error: {name}: truncated or corrupt checkpoint")
+    assert checkpoint_error(workdir, capsys, "absent.pth") == "error: absent.pth: no such checkpoint file"
+
+
+class Payload:
+    pass
+
+
+def test_pickled_objects_are_refused(workdir, capsys):
+    torch.save({"model.norm.weight": torch.ones(64), "extra": Payload()}, workdir / "pickled.pth")
+    message = checkpoint_error(workdir, capsys, "pickled.pth")
+    assert message.startswith("error: pickled.pth: refused, it holds pickled Python objects")
+
+
+def test_full_disk_during_save_keeps_the_previous_checkpoint(workdir, capsys, monkeypatch):
+    assert run_in_process(capsys, "--max_steps", 2)[0] == 0
+    weights = workdir / "output/pretrain_dense/pretrain_64.pth"
+    before = weights.read_bytes()
+
+    def full_disk(obj, path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(trainer.checkpoint.torch, "save", full_disk)
+    code, err = run_in_process(capsys, "--max_steps", 2)
+    assert code == 2
+    assert err[-1] == f"error: could not write {weights.relative_to(workdir)}: No space left on device; " \
+                      "the previous file there is untouched"
+    assert weights.read_bytes() == before
+    assert no_partial_files(workdir / "output")
