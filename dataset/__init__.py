@@ -1,0 +1,11 @@
+"""jsonl → tensors: the pretrain and SFT datasets, chat-template truncation and loss masks, the tokenizer.
+
+Every data problem a user can cause raises `DataError` with the file, the line and the fix.
+"""
+
+from .jsonl import DataError
+from .pretrain import PretrainDataset
+from .sft import SFTDataset, truncate_qa
+from .tokenizer import DEFAULT_TOKENIZER_PATH, load_tokenizer
+
+__all__ = ["DataError", "PretrainDataset", "SFTDataset", "truncate_qa", "load_tokenizer", "DEFAULT_TOKENIZER_PATH"]

@@ -1,0 +1,27 @@
+"""Pretraining data: {"text": ...} per jsonl line → <|im_start|> text <|im_end|>, cut and padded to max_length."""
+
+from .jsonl import FIX, json_type
+from .tokenized import TokenizedJsonlDataset
+
+
+class PretrainDataset(TokenizedJsonlDataset):
+    """Each item is (input_ids, targets, loss_mask), `max_length - 1` long; the mask is 0 only on padding."""
+
+    columns = ("text",)
+
+    @staticmethod
+    def record_problem(record):
+        text = record.get("text")
+        if text is None:
+            return f'no "text" key (or it is null); pretraining lines look like {{"text": "..."}}, {FIX}'
+        if not isinstance(text, str):
+            return f'"text" must be a string, got {json_type(text)}; {FIX}'
+        return None
+
+    @staticmethod
+    def encode(records, tokenizer, max_length):
+        texts = tokenizer([record["text"] for record in records], add_special_tokens=False)["input_ids"]
+        bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+        input_ids = [([bos] + ids + [eos])[:max_length] for ids in texts]
+        # Every real token after the first is a target; the first has nothing before it to predict it from.
+        return {"input_ids": input_ids, "loss_spans": [[1, len(ids)] for ids in input_ids]}

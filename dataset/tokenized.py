@@ -1,0 +1,116 @@
+"""What the pretrain and SFT datasets share: jsonl → token ids in Arrow → shifted, padded tensors.
+
+A subclass says which jsonl keys it reads (`columns`), how to judge one record
+(`record_problem`) and how to tokenize a batch of good records (`encode`). `encode`
+returns, per record, the token ids and `loss_spans`: flat [start, end, start, end, ...]
+half-open ranges of positions in the ids whose tokens the model must learn to predict.
+Only these two short lists are stored in Arrow; padding and the one-token shift
+happen in `__getitem__`, so the cache does not depend on batch layout and stays small.
+"""
+
+import numpy as np
+import pyarrow.compute
+import torch
+from datasets import Features, List, Value
+
+from .jsonl import DataError, bad_line_error, load_jsonl
+
+ENCODED_FEATURES = Features({"input_ids": List(Value("int32")), "loss_spans": List(Value("int32"))})
+
+
+class TokenizedJsonlDataset(torch.utils.data.Dataset):
+    """Build once (cached by `datasets`), then serve padded, shifted samples; counts what it skipped.
+
+    `bad_lines`: malformed lines dropped under `skip_bad_lines=True`; `skipped`: samples
+    left with no trainable token. Both are also printed when not zero.
+    """
+
+    columns = ()  # the jsonl keys each record needs
+
+    @staticmethod
+    def record_problem(record):
+        """None when the parsed jsonl `record` is usable, else what is wrong and how to fix it."""
+        raise NotImplementedError
+
+    @staticmethod
+    def encode(records, tokenizer, max_length):
+        """{"input_ids": [...], "loss_spans": [...]} for a batch of good records, ids at most `max_length` long."""
+        raise NotImplementedError
+
+    def __init__(self, path, tokenizer, max_length, skip_bad_lines=False):
+        if max_length < 2:
+            raise DataError(f"max_length (--max_seq_len) must be at least 2 tokens to hold one input and one target, got {max_length}")
+        for token in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if getattr(tokenizer, token) is None:
+                raise DataError(f"tokenizer {tokenizer.name_or_path} has no {token[:-3]}; use the project's tokenizer (--tokenizer_path model/tokenizer)")
+        self.max_length, self.pad_id = max_length, tokenizer.pad_token_id
+        records = load_jsonl(path, self.columns, self.record_problem, skip_bad_lines)
+        try:
+            encoded = records.map(
+                _encode_batch,
+                batched=True,
+                with_indices=True,
+                remove_columns=records.column_names,
+                features=ENCODED_FEATURES,
+                fn_kwargs=dict(
+                    columns=self.columns,
+                    record_problem=self.record_problem,
+                    encode=self.encode,
+                    tokenizer=tokenizer,
+                    max_length=max_length,
+                    skip_bad_lines=skip_bad_lines,
+                ),
+                desc=f"Tokenizing {path}",
+            )
+        except _BadRecord as bad:
+            raise bad_line_error(path, self.record_problem, f"record {bad.index + 1}: {bad.problem}") from None
+
+        self.bad_lines = len(records) - len(encoded)
+        if self.bad_lines:
+            print(f"{path}: skipped {self.bad_lines} bad lines of {len(records)} (skip_bad_lines)")
+        has_target = pyarrow.compute.list_value_length(encoded.data.column("loss_spans")).to_numpy() > 0
+        self.skipped = int((~has_target).sum())
+        if self.skipped:
+            print(f"{path}: skipped {self.skipped} samples that kept no trainable token after truncation to {max_length} tokens")
+        if not has_target.any():
+            raise DataError(f"{path}: no usable sample left ({self.bad_lines} bad lines, {self.skipped} without a trainable token); fix the data or raise --max_seq_len")
+        # Samples are read straight from the memory-mapped Arrow table (tens of microseconds
+        # each, nothing held in RAM), and a Dataset pickles as a file reference for DataLoader workers.
+        self.samples = encoded
+        self.rows = np.flatnonzero(has_target)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        """(input_ids, targets, loss_mask), each `max_length - 1` long; targets[t] is the token after input_ids[t]."""
+        row = int(self.rows[index])
+        ids = self.samples.data.column("input_ids")[row].values.to_numpy()
+        spans = self.samples.data.column("loss_spans")[row].values.to_numpy()
+        padded = np.full(self.max_length, self.pad_id, dtype=np.int64)
+        padded[: len(ids)] = ids
+        is_target = np.zeros(self.max_length, dtype=np.int64)
+        for start, end in spans.reshape(-1, 2):
+            is_target[start:end] = 1
+        return torch.from_numpy(padded[:-1]), torch.from_numpy(padded[1:]), torch.from_numpy(is_target[1:])
+
+
+class _BadRecord(Exception):
+    """Raised inside `map` to stop at the first bad record; turned into a DataError with its line number."""
+
+    def __init__(self, index, problem):
+        super().__init__(problem)
+        self.index, self.problem = index, problem
+
+
+def _encode_batch(batch, indices, columns, record_problem, encode, tokenizer, max_length, skip_bad_lines):
+    records = [dict(zip(columns, values)) for values in zip(*(batch[column] for column in columns))]
+    good = []
+    for index, record in zip(indices, records):
+        problem = record_problem(record)
+        if problem is None:
+            good.append(record)
+        elif not skip_bad_lines:
+            raise _BadRecord(index, problem)
+    # Returning fewer rows than came in drops the bad ones; the caller counts them from the lengths.
+    return encode(good, tokenizer, max_length) if good else {"input_ids": [], "loss_spans": []}
