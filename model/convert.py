@@ -1,0 +1,304 @@
+"""Hugging Face interop: a tinymind model as a stock `transformers` architecture, and back.
+
+`export_hf` writes a directory that `AutoModelForCausalLM.from_pretrained(dir)` loads with no
+remote code, so transformers, vLLM and llama.cpp's converter can run it:
+
+    dense                     → LlamaForCausalLM     (same module names, same maths)
+    MoE, with or without
+    shared experts            → Qwen2MoeForCausalLM
+
+Qwen2-MoE routes exactly like tinymind (softmax over all experts in float32, top-k,
+optional renormalisation), but differs in three ways, each absorbed without changing a logit:
+- it carries q/k/v biases: written as zeros;
+- it has one shared expert, scaled by sigmoid(shared_expert_gate · x): a gate weight of
+  ~2^-64 makes that factor exactly 0.5 for any realistic x in float32 and bfloat16, so the
+  shared expert's `down_proj` is written doubled; several tinymind shared experts are one
+  SwiGLU whose hidden units are all of theirs (gate/up rows and down columns concatenated);
+  a model without shared experts gets an all-zero one, which adds exactly nothing. The gate
+  is tiny rather than zero because llama.cpp computes that sigmoid as silu(z)/z, which is
+  0/0 at z = 0 (a float16 export flushes it to zero all the same: transformers and vLLM still
+  get 0.5, but for llama.cpp export float32 or bfloat16);
+- it always renormalises the top-k weights when `norm_topk_prob` is set, where tinymind
+  leaves a single expert's weight at its probability: k = 1 is written with it off.
+Qwen3-MoE would fit the no-shared-expert case more naturally, but its attention applies a
+learned RMSNorm to every query and key head before the rotary embedding; that divides each
+head vector by its own RMS, a per-token nonlinearity that no choice of tinymind weights
+reproduces (only in the limit of vanishing q/k weights, which fp16 or a GGUF file flushes
+to zero), so Qwen3-MoE is neither written nor read.
+
+The Qwen2-MoE head is written untied (`lm_head` a copy of the embedding) because llama.cpp's
+qwen2moe loader requires an output tensor. llama.cpp's qwen2moe graph never renormalises the
+top-k weights, so there a tinymind MoE with `norm_topk_prob` and k > 1 routes slightly
+differently; transformers and vLLM honour the flag.
+
+`load_hf` reads those architectures back (or a tinymind directory from `save_pretrained`) and
+refuses, with UnsupportedArchitecture, anything it could not reproduce exactly. Weights are
+only read as safetensors or with `torch.load(weights_only=True)`: a checkpoint is data, not code.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from huggingface_hub import snapshot_download
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, Qwen2MoeConfig
+
+from .config import TinyMindConfig
+from .model import TinyMindForCausalLM
+
+SUPPORTED = "LlamaForCausalLM, Qwen2MoeForCausalLM and TinyMind directories"
+
+# Near misses, with the reason they cannot be read exactly.
+UNSUPPORTED_REASONS = {
+    "qwen3_moe": "its per-head q_norm/k_norm RMSNorms have no tinymind counterpart",
+}
+
+# Config fields spelled the same in tinymind, Llama and Qwen2-MoE.
+COMMON_FIELDS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "max_position_embeddings", "rms_norm_eps", "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id",
+)
+
+# tinymind MoE field → Qwen2-MoE field.
+MOE_FIELDS = {
+    "n_routed_experts": "num_experts",
+    "num_experts_per_tok": "num_experts_per_tok",
+    "intermediate_size": "moe_intermediate_size",
+}
+
+# Settings a Hugging Face config must have for tinymind to compute the same function.
+REQUIRED_SETTINGS = {
+    "llama": {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False},
+    "qwen2_moe": {"hidden_act": "silu", "use_sliding_window": False, "decoder_sparse_step": 1, "mlp_only_layers": []},
+}
+
+ATTENTION_BIASES = ("q_proj", "k_proj", "v_proj")
+SWIGLU = ("gate_proj", "up_proj", "down_proj")
+
+# sigmoid(z) rounds to exactly 0.5 in float32 for |z| < 2^-25; with this weight that holds
+# for hidden states summing to anything below 2^39, while z stays a normal, non-zero float.
+SHARED_GATE_WEIGHT = 2.0**-64
+
+
+class UnsupportedArchitecture(ValueError):
+    """A Hugging Face directory tinymind cannot represent exactly; the message names what it can read."""
+
+
+# ---- export -----------------------------------------------------------------------------------
+
+
+def export_hf(model: TinyMindForCausalLM, out_dir, dtype=None) -> str:
+    """Write `model` to `out_dir` as safetensors + config that stock transformers loads; return the class name."""
+    config = model.config
+    state = {key: value.detach().cpu().float() for key, value in model.state_dict().items()}
+    if config.use_moe:
+        hf_config, hf_state = qwen2_moe_config(config), to_qwen2_moe(state, config)
+    else:
+        hf_config, hf_state = llama_config(config), state
+    # transformers 5 reads rope_parameters; version 4, and tools pinned to it, read only this field.
+    hf_config.rope_theta = config.rope_theta
+    hf_model = AutoModelForCausalLM.from_config(hf_config)
+    hf_model.load_state_dict(hf_state, strict=True)
+    hf_model.to(dtype or model.dtype).save_pretrained(out_dir)
+    return type(hf_model).__name__
+
+
+def common_hf_fields(config: TinyMindConfig) -> dict:
+    return {
+        **{name: getattr(config, name) for name in COMMON_FIELDS},
+        "hidden_act": "silu",
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+    }
+
+
+def llama_config(config: TinyMindConfig) -> LlamaConfig:
+    return LlamaConfig(
+        **common_hf_fields(config),
+        intermediate_size=config.intermediate_size,
+        head_dim=config.head_dim,
+        tie_word_embeddings=config.tie_word_embeddings,
+        attention_bias=False,
+        mlp_bias=False,
+    )
+
+
+def qwen2_moe_config(config: TinyMindConfig) -> Qwen2MoeConfig:
+    return Qwen2MoeConfig(
+        **common_hf_fields(config),
+        **{hf_name: getattr(config, name) for name, hf_name in MOE_FIELDS.items()},
+        intermediate_size=config.intermediate_size,
+        shared_expert_intermediate_size=config.intermediate_size * max(config.n_shared_experts, 1),
+        norm_topk_prob=config.norm_topk_prob and config.num_experts_per_tok > 1,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        use_sliding_window=False,
+        qkv_bias=True,
+        tie_word_embeddings=False,
+    )
+
+
+def to_qwen2_moe(state: dict, config: TinyMindConfig) -> dict:
+    """tinymind state dict → Qwen2MoeForCausalLM's (transformers 5 keeps each layer's experts stacked)."""
+    hf = {key: value for key, value in state.items() if ".mlp." not in key}
+    hf["lm_head.weight"] = state["lm_head.weight"].clone()
+    hidden, width = config.hidden_size, config.intermediate_size
+    for i in range(config.num_hidden_layers):
+        layer = f"model.layers.{i}."
+        for proj in ATTENTION_BIASES:
+            hf[f"{layer}self_attn.{proj}.bias"] = torch.zeros(state[f"{layer}self_attn.{proj}.weight"].shape[0])
+        hf[f"{layer}mlp.gate.weight"] = state[f"{layer}mlp.gate.weight"]
+        experts = [expert_weights(state, f"{layer}mlp.experts.{j}.") for j in range(config.n_routed_experts)]
+        hf[f"{layer}mlp.experts.gate_up_proj"] = torch.stack([torch.cat([gate, up]) for gate, up, _ in experts])
+        hf[f"{layer}mlp.experts.down_proj"] = torch.stack([down for _, _, down in experts])
+
+        shared = [expert_weights(state, f"{layer}mlp.shared_experts.{k}.") for k in range(config.n_shared_experts)]
+        if shared:
+            gate, up, down = (torch.cat(parts, dim=axis) for parts, axis in zip(zip(*shared), (0, 0, 1)))
+            down = 2 * down  # undoes the gate's constant 0.5
+        else:
+            gate, up, down = torch.zeros(width, hidden), torch.zeros(width, hidden), torch.zeros(hidden, width)
+        for name, weight in zip(SWIGLU, (gate, up, down)):
+            hf[f"{layer}mlp.shared_expert.{name}.weight"] = weight
+        hf[f"{layer}mlp.shared_expert_gate.weight"] = torch.full((1, hidden), SHARED_GATE_WEIGHT)
+    return hf
+
+
+def expert_weights(state, prefix):
+    return tuple(state[f"{prefix}{name}.weight"] for name in SWIGLU)
+
+
+# ---- import -----------------------------------------------------------------------------------
+
+
+def load_hf(path_or_repo) -> TinyMindForCausalLM:
+    """A tinymind model from a Hugging Face directory or `owner/name` repo id (Llama, Qwen2-MoE or tinymind)."""
+    path = local_directory(path_or_repo)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise UnsupportedArchitecture(f"{path}: no config.json there; tinymind reads {SUPPORTED}")
+    written = json.loads(config_file.read_text())
+    model_type = written.get("model_type")
+    if model_type == TinyMindConfig.model_type:
+        return load_tinymind_directory(path)
+    if model_type not in IMPORTERS:
+        architecture = (written.get("architectures") or [model_type])[0]
+        reason = f" ({UNSUPPORTED_REASONS[model_type]})" if model_type in UNSUPPORTED_REASONS else ""
+        raise UnsupportedArchitecture(f"{path} holds {architecture}{reason}; tinymind reads only {SUPPORTED}")
+
+    hf_config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    check_settings(hf_config, path)
+    hf_model = AutoModelForCausalLM.from_pretrained(path, config=hf_config, dtype=torch.float32, weights_only=True)
+    config, state = IMPORTERS[model_type](hf_model.state_dict(), hf_config, path)
+    model = TinyMindForCausalLM(config)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def local_directory(path_or_repo) -> Path:
+    """The directory itself, or a Hub repo's snapshot (download errors are OSErrors, as a missing path is)."""
+    path = Path(path_or_repo)
+    if path.is_dir():
+        return path
+    if path.exists() or str(path_or_repo).count("/") != 1:
+        raise FileNotFoundError(f"{path_or_repo}: no such model directory, nor an owner/name Hub repo id")
+    try:
+        # Only configs and safetensors: a repo's pickled .bin files are never fetched.
+        return Path(snapshot_download(str(path_or_repo), allow_patterns=["*.json", "*.safetensors"]))
+    except OSError as err:
+        raise OSError(f"{path_or_repo}: cannot fetch it from the Hugging Face Hub ({err})") from None
+
+
+def load_tinymind_directory(path) -> TinyMindForCausalLM:
+    """A `save_pretrained` directory, built here and filled from its safetensors: transformers 5's
+    `from_pretrained` builds on the meta device and leaves non-persistent buffers (the rotary table) unset."""
+    model = TinyMindForCausalLM(TinyMindConfig.from_pretrained(path))
+    index = path / "model.safetensors.index.json"
+    files = ["model.safetensors"]
+    if index.is_file():  # sharded
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    if not all((path / name).is_file() for name in files):
+        raise UnsupportedArchitecture(f"{path}: no safetensors weights there (tinymind reads no pickled .bin files)")
+    state = {key: value for name in files for key, value in load_file(path / name).items()}
+    if model.config.tie_word_embeddings:
+        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])  # save_pretrained drops the tied copy
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def check_settings(hf_config, path):
+    """Refuse config settings that would make tinymind compute a different function."""
+    name = type(hf_config).__name__
+    for field, needed in REQUIRED_SETTINGS[hf_config.model_type].items():
+        if getattr(hf_config, field) != needed:
+            raise UnsupportedArchitecture(f"{path}: {name} with {field}={getattr(hf_config, field)!r} "
+                                          f"has no tinymind counterpart (needs {needed!r})")
+    rope_type = hf_config.rope_parameters.get("rope_type", "default")
+    if rope_type != "default":
+        raise UnsupportedArchitecture(f"{path}: rotary scaling {rope_type!r} has no tinymind counterpart")
+    if getattr(hf_config, "norm_topk_prob", False) and hf_config.num_experts_per_tok == 1:
+        raise UnsupportedArchitecture(f"{path}: norm_topk_prob with one expert per token gives that expert "
+                                      "weight 1, where tinymind weights it by its router probability")
+    head_dim = getattr(hf_config, "head_dim", None)
+    if head_dim not in (None, hf_config.hidden_size // hf_config.num_attention_heads):
+        raise UnsupportedArchitecture(f"{path}: head_dim {head_dim} is not hidden_size / num_attention_heads")
+
+
+def tinymind_config(hf_config, state, **fields) -> TinyMindConfig:
+    return TinyMindConfig(
+        **{name: getattr(hf_config, name) for name in COMMON_FIELDS},
+        rope_theta=hf_config.rope_parameters["rope_theta"],
+        # An untied head equal to the embedding (as Qwen2-MoE exports are written) is a tied one.
+        tie_word_embeddings=hf_config.tie_word_embeddings
+        or torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"]),
+        **fields,
+    )
+
+
+def from_llama(state, hf_config, path):
+    return tinymind_config(hf_config, state, intermediate_size=hf_config.intermediate_size), state
+
+
+def from_qwen2_moe(hf_state, hf_config, path):
+    width = hf_config.moe_intermediate_size
+    state = {key: value for key, value in hf_state.items() if ".mlp." not in key and not key.endswith(".bias")}
+    n_shared = set()
+    for i in range(hf_config.num_hidden_layers):
+        layer = f"model.layers.{i}."
+        for proj in ATTENTION_BIASES:
+            if hf_state[f"{layer}self_attn.{proj}.bias"].any():
+                raise UnsupportedArchitecture(f"{path}: layer {i} has a non-zero {proj} bias; tinymind has none")
+        state[f"{layer}mlp.gate.weight"] = hf_state[f"{layer}mlp.gate.weight"]
+        gate_up, down = hf_state[f"{layer}mlp.experts.gate_up_proj"], hf_state[f"{layer}mlp.experts.down_proj"]
+        for j in range(hf_config.num_experts):
+            gate, up = gate_up[j].chunk(2)
+            for name, weight in zip(SWIGLU, (gate, up, down[j])):
+                state[f"{layer}mlp.experts.{j}.{name}.weight"] = weight
+
+        shared = [hf_state[f"{layer}mlp.shared_expert.{name}.weight"] for name in SWIGLU]
+        if not shared[2].any():
+            n_shared.add(0)  # an all-zero shared expert adds nothing: the export of a model without one
+            continue
+        if hf_state[f"{layer}mlp.shared_expert_gate.weight"].abs().max() > SHARED_GATE_WEIGHT:
+            raise UnsupportedArchitecture(f"{path}: layer {i}'s shared expert has a learned, token-dependent gate; "
+                                          "tinymind's shared experts are ungated")
+        if shared[0].shape[0] % width:
+            raise UnsupportedArchitecture(f"{path}: shared_expert_intermediate_size {shared[0].shape[0]} is not "
+                                          f"a multiple of moe_intermediate_size {width}")
+        gate, up, down = shared[0].split(width), shared[1].split(width), (shared[2] / 2).split(width, dim=1)
+        n_shared.add(len(gate))
+        for index, parts in enumerate(zip(gate, up, down)):
+            for name, weight in zip(SWIGLU, parts):
+                state[f"{layer}mlp.shared_experts.{index}.{name}.weight"] = weight
+    if len(n_shared) != 1:
+        raise UnsupportedArchitecture(f"{path}: layers differ in their shared experts; tinymind's are all alike")
+
+    moe_fields = {name: getattr(hf_config, hf_name) for name, hf_name in MOE_FIELDS.items()}
+    config = tinymind_config(
+        hf_config, state, use_moe=True, n_shared_experts=n_shared.pop(), norm_topk_prob=hf_config.norm_topk_prob,
+        **moe_fields,
+    )
+    return config, state
+
+
+IMPORTERS = {"llama": from_llama, "qwen2_moe": from_qwen2_moe}

@@ -1,0 +1,75 @@
+"""Move a tinymind checkpoint to and from a Hugging Face directory that stock tools run.
+
+    python scripts/convert_hf.py export --checkpoint output/sft_dense/sft_512.pth --out hf/sft_512
+    python scripts/convert_hf.py import --model hf/sft_512 --out output/imported/sft_512.pth
+
+Export writes safetensors, config and tokenizer (chat template included) that
+`AutoModelForCausalLM.from_pretrained(DIR)` loads without trust_remote_code: a dense model as
+LlamaForCausalLM, a MoE as Qwen2MoeForCausalLM (model/convert.py says why and how exactly).
+Import reads such a directory (or a tinymind one) and writes the .pth plus its .json config.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+# Run as `python scripts/convert_hf.py`, Python puts scripts/ on the path, not the repo root.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dataset import load_tokenizer  # noqa: E402
+from model import TinyMindConfig  # noqa: E402
+from model.convert import UnsupportedArchitecture, export_hf, load_hf  # noqa: E402
+from trainer import UserError, load_model, run_cli, save_weights  # noqa: E402
+
+
+def export(args):
+    model = load_model(args.checkpoint, read_config(args.config) if args.config else None)
+    tokenizer = load_tokenizer(args.tokenizer_path)
+    architecture = export_hf(model, args.out, dtype=getattr(torch, args.dtype) if args.dtype else None)
+    tokenizer.save_pretrained(args.out)
+    print(f"wrote {args.out} ({architecture})")
+
+
+def read_config(path):
+    try:
+        return TinyMindConfig.from_json_file(path)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: not a readable model config ({err}); pass the .json the trainer wrote") from None
+
+
+def import_(args):
+    try:
+        model = load_hf(args.model)
+    except (UnsupportedArchitecture, OSError) as err:
+        raise UserError(" ".join(str(err).split())) from None  # one line, whatever the Hub wrote
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    save_weights(model.state_dict(), model.config, args.out)
+    print(f"wrote {args.out} and {Path(args.out).with_suffix('.json')}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    to_hf = commands.add_parser("export", help="tinymind .pth → Hugging Face directory")
+    to_hf.add_argument("--checkpoint", required=True, help=".pth or .safetensors weights")
+    to_hf.add_argument("--out", required=True, help="directory to write")
+    to_hf.add_argument("--config", help="model config JSON, for a checkpoint without one beside it")
+    to_hf.add_argument("--tokenizer_path", default="model/tokenizer", help="tokenizer directory copied alongside")
+    to_hf.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                       help="weight dtype written (default: the checkpoint's)")
+    to_hf.set_defaults(run=export)
+
+    from_hf = commands.add_parser("import", help="Hugging Face directory or repo id → tinymind .pth")
+    from_hf.add_argument("--model", required=True, help="Hugging Face directory or owner/name repo id")
+    from_hf.add_argument("--out", required=True, help=".pth to write (its .json config goes beside it)")
+    from_hf.set_defaults(run=import_)
+
+    args = parser.parse_args(argv)
+    run_cli(lambda: args.run(args))
+
+
+if __name__ == "__main__":
+    main()

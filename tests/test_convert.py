@@ -1,0 +1,175 @@
+"""model/convert.py and scripts/convert_hf.py: tinymind ↔ stock transformers with the same logits."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before huggingface_hub reads it on import: nothing here may reach the network
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig, LlamaForCausalLM, Qwen2MoeConfig,
+    Qwen2MoeForCausalLM, Qwen3MoeConfig,
+)
+
+from model import TinyMindConfig, TinyMindForCausalLM  # noqa: E402
+from model.convert import UnsupportedArchitecture, export_hf, load_hf  # noqa: E402
+from scripts.convert_hf import main as convert_main  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKENIZER = ROOT / "model" / "tokenizer"
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog, then naps in the afternoon sun.",
+    "床前明月光，疑是地上霜。举头望明月，低头思故乡。",
+    "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer.",
+    "学而时习之，不亦说乎？有朋自远方来，不亦乐乎？人不知而不愠，不亦君子乎？",
+]
+
+# A larger init than the default 0.02 gives trained-like activations and decisive routing,
+# so a wrong factor anywhere moves the logits far past the tolerance.
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1)
+CASES = {
+    "dense": ({}, "LlamaForCausalLM"),
+    "moe": (dict(use_moe=True, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=0), "Qwen2MoeForCausalLM"),
+    "moe_shared": (dict(use_moe=True, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=2),
+                   "Qwen2MoeForCausalLM"),
+}
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    """A batch of real text cut to one length (no padding), through the project tokenizer when it exists."""
+    if (TOKENIZER / "tokenizer.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+        rows = [tokenizer(text).input_ids for text in TEXTS]
+        return torch.tensor([row[: min(map(len, rows))] for row in rows]), len(tokenizer)
+    return torch.randint(0, 512, (len(TEXTS), 16), generator=torch.Generator().manual_seed(0)), 512
+
+
+def tiny_model(vocab_size, **fields):
+    torch.manual_seed(0)
+    return TinyMindForCausalLM(TinyMindConfig(**TINY, vocab_size=vocab_size, **fields)).eval()
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def greedy(model, ids):
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_export_loads_in_stock_transformers_with_the_same_logits_and_import_restores_it(case, tokens, tmp_path):
+    ids, vocab_size = tokens
+    fields, architecture = CASES[case]
+    model = tiny_model(vocab_size, **fields)
+
+    assert export_hf(model, tmp_path) == architecture
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert "auto_map" not in written and written["rope_theta"] == model.config.rope_theta
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # no trust_remote_code
+    assert type(stock).__name__ == architecture
+    difference = (logits(stock, ids) - logits(model, ids)).abs().max().item()
+    print(f"{case}: max |logit difference| {difference:.2e}")
+    assert difference < 1e-4
+    assert torch.equal(greedy(stock, ids), greedy(model, ids))
+
+    back = load_hf(tmp_path).eval()
+    assert back.config.to_dict() == {**model.config.to_dict(), "dtype": back.config.to_dict()["dtype"]}
+    assert back.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(value, back.state_dict()[key]) for key, value in model.state_dict().items())
+    assert torch.equal(logits(back, ids), logits(model, ids))
+
+
+def test_single_expert_routing_keeps_the_router_probability_as_weight(tokens, tmp_path):
+    ids, vocab_size = tokens
+    model = tiny_model(vocab_size, use_moe=True, num_experts_per_tok=1, n_shared_experts=1, norm_topk_prob=True)
+    export_hf(model, tmp_path)
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert (logits(stock, ids) - logits(model, ids)).abs().max().item() < 1e-4
+
+
+def test_bfloat16_export_writes_bfloat16_weights(tokens, tmp_path):
+    ids, vocab_size = tokens
+    model = tiny_model(vocab_size, use_moe=True, n_shared_experts=1)
+    export_hf(model, tmp_path, dtype=torch.bfloat16)
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert stock.dtype == torch.bfloat16
+    assert stock.model.layers[0].mlp.shared_expert_gate.weight.abs().max() > 0  # nonzero, see SHARED_GATE_WEIGHT
+
+
+def test_stock_llama_with_an_untied_head_imports_with_the_same_logits(tokens, tmp_path):
+    ids, vocab_size = tokens
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, initializer_range=0.1,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    stock = LlamaForCausalLM(config).eval()
+    stock.save_pretrained(tmp_path)
+    model = load_hf(tmp_path).eval()
+    assert not model.config.tie_word_embeddings and model.config.rope_theta == 10000.0
+    assert (logits(model, ids) - logits(stock, ids)).abs().max().item() < 1e-4
+
+
+def test_tinymind_directory_loads_through_load_hf_with_its_rotary_table(tokens, tmp_path):
+    ids, vocab_size = tokens
+    model = tiny_model(vocab_size, use_moe=True)
+    model.save_pretrained(tmp_path)
+    assert torch.equal(logits(load_hf(tmp_path).eval(), ids), logits(model, ids))
+
+
+@pytest.mark.parametrize("config", [
+    GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64),
+    Qwen3MoeConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, vocab_size=64),
+], ids=["gpt2", "qwen3_moe"])
+def test_other_architectures_are_refused_naming_the_supported_ones(config, tmp_path):
+    config.save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedArchitecture, match="LlamaForCausalLM, Qwen2MoeForCausalLM and TinyMind"):
+        load_hf(tmp_path)
+
+
+def test_stock_qwen2_moe_with_a_learned_shared_gate_is_refused(tmp_path):
+    config = Qwen2MoeConfig(hidden_size=32, intermediate_size=64, moe_intermediate_size=64,
+                            shared_expert_intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                            num_key_value_heads=1, num_experts=4, num_experts_per_tok=2, vocab_size=64)
+    Qwen2MoeForCausalLM(config).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedArchitecture, match="learned, token-dependent gate"):
+        load_hf(tmp_path)
+
+
+def test_cli_unsupported_directory_is_one_line_and_exit_2(tmp_path, capsys):
+    GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64).save_pretrained(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        convert_main(["import", "--model", str(tmp_path), "--out", str(tmp_path / "x.pth")])
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert "\n" not in message and "Qwen2MoeForCausalLM" in message
+
+
+def test_cli_round_trip(tokens, tmp_path):
+    """Export as a user runs it (a subprocess), import in-process: each Python start costs seconds."""
+    _, vocab_size = tokens
+    model = tiny_model(vocab_size, **CASES["moe_shared"][0])
+    checkpoint = tmp_path / "pretrain_64_moe.pth"
+    torch.save(model.state_dict(), checkpoint)
+    model.config.to_json_file(checkpoint.with_suffix(".json"))
+    hf_dir = tmp_path / "hf"
+    subprocess.run(
+        [sys.executable, "scripts/convert_hf.py", "export", "--checkpoint", str(checkpoint), "--out", str(hf_dir)],
+        check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=ROOT,
+    )
+    assert (hf_dir / "model.safetensors").is_file() and (hf_dir / "tokenizer.json").is_file()
+    if (TOKENIZER / "chat_template.jinja").is_file():
+        assert AutoTokenizer.from_pretrained(hf_dir).chat_template
+
+    imported = tmp_path / "imported.pth"
+    convert_main(["import", "--model", str(hf_dir), "--out", str(imported)])
+    state = torch.load(imported, weights_only=True)
+    assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
+    config = TinyMindConfig.from_json_file(imported.with_suffix(".json"))
+    assert (config.use_moe, config.n_shared_experts, config.num_experts_per_tok) == (True, 2, 2)
