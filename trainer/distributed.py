@@ -4,10 +4,12 @@ Run any stage as `torchrun --nproc_per_node N 1-pretrain.py ...`: NCCL on CUDA, 
 With one process (no torchrun) every helper here is a no-op, so the loop reads the same.
 """
 
+import contextlib
 import os
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.nn.parallel import DistributedDataParallel
 
 
@@ -55,6 +57,18 @@ def all_reduce_sum(tensor):
     return tensor
 
 
+@contextlib.contextmanager
+def main_process_first():
+    """The main process runs the block first (e.g. building the dataset cache), then the others reuse its work."""
+    if not is_main():
+        barrier()
+    try:
+        yield
+    finally:
+        if is_main():
+            barrier()
+
+
 def barrier():
     if dist.is_initialized():
         dist.barrier()
@@ -80,28 +94,12 @@ def wrap(model, args):
 
 
 def full_state_dicts(model, optimizer):
-    """(model, optimizer) state dicts as one process would hold them; under FSDP a collective on every rank."""
-    if not is_fsdp(model):
-        bare = model.module if isinstance(model, DistributedDataParallel) else model
-        return bare.state_dict(), optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
+    """(model, optimizer) state dicts as one process holds them, keyed by parameter name, whatever the wrapping
+    (none, DDP or FSDP), so a resume state written by any number of processes loads into any other.
+    Under FSDP this gathers shards: every process must call it."""
     return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def load_full_state_dicts(model, optimizer, model_state, optimizer_state):
-    if not is_fsdp(model):
-        bare = model.module if isinstance(model, DistributedDataParallel) else model
-        bare.load_state_dict(model_state)
-        optimizer.load_state_dict(optimizer_state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
                    options=StateDictOptions(full_state_dict=True))
-
-
-def is_fsdp(model):
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)

@@ -29,9 +29,10 @@ from .flags import run_dir, run_name
 from .metrics import BASE_COLUMNS, CsvLog, ExpertLoadWatch, load_columns
 
 # Flags a resumed run must share with the run that wrote the state, or the continuation is not the same run.
+# The batch flags must match too when the process count is the same; across process counts, the global batch.
 RESUME_FLAGS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                "vocab_size", "n_routed_experts", "num_experts_per_tok", "n_shared_experts", "max_seq_len",
-                "batch_size", "accumulation_steps", "seed")
+                "vocab_size", "n_routed_experts", "num_experts_per_tok", "n_shared_experts", "max_seq_len", "seed")
+BATCH_FLAGS = ("batch_size", "accumulation_steps")
 MAX_BAD_STEPS = 5
 
 
@@ -221,8 +222,10 @@ class Trainer:
                 self.scaler.scale(ce * self.world_size + aux).backward()
             ce_sum += ce.detach()
             aux_sum += aux.detach()
-            load_sum = load_sum + self.moe_watch.current(self.device)
-            tokens += int(attention_mask.sum())
+            micro_tokens = int(attention_mask.sum())
+            # Weighted by real tokens, the shares add up to the step's global share, however the batch is split.
+            load_sum = load_sum + self.moe_watch.current(self.device) * micro_tokens
+            tokens += micro_tokens
         # One all-reduce for everything the processes must agree on: loss parts, tokens, expert loads.
         totals = torch.cat([torch.stack([ce_sum, aux_sum, torch.tensor(float(tokens), device=self.device)]),
                             load_sum.flatten()])
@@ -241,8 +244,7 @@ class Trainer:
             self.skip_bad_step(loss, grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
         if self.moe_watch.layers:
-            self.moe_watch.observe(totals[3:].view(len(self.moe_watch.layers), -1)
-                                   / (len(micro_batches) * self.world_size))
+            self.moe_watch.observe(totals[3:].view(len(self.moe_watch.layers), -1) / totals[2].clamp(min=1))
         self.progress.step += 1
         self.progress.position += sum(len(batch[0]) for batch in micro_batches) * self.world_size
         return {"loss": loss.item(), "ce": ce_sum.item(), "aux": aux_sum.item(), "lr": lr,
@@ -300,7 +302,8 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-            "flags": {name: getattr(self.args, name) for name in RESUME_FLAGS},
+            "flags": {name: getattr(self.args, name) for name in RESUME_FLAGS + BATCH_FLAGS},
+            "world_size": self.world_size,
             "log_rows": self.log.rows(),
         }
         path = self.dir / f"{self.name}_resume_{self.progress.step:08d}.pt"
@@ -320,12 +323,7 @@ class Trainer:
                 note(f"warning: {path} is unreadable ({type(err).__name__}); trying the previous state")
         else:
             raise UserError(f"--resume: every resume state in {self.dir} is unreadable; run without --resume")
-        for name, saved in state["flags"].items():
-            if getattr(self.args, name) != saved:
-                raise UserError(
-                    f"--resume: --{name} is {getattr(self.args, name)} but the run in {self.dir} used {saved}; "
-                    f"pass --{name} {saved} or start a new run without --resume"
-                )
+        self.check_resume_flags(state["flags"], state["world_size"])
         distributed.load_full_state_dicts(self.model, self.optimizer, state["model"], state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -335,6 +333,21 @@ class Trainer:
         self.progress = Progress(**state["progress"])
         self.log.truncate(state["log_rows"])
         note(f"resumed {path.name}: step {self.progress.step} of {self.total_steps}")
+
+    def check_resume_flags(self, saved, saved_world_size):
+        same_world = saved_world_size == self.world_size
+        for name in RESUME_FLAGS + (BATCH_FLAGS if same_world else ()):
+            if getattr(self.args, name) != saved[name]:
+                raise UserError(
+                    f"--resume: --{name} is {getattr(self.args, name)} but the run in {self.dir} used {saved[name]}; "
+                    f"pass --{name} {saved[name]} or start a new run without --resume"
+                )
+        saved_global = saved["batch_size"] * saved["accumulation_steps"] * saved_world_size
+        if self.samples_per_step != saved_global:
+            raise UserError(
+                f"--resume: --batch_size × --accumulation_steps × processes is {self.samples_per_step} but the run in "
+                f"{self.dir} used {saved_global} ({saved_world_size} processes); choose flags that give {saved_global}"
+            )
 
     # ---- signals -----------------------------------------------------------------------------
 

@@ -47,14 +47,15 @@ def train(stage, dataset_class, start_from_stage, args):
     tokenizer = load_tokenizer(args.tokenizer_path)
     if len(tokenizer) > args.vocab_size:
         raise UserError(f"the tokenizer has {len(tokenizer)} tokens but --vocab_size is {args.vocab_size}")
-    dataset = dataset_class(args.data_path, tokenizer, args.max_seq_len)
+    with distributed.main_process_first():
+        dataset = dataset_class(args.data_path, tokenizer, args.max_seq_len)
+        val = dataset_class(args.val_data, tokenizer, args.max_seq_len) if args.val_data else None
     model = TinyMindForCausalLM(model_config(args))
     if not args.resume:
         initialise(model, args, start_from_stage)
 
     trainer = Trainer(model, dataset, args, stage, tokenizer.pad_token_id)
     print0(describe_run(model, dataset, trainer))
-    val = dataset_class(args.val_data, tokenizer, args.max_seq_len) if args.val_data else None
     if val is not None:
         print0(f"held-out perplexity before {stage}: {perplexity(trainer.model, val, args, args.val_samples):.2f}")
     trainer.train()
