@@ -51,9 +51,12 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, config: TinyMindConfig):
         super().__init__()
-        dim = config.head_dim
-        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.dim = config.head_dim
+        self.theta = config.rope_theta
+        self.register_buffer("inv_freq", self.frequencies(), persistent=False)
+
+    def frequencies(self):
+        return 1.0 / (self.theta ** (torch.arange(0, self.dim, 2, dtype=torch.float32) / self.dim))
 
     def forward(self, position_ids, dtype):
         freqs = position_ids[..., None].float() * self.inv_freq
@@ -304,6 +307,12 @@ class TinyMindForCausalLM(PreTrainedModel, GenerationMixin):
             logits=logits,
             past_key_values=past_key_values if use_cache else None,
         )
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        # from_pretrained builds the model on the meta device; the rotary table is no weight, so refill it here.
+        if isinstance(module, RotaryEmbedding):
+            module.inv_freq.copy_(module.frequencies())
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
         self.model.gradient_checkpointing = True

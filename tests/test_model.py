@@ -250,6 +250,7 @@ def test_save_load_round_trips_bit_exactly(tmp_path):
     again.load_state_dict(torch.load(tmp_path / "w.pth", weights_only=True), strict=True)
     ids = torch.randint(0, 97, (1, 5))
     assert torch.equal(model.eval()(ids).logits, again.eval()(ids).logits)
+    assert torch.equal(model(ids).logits, loaded.eval()(ids).logits)
 
 
 def test_state_dict_speaks_the_design_layout():
