@@ -116,7 +116,7 @@ def read_weights(path) -> dict:
 
 def load_model(path, fallback_config: TinyMindConfig | None = None) -> TinyMindForCausalLM:
     """A ready model from a `.pth`/`.safetensors` (config from the JSON beside it, else `fallback_config`)
-    or from a Hugging Face directory or repo id (tinymind, Llama, Qwen2-MoE or Qwen3-MoE)."""
+    or from a Hugging Face directory or repo id (tinymind, Llama or Qwen2-MoE; see model/convert.py)."""
     path = Path(path)
     if path.is_dir() or (not path.exists() and not path.suffix and str(path).count("/") == 1):
         from model.convert import UnsupportedArchitecture, load_hf
@@ -125,6 +125,8 @@ def load_model(path, fallback_config: TinyMindConfig | None = None) -> TinyMindF
             return load_hf(str(path))
         except UnsupportedArchitecture as err:
             raise UserError(f"{path}: {err}") from None
+        except OSError as err:  # a missing directory, or a repo id that cannot be fetched
+            raise UserError(f"{path}: cannot load it ({' '.join(str(err).split())})") from None
     config_file = config_path(path)
     if config_file.is_file():
         config = TinyMindConfig.from_json_file(config_file)
