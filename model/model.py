@@ -251,8 +251,16 @@ class TinyMindModel(nn.Module):
 
 
 def causal_mask(attention_mask, batch, seq, past, device):
-    """Boolean [batch, 1, seq, past+seq] mask (True = may attend), or None when SDPA's own causal flag suffices."""
-    if attention_mask is None and (past == 0 or seq == 1):
+    """Boolean [batch, 1, seq, past+seq] mask (True = may attend), or None when SDPA's own causal flag suffices.
+
+    The flag suffices without padding, and also when padding only trails the real tokens of a
+    fresh (uncached) batch, as in training: a real token never looks ahead to a pad, and what
+    the pads compute is never used. Explicit masks push SDPA onto slower kernels.
+    """
+    trailing_padding_only = (
+        attention_mask is not None and past == 0 and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+    )
+    if (attention_mask is None or trailing_padding_only) and (past == 0 or seq == 1):
         return None
     total = past + seq
     query_pos = torch.arange(past, total, device=device)[:, None]

@@ -231,6 +231,18 @@ def test_cached_logits_equal_full_forward_with_left_padding():
     torch.testing.assert_close(full[1:, 3:], alone, atol=1e-5, rtol=1e-5)
 
 
+def test_right_padding_leaves_real_tokens_unchanged():
+    torch.manual_seed(0)
+    model = TinyMindForCausalLM(moe_config()).eval()
+    ids = torch.randint(3, 97, (2, 8))
+    mask = torch.ones_like(ids)
+    mask[0, 5:] = 0
+    with torch.no_grad():
+        padded = model(ids, attention_mask=mask).logits
+        alone = model(ids[:1, :5]).logits
+    torch.testing.assert_close(padded[:1, :5], alone, atol=1e-5, rtol=1e-5)
+
+
 def test_sampling_generation_runs_with_cache():
     torch.manual_seed(0)
     model = TinyMindForCausalLM(moe_config()).eval()
