@@ -42,6 +42,8 @@ def add_model_flags(parser):
 def add_training_flags(parser, default_data):
     group = parser.add_argument_group("training")
     group.add_argument("--data_path", default=default_data)
+    group.add_argument("--skip_bad_lines", action="store_true",
+                       help="drop malformed jsonl lines and report how many, instead of stopping at the first")
     group.add_argument("--epochs", type=int, default=1)
     group.add_argument("--max_steps", type=int, help="train exactly this many optimizer steps (overrides --epochs)")
     group.add_argument("--batch_size", type=int, default=32)

@@ -86,6 +86,13 @@ def autocast_context(args):
     return torch.autocast(device_type=torch.device(args.device).type, dtype=getattr(torch, args.dtype))
 
 
+def trim_padding(input_ids, targets, loss_mask, pad_token_id):
+    """Cut the columns where every row is padding: they cost compute and change no loss or gradient."""
+    real_columns = (input_ids != pad_token_id).any(dim=0).nonzero()
+    length = int(real_columns[-1]) + 1 if len(real_columns) else 1
+    return input_ids[:, :length], targets[:, :length], loss_mask[:, :length]
+
+
 def gradient_sync(model, last_micro_batch):
     """DDP all-reduces gradients on every backward; skipping it until the last micro-batch saves the traffic."""
     if isinstance(model, torch.nn.parallel.DistributedDataParallel) and not last_micro_batch:
@@ -208,7 +215,8 @@ class Trainer:
         aux_sum = torch.zeros((), device=self.device)
         load_sum = torch.zeros((), device=self.device)
         tokens = 0
-        for index, (input_ids, targets, loss_mask) in enumerate(micro_batches):
+        for index, micro_batch in enumerate(micro_batches):
+            input_ids, targets, loss_mask = trim_padding(*micro_batch, self.pad_token_id)
             input_ids = input_ids.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
             loss_mask = loss_mask.to(self.device, non_blocking=True)

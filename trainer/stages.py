@@ -48,7 +48,7 @@ def train(stage, dataset_class, start_from_stage, args):
     if len(tokenizer) > args.vocab_size:
         raise UserError(f"the tokenizer has {len(tokenizer)} tokens but --vocab_size is {args.vocab_size}")
     with distributed.main_process_first():
-        dataset = dataset_class(args.data_path, tokenizer, args.max_seq_len)
+        dataset = dataset_class(args.data_path, tokenizer, args.max_seq_len, skip_bad_lines=args.skip_bad_lines)
         val = dataset_class(args.val_data, tokenizer, args.max_seq_len) if args.val_data else None
     model = TinyMindForCausalLM(model_config(args))
     if not args.resume:
