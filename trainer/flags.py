@@ -19,41 +19,41 @@ MODEL_FIELDS = (
 
 def add_model_flags(parser):
     group = parser.add_argument_group("model")
-    group.add_argument("--model_type", choices=("dense", "moe"), default="dense")
+    group.add_argument("--model_type", choices=("dense", "moe"), default="dense", help="dense SwiGLU feed-forward, or Mixture-of-Experts")
     group.add_argument("--config", help="JSON preset in configs/ applied first; explicit flags override it")
-    group.add_argument("--hidden_size", type=int, default=512)
-    group.add_argument("--num_hidden_layers", type=int, default=8)
-    group.add_argument("--num_attention_heads", type=int, default=8)
-    group.add_argument("--num_key_value_heads", type=int, default=2)
-    group.add_argument("--vocab_size", type=int, default=6400)
+    group.add_argument("--hidden_size", type=int, default=512, help="width of the residual stream")
+    group.add_argument("--num_hidden_layers", type=int, default=8, help="decoder blocks")
+    group.add_argument("--num_attention_heads", type=int, default=8, help="query heads")
+    group.add_argument("--num_key_value_heads", type=int, default=2, help="key/value heads shared by groups of query heads")
+    group.add_argument("--vocab_size", type=int, default=6400, help="embedding rows; at least the tokenizer's size")
     group.add_argument("--max_seq_len", type=int, default=512, help="tokens per training sample")
-    group.add_argument("--n_routed_experts", type=int, default=4)
-    group.add_argument("--num_experts_per_tok", type=int, default=2)
-    group.add_argument("--n_shared_experts", type=int, default=1)
-    group.add_argument("--aux_loss_alpha", type=float, default=0.1)
-    group.add_argument("--tokenizer_path", help="tokenizer directory (default: model/tokenizer)")
-    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    group.add_argument("--n_routed_experts", type=int, default=4, help="MoE: experts the router chooses from")
+    group.add_argument("--num_experts_per_tok", type=int, default=2, help="MoE: experts each token is sent to (top-k)")
+    group.add_argument("--n_shared_experts", type=int, default=1, help="MoE: experts every token always goes through")
+    group.add_argument("--aux_loss_alpha", type=float, default=0.1, help="MoE: weight of the load-balancing loss")
+    group.add_argument("--tokenizer_path", help="tokenizer directory; model/tokenizer when not given")
+    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
     group.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                       help="autocast dtype (default: bfloat16 on CUDA when supported, else float32)")
-    group.add_argument("--seed", type=int, default=42)
-    group.add_argument("--out_dir", default="output")
+                       help="autocast dtype; bfloat16 on CUDA when supported, else float32")
+    group.add_argument("--seed", type=int, default=42, help="seeds init, data order and sampling")
+    group.add_argument("--out_dir", default="output", help="run folders go in here")
 
 
 def add_training_flags(parser, default_data):
     group = parser.add_argument_group("training")
-    group.add_argument("--data_path", default=default_data)
+    group.add_argument("--data_path", default=default_data, help="training jsonl")
     group.add_argument("--skip_bad_lines", action="store_true",
                        help="drop malformed jsonl lines and report how many, instead of stopping at the first")
-    group.add_argument("--epochs", type=int, default=1)
+    group.add_argument("--epochs", type=int, default=1, help="passes over the data")
     group.add_argument("--max_steps", type=int, help="train exactly this many optimizer steps (overrides --epochs)")
-    group.add_argument("--batch_size", type=int, default=32)
-    group.add_argument("--accumulation_steps", type=int, default=1)
-    group.add_argument("--learning_rate", type=float, default=5e-4)
-    group.add_argument("--warmup_steps", type=int, help="linear warmup length (default: 2%% of the steps)")
-    group.add_argument("--weight_decay", type=float, default=0.1)
-    group.add_argument("--grad_clip", type=float, default=1.0)
+    group.add_argument("--batch_size", type=int, default=32, help="samples per micro-batch (per process)")
+    group.add_argument("--accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
+    group.add_argument("--learning_rate", type=float, default=5e-4, help="peak learning rate; cosine decay to a tenth of it")
+    group.add_argument("--warmup_steps", type=int, help="linear warmup length; 2%% of the steps when not given")
+    group.add_argument("--weight_decay", type=float, default=0.1, help="AdamW decay, on weight matrices only")
+    group.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0: no clipping)")
     group.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
-    group.add_argument("--log_interval", type=int, default=10)
+    group.add_argument("--log_interval", type=int, default=10, help="steps between CSV log rows")
     group.add_argument("--save_interval", type=int, default=500, help="save a checkpoint every N steps")
     group.add_argument("--keep_last", type=int, default=2, help="resume states kept in the run folder")
     group.add_argument("--save_format", choices=("pth", "safetensors"), default="pth")
@@ -139,5 +139,15 @@ def checkpoint_path(stage, args) -> Path:
     return run_dir(stage, args) / f"{run_name(stage, args)}.pth"
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the stage docstring's layout and shows each flag's default (unless it has none)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def new_parser(description):
-    return argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
