@@ -143,3 +143,16 @@ def test_config_preset_then_flags_override(tmp_path):
     args = tiny_args(tmp_path, "--config", preset, "--batch_size", 5)
     assert args.batch_size == 5 and args.learning_rate == 0.01
     assert isinstance(args, argparse.Namespace)
+
+
+def test_safetensors_checkpoints_chain_through_the_stages(tmp_path):
+    (tmp_path / "data").mkdir()
+    pretrain_file(tmp_path / "data")
+    sft_file(tmp_path / "data")
+    run_stage("1-pretrain.py", *TINY, "--max_steps", "1", "--save_format", "safetensors", cwd=tmp_path)
+    weights = tmp_path / "output/pretrain_dense/pretrain_64.safetensors"
+    assert weights.is_file() and not weights.with_suffix(".pth").exists()
+    sft = run_stage("2-sft.py", *TINY, "--max_steps", "1", cwd=tmp_path)
+    assert "initialised from output/pretrain_dense/pretrain_64.safetensors" in sft.stdout
+    model = load_model(weights)
+    assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)

@@ -43,14 +43,15 @@ def config_path(weights_path) -> Path:
     return Path(weights_path).with_suffix(".json")
 
 
-def save_weights(state_dict, config, path, save_format="pth"):
-    """Write a state dict (DESIGN.md layout) as `.pth` or `.safetensors`, plus the model config beside it."""
+def save_weights(state_dict, config, path):
+    """Write a state dict (DESIGN.md layout) to `path`, safetensors for a `.safetensors` name and torch.save
+    otherwise, plus the model config beside it."""
     path = Path(path)
     state = {key: value.detach().cpu().contiguous() for key, value in state_dict.items()}
-    if save_format == "safetensors":
+    if path.suffix == ".safetensors":
         # safetensors refuses tensors that share memory; the tied head is rebuilt from the embedding on load.
         state.pop("lm_head.weight", None)
-        atomic_write(path.with_suffix(".safetensors"), lambda tmp: save_file(state, str(tmp)))
+        atomic_write(path, lambda tmp: save_file(state, str(tmp)))
     else:
         atomic_write(path, lambda tmp: torch.save(state, tmp))
     atomic_write(config_path(path), lambda tmp: config.to_json_file(tmp))

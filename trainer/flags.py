@@ -136,7 +136,10 @@ def run_dir(stage, args) -> Path:
 
 
 def checkpoint_path(stage, args) -> Path:
-    return run_dir(stage, args) / f"{run_name(stage, args)}.pth"
+    """The stage's weights file for these flags: the `.pth`, or the `.safetensors` when only that exists."""
+    path = run_dir(stage, args) / f"{run_name(stage, args)}.pth"
+    safetensors = path.with_suffix(".safetensors")
+    return safetensors if safetensors.is_file() and not path.is_file() else path
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

@@ -111,7 +111,7 @@ class Trainer:
         self.device = torch.device(args.device)
         self.dir = run_dir(stage, args)
         self.name = run_name(stage, args)
-        self.weights_path = self.dir / f"{self.name}.pth"
+        self.weights_path = self.dir / f"{self.name}.{args.save_format}"
         self.optimizer = make_optimizer(self.raw_model, args)
         # A GradScaler only for float16: bf16 has float32's exponent range and needs no loss scaling.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.dtype == "float16")
@@ -302,7 +302,7 @@ class Trainer:
         distributed.barrier()
 
     def write_checkpoint(self, model_state, optimizer_state):
-        save_weights(model_state, self.raw_model.config, self.weights_path, self.args.save_format)
+        save_weights(model_state, self.raw_model.config, self.weights_path)
         state = {
             "progress": asdict(self.progress),
             "model": model_state,
