@@ -41,9 +41,12 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # Normalise in float32 even under bf16 autocast: the mean of squares loses too much in 8 bits.
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
+
+
+def compute_dtype(x):
+    """The dtype the matmuls produce: autocast's inside autocast, else x's own."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
 class RotaryEmbedding(nn.Module):
@@ -237,7 +240,7 @@ class TinyMindModel(nn.Module):
         )
 
         x = self.dropout(self.embed_tokens(input_ids))
-        cos, sin = self.rotary(position_ids, x.dtype)
+        cos, sin = self.rotary(position_ids, compute_dtype(x))
         aux_loss = x.new_zeros((), dtype=torch.float32)
         for block in self.layers:
             if self.gradient_checkpointing and self.training:
@@ -270,6 +273,92 @@ def causal_mask(attention_mask, batch, seq, past, device):
         # A padded query row with every key masked would give NaN; let it see itself (its output is unused).
         allowed = allowed | (torch.arange(total, device=device)[None, :] == query_pos)
     return allowed.expand(batch, 1, seq, total)
+
+
+class PackedDecoder:
+    """The network as `fast_generate` runs it: inference only, built from the model once per call.
+
+    At batch 1 a decode step is some sixty small matmuls and a few hundred tiny ops, and on a CPU
+    their per-call cost rivals the arithmetic. This computes exactly what the modules compute,
+    with q/k/v and gate/up packed into one matrix each (fewer, larger matmuls), rotary angles
+    looked up from a table, keys and values written into a preallocated cache (attention over
+    its filled part needs no mask), and no module calls, masks, dropout or aux loss.
+    tests/test_fast_paths.py holds it to the modules' logits.
+    """
+
+    def __init__(self, model, batch, max_len):
+        self.config = config = model.config
+        body = model.model
+        device = body.embed_tokens.weight.device
+        # Under autocast, pack straight into the autocast dtype: a packed matrix is no leaf
+        # parameter, so autocast would otherwise re-cast it on every step.
+        dtype = compute_dtype(body.embed_tokens.weight)
+        self.blocks = body.layers
+        self.packed = [self.pack(block, dtype) for block in body.layers]
+        self.embed_tokens, self.norm, self.lm_head = body.embed_tokens, body.norm, model.lm_head
+        positions = torch.arange(max_len, device=device)[None]
+        self.cos, self.sin = body.rotary(positions, dtype)  # [1, 1, max_len, head_dim]
+        shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim)
+        self.keys = torch.empty(shape, device=device, dtype=dtype)
+        self.values = torch.empty_like(self.keys)
+
+    @staticmethod
+    def pack(block, dtype):
+        def cast(weight):
+            return weight.to(dtype)
+
+        def swiglu(ffn):
+            return cast(torch.cat([ffn.gate_proj.weight, ffn.up_proj.weight])), cast(ffn.down_proj.weight)
+
+        attn, mlp = block.self_attn, block.mlp
+        qkv = cast(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+        if isinstance(mlp, MoEFeedForward):
+            ffn = ([swiglu(expert) for expert in mlp.experts], [swiglu(shared) for shared in mlp.shared_experts])
+        else:
+            ffn = swiglu(mlp)
+        return qkv, cast(attn.o_proj.weight), ffn
+
+    def __call__(self, input_ids, start):
+        """Logits of the last position of `input_ids`, which sit at positions start, start+1, ..."""
+        c = self.config
+        batch, seq = input_ids.shape
+        end = start + seq
+        assert start == 0 or seq == 1, "a prompt, then one token at a time"
+        cos, sin = self.cos[:, :, start:end], self.sin[:, :, start:end]
+        x = self.embed_tokens(input_ids)
+        for i, (block, (qkv, o_proj, ffn)) in enumerate(zip(self.blocks, self.packed)):
+            h = F.linear(block.input_layernorm(x), qkv).view(batch, seq, -1, c.head_dim).transpose(1, 2)
+            n_qk = c.num_attention_heads + c.num_key_value_heads
+            qk = apply_rotary(h[:, :n_qk], cos, sin)  # one rotation for the query and key heads together
+            self.keys[i, :, :, start:end] = qk[:, c.num_attention_heads:]
+            self.values[i, :, :, start:end] = h[:, n_qk:]
+            y = F.scaled_dot_product_attention(
+                qk[:, :c.num_attention_heads], self.keys[i, :, :, :end], self.values[i, :, :, :end],
+                is_causal=seq > 1, enable_gqa=c.num_key_value_heads != c.num_attention_heads,
+            )
+            x = x + F.linear(y.transpose(1, 2).reshape(batch, seq, -1), o_proj)
+            h = block.post_attention_layernorm(x)
+            x = x + (self.moe(block.mlp, ffn, h) if isinstance(block.mlp, MoEFeedForward) else swiglu(h, *ffn))
+        return self.lm_head(self.norm(x[:, -1:]))[:, -1].float()
+
+    @staticmethod
+    def moe(moe, packed, h):
+        """One token: run only its k experts. A prompt (several tokens) goes through the module's dispatch."""
+        if h.shape[0] * h.shape[1] > 1:
+            return moe(h, h.new_ones(h.shape[:2]))[0]
+        experts, shared = packed
+        weights, chosen = moe.gate(h).float().softmax(dim=-1).topk(moe.top_k, dim=-1)
+        if moe.norm_topk_prob and moe.top_k > 1:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        out = sum(swiglu(h, *expert) for expert in shared) if shared else torch.zeros_like(h)
+        for weight, index in zip(weights.view(-1).tolist(), chosen.view(-1).tolist()):
+            out = out + weight * swiglu(h, *experts[index])
+        return out
+
+
+def swiglu(x, gate_up, down):
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, down)
 
 
 class TinyMindForCausalLM(PreTrainedModel, GenerationMixin):
@@ -321,6 +410,38 @@ class TinyMindForCausalLM(PreTrainedModel, GenerationMixin):
         # from_pretrained builds the model on the meta device; the rotary table is no weight, so refill it here.
         if isinstance(module, RotaryEmbedding):
             module.inv_freq.copy_(module.frequencies())
+
+    @torch.no_grad()
+    def fast_generate(self, input_ids, max_new_tokens, temperature=0.0, top_k=None, eos_token_id=None):
+        """`generate` for unpadded prompts, greedy or sampled, at a fraction of its per-token cost.
+
+        One `PackedDecoder` step per token, and no logits processors, stopping criteria or cache
+        bookkeeping: at batch 1 on a CPU that framework work is as large as the matmuls. Returns
+        the prompt followed by the new tokens, like `generate`; a row that produced
+        `eos_token_id` is padded with `pad_token_id` until every row has, and then it stops.
+        """
+        batch, prompt_len = input_ids.shape
+        decoder = PackedDecoder(self, batch, prompt_len + max_new_tokens)
+        tokens, step_input, start = [input_ids], input_ids, 0
+        finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            logits = decoder(step_input, start)
+            start += step_input.size(1)
+            if temperature > 0:
+                logits = logits / temperature
+                if top_k:
+                    kth_best = logits.topk(min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth_best, float("-inf"))
+                step_input = torch.multinomial(logits.softmax(dim=-1), 1)
+            else:
+                step_input = logits.argmax(dim=-1, keepdim=True)
+            if eos_token_id is not None:
+                step_input = step_input.masked_fill(finished[:, None], self.config.pad_token_id or 0)
+                finished |= step_input[:, 0] == eos_token_id
+            tokens.append(step_input)
+            if eos_token_id is not None and bool(finished.all()):
+                break
+        return torch.cat(tokens, dim=1)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
         self.model.gradient_checkpointing = True

@@ -1,0 +1,503 @@
+"""Benchmark tinymind against the Hugging Face implementations of the same network, on the same weights.
+
+    python scripts/bench.py                                # small preset, batch 8 x 512, float32, every case
+    python scripts/bench.py --dtype bfloat16               # the same under bf16 autocast
+    python scripts/bench.py --cases dense,generate --repeats 3
+    python scripts/bench.py --peak_mem                     # also the memory of a training step, per batch size
+
+Cases (`--cases`, comma-separated; all by default):
+    dense         training step: tinymind dense vs transformers' LlamaForCausalLM
+    moe           training step: tinymind MoE vs transformers' Qwen2MoeForCausalLM (same experts, top-k,
+                  shared expert; Qwen2-MoE adds a sigmoid gate on its shared expert, a rounding error in time)
+    dispatch      MoE training step vs a dense tinymind whose FFN does the same active FLOPs
+                  (intermediate_size = (k + n_shared) x expert width): what routing costs
+    generate      256 new tokens (`--new_tokens`) at batch 1 with the KV cache, greedy, eos ignored:
+                  tinymind's `fast_generate` vs transformers' `generate` on LlamaForCausalLM
+                  (tinymind through `generate` is shown too)
+    generate_moe  the same, tinymind MoE vs Qwen2MoeForCausalLM
+
+A training step is forward, masked CE (+ the MoE aux loss), backward, AdamW step, zero_grad. Every
+contender the asked-for cases need is timed in this one process, round-robin (A B C A B C ...) after
+warm-up, so a neighbour process slowing the machine slows all of them alike; the table gives medians.
+
+Model-FLOPs utilisation (MFU) = model FLOPs per second / the peak this machine reaches on one large
+square matmul in the same dtype (measured here). Model FLOPs per trained token are PaLM's
+6·N + 12·L·d·T (N active parameters with the tied embedding counted once as the LM head, L layers,
+d attention width, T sequence length); per generated token 2·N + 4·L·d·context.
+
+`--peak_mem` runs training steps in fresh processes at two batch sizes and reports the peak memory of
+each (CUDA: torch.cuda.max_memory_allocated; CPU: the process's resident-set high-water mark VmHWM
+above its RSS before the model was built, i.e. weights, gradients, AdamW state, activations and
+allocator slack), then the largest batch a memory budget holds, extrapolated from the two points
+(activation memory is linear in the batch; probing the real limit would swap or OOM-kill neighbours).
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import multiprocessing
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from tqdm import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from model import TinyMindConfig, TinyMindForCausalLM, masked_cross_entropy  # noqa: E402
+from trainer.loop import make_optimizer  # noqa: E402
+
+CASES = ("dense", "moe", "dispatch", "generate", "generate_moe")
+# Preset keys that shape the network; the rest of a preset describes a training run and is ignored here.
+MODEL_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
+              "n_routed_experts", "num_experts_per_tok", "n_shared_experts", "aux_loss_alpha")
+PROMPT_TOKENS = 32
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", default="configs/small.json",
+                        help="JSON preset: its model keys and max_seq_len are used, run keys like batch_size ignored")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--seq_len", type=int, help="tokens per sample (default: the preset's max_seq_len, else 512)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="float32, or autocast to bfloat16/float16 (weights and optimizer stay float32)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every training contender")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per contender, after warm-up")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed repetitions per contender first")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
+    parser.add_argument("--peak_mem", action="store_true", help="also measure training-step memory (see above)")
+    parser.add_argument("--mem_budget_gb", type=float,
+                        help="memory the largest-batch estimate must fit in (default: this machine's RAM, or GPU)")
+    parser.add_argument("--new_tokens", type=int, default=256, help="tokens each generation case generates")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="output/bench.json")
+    args = parser.parse_args(argv)
+    args.cases = [case.strip() for case in args.cases.split(",") if case.strip()]
+    unknown = [case for case in args.cases if case not in CASES]
+    if unknown:
+        parser.error(f"--cases: unknown {','.join(unknown)} (choose from {','.join(CASES)})")
+    try:
+        args.preset = json.loads(Path(args.config).read_text())
+    except FileNotFoundError:
+        parser.error(f"--config {args.config}: no such file (presets live in configs/)")
+    except json.JSONDecodeError as err:
+        parser.error(f"--config {args.config}: not valid JSON ({err})")
+    args.seq_len = args.seq_len or args.preset.get("max_seq_len", 512)
+    args.learning_rate = args.preset.get("learning_rate", 5e-4)
+    return args
+
+
+# ---- the contenders ------------------------------------------------------------------------------
+
+
+def tinymind_config(args, use_moe, **overrides):
+    fields = {key: args.preset[key] for key in MODEL_KEYS if key in args.preset}
+    return TinyMindConfig(use_moe=use_moe, **{**fields, **overrides})
+
+
+def llama_twin(model):
+    """LlamaForCausalLM with tinymind dense's weights: the same network, Hugging Face's code."""
+    c = model.config
+    config = LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads, max_position_embeddings=c.max_position_embeddings,
+        rms_norm_eps=c.rms_norm_eps, rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+        tie_word_embeddings=True, attention_bias=False, mlp_bias=False,
+        bos_token_id=c.bos_token_id, eos_token_id=None, pad_token_id=c.pad_token_id,
+    )
+    twin = LlamaForCausalLM._from_config(config, attn_implementation="sdpa")
+    twin.load_state_dict(model.state_dict(), strict=True)  # the DESIGN layout is Llama's
+    return twin
+
+
+def qwen2_moe_twin(model):
+    """Qwen2MoeForCausalLM with tinymind MoE's weights (experts stacked, shared experts concatenated)."""
+    c = model.config
+    expert_width = c.intermediate_size
+    config = Qwen2MoeConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=expert_width,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads, max_position_embeddings=c.max_position_embeddings,
+        rms_norm_eps=c.rms_norm_eps, rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+        tie_word_embeddings=True, qkv_bias=False, num_experts=c.n_routed_experts,
+        num_experts_per_tok=c.num_experts_per_tok, moe_intermediate_size=expert_width,
+        shared_expert_intermediate_size=c.n_shared_experts * expert_width, norm_topk_prob=c.norm_topk_prob,
+        decoder_sparse_step=1, output_router_logits=True, router_aux_loss_coef=c.aux_loss_alpha,
+        bos_token_id=c.bos_token_id, eos_token_id=None, pad_token_id=c.pad_token_id,
+    )
+    twin = Qwen2MoeForCausalLM._from_config(config, attn_implementation="sdpa")
+    state = dict(model.state_dict())
+    for i in range(c.num_hidden_layers):
+        prefix = f"model.layers.{i}.mlp."
+
+        def take(group, count, projection):
+            return [state.pop(f"{prefix}{group}.{j}.{projection}_proj.weight") for j in range(count)]
+
+        gates, ups = take("experts", c.n_routed_experts, "gate"), take("experts", c.n_routed_experts, "up")
+        state[prefix + "experts.gate_up_proj"] = torch.stack([torch.cat(gu) for gu in zip(gates, ups)])
+        state[prefix + "experts.down_proj"] = torch.stack(take("experts", c.n_routed_experts, "down"))
+        if c.n_shared_experts:
+            # A sum of SwiGLUs is one SwiGLU over the concatenated widths.
+            state[prefix + "shared_expert.gate_proj.weight"] = torch.cat(take("shared_experts", c.n_shared_experts, "gate"))
+            state[prefix + "shared_expert.up_proj.weight"] = torch.cat(take("shared_experts", c.n_shared_experts, "up"))
+            state[prefix + "shared_expert.down_proj.weight"] = torch.cat(
+                take("shared_experts", c.n_shared_experts, "down"), dim=1)
+    missing, unexpected = twin.load_state_dict(state, strict=False)
+    assert not unexpected and all(key.endswith("shared_expert_gate.weight") for key in missing), (missing, unexpected)
+    return twin
+
+
+def flops_per_trained_token(config, active_params, seq_len):
+    return 6 * active_params + 12 * config.num_hidden_layers * config.hidden_size * seq_len
+
+
+def flops_per_generated_token(config, active_params, context):
+    return 2 * active_params + 4 * config.num_hidden_layers * config.hidden_size * context
+
+
+class TrainingStep:
+    """One contender's full training step on a fixed random batch."""
+
+    def __init__(self, name, model, args, flops_per_token, aux_coef=None):
+        self.name = name
+        self.model = model.to(args.device).train()
+        self.optimizer = make_optimizer(self.model, SimpleNamespace(
+            weight_decay=0.1, learning_rate=args.learning_rate, device=args.device))
+        self.forward = torch.compile(self.model) if args.compile else self.model
+        self.autocast = autocast_context(args)
+        self.aux_coef = aux_coef  # None: the model returns its aux loss ready to add (tinymind, or none)
+        self.tokens = args.batch_size * args.seq_len
+        self.flops_per_token = flops_per_token
+        generator = torch.Generator().manual_seed(args.seed)
+        vocab = model.config.vocab_size
+        shape = (args.batch_size, args.seq_len)
+        self.input_ids = torch.randint(3, vocab, shape, generator=generator).to(args.device)
+        self.targets = torch.randint(3, vocab, shape, generator=generator).to(args.device)
+        self.loss_mask = torch.ones(shape, device=args.device)
+        self.losses = []
+
+    def run(self):
+        with self.autocast:
+            if self.aux_coef is None:
+                out = self.forward(self.input_ids, attention_mask=torch.ones_like(self.input_ids))
+                aux = getattr(out, "aux_loss", None)  # Llama has none
+            else:
+                out = self.forward(self.input_ids, attention_mask=torch.ones_like(self.input_ids),
+                                   output_router_logits=True)
+                aux = self.aux_coef * out.aux_loss
+            loss = masked_cross_entropy(out.logits, self.targets, self.loss_mask)
+            if aux is not None:
+                loss = loss + aux
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.losses.append(loss.item())
+
+
+class Generation:
+    """Greedy generation of `--new_tokens` tokens at batch 1 after a fixed random prompt.
+
+    `fast=True` times tinymind's `fast_generate`, else Hugging Face's `generate` (any model).
+    """
+
+    def __init__(self, name, model, args, flops_per_token, fast=False):
+        self.name = name
+        self.fast = fast
+        self.model = model.to(args.device).eval()
+        self.model.generation_config.eos_token_id = None  # always generate exactly new_tokens tokens
+        self.new_tokens = args.new_tokens
+        self.autocast = autocast_context(args)
+        self.tokens = args.new_tokens
+        self.flops_per_token = flops_per_token
+        generator = torch.Generator().manual_seed(args.seed)
+        self.prompt = torch.randint(3, model.config.vocab_size, (1, PROMPT_TOKENS), generator=generator).to(args.device)
+        self.output = None
+
+    def run(self):
+        with torch.no_grad(), self.autocast:
+            if self.fast:
+                self.output = self.model.fast_generate(self.prompt, self.new_tokens)
+            else:
+                self.output = self.model.generate(
+                    self.prompt, attention_mask=torch.ones_like(self.prompt), max_new_tokens=self.new_tokens,
+                    do_sample=False, eos_token_id=None, pad_token_id=0,
+                )
+        assert self.output.shape[1] == PROMPT_TOKENS + self.new_tokens
+
+
+def autocast_context(args):
+    if args.dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(args.device).type, dtype=getattr(torch, args.dtype))
+
+
+def build_contenders(args):
+    """Every contender the asked-for cases need, built once (a case may share one with another case)."""
+    torch.manual_seed(args.seed)
+    contenders = {MatmulPeak.name: MatmulPeak(args)}
+    wanted = set(args.cases)
+
+    def add(contender):
+        contenders[contender.name] = contender
+
+    def train_flops(model):
+        return flops_per_trained_token(model.config, model.parameter_counts()[1], args.seq_len)
+
+    def gen_flops(model):
+        return flops_per_generated_token(model.config, model.parameter_counts()[1], PROMPT_TOKENS + args.new_tokens // 2)
+
+    if wanted & {"dense", "generate"}:
+        dense = TinyMindForCausalLM(tinymind_config(args, use_moe=False))
+        if "dense" in wanted:
+            add(TrainingStep("tinymind dense", dense, args, train_flops(dense)))
+            add(TrainingStep("transformers Llama", llama_twin(dense), args, train_flops(dense)))
+        if "generate" in wanted:
+            add(Generation("tinymind fast_generate", copy_of(dense), args, gen_flops(dense), fast=True))
+            add(Generation("tinymind HF generate", copy_of(dense), args, gen_flops(dense)))
+            add(Generation("transformers Llama generate", llama_twin(dense), args, gen_flops(dense)))
+    if wanted & {"moe", "dispatch", "generate_moe"}:
+        moe = TinyMindForCausalLM(tinymind_config(args, use_moe=True))
+        if wanted & {"moe", "dispatch"}:
+            add(TrainingStep("tinymind MoE", moe, args, train_flops(moe)))
+        if "moe" in wanted:
+            add(TrainingStep("transformers Qwen2-MoE", qwen2_moe_twin(moe), args, train_flops(moe),
+                             aux_coef=moe.config.aux_loss_alpha))
+        if "dispatch" in wanted:
+            c = moe.config
+            equal_flops = TinyMindForCausalLM(tinymind_config(
+                args, use_moe=False, intermediate_size=(c.num_experts_per_tok + c.n_shared_experts) * c.intermediate_size))
+            add(TrainingStep("tinymind dense, MoE-active FFN", equal_flops, args, train_flops(equal_flops)))
+        if "generate_moe" in wanted:
+            add(Generation("tinymind MoE fast_generate", copy_of(moe), args, gen_flops(moe), fast=True))
+            add(Generation("transformers Qwen2-MoE generate", qwen2_moe_twin(moe), args, gen_flops(moe)))
+    return contenders
+
+
+def copy_of(model):
+    twin = TinyMindForCausalLM(model.config)
+    twin.load_state_dict(model.state_dict(), strict=True)
+    return twin
+
+
+# ---- measuring -----------------------------------------------------------------------------------
+
+
+def synchronize(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_round_robin(contenders, args):
+    """Seconds per run of each contender: `warmup` untimed rounds, then `repeats` timed ones, A B C A B C ..."""
+    seconds = {name: [] for name in contenders}
+    rounds = args.warmup + args.repeats
+    with tqdm(total=rounds * len(contenders), desc="timing", dynamic_ncols=True) as bar:
+        for round_index in range(rounds):
+            for name, contender in contenders.items():
+                bar.set_postfix_str(name)
+                synchronize(args.device)
+                started = time.perf_counter()
+                contender.run()
+                synchronize(args.device)
+                if round_index >= args.warmup:
+                    seconds[name].append(time.perf_counter() - started)
+                bar.update()
+    return seconds
+
+
+class MatmulPeak:
+    """One large square matmul in the benchmark's compute dtype; its best time gives the machine's peak FLOP/s.
+
+    Timed in the same rounds as the contenders, so the peak is taken in the same conditions.
+    """
+
+    name = "matmul peak"
+
+    def __init__(self, args):
+        size = 8192 if torch.device(args.device).type == "cuda" else 2048
+        dtype = torch.float32 if args.dtype == "float32" else getattr(torch, args.dtype)
+        self.a = torch.randn(size, size, device=args.device).to(dtype)
+        self.b = torch.randn(size, size, device=args.device).to(dtype)
+        self.flops = 2 * size**3
+
+    def run(self):
+        self.a @ self.b
+
+
+# ---- memory --------------------------------------------------------------------------------------
+
+
+def proc_status_bytes(field):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def training_step_memory(args, use_moe, batch_size, results):
+    """Runs in a fresh process: peak bytes of two training steps (the second has AdamW state) at `batch_size`."""
+    args.batch_size = batch_size
+    device_is_cuda = torch.device(args.device).type == "cuda"
+    if not device_is_cuda:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        baseline = proc_status_bytes("VmRSS")
+    torch.manual_seed(args.seed)
+    model = TinyMindForCausalLM(tinymind_config(args, use_moe=use_moe))
+    step = TrainingStep("probe", model, args, 0)
+    step.run()
+    step.run()
+    if device_is_cuda:
+        synchronize(args.device)
+        results.put(torch.cuda.max_memory_allocated())
+    else:
+        results.put(proc_status_bytes("VmHWM") - baseline)
+
+
+def memory_report(args):
+    budget = args.mem_budget_gb * 2**30 if args.mem_budget_gb else (
+        torch.cuda.get_device_properties(args.device).total_memory if torch.device(args.device).type == "cuda"
+        else proc_meminfo_total())
+    batches = sorted({max(1, args.batch_size // 2), args.batch_size})
+    if len(batches) == 1:
+        batches.append(2)
+    context = multiprocessing.get_context("spawn")
+    report = {"budget_bytes": budget, "method": "cuda max_memory_allocated" if torch.device(args.device).type == "cuda"
+              else "VmHWM - VmRSS before the model, fresh process"}
+    probes = [(kind, batch) for kind in ("dense", "moe") for batch in batches]
+    for kind, batch in tqdm(probes, desc="peak memory", dynamic_ncols=True):
+        results = context.Queue()
+        process = context.Process(target=training_step_memory, args=(args, kind == "moe", batch, results))
+        process.start()
+        peak = results.get()
+        process.join()
+        report.setdefault(kind, {"peak_bytes": {}})["peak_bytes"][batch] = peak
+    for kind in ("dense", "moe"):
+        (b1, m1), (b2, m2) = sorted(report[kind]["peak_bytes"].items())
+        per_sample = (m2 - m1) / (b2 - b1)
+        fixed = m1 - per_sample * b1
+        report[kind].update(per_sample_bytes=per_sample, fixed_bytes=fixed,
+                            max_batch=int((budget - fixed) // per_sample) if per_sample > 0 else None)
+    return report
+
+
+def proc_meminfo_total():
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/meminfo has no MemTotal")
+
+
+# ---- the report ----------------------------------------------------------------------------------
+
+# case: (contender, reference, how the ratio reads, target in float32, target in bf16/fp16)
+CASE_PAIRS = {
+    "dense": ("tinymind dense", "transformers Llama", "speed-up", 1.0, 1.2),
+    "moe": ("tinymind MoE", "transformers Qwen2-MoE", "speed-up", 1.0, 1.2),
+    "dispatch": ("tinymind MoE", "tinymind dense, MoE-active FFN", "time ratio", 1.10, 1.10),
+    "generate": ("tinymind fast_generate", "transformers Llama generate", "speed-up", 2.0, 2.0),
+    "generate_moe": ("tinymind MoE fast_generate", "transformers Qwen2-MoE generate", "speed-up", 2.0, 2.0),
+}
+
+
+# Rows printed under a case for context, without a ratio or target of their own.
+CASE_EXTRA_ROWS = {"generate": ("tinymind HF generate",)}
+
+
+def summarise(args, contenders, seconds):
+    peak_flops = contenders[MatmulPeak.name].flops / min(seconds[MatmulPeak.name])
+    rows = {}
+    for name, contender in contenders.items():
+        if name == MatmulPeak.name:
+            continue
+        median = statistics.median(seconds[name])
+        tokens_per_s = contender.tokens / median
+        rows[name] = {"seconds": seconds[name], "median_s": median, "tokens_per_s": tokens_per_s,
+                      "mfu": contender.flops_per_token * tokens_per_s / peak_flops,
+                      "first_loss": getattr(contender, "losses", [None])[0]}
+    cases = {}
+    for case in args.cases:
+        mine, reference, reading, target32, target16 = CASE_PAIRS[case]
+        target = target32 if args.dtype == "float32" else target16
+        if reading == "speed-up":
+            ratio = rows[mine]["tokens_per_s"] / rows[reference]["tokens_per_s"]
+            met = ratio >= target
+        else:
+            ratio = rows[mine]["median_s"] / rows[reference]["median_s"]
+            met = ratio <= target
+        cases[case] = {"contender": mine, "reference": reference, "ratio": ratio, "reading": reading,
+                       "target": target, "met": met}
+    if "generate" in cases:
+        # Same weights, same greedy decoding: the two must agree token for token (float ties aside).
+        cases["generate"]["same_tokens"] = torch.equal(
+            contenders["tinymind fast_generate"].output, contenders["transformers Llama generate"].output)
+    return rows, cases, peak_flops
+
+
+def print_table(args, rows, cases, peak_flops, memory):
+    print(f"\n{args.config}, batch {args.batch_size} x {args.seq_len}, {args.dtype}"
+          f"{', compiled' if args.compile else ''}, {args.device} ({torch.get_num_threads()} threads), "
+          f"matmul peak {peak_flops / 1e9:.0f} GFLOP/s, medians of {args.repeats}")
+    header = f"{'case':<13} {'contender':<34} {'tokens/s':>9} {'MFU':>6} {'ratio':>8}  target"
+    print(header)
+    print("-" * len(header))
+    for case, result in cases.items():
+        names = [result["contender"], *CASE_EXTRA_ROWS.get(case, ()), result["reference"]]
+        for name in names:
+            row = rows[name]
+            is_mine = name == result["contender"]
+            ratio = f"{result['ratio']:.2f}x" if is_mine else ""
+            if is_mine:
+                sign = ">=" if result["reading"] == "speed-up" else "<="
+                target = f"{result['reading']} {sign} {result['target']:.2f}: {'met' if result['met'] else 'MISSED'}"
+            else:
+                target = ""
+            print(f"{case if is_mine else '':<13} {name:<34} {row['tokens_per_s']:>9.1f} "
+                  f"{100 * row['mfu']:>5.1f}% {ratio:>8}  {target}")
+        if "same_tokens" in result:
+            print(f"{'':<13} (tinymind and Llama generate the same {args.new_tokens} tokens: {result['same_tokens']})")
+    print("MFU = model FLOP/s (6N + 12·L·d·T per trained token, 2N + 4·L·d·context per generated one) "
+          "/ matmul peak")
+    if memory:
+        print(f"\npeak memory of a training step ({memory['method']}), "
+              f"largest batch for {memory['budget_bytes'] / 2**30:.1f} GiB:")
+        for kind in ("dense", "moe"):
+            points = ", ".join(f"batch {b}: {m / 2**30:.2f} GiB" for b, m in memory[kind]["peak_bytes"].items())
+            print(f"  {kind:<6} {points}; {memory[kind]['per_sample_bytes'] / 2**20:.0f} MiB per sample "
+                  f"-> max batch {memory[kind]['max_batch']}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    contenders = build_contenders(args)
+    seconds = time_round_robin(contenders, args)
+    rows, cases, peak_flops = summarise(args, contenders, seconds)
+    memory = memory_report(args) if args.peak_mem else None
+    print_table(args, rows, cases, peak_flops, memory)
+    settings = {key: value for key, value in vars(args).items() if key != "preset"}
+    report = {
+        "command": " ".join(["python", "scripts/bench.py", *(sys.argv[1:] if argv is None else argv)]),
+        "settings": settings, "preset": args.preset,
+        "machine": {"device": args.device, "platform": platform.platform(), "processor": platform.processor(),
+                    "threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "transformers": __import__("transformers").__version__, "matmul_peak_flops": peak_flops},
+        "contenders": rows, "cases": cases, "memory": memory,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""The fast paths give what the plain path gives: fast_generate / PackedDecoder, autocast, compile, the bench."""
+
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import TinyMindConfig, TinyMindForCausalLM, masked_cross_entropy
+from model.model import PackedDecoder, RMSNorm
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_config(**overrides):
+    fields = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=97)
+    return TinyMindConfig(**{**fields, **overrides})
+
+
+def moe_config(**overrides):
+    return tiny_config(**{**dict(use_moe=True, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1),
+                          **overrides})
+
+
+def make_model(use_moe, seed=0):
+    torch.manual_seed(seed)
+    return TinyMindForCausalLM(moe_config() if use_moe else tiny_config()).eval()
+
+
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_packed_decoder_logits_equal_the_modules(use_moe):
+    model = make_model(use_moe)
+    ids = torch.randint(3, 97, (2, 9))
+    with torch.no_grad():
+        full = model(ids).logits
+        decoder = PackedDecoder(model, batch=2, max_len=9)
+        prompt_logits = decoder(ids[:, :6], 0)  # the prompt in one go, then one token at a time
+        step_logits = [decoder(ids[:, t:t + 1], t) for t in range(6, 9)]
+    torch.testing.assert_close(prompt_logits, full[:, 5], atol=1e-5, rtol=1e-5)
+    for t, logits in zip(range(6, 9), step_logits):
+        torch.testing.assert_close(logits, full[:, t], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_fast_generate_equals_hf_generate_greedy(use_moe):
+    model = make_model(use_moe)
+    prompt = torch.randint(3, 97, (1, 7))
+    expected = model.generate(prompt, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(model.fast_generate(prompt, 20), expected)
+
+
+def test_fast_generate_batch_rows_decode_independently():
+    model = make_model(use_moe=True)
+    prompts = torch.randint(3, 97, (3, 5))
+    together = model.fast_generate(prompts, 8)
+    for row in range(3):
+        assert torch.equal(together[row:row + 1], model.fast_generate(prompts[row:row + 1], 8))
+
+
+def test_fast_generate_stops_at_eos_and_pads_finished_rows():
+    model = make_model(use_moe=False)
+    prompts = torch.randint(3, 97, (2, 4))
+    free = model.fast_generate(prompts, 10)
+    eos = int(free[0, 4])  # row 0's first new token plays eos
+    out = model.fast_generate(prompts, 10, eos_token_id=eos)
+    pad = model.config.pad_token_id
+    ends = []
+    for row in range(2):
+        new = free[row, 4:].tolist()
+        end = new.index(eos) + 1 if eos in new else len(new)
+        ends.append(end)
+        assert out[row, 4:4 + end].tolist() == new[:end]
+        assert (out[row, 4 + end:] == pad).all()
+    assert out.shape[1] == 4 + max(ends)  # it stops once every row is done
+    assert model.fast_generate(prompts[:1], 10, eos_token_id=eos).shape[1] == 5
+
+
+def test_fast_generate_samples_within_top_k():
+    model = make_model(use_moe=False)
+    prompt = torch.randint(3, 97, (1, 4))
+    torch.manual_seed(1)
+    out = model.fast_generate(prompt, 6, temperature=0.8, top_k=1)
+    assert torch.equal(out, model.fast_generate(prompt, 6))  # top-1 sampling is greedy
+
+
+def test_fast_generate_under_bf16_autocast_tracks_the_modules():
+    model = make_model(use_moe=False)
+    ids = torch.randint(3, 97, (1, 8))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        full = model(ids).logits.float()
+        decoder = PackedDecoder(model, batch=1, max_len=8)
+        decoder(ids[:, :7], 0)
+        last = decoder(ids[:, 7:], 7)
+    torch.testing.assert_close(last, full[:, 7], atol=3e-2, rtol=3e-2)
+
+
+def test_rms_norm_stays_float32_accurate_for_low_precision_input():
+    torch.manual_seed(0)
+    norm = RMSNorm(64, eps=1e-5)
+    torch.nn.init.normal_(norm.weight)
+    x = torch.randn(4, 64) * 30
+    reference = norm.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
+    torch.testing.assert_close(norm(x), reference, atol=1e-5, rtol=1e-5)
+    low = norm(x.bfloat16())
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), norm(x.bfloat16().float()).bfloat16().float())
+
+
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_training_loss_and_grads_under_bf16_autocast_track_float32(use_moe):
+    model = make_model(use_moe).train()
+    ids, targets = torch.randint(3, 97, (2, 16)), torch.randint(3, 97, (2, 16))
+    mask = torch.ones(2, 16)
+
+    def loss_and_grad(autocast):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(ids)
+            loss = masked_cross_entropy(out.logits, targets, mask) + out.aux_loss
+        loss.backward()
+        return loss.item(), model.model.embed_tokens.weight.grad.clone()
+
+    loss32, grad32 = loss_and_grad(False)
+    loss16, grad16 = loss_and_grad(True)
+    assert loss16 == pytest.approx(loss32, rel=2e-2)
+    assert torch.nn.functional.cosine_similarity(grad16.flatten(), grad32.flatten(), dim=0) > 0.99
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("cc") is None, reason="inductor needs a C++ compiler")
+def test_compiled_training_step_gives_the_eager_loss():
+    model = make_model(use_moe=False).train()
+    ids, targets = torch.randint(3, 97, (2, 16)), torch.randint(3, 97, (2, 16))
+    mask = torch.ones(2, 16)
+    eager = masked_cross_entropy(model(ids).logits, targets, mask)
+    started = time.perf_counter()
+    compiled = masked_cross_entropy(torch.compile(model)(ids).logits, targets, mask)
+    if time.perf_counter() - started > 60:
+        pytest.skip("torch.compile took over 60 s on this machine")
+    assert compiled.item() == pytest.approx(eager.item(), rel=1e-5)
+
+
+def test_bench_smoke(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import bench
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    out = tmp_path / "bench.json"
+    bench.main(["--config", str(ROOT / "configs/tiny.json"), "--batch_size", "1", "--seq_len", "16",
+                "--repeats", "1", "--warmup", "0", "--new_tokens", "4", "--out", str(out)])
+    import json
+
+    report = json.loads(out.read_text())
+    assert set(report["cases"]) == set(bench.CASES)
+    assert report["cases"]["generate"]["same_tokens"]
+    for row in report["contenders"].values():
+        assert row["tokens_per_s"] > 0 and row["mfu"] > 0
