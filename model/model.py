@@ -44,11 +44,6 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
 
 
-def compute_dtype(x):
-    """The dtype the matmuls produce: autocast's inside autocast, else x's own."""
-    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-
-
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for the positions asked for, in the Hugging Face Llama (rotate-half) convention."""
 
@@ -240,7 +235,7 @@ class TinyMindModel(nn.Module):
         )
 
         x = self.dropout(self.embed_tokens(input_ids))
-        cos, sin = self.rotary(position_ids, compute_dtype(x))
+        cos, sin = self.rotary(position_ids, x.dtype)
         aux_loss = x.new_zeros((), dtype=torch.float32)
         for block in self.layers:
             if self.gradient_checkpointing and self.training:
@@ -282,7 +277,8 @@ class PackedDecoder:
     their per-call cost rivals the arithmetic. This computes exactly what the modules compute,
     with q/k/v and gate/up packed into one matrix each (fewer, larger matmuls), rotary angles
     looked up from a table, keys and values written into a preallocated cache (attention over
-    its filled part needs no mask), and no module calls, masks, dropout or aux loss.
+    its filled part needs no mask), and none of the forward's masks, position bookkeeping,
+    dropout or aux loss.
     tests/test_fast_paths.py holds it to the modules' logits.
     """
 
@@ -292,12 +288,15 @@ class PackedDecoder:
         device = body.embed_tokens.weight.device
         # Under autocast, pack straight into the autocast dtype: a packed matrix is no leaf
         # parameter, so autocast would otherwise re-cast it on every step.
-        dtype = compute_dtype(body.embed_tokens.weight)
+        dtype = body.embed_tokens.weight.dtype
+        if torch.is_autocast_enabled(device.type):
+            dtype = torch.get_autocast_dtype(device.type)
         self.blocks = body.layers
         self.packed = [self.pack(block, dtype) for block in body.layers]
         self.embed_tokens, self.norm, self.lm_head = body.embed_tokens, body.norm, model.lm_head
         positions = torch.arange(max_len, device=device)[None]
-        self.cos, self.sin = body.rotary(positions, dtype)  # [1, 1, max_len, head_dim]
+        # [1, 1, max_len, head_dim] in the embedding's dtype, as the modules' forward makes them
+        self.cos, self.sin = body.rotary(positions, body.embed_tokens.weight.dtype)
         shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim)
         self.keys = torch.empty(shape, device=device, dtype=dtype)
         self.values = torch.empty_like(self.keys)
