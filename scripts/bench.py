@@ -35,7 +35,6 @@ allocator slack), then the largest batch a memory budget holds, extrapolated fro
 import argparse
 import contextlib
 import json
-import math
 import multiprocessing
 import platform
 import statistics
@@ -86,8 +85,11 @@ def parse_args(argv=None):
     unknown = [case for case in args.cases if case not in CASES]
     if unknown:
         parser.error(f"--cases: unknown {','.join(unknown)} (choose from {','.join(CASES)})")
+    config_path = Path(args.config)
+    if not config_path.exists() and (ROOT / config_path).exists():
+        config_path = ROOT / config_path  # run from outside the repository
     try:
-        args.preset = json.loads(Path(args.config).read_text())
+        args.preset = json.loads(config_path.read_text())
     except FileNotFoundError:
         parser.error(f"--config {args.config}: no such file (presets live in configs/)")
     except json.JSONDecodeError as err:
@@ -464,6 +466,9 @@ def print_table(args, rows, cases, peak_flops, memory):
                 target = ""
             print(f"{case if is_mine else '':<13} {name:<34} {row['tokens_per_s']:>9.1f} "
                   f"{100 * row['mfu']:>5.1f}% {ratio:>8}  {target}")
+        if case == "dense":  # same weights, same batch: the same loss (Qwen2-MoE's gated shared expert differs)
+            print(f"{'':<13} (first-step loss: {rows[result['contender']]['first_loss']:.4f} vs "
+                  f"{rows[result['reference']]['first_loss']:.4f})")
         if "same_tokens" in result:
             print(f"{'':<13} (tinymind and Llama generate the same {args.new_tokens} tokens: {result['same_tokens']})")
     print("MFU = model FLOP/s (6N + 12·L·d·T per trained token, 2N + 4·L·d·context per generated one) "
