@@ -106,6 +106,10 @@ def test_rms_norm_stays_float32_accurate_for_low_precision_input():
     low = norm(x.bfloat16())
     assert low.dtype == torch.bfloat16
     torch.testing.assert_close(low.float(), norm(x.bfloat16().float()).bfloat16().float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        handed_over = norm(x)  # in the dtype the next matmul wants, from a float32 computation
+    assert handed_over.dtype == torch.bfloat16
+    assert torch.equal(handed_over, norm(x).bfloat16())
 
 
 @pytest.mark.parametrize("use_moe", [False, True])
