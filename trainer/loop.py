@@ -12,6 +12,7 @@ import math
 import random
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -132,11 +133,11 @@ class Trainer:
     # ---- the loop ----------------------------------------------------------------------------
 
     def train(self):
-        self.check_writable()
+        if distributed.is_main():
+            self.prepare_run_dir()
+        distributed.barrier()
         if self.args.resume:
             self.restore()
-        elif self.log.path.exists():
-            self.log.path.unlink()  # a fresh run starts a fresh log
         previous_handlers = self.install_signal_handlers()
         bar = tqdm(total=self.total_steps, initial=self.progress.step, desc=self.name, dynamic_ncols=True,
                    disable=not distributed.is_main() or None)
@@ -282,14 +283,22 @@ class Trainer:
 
     # ---- saving and resuming -----------------------------------------------------------------
 
-    def check_writable(self):
+    def prepare_run_dir(self):
+        """Check that the run folder is writable; a fresh run clears the log and resume states of an earlier one."""
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            probe = self.dir / ".write_test"
-            probe.write_text("")
-            probe.unlink()
+            tempfile.TemporaryFile(dir=self.dir).close()
         except OSError as err:
             raise UserError(f"--out_dir {self.args.out_dir}: cannot write to {self.dir} ({err.strerror})") from None
+        if self.args.resume:
+            return
+        stale = self.resume_states()
+        if stale:
+            note(f"fresh run: removing {len(stale)} resume state(s) of the earlier run in {self.dir} "
+                 "(pass --resume to continue that run instead)")
+        for path in stale:
+            path.unlink()
+        self.log.path.unlink(missing_ok=True)
 
     def resume_states(self):
         return sorted(self.dir.glob(f"{self.name}_resume_*.pt"))
@@ -339,7 +348,8 @@ class Trainer:
         if state["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         self.progress = Progress(**state["progress"])
-        self.log.truncate(state["log_rows"])
+        if distributed.is_main():
+            self.log.truncate(state["log_rows"])
         note(f"resumed {path.name}: step {self.progress.step} of {self.total_steps}")
 
     def check_resume_flags(self, saved, saved_world_size):
