@@ -79,6 +79,11 @@ class TokenizedJsonlDataset(torch.utils.data.Dataset):
         self.samples = encoded
         self.rows = np.flatnonzero(has_target)
 
+    @property
+    def lengths(self):
+        """Tokens in each sample before padding, for batching samples of similar length together."""
+        return pyarrow.compute.list_value_length(self.samples.data.column("input_ids")).to_numpy()[self.rows]
+
     def __len__(self):
         return len(self.rows)
 

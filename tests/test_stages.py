@@ -10,7 +10,7 @@ import torch
 from dataset import PretrainDataset, SFTDataset, load_tokenizer
 from model import TinyMindForCausalLM, masked_cross_entropy
 from trainer.flags import add_model_flags, add_training_flags, model_config, new_parser, parse
-from trainer.loop import Trainer
+from trainer.loop import LENGTH_GROUP_STEPS, Trainer, epoch_order
 from trainer.checkpoint import load_model
 
 from stage_helpers import MODEL, TINY, pretrain_file, run_stage, sft_file
@@ -156,3 +156,24 @@ def test_safetensors_checkpoints_chain_through_the_stages(tmp_path):
     assert "initialised from output/pretrain_dense/pretrain_64.safetensors" in sft.stdout
     model = load_model(weights)
     assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
+
+
+def test_epoch_order_is_a_permutation_in_steps_of_similar_length():
+    lengths = torch.randint(1, 256, (1003,), generator=torch.Generator().manual_seed(0)).tolist()
+    per_step = 8
+    order = epoch_order(lengths, seed=1, epoch=0, samples_per_step=per_step)
+    assert sorted(order) == list(range(len(lengths)))
+    assert order == epoch_order(lengths, seed=1, epoch=0, samples_per_step=per_step)
+    assert order != epoch_order(lengths, seed=1, epoch=1, samples_per_step=per_step)
+    window = per_step * LENGTH_GROUP_STEPS
+    steps = [order[i:i + per_step] for i in range(0, len(order), per_step)]
+    # every step stays inside one window of the shuffled order, and only the very last step is short
+    assert all(len(step) == per_step for step in steps[:-1]) and len(steps[-1]) == len(lengths) % per_step
+    shuffled = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(1 * 1_000_003)).tolist()
+    window_of = {sample: position // window for position, sample in enumerate(shuffled)}
+    assert all(len({window_of[sample] for sample in step}) == 1 for step in steps)
+
+    def padded_slots(order):
+        return sum(max(lengths[i] for i in order[s:s + per_step]) * per_step for s in range(0, len(order), per_step))
+
+    assert padded_slots(order) < 0.6 * padded_slots(shuffled)

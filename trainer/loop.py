@@ -75,10 +75,33 @@ def make_optimizer(model, args):
     return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.95), fused=fused or None)
 
 
-def epoch_order(n, seed, epoch):
-    """One seeded permutation per epoch, so a resumed run (or any process count) sees the same order."""
+# Optimizer steps whose samples are sorted by length together (see epoch_order).
+LENGTH_GROUP_STEPS = 32
+
+
+def epoch_order(lengths, seed, epoch, samples_per_step):
+    """The epoch's sample order: one seeded permutation, grouped by length a window at a time.
+
+    Batches are padded to their longest sample, so a batch mixing a 20-token poem with a
+    250-token article is mostly padding. Within each window of LENGTH_GROUP_STEPS steps the
+    shuffled samples are sorted by length and the window's steps are shuffled back, so each
+    step holds samples of similar length while the order stays random at the scale of
+    windows. It depends only on (seed, epoch, global batch), so a resumed run and any process
+    count see the same order.
+    """
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=generator).tolist()
+    order = torch.randperm(len(lengths), generator=generator)
+    lengths = torch.as_tensor(lengths)
+    window = samples_per_step * LENGTH_GROUP_STEPS
+    grouped = []
+    for start in range(0, len(order), window):
+        chunk = order[start:start + window]
+        chunk = chunk[lengths[chunk].argsort(descending=True, stable=True)]
+        steps = chunk.split(samples_per_step)
+        # Only the epoch's last step can be short; it stays last, or every later step would be cut off-boundary.
+        full = len(steps) if len(steps[-1]) == samples_per_step else len(steps) - 1
+        grouped += [steps[i] for i in torch.randperm(full, generator=generator).tolist()] + list(steps[full:])
+    return torch.cat(grouped).tolist() if grouped else []
 
 
 def autocast_context(args):
@@ -140,7 +163,7 @@ class Trainer:
             self.restore()
         previous_handlers = self.install_signal_handlers()
         bar = tqdm(total=self.total_steps, initial=self.progress.step, desc=self.name, dynamic_ncols=True,
-                   disable=not distributed.is_main() or None)
+                   disable=not distributed.is_main())
         try:
             self.run_steps(bar)
         except StopRequested:
@@ -185,7 +208,8 @@ class Trainer:
         world_size so all take the same number of steps), so N processes with batch b see the
         samples one process with batch N·b would.
         """
-        remaining = epoch_order(len(self.dataset), self.args.seed, self.progress.epoch)[self.progress.position:]
+        order = epoch_order(self.dataset.lengths, self.args.seed, self.progress.epoch, self.samples_per_step)
+        remaining = order[self.progress.position:]
         remaining = remaining[: len(remaining) - len(remaining) % self.world_size]
         loader = DataLoader(
             Subset(self.dataset, remaining[distributed.rank()::self.world_size]),
