@@ -3,9 +3,13 @@
 `export_hf` writes a directory that `AutoModelForCausalLM.from_pretrained(dir)` loads with no
 remote code, so transformers, vLLM and llama.cpp's converter can run it:
 
-    dense                     → LlamaForCausalLM     (same module names, same maths)
-    MoE, with or without
-    shared experts            → Qwen2MoeForCausalLM
+    dense                                   → LlamaForCausalLM    (same module names, same maths)
+    MoE without shared experts, top-k > 1,
+    renormalised top-k weights (the default) → MixtralForCausalLM  (the same router and experts)
+    any other MoE                           → Qwen2MoeForCausalLM
+
+Mixtral takes the softmax over all experts in float32, keeps the top k and divides them by their
+sum: tinymind's router with `norm_topk_prob` and k > 1, nothing more and nothing less.
 
 Qwen2-MoE routes exactly like tinymind (softmax over all experts in float32, top-k,
 optional renormalisation), but differs in three ways, each absorbed without changing a logit:
@@ -20,14 +24,14 @@ optional renormalisation), but differs in three ways, each absorbed without chan
   get 0.5, but for llama.cpp export float32 or bfloat16);
 - it always renormalises the top-k weights when `norm_topk_prob` is set, where tinymind
   leaves a single expert's weight at its probability: k = 1 is written with it off.
-Qwen3-MoE would fit the no-shared-expert case more naturally, but its attention applies a
+Qwen3-MoE would be another home for the no-shared-expert case, but its attention applies a
 learned RMSNorm to every query and key head before the rotary embedding; that divides each
 head vector by its own RMS, a per-token nonlinearity that no choice of tinymind weights
 reproduces (only in the limit of vanishing q/k weights, which fp16 or a GGUF file flushes
 to zero), so Qwen3-MoE is neither written nor read.
 
-The Qwen2-MoE head is written untied (`lm_head` a copy of the embedding) because llama.cpp's
-qwen2moe loader requires an output tensor. llama.cpp's qwen2moe graph never renormalises the
+The MoE heads are written untied (`lm_head` a copy of the embedding) because llama.cpp's
+qwen2moe loader requires an output tensor and not every runtime ties Mixtral's. llama.cpp's qwen2moe graph never renormalises the
 top-k weights, so there a tinymind MoE with `norm_topk_prob` and k > 1 routes slightly
 differently; transformers and vLLM honour the flag.
 
@@ -42,12 +46,12 @@ from pathlib import Path
 import torch
 from huggingface_hub import snapshot_download
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, Qwen2MoeConfig
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, MixtralConfig, Qwen2MoeConfig
 
 from .config import TinyMindConfig
 from .model import TinyMindForCausalLM
 
-SUPPORTED = "LlamaForCausalLM, Qwen2MoeForCausalLM and TinyMind directories"
+SUPPORTED = "LlamaForCausalLM, MixtralForCausalLM, Qwen2MoeForCausalLM and TinyMind directories"
 
 # Near misses, with the reason they cannot be read exactly.
 UNSUPPORTED_REASONS = {
@@ -60,17 +64,23 @@ COMMON_FIELDS = (
     "max_position_embeddings", "rms_norm_eps", "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id",
 )
 
-# tinymind MoE field → Qwen2-MoE field.
+# tinymind MoE field → the Hugging Face field, per architecture.
 MOE_FIELDS = {
-    "n_routed_experts": "num_experts",
-    "num_experts_per_tok": "num_experts_per_tok",
-    "intermediate_size": "moe_intermediate_size",
+    "qwen2_moe": {
+        "n_routed_experts": "num_experts", "num_experts_per_tok": "num_experts_per_tok",
+        "intermediate_size": "moe_intermediate_size",
+    },
+    "mixtral": {
+        "n_routed_experts": "num_local_experts", "num_experts_per_tok": "num_experts_per_tok",
+        "intermediate_size": "intermediate_size",
+    },
 }
 
 # Settings a Hugging Face config must have for tinymind to compute the same function.
 REQUIRED_SETTINGS = {
     "llama": {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False},
     "qwen2_moe": {"hidden_act": "silu", "use_sliding_window": False, "decoder_sparse_step": 1, "mlp_only_layers": []},
+    "mixtral": {"hidden_act": "silu", "sliding_window": None},
 }
 
 ATTENTION_BIASES = ("q_proj", "k_proj", "v_proj")
@@ -92,10 +102,12 @@ def export_hf(model: TinyMindForCausalLM, out_dir, dtype=None) -> str:
     """Write `model` to `out_dir` as safetensors + config that stock transformers loads; return the class name."""
     config = model.config
     state = {key: value.detach().cpu().float() for key, value in model.state_dict().items()}
-    if config.use_moe:
-        hf_config, hf_state = qwen2_moe_config(config), to_qwen2_moe(state, config)
-    else:
+    if not config.use_moe:
         hf_config, hf_state = llama_config(config), state
+    elif fits_mixtral(config):
+        hf_config, hf_state = mixtral_config(config), to_mixtral(state, config)
+    else:
+        hf_config, hf_state = qwen2_moe_config(config), to_qwen2_moe(state, config)
     # transformers 5 reads rope_parameters; version 4, and tools pinned to it, read only this field.
     hf_config.rope_theta = config.rope_theta
     hf_model = AutoModelForCausalLM.from_config(hf_config)
@@ -123,10 +135,28 @@ def llama_config(config: TinyMindConfig) -> LlamaConfig:
     )
 
 
+def fits_mixtral(config: TinyMindConfig) -> bool:
+    return config.n_shared_experts == 0 and config.norm_topk_prob and config.num_experts_per_tok > 1
+
+
+def moe_hf_fields(config: TinyMindConfig, model_type) -> dict:
+    return {hf_name: getattr(config, name) for name, hf_name in MOE_FIELDS[model_type].items()}
+
+
+def mixtral_config(config: TinyMindConfig) -> MixtralConfig:
+    return MixtralConfig(
+        **common_hf_fields(config),
+        **moe_hf_fields(config, "mixtral"),
+        head_dim=config.head_dim,
+        sliding_window=None,
+        tie_word_embeddings=False,
+    )
+
+
 def qwen2_moe_config(config: TinyMindConfig) -> Qwen2MoeConfig:
     return Qwen2MoeConfig(
         **common_hf_fields(config),
-        **{hf_name: getattr(config, name) for name, hf_name in MOE_FIELDS.items()},
+        **moe_hf_fields(config, "qwen2_moe"),
         intermediate_size=config.intermediate_size,
         shared_expert_intermediate_size=config.intermediate_size * max(config.n_shared_experts, 1),
         norm_topk_prob=config.norm_topk_prob and config.num_experts_per_tok > 1,
@@ -138,19 +168,33 @@ def qwen2_moe_config(config: TinyMindConfig) -> Qwen2MoeConfig:
     )
 
 
-def to_qwen2_moe(state: dict, config: TinyMindConfig) -> dict:
-    """tinymind state dict → Qwen2MoeForCausalLM's (transformers 5 keeps each layer's experts stacked)."""
+def with_stacked_experts(state: dict, config: TinyMindConfig) -> dict:
+    """The attention, norms, untied head and routers as they are, each layer's routed experts stacked into
+    `mlp.experts.gate_up_proj` [E, 2·width, hidden] and `mlp.experts.down_proj` [E, hidden, width], the way
+    transformers 5 holds Mixtral's and Qwen2-MoE's experts."""
     hf = {key: value for key, value in state.items() if ".mlp." not in key}
     hf["lm_head.weight"] = state["lm_head.weight"].clone()
+    for i in range(config.num_hidden_layers):
+        layer = f"model.layers.{i}."
+        hf[f"{layer}mlp.gate.weight"] = state[f"{layer}mlp.gate.weight"]
+        experts = [expert_weights(state, f"{layer}mlp.experts.{j}.") for j in range(config.n_routed_experts)]
+        hf[f"{layer}mlp.experts.gate_up_proj"] = torch.stack([torch.cat([gate, up]) for gate, up, _ in experts])
+        hf[f"{layer}mlp.experts.down_proj"] = torch.stack([down for _, _, down in experts])
+    return hf
+
+
+def to_mixtral(state: dict, config: TinyMindConfig) -> dict:
+    return with_stacked_experts(state, config)
+
+
+def to_qwen2_moe(state: dict, config: TinyMindConfig) -> dict:
+    """tinymind state dict → Qwen2MoeForCausalLM's: stacked experts, zero q/k/v biases, the gated shared expert."""
+    hf = with_stacked_experts(state, config)
     hidden, width = config.hidden_size, config.intermediate_size
     for i in range(config.num_hidden_layers):
         layer = f"model.layers.{i}."
         for proj in ATTENTION_BIASES:
             hf[f"{layer}self_attn.{proj}.bias"] = torch.zeros(state[f"{layer}self_attn.{proj}.weight"].shape[0])
-        hf[f"{layer}mlp.gate.weight"] = state[f"{layer}mlp.gate.weight"]
-        experts = [expert_weights(state, f"{layer}mlp.experts.{j}.") for j in range(config.n_routed_experts)]
-        hf[f"{layer}mlp.experts.gate_up_proj"] = torch.stack([torch.cat([gate, up]) for gate, up, _ in experts])
-        hf[f"{layer}mlp.experts.down_proj"] = torch.stack([down for _, _, down in experts])
 
         shared = [expert_weights(state, f"{layer}mlp.shared_experts.{k}.") for k in range(config.n_shared_experts)]
         if shared:
@@ -236,8 +280,9 @@ def check_settings(hf_config, path):
     rope_type = hf_config.rope_parameters.get("rope_type", "default")
     if rope_type != "default":
         raise UnsupportedArchitecture(f"{path}: rotary scaling {rope_type!r} has no tinymind counterpart")
-    if getattr(hf_config, "norm_topk_prob", False) and hf_config.num_experts_per_tok == 1:
-        raise UnsupportedArchitecture(f"{path}: norm_topk_prob with one expert per token gives that expert "
+    renormalises = hf_config.model_type == "mixtral" or getattr(hf_config, "norm_topk_prob", False)
+    if renormalises and hf_config.num_experts_per_tok == 1:
+        raise UnsupportedArchitecture(f"{path}: renormalising the top-k weights of one expert per token gives it "
                                       "weight 1, where tinymind weights it by its router probability")
     head_dim = getattr(hf_config, "head_dim", None)
     if head_dim not in (None, hf_config.hidden_size // hf_config.num_attention_heads):
@@ -259,21 +304,40 @@ def from_llama(state, hf_config, path):
     return tinymind_config(hf_config, state, intermediate_size=hf_config.intermediate_size), state
 
 
+def with_separate_experts(hf_state, hf_config):
+    """The inverse of `with_stacked_experts`: attention, norms, head and routers, plus each expert on its own."""
+    state = {key: value for key, value in hf_state.items() if ".mlp." not in key and not key.endswith(".bias")}
+    for i in range(hf_config.num_hidden_layers):
+        layer = f"model.layers.{i}."
+        state[f"{layer}mlp.gate.weight"] = hf_state[f"{layer}mlp.gate.weight"]
+        gate_up, down = hf_state[f"{layer}mlp.experts.gate_up_proj"], hf_state[f"{layer}mlp.experts.down_proj"]
+        for j, (expert_gate_up, expert_down) in enumerate(zip(gate_up, down)):
+            gate, up = expert_gate_up.chunk(2)
+            for name, weight in zip(SWIGLU, (gate, up, expert_down)):
+                state[f"{layer}mlp.experts.{j}.{name}.weight"] = weight
+    return state
+
+
+def moe_tinymind_fields(hf_config) -> dict:
+    return {name: getattr(hf_config, hf_name) for name, hf_name in MOE_FIELDS[hf_config.model_type].items()}
+
+
+def from_mixtral(hf_state, hf_config, path):
+    state = with_separate_experts(hf_state, hf_config)
+    config = tinymind_config(hf_config, state, use_moe=True, n_shared_experts=0, norm_topk_prob=True,
+                             **moe_tinymind_fields(hf_config))
+    return config, state
+
+
 def from_qwen2_moe(hf_state, hf_config, path):
     width = hf_config.moe_intermediate_size
-    state = {key: value for key, value in hf_state.items() if ".mlp." not in key and not key.endswith(".bias")}
+    state = with_separate_experts(hf_state, hf_config)
     n_shared = set()
     for i in range(hf_config.num_hidden_layers):
         layer = f"model.layers.{i}."
         for proj in ATTENTION_BIASES:
             if hf_state[f"{layer}self_attn.{proj}.bias"].any():
                 raise UnsupportedArchitecture(f"{path}: layer {i} has a non-zero {proj} bias; tinymind has none")
-        state[f"{layer}mlp.gate.weight"] = hf_state[f"{layer}mlp.gate.weight"]
-        gate_up, down = hf_state[f"{layer}mlp.experts.gate_up_proj"], hf_state[f"{layer}mlp.experts.down_proj"]
-        for j in range(hf_config.num_experts):
-            gate, up = gate_up[j].chunk(2)
-            for name, weight in zip(SWIGLU, (gate, up, down[j])):
-                state[f"{layer}mlp.experts.{j}.{name}.weight"] = weight
 
         shared = [hf_state[f"{layer}mlp.shared_expert.{name}.weight"] for name in SWIGLU]
         if not shared[2].any():
@@ -293,12 +357,11 @@ def from_qwen2_moe(hf_state, hf_config, path):
     if len(n_shared) != 1:
         raise UnsupportedArchitecture(f"{path}: layers differ in their shared experts; tinymind's are all alike")
 
-    moe_fields = {name: getattr(hf_config, hf_name) for name, hf_name in MOE_FIELDS.items()}
     config = tinymind_config(
         hf_config, state, use_moe=True, n_shared_experts=n_shared.pop(), norm_topk_prob=hf_config.norm_topk_prob,
-        **moe_fields,
+        **moe_tinymind_fields(hf_config),
     )
     return config, state
 
 
-IMPORTERS = {"llama": from_llama, "qwen2_moe": from_qwen2_moe}
+IMPORTERS = {"llama": from_llama, "mixtral": from_mixtral, "qwen2_moe": from_qwen2_moe}

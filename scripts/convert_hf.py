@@ -5,7 +5,8 @@
 
 Export writes safetensors, config and tokenizer (chat template included) that
 `AutoModelForCausalLM.from_pretrained(DIR)` loads without trust_remote_code: a dense model as
-LlamaForCausalLM, a MoE as Qwen2MoeForCausalLM (model/convert.py says why and how exactly).
+LlamaForCausalLM, a MoE as MixtralForCausalLM or Qwen2MoeForCausalLM (model/convert.py says which,
+why and how exactly).
 Import reads such a directory (or a tinymind one) and writes the .pth plus its .json config.
 """
 

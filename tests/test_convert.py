@@ -11,8 +11,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # before huggingface_hub reads it on import:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import (  # noqa: E402
-    AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig, LlamaForCausalLM, Qwen2MoeConfig,
-    Qwen2MoeForCausalLM, Qwen3MoeConfig,
+    AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig, LlamaForCausalLM, MixtralConfig,
+    MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig,
 )
 
 from model import TinyMindConfig, TinyMindForCausalLM  # noqa: E402
@@ -33,7 +33,9 @@ TEXTS = [
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1)
 CASES = {
     "dense": ({}, "LlamaForCausalLM"),
-    "moe": (dict(use_moe=True, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=0), "Qwen2MoeForCausalLM"),
+    "moe": (dict(use_moe=True, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=0), "MixtralForCausalLM"),
+    "moe_unnormalised": (dict(use_moe=True, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=0,
+                              norm_topk_prob=False), "Qwen2MoeForCausalLM"),
     "moe_shared": (dict(use_moe=True, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=2),
                    "Qwen2MoeForCausalLM"),
 }
@@ -129,8 +131,24 @@ def test_tinymind_directory_loads_through_load_hf_with_its_rotary_table(tokens, 
 ], ids=["gpt2", "qwen3_moe"])
 def test_other_architectures_are_refused_naming_the_supported_ones(config, tmp_path):
     config.save_pretrained(tmp_path)
-    with pytest.raises(UnsupportedArchitecture, match="LlamaForCausalLM, Qwen2MoeForCausalLM and TinyMind"):
+    with pytest.raises(UnsupportedArchitecture, match="LlamaForCausalLM, MixtralForCausalLM, Qwen2MoeForCausalLM and TinyMind"):
         load_hf(tmp_path)
+
+
+def test_stock_mixtral_imports_with_the_same_logits_and_top_1_mixtral_is_refused(tokens, tmp_path):
+    ids, vocab_size = tokens
+    shape = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, num_local_experts=4, initializer_range=0.1, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    stock = MixtralForCausalLM(MixtralConfig(**shape, num_experts_per_tok=2)).eval()
+    stock.save_pretrained(tmp_path / "top2")
+    model = load_hf(tmp_path / "top2").eval()
+    assert (model.config.n_routed_experts, model.config.n_shared_experts, model.config.intermediate_size) == (4, 0, 96)
+    assert (logits(model, ids) - logits(stock, ids)).abs().max().item() < 1e-4
+
+    MixtralForCausalLM(MixtralConfig(**shape, num_experts_per_tok=1)).save_pretrained(tmp_path / "top1")
+    with pytest.raises(UnsupportedArchitecture, match="one expert per token"):
+        load_hf(tmp_path / "top1")
 
 
 def test_stock_qwen2_moe_with_a_learned_shared_gate_is_refused(tmp_path):

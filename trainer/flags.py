@@ -62,6 +62,9 @@ def add_training_flags(parser, default_data):
     group.add_argument("--init_from", help="start from these weights (.pth or a Hugging Face directory)")
     group.add_argument("--resume", action="store_true", help="continue the run in the run folder")
     group.add_argument("--fsdp", action="store_true", help="under torchrun: shard each block with FSDP2")
+    group.add_argument("--compile", action="store_true", help="torch.compile the training forward and backward")
+    group.add_argument("--grad_checkpointing", action="store_true",
+                       help="recompute each block's activations in backward: less memory, about a third more time")
 
 
 def parse(parser, argv=None):

@@ -127,7 +127,11 @@ def gradient_sync(model, last_micro_batch):
 class Trainer:
     def __init__(self, model, dataset, args, stage, pad_token_id):
         self.raw_model = model.to(args.device)
+        if args.grad_checkpointing:
+            self.raw_model.gradient_checkpointing_enable()
         self.model = distributed.wrap(self.raw_model, args)
+        # Only the training forward is compiled; state dicts and DDP's no_sync keep using the module itself.
+        self.forward = torch.compile(self.model) if args.compile else self.model
         self.dataset = dataset
         self.args = args
         self.stage = stage
@@ -247,7 +251,7 @@ class Trainer:
             loss_mask = loss_mask.to(self.device, non_blocking=True)
             attention_mask = input_ids != self.pad_token_id
             with autocast_context(args), gradient_sync(model, index == len(micro_batches) - 1):
-                out = model(input_ids, attention_mask=attention_mask)
+                out = self.forward(input_ids, attention_mask=attention_mask)
                 ce = masked_cross_entropy(out.logits, targets, loss_mask, num_tokens=step_tokens)
                 aux = out.aux_loss / len(micro_batches)
                 # DDP and FSDP average gradients over processes; each process's CE is already its share
