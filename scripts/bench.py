@@ -449,7 +449,7 @@ def summarise(args, contenders, seconds):
 def print_table(args, rows, cases, peak_flops, memory):
     print(f"\n{args.config}, batch {args.batch_size} x {args.seq_len}, {args.dtype}"
           f"{', compiled' if args.compile else ''}, {args.device} ({torch.get_num_threads()} threads), "
-          f"matmul peak {peak_flops / 1e9:.0f} GFLOP/s, medians of {args.repeats}")
+          f"matmul peak {peak_flops / 1e9:.1f} GFLOP/s, medians of {args.repeats}")
     header = f"{'case':<13} {'contender':<34} {'tokens/s':>9} {'MFU':>6} {'ratio':>8}  target"
     print(header)
     print("-" * len(header))
