@@ -93,10 +93,9 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, attn_mask, past_key_values):
         batch, seq, _ = x.shape
-        # One matmul for q, k and v reads x once and keeps the BLAS busier than three narrow ones.
-        qkv = F.linear(x, torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]))
-        q, k, v = qkv.view(batch, seq, self.n_heads + 2 * self.n_kv_heads, self.head_dim).transpose(1, 2).split(
-            [self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=1)
+        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
@@ -121,8 +120,7 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
-        gate, up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight])).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class MoEFeedForward(nn.Module):
