@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-DEMO := --config configs/tiny.json
+DEMO := --config configs/tiny.json --out_dir output/demo
 
 .PHONY: setup demo test bench clean
 
@@ -16,6 +16,7 @@ $(VENV)/.installed: requirements.txt
 
 demo: setup
 	$(PY) scripts/prepare_data.py --max_chars 3000000 --max_sft 20000
+	rm -rf output/demo
 	$(PY) 1-pretrain.py $(DEMO)
 	$(PY) 2-sft.py $(DEMO)
 	$(PY) 3-eval.py $(DEMO) --ppl_data data/pretrain_val.jsonl
@@ -28,4 +29,4 @@ bench: setup
 	$(PY) scripts/bench.py
 
 clean:
-	rm -rf output/*_dense output/*_moe
+	rm -rf output/*_dense output/*_moe output/demo

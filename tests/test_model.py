@@ -110,22 +110,29 @@ def test_aux_loss_equals_formula_with_padding(seq_aux):
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
-def test_balanced_routing_gives_alpha_per_layer(top_k):
+def test_uniform_router_gives_alpha_per_layer(top_k):
     model = TinyMindForCausalLM(moe_config(num_experts_per_tok=top_k, aux_loss_alpha=0.1, num_hidden_layers=3)).train()
     for moe in model.moe_layers():
-        torch.nn.init.zeros_(moe.gate.weight)  # uniform router probabilities: P_e = 1/E
+        torch.nn.init.zeros_(moe.gate.weight)  # P_e = 1/E, so Σ_e f_e·P_e = (Σ_e f_e)/E = 1 for any assignment
     out = model(torch.randint(0, 97, (2, 8)))
     assert out.aux_loss.item() == pytest.approx(3 * 0.1, rel=1e-6)
 
 
-def test_balanced_assignments_give_alpha():
+@pytest.mark.parametrize("top_k, experts", [(1, [[0], [1], [2], [3]]), (2, [[0, 1], [2, 3], [1, 0], [3, 2]])])
+def test_balanced_assignments_give_alpha(top_k, experts):
     """Counts of exactly k·T/E per expert with any probabilities summing to 1 give alpha."""
-    moe = MoEFeedForward(moe_config(aux_loss_alpha=0.1))
+    moe = MoEFeedForward(moe_config(num_experts_per_tok=top_k, aux_loss_alpha=0.1))
     scores = torch.softmax(torch.randn(4, 4), dim=-1)
-    experts = torch.tensor([[0, 1], [2, 3], [1, 0], [3, 2]])
-    aux = moe._balance_loss(scores, experts, torch.ones(1, 4), batch=1, seq=4)
+    aux = moe._balance_loss(scores, torch.tensor(experts), torch.ones(1, 4), batch=1, seq=4)
     # f_e = 1 for every e, so the loss is alpha times the sum of mean probabilities = alpha.
     assert aux.item() == pytest.approx(0.1, rel=1e-6)
+
+
+def test_collapsed_routing_costs_more_than_balanced():
+    moe = MoEFeedForward(moe_config(num_experts_per_tok=1, aux_loss_alpha=0.1))
+    scores = torch.tensor([[0.7, 0.1, 0.1, 0.1]]).expand(4, 4)
+    aux = moe._balance_loss(scores, torch.zeros(4, 1, dtype=torch.long), torch.ones(1, 4), batch=1, seq=4)
+    assert aux.item() == pytest.approx(0.1 * 4 * 0.7, rel=1e-6)  # f_0 = E, P_0 = 0.7
 
 
 def test_aux_loss_is_sum_over_layers_and_reaches_router():

@@ -137,9 +137,10 @@ def poison_loss(monkeypatch, bad_calls):
     monkeypatch.setattr(trainer.loop, "masked_cross_entropy", maybe_nan)
 
 
-def test_nan_loss_skips_the_step(workdir, capsys, monkeypatch):
+@pytest.mark.parametrize("dtype", ["float32", "float16"])  # float16 adds the GradScaler's own bookkeeping
+def test_nan_loss_skips_the_step(dtype, workdir, capsys, monkeypatch):
     poison_loss(monkeypatch, bad_calls={2})
-    code, err = run_in_process(capsys, "--max_steps", 4)
+    code, err = run_in_process(capsys, "--max_steps", 4, "--dtype", dtype)
     assert code == 0
     assert any("non-finite loss" in line and "update skipped (1 so far)" in line for line in err)
     state = torch.load(sorted((workdir / "output/pretrain_dense").glob("*_resume_*.pt"))[-1], weights_only=True)
@@ -236,7 +237,7 @@ def test_full_disk_during_save_keeps_the_previous_checkpoint(workdir, capsys, mo
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(trainer.checkpoint.torch, "save", full_disk)
-    code, err = run_in_process(capsys, "--max_steps", 2)
+    code, err = run_in_process(capsys, "--max_steps", 4, "--resume")
     assert code == 2
     assert err[-1] == f"error: could not write {weights.relative_to(workdir)}: No space left on device; " \
                       "the previous file there is untouched"

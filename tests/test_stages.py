@@ -60,6 +60,40 @@ def test_missing_pretrain_checkpoint_falls_back_to_random_init(tmp_path):
     assert (tmp_path / "output/sft_dense/sft_64.pth").is_file()
 
 
+def test_init_from_a_hugging_face_directory_keeps_what_no_flag_sets(tmp_path):
+    """A stock Llama with its own rope_theta, norm eps, FFN width and an untied head trains as itself."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    (tmp_path / "data").mkdir()
+    pretrain_file(tmp_path / "data")
+    config = LlamaConfig(vocab_size=6400, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    torch.manual_seed(0)
+    stock = LlamaForCausalLM(config).eval()
+    stock.save_pretrained(tmp_path / "llama")
+    run_stage("1-pretrain.py", *TINY, "--max_steps", "1", "--learning_rate", "0", "--init_from", "llama", cwd=tmp_path)
+    trained = load_model(tmp_path / "output/pretrain_dense/pretrain_64.pth").eval()
+    c = trained.config
+    assert (c.rope_theta, c.rms_norm_eps, c.intermediate_size, c.tie_word_embeddings) == (10000.0, 1e-6, 128, False)
+    ids = torch.randint(3, 6400, (2, 12))
+    with torch.no_grad():  # a zero learning rate leaves the weights as they were: the same function
+        torch.testing.assert_close(trained(ids).logits, stock(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_a_fresh_run_never_overwrites_an_earlier_one(tmp_path):
+    (tmp_path / "data").mkdir()
+    pretrain_file(tmp_path / "data")
+    run_stage("1-pretrain.py", *TINY, "--max_steps", "1", cwd=tmp_path)
+    weights = tmp_path / "output/pretrain_dense/pretrain_64.pth"
+    before = weights.read_bytes()
+    result = run_stage("1-pretrain.py", *TINY, "--max_steps", "1", "--seed", "7", cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    error = result.stderr.strip().splitlines()[-1]
+    assert "holds an earlier pretrain_64 run (up to step 1)" in error and "--resume" in error
+    assert weights.read_bytes() == before
+
+
 def test_mismatched_init_from_names_the_keys(tmp_path):
     (tmp_path / "data").mkdir()
     pretrain_file(tmp_path / "data")

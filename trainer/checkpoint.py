@@ -21,6 +21,9 @@ from model import TinyMindConfig, TinyMindForCausalLM
 from .errors import UserError
 
 
+WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors")
+
+
 def atomic_write(path, write):
     """Call `write(tmp_path)` and rename the result over `path`; on failure remove the partial file."""
     path = Path(path)
@@ -49,8 +52,9 @@ def save_weights(state_dict, config, path):
     path = Path(path)
     state = {key: value.detach().cpu().contiguous() for key, value in state_dict.items()}
     if path.suffix == ".safetensors":
-        # safetensors refuses tensors that share memory; the tied head is rebuilt from the embedding on load.
-        state.pop("lm_head.weight", None)
+        if config.tie_word_embeddings:
+            # safetensors refuses tensors that share memory; the tied head is rebuilt from the embedding on load.
+            state.pop("lm_head.weight", None)
         atomic_write(path, lambda tmp: save_file(state, str(tmp)))
     else:
         atomic_write(path, lambda tmp: torch.save(state, tmp))
@@ -108,18 +112,17 @@ def load_into(model, state, source):
     model.load_state_dict(state, strict=True)
 
 
-def read_weights(path) -> dict:
-    """State dict from a weights file or a Hugging Face directory / repo id (converted to our layout)."""
-    if Path(path).is_dir() or not Path(path).suffix:
-        return load_model(path).state_dict()
-    return read_state_dict(path)
+def names_hf_model(path) -> bool:
+    """A directory, or an `owner/name` Hub repo id (which may hold dots, as `Qwen/Qwen2.5-0.5B` does)."""
+    path = Path(path)
+    return path.is_dir() or (not path.exists() and path.suffix not in WEIGHT_SUFFIXES and str(path).count("/") == 1)
 
 
 def load_model(path, fallback_config: TinyMindConfig | None = None) -> TinyMindForCausalLM:
     """A ready model from a `.pth`/`.safetensors` (config from the JSON beside it, else `fallback_config`)
     or from a Hugging Face directory or repo id (tinymind, Llama or Qwen2-MoE; see model/convert.py)."""
     path = Path(path)
-    if path.is_dir() or (not path.exists() and not path.suffix and str(path).count("/") == 1):
+    if names_hf_model(path):
         from model.convert import UnsupportedArchitecture, load_hf
 
         try:

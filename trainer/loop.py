@@ -111,10 +111,13 @@ def autocast_context(args):
 
 
 def trim_padding(input_ids, targets, loss_mask, pad_token_id):
-    """Cut the columns where every row is padding: they cost compute and change no loss or gradient."""
-    real_columns = (input_ids != pad_token_id).any(dim=0).nonzero()
-    length = int(real_columns[-1]) + 1 if len(real_columns) else 1
-    return input_ids[:, :length], targets[:, :length], loss_mask[:, :length]
+    """Cut the columns past every row's last real token (they cost compute and change no loss or gradient)
+    and add the attention mask. Padding only ever trails the text, so a pad id inside it is a real token."""
+    positions = torch.arange(1, input_ids.size(1) + 1)
+    lengths = ((input_ids != pad_token_id) * positions).amax(dim=1)
+    width = max(int(lengths.max()), 1)
+    attention_mask = positions[:width] <= lengths[:, None]
+    return input_ids[:, :width], targets[:, :width], loss_mask[:, :width], attention_mask
 
 
 def gradient_sync(model, last_micro_batch):
@@ -219,6 +222,8 @@ class Trainer:
             Subset(self.dataset, remaining[distributed.rank()::self.world_size]),
             batch_size=self.args.batch_size,
             num_workers=self.args.num_workers,
+            # Its own generator: seeding workers must not draw from the global RNG a resumed run restores.
+            generator=torch.Generator().manual_seed(self.args.seed),
             pin_memory=self.device.type == "cuda",
         )
         group = []
@@ -245,11 +250,8 @@ class Trainer:
         load_sum = torch.zeros((), device=self.device)
         tokens = 0
         for index, micro_batch in enumerate(micro_batches):
-            input_ids, targets, loss_mask = trim_padding(*micro_batch, self.pad_token_id)
-            input_ids = input_ids.to(self.device, non_blocking=True)
-            targets = targets.to(self.device, non_blocking=True)
-            loss_mask = loss_mask.to(self.device, non_blocking=True)
-            attention_mask = input_ids != self.pad_token_id
+            input_ids, targets, loss_mask, attention_mask = (
+                tensor.to(self.device, non_blocking=True) for tensor in trim_padding(*micro_batch, self.pad_token_id))
             with autocast_context(args), gradient_sync(model, index == len(micro_batches) - 1):
                 out = self.forward(input_ids, attention_mask=attention_mask)
                 ce = masked_cross_entropy(out.logits, targets, loss_mask, num_tokens=step_tokens)
@@ -275,10 +277,10 @@ class Trainer:
         # float16's GradScaler skips inf/NaN gradients itself and lowers its scale: that is not divergence.
         if torch.isfinite(loss) and (torch.isfinite(grad_norm) or self.scaler.is_enabled()):
             self.scaler.step(self.optimizer)
-            self.scaler.update()
             self.bad_steps_in_a_row = 0
         else:
             self.skip_bad_step(loss, grad_norm)
+        self.scaler.update()  # also after a skip: unscale_ ran, and the next step's unscale_ needs a fresh state
         self.optimizer.zero_grad(set_to_none=True)
         if self.moe_watch.layers:
             self.moe_watch.observe(totals[3:].view(len(self.moe_watch.layers), -1) / totals[2].clamp(min=1))
@@ -312,7 +314,7 @@ class Trainer:
     # ---- saving and resuming -----------------------------------------------------------------
 
     def prepare_run_dir(self):
-        """Check that the run folder is writable; a fresh run clears the log and resume states of an earlier one."""
+        """Check that the run folder is writable, and that a fresh run would not overwrite an earlier one's."""
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             tempfile.TemporaryFile(dir=self.dir).close()
@@ -320,12 +322,12 @@ class Trainer:
             raise UserError(f"--out_dir {self.args.out_dir}: cannot write to {self.dir} ({err.strerror})") from None
         if self.args.resume:
             return
-        stale = self.resume_states()
-        if stale:
-            note(f"fresh run: removing {len(stale)} resume state(s) of the earlier run in {self.dir} "
-                 "(pass --resume to continue that run instead)")
-        for path in stale:
-            path.unlink()
+        earlier = self.resume_states()
+        if earlier:
+            raise UserError(
+                f"{self.dir} holds an earlier {self.name} run (up to step {int(earlier[-1].stem.rsplit('_', 1)[1])}): "
+                f"pass --resume to continue it, or move that folder away (or pick another --out_dir) to start afresh"
+            )
         self.log.path.unlink(missing_ok=True)
 
     def resume_states(self):

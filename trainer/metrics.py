@@ -5,6 +5,8 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import atomic_write
+
 BASE_COLUMNS = ["step", "tokens", "loss", "ce", "aux", "lr", "grad_norm", "tokens_per_s"]
 
 
@@ -30,8 +32,12 @@ class CsvLog:
             return
         with open(self.path, newline="") as f:
             kept = list(csv.reader(f))[: rows + 1]
-        with open(self.path, "w", newline="") as f:
-            csv.writer(f).writerows(kept)
+
+        def write(tmp):
+            with open(tmp, "w", newline="") as f:
+                csv.writer(f).writerows(kept)
+
+        atomic_write(self.path, write)
 
     def append(self, row):
         new = not self.path.is_file() or self.path.stat().st_size == 0
