@@ -4,6 +4,7 @@
     python scripts/bench.py --dtype bfloat16               # the same under bf16 autocast
     python scripts/bench.py --cases dense,generate --repeats 3
     python scripts/bench.py --peak_mem                     # also the memory of a training step, per batch size
+    python scripts/bench.py --cases moe,dispatch --profile # and where each contender's time goes, by operator
 
 Cases (`--cases`, comma-separated; all by default):
     dense         training step: tinymind dense vs transformers' LlamaForCausalLM
@@ -75,6 +76,8 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=1, help="untimed repetitions per contender first")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
     parser.add_argument("--peak_mem", action="store_true", help="also measure training-step memory (see above)")
+    parser.add_argument("--profile", action="store_true",
+                        help="after timing, run each contender once under torch.profiler and print its top operators")
     parser.add_argument("--mem_budget_gb", type=float,
                         help="memory the largest-batch estimate must fit in (default: this machine's RAM, or GPU)")
     parser.add_argument("--new_tokens", type=int, default=256, help="tokens each generation case generates")
@@ -337,6 +340,23 @@ class MatmulPeak:
         self.a @ self.b
 
 
+def print_profiles(contenders, args, top=8):
+    """Self time per operator of one run of each contender: where a gap between two of them comes from."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(args.device).type == "cuda" else [])
+    for name, contender in contenders.items():
+        if name == MatmulPeak.name:
+            continue
+        with profile(activities=activities) as profiler:
+            contender.run()
+            synchronize(args.device)
+        events = sorted(profiler.key_averages(), key=lambda event: event.self_cpu_time_total, reverse=True)
+        total = sum(event.self_cpu_time_total for event in events)
+        shares = ", ".join(f"{event.key} {100 * event.self_cpu_time_total / total:.1f}%" for event in events[:top])
+        print(f"\nprofile of {name}: {total / 1e6:.2f} s of CPU self time; {shares}")
+
+
 # ---- memory --------------------------------------------------------------------------------------
 
 
@@ -489,6 +509,8 @@ def main(argv=None):
     rows, cases, peak_flops = summarise(args, contenders, seconds)
     memory = memory_report(args) if args.peak_mem else None
     print_table(args, rows, cases, peak_flops, memory)
+    if args.profile:
+        print_profiles(contenders, args)
     settings = {key: value for key, value in vars(args).items() if key != "preset"}
     report = {
         "command": " ".join(["python", "scripts/bench.py", *(sys.argv[1:] if argv is None else argv)]),

