@@ -51,6 +51,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, MixtralC
 from .config import TinyMindConfig
 from .model import TinyMindForCausalLM
 
+# A name ending so is a weights file, never a Hub repo id.
+WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors")
+
 SUPPORTED = "LlamaForCausalLM, MixtralForCausalLM, Qwen2MoeForCausalLM and TinyMind directories"
 
 # Near misses, with the reason they cannot be read exactly.
@@ -105,7 +108,7 @@ def export_hf(model: TinyMindForCausalLM, out_dir, dtype=None) -> str:
     if not config.use_moe:
         hf_config, hf_state = llama_config(config), state
     elif fits_mixtral(config):
-        hf_config, hf_state = mixtral_config(config), to_mixtral(state, config)
+        hf_config, hf_state = mixtral_config(config), with_stacked_experts(state, config)
     else:
         hf_config, hf_state = qwen2_moe_config(config), to_qwen2_moe(state, config)
     # transformers 5 reads rope_parameters; version 4, and tools pinned to it, read only this field.
@@ -183,10 +186,6 @@ def with_stacked_experts(state: dict, config: TinyMindConfig) -> dict:
     return hf
 
 
-def to_mixtral(state: dict, config: TinyMindConfig) -> dict:
-    return with_stacked_experts(state, config)
-
-
 def to_qwen2_moe(state: dict, config: TinyMindConfig) -> dict:
     """tinymind state dict → Qwen2MoeForCausalLM's: stacked experts, zero q/k/v biases, the gated shared expert."""
     hf = with_stacked_experts(state, config)
@@ -216,7 +215,8 @@ def expert_weights(state, prefix):
 
 
 def load_hf(path_or_repo) -> TinyMindForCausalLM:
-    """A tinymind model from a Hugging Face directory or `owner/name` repo id (Llama, Qwen2-MoE or tinymind)."""
+    """A tinymind model from a Hugging Face directory or `owner/name` repo id (Llama, Mixtral, Qwen2-MoE or
+    tinymind)."""
     path = local_directory(path_or_repo)
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -239,12 +239,20 @@ def load_hf(path_or_repo) -> TinyMindForCausalLM:
     return model
 
 
+def names_hf_model(path_or_repo) -> bool:
+    """A directory, or an `owner/name` Hub repo id (which may hold dots, as `Qwen/Qwen2.5-0.5B` does)."""
+    path = Path(path_or_repo)
+    if path.is_dir():
+        return True
+    return not path.exists() and path.suffix not in WEIGHT_SUFFIXES and str(path_or_repo).count("/") == 1
+
+
 def local_directory(path_or_repo) -> Path:
     """The directory itself, or a Hub repo's snapshot (download errors are OSErrors, as a missing path is)."""
     path = Path(path_or_repo)
     if path.is_dir():
         return path
-    if path.exists() or str(path_or_repo).count("/") != 1:
+    if not names_hf_model(path_or_repo):
         raise FileNotFoundError(f"{path_or_repo}: no such model directory, nor an owner/name Hub repo id")
     try:
         # Only configs and safetensors: a repo's pickled .bin files are never fetched.

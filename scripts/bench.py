@@ -52,6 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from model import TinyMindConfig, TinyMindForCausalLM, masked_cross_entropy  # noqa: E402
+from model.convert import to_qwen2_moe  # noqa: E402
 from trainer.loop import make_optimizer  # noqa: E402
 
 CASES = ("dense", "moe", "dispatch", "generate", "generate_moe")
@@ -127,39 +128,24 @@ def llama_twin(model):
 
 
 def qwen2_moe_twin(model):
-    """Qwen2MoeForCausalLM with tinymind MoE's weights (experts stacked, shared experts concatenated)."""
+    """Qwen2MoeForCausalLM with tinymind MoE's weights, as `convert_hf.py export` writes them (experts stacked,
+    shared experts as one gated expert), without the all-zero q/k/v biases, which would only add work."""
     c = model.config
-    expert_width = c.intermediate_size
     config = Qwen2MoeConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=expert_width,
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
         num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
         num_key_value_heads=c.num_key_value_heads, max_position_embeddings=c.max_position_embeddings,
         rms_norm_eps=c.rms_norm_eps, rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
         tie_word_embeddings=True, qkv_bias=False, num_experts=c.n_routed_experts,
-        num_experts_per_tok=c.num_experts_per_tok, moe_intermediate_size=expert_width,
-        shared_expert_intermediate_size=c.n_shared_experts * expert_width, norm_topk_prob=c.norm_topk_prob,
-        decoder_sparse_step=1, output_router_logits=True, router_aux_loss_coef=c.aux_loss_alpha,
-        bos_token_id=c.bos_token_id, eos_token_id=None, pad_token_id=c.pad_token_id,
+        num_experts_per_tok=c.num_experts_per_tok, moe_intermediate_size=c.intermediate_size,
+        shared_expert_intermediate_size=max(c.n_shared_experts, 1) * c.intermediate_size,
+        norm_topk_prob=c.norm_topk_prob, decoder_sparse_step=1, output_router_logits=True,
+        router_aux_loss_coef=c.aux_loss_alpha, bos_token_id=c.bos_token_id, eos_token_id=None,
+        pad_token_id=c.pad_token_id,
     )
     twin = Qwen2MoeForCausalLM._from_config(config, attn_implementation="sdpa")
-    state = dict(model.state_dict())
-    for i in range(c.num_hidden_layers):
-        prefix = f"model.layers.{i}.mlp."
-
-        def take(group, count, projection):
-            return [state.pop(f"{prefix}{group}.{j}.{projection}_proj.weight") for j in range(count)]
-
-        gates, ups = take("experts", c.n_routed_experts, "gate"), take("experts", c.n_routed_experts, "up")
-        state[prefix + "experts.gate_up_proj"] = torch.stack([torch.cat(gu) for gu in zip(gates, ups)])
-        state[prefix + "experts.down_proj"] = torch.stack(take("experts", c.n_routed_experts, "down"))
-        if c.n_shared_experts:
-            # A sum of SwiGLUs is one SwiGLU over the concatenated widths.
-            state[prefix + "shared_expert.gate_proj.weight"] = torch.cat(take("shared_experts", c.n_shared_experts, "gate"))
-            state[prefix + "shared_expert.up_proj.weight"] = torch.cat(take("shared_experts", c.n_shared_experts, "up"))
-            state[prefix + "shared_expert.down_proj.weight"] = torch.cat(
-                take("shared_experts", c.n_shared_experts, "down"), dim=1)
-    missing, unexpected = twin.load_state_dict(state, strict=False)
-    assert not unexpected and all(key.endswith("shared_expert_gate.weight") for key in missing), (missing, unexpected)
+    state = {key: value for key, value in to_qwen2_moe(model.state_dict(), c).items() if not key.endswith(".bias")}
+    twin.load_state_dict(state, strict=True)
     return twin
 
 
@@ -344,17 +330,20 @@ def print_profiles(contenders, args, top=8):
     """Self time per operator of one run of each contender: where a gap between two of them comes from."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(args.device).type == "cuda" else [])
+    on_gpu = torch.device(args.device).type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    # On a GPU the host only launches kernels: the time that matters is the device's.
+    field, where = ("self_device_time_total", "GPU") if on_gpu else ("self_cpu_time_total", "CPU")
     for name, contender in contenders.items():
         if name == MatmulPeak.name:
             continue
         with profile(activities=activities) as profiler:
             contender.run()
             synchronize(args.device)
-        events = sorted(profiler.key_averages(), key=lambda event: event.self_cpu_time_total, reverse=True)
-        total = sum(event.self_cpu_time_total for event in events)
-        shares = ", ".join(f"{event.key} {100 * event.self_cpu_time_total / total:.1f}%" for event in events[:top])
-        print(f"\nprofile of {name}: {total / 1e6:.2f} s of CPU self time; {shares}")
+        events = sorted(profiler.key_averages(), key=lambda event: getattr(event, field), reverse=True)
+        total = sum(getattr(event, field) for event in events)
+        shares = ", ".join(f"{event.key} {100 * getattr(event, field) / total:.1f}%" for event in events[:top])
+        print(f"\nprofile of {name}: {total / 1e6:.2f} s of {where} self time; {shares}")
 
 
 # ---- memory --------------------------------------------------------------------------------------
@@ -486,7 +475,7 @@ def print_table(args, rows, cases, peak_flops, memory):
                 target = ""
             print(f"{case if is_mine else '':<13} {name:<34} {row['tokens_per_s']:>9.1f} "
                   f"{100 * row['mfu']:>5.1f}% {ratio:>8}  {target}")
-        if case == "dense":  # same weights, same batch: the same loss (Qwen2-MoE's gated shared expert differs)
+        if case == "dense":  # same weights, same batch: the same loss (Qwen2-MoE's aux loss is another formula)
             print(f"{'':<13} (first-step loss: {rows[result['contender']]['first_loss']:.4f} vs "
                   f"{rows[result['reference']]['first_loss']:.4f})")
         if "same_tokens" in result:

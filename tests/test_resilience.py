@@ -116,6 +116,18 @@ def test_resume_with_another_batch_size_names_the_flag(workdir, capsys):
     assert err[-1].startswith("error: --resume: --batch_size is 2 but the run in output/pretrain_dense used 4")
 
 
+def test_resume_state_of_another_data_order_is_refused(workdir, capsys):
+    assert run_in_process(capsys, "--max_steps", 2)[0] == 0
+    latest = sorted((workdir / "output/pretrain_dense").glob("*_resume_*.pt"))[-1]
+    state = torch.load(latest, weights_only=True)
+    del state["data_order"]  # as written before samples were grouped by length
+    torch.save(state, latest)
+    code, err = run_in_process(capsys, "--max_steps", 4, "--resume")
+    assert code == 2
+    assert err[-1] == (f"error: --resume: {latest.relative_to(workdir)} was written with another data order than "
+                       f"this version's; start a new run without --resume")
+
+
 def test_resume_without_state_says_so(workdir, capsys):
     code, err = run_in_process(capsys, "--max_steps", 2, "--resume")
     assert code == 2 and "no resume state" in err[-1]

@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 
+from model import model as model_module
+
 from dataset import PretrainDataset, SFTDataset, load_tokenizer
 from model import TinyMindForCausalLM, masked_cross_entropy
 from trainer.flags import add_model_flags, add_training_flags, model_config, new_parser, parse
@@ -131,10 +133,24 @@ def test_accumulated_loss_equals_unaccumulated(tmp_path, tokenizer):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+def counting(calls, function):
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return function(*args, **kwargs)
+    return counted
+
+
 @pytest.mark.parametrize("flag", ["--grad_checkpointing", "--compile"])
-def test_memory_and_speed_flags_train_the_same_step(flag, tmp_path, tokenizer):
+def test_memory_and_speed_flags_train_the_same_step(flag, tmp_path, tokenizer, monkeypatch):
     plain, plain_model = one_step_loss(tmp_path / "a", tokenizer, 2, 2, "--model_type", "moe")
+    calls = []  # the flag's path ran: blocks through torch.utils.checkpoint, or forwards through the compiled model
+    if flag == "--grad_checkpointing":
+        monkeypatch.setattr(model_module, "checkpoint", counting(calls, model_module.checkpoint))
+    else:
+        real_compile = torch.compile
+        monkeypatch.setattr(torch, "compile", lambda module: counting(calls, real_compile(module)))
     other, other_model = one_step_loss(tmp_path / "b", tokenizer, 2, 2, "--model_type", "moe", flag)
+    assert len(calls) == (2 * other_model.config.num_hidden_layers if flag == "--grad_checkpointing" else 2)
     assert other["loss"] == pytest.approx(plain["loss"], rel=1e-5)
     assert other["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-4)
     for a, b in zip(plain_model.parameters(), other_model.parameters()):

@@ -17,11 +17,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from model import TinyMindConfig, TinyMindForCausalLM
+from model.convert import UnsupportedArchitecture, load_hf, names_hf_model
 
 from .errors import UserError
-
-
-WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors")
 
 
 def atomic_write(path, write):
@@ -112,19 +110,11 @@ def load_into(model, state, source):
     model.load_state_dict(state, strict=True)
 
 
-def names_hf_model(path) -> bool:
-    """A directory, or an `owner/name` Hub repo id (which may hold dots, as `Qwen/Qwen2.5-0.5B` does)."""
-    path = Path(path)
-    return path.is_dir() or (not path.exists() and path.suffix not in WEIGHT_SUFFIXES and str(path).count("/") == 1)
-
-
 def load_model(path, fallback_config: TinyMindConfig | None = None) -> TinyMindForCausalLM:
     """A ready model from a `.pth`/`.safetensors` (config from the JSON beside it, else `fallback_config`)
-    or from a Hugging Face directory or repo id (tinymind, Llama or Qwen2-MoE; see model/convert.py)."""
+    or from a Hugging Face directory or repo id (tinymind, Llama, Mixtral or Qwen2-MoE; see model/convert.py)."""
     path = Path(path)
     if names_hf_model(path):
-        from model.convert import UnsupportedArchitecture, load_hf
-
         try:
             return load_hf(str(path))
         except UnsupportedArchitecture as err:

@@ -59,7 +59,8 @@ def add_training_flags(parser, default_data):
     group.add_argument("--save_format", choices=("pth", "safetensors"), default="pth")
     group.add_argument("--val_data", help="held-out jsonl whose perplexity is reported before and after training")
     group.add_argument("--val_samples", type=int, default=256, help="held-out samples used for that perplexity")
-    group.add_argument("--init_from", help="start from these weights (.pth or a Hugging Face directory)")
+    group.add_argument("--init_from", help="start from these weights: a .pth or .safetensors file, a Hugging Face "
+                       "directory, or an owner/name Hub repo id")
     group.add_argument("--resume", action="store_true", help="continue the run in the run folder")
     group.add_argument("--fsdp", action="store_true", help="under torchrun: shard each block with FSDP2")
     group.add_argument("--compile", action="store_true", help="torch.compile the training forward and backward")

@@ -104,6 +104,37 @@ def epoch_order(lengths, seed, epoch, samples_per_step):
     return torch.cat(grouped).tolist() if grouped else []
 
 
+def resume_states(directory, name):
+    return sorted(Path(directory).glob(f"{name}_resume_*.pt"))
+
+
+def log_path(directory, name):
+    return Path(directory) / f"{name}_log.csv"
+
+
+def prepare_run_dir(stage, args):
+    """Check that the run folder is writable and that a fresh run would not overwrite an earlier one's.
+
+    Stages call it first, so a wrong folder fails before the data is tokenized and the model built.
+    """
+    directory, name = run_dir(stage, args), run_name(stage, args)
+    if distributed.is_main():
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=directory).close()
+        except OSError as err:
+            raise UserError(f"--out_dir {args.out_dir}: cannot write to {directory} ({err.strerror})") from None
+        earlier = resume_states(directory, name)
+        if not args.resume:
+            if earlier:
+                raise UserError(
+                    f"{directory} holds an earlier {name} run (up to step {int(earlier[-1].stem.rsplit('_', 1)[1])}): "
+                    f"pass --resume to continue it, or move that folder away (or pick another --out_dir) to start afresh"
+                )
+            log_path(directory, name).unlink(missing_ok=True)
+    distributed.barrier()
+
+
 def autocast_context(args):
     if args.dtype == "float32":
         return contextlib.nullcontext()
@@ -155,7 +186,7 @@ class Trainer:
         columns = BASE_COLUMNS
         if self.moe_watch.layers:
             columns = columns + load_columns(len(self.moe_watch.layers), self.moe_watch.layers[0].n_experts)
-        self.log = CsvLog(self.dir / f"{self.name}_log.csv", columns)
+        self.log = CsvLog(log_path(self.dir, self.name), columns)
         self.progress = Progress()
         self.bad_steps_in_a_row = 0
         self.stop_signal = None
@@ -163,9 +194,6 @@ class Trainer:
     # ---- the loop ----------------------------------------------------------------------------
 
     def train(self):
-        if distributed.is_main():
-            self.prepare_run_dir()
-        distributed.barrier()
         if self.args.resume:
             self.restore()
         previous_handlers = self.install_signal_handlers()
@@ -313,26 +341,6 @@ class Trainer:
 
     # ---- saving and resuming -----------------------------------------------------------------
 
-    def prepare_run_dir(self):
-        """Check that the run folder is writable, and that a fresh run would not overwrite an earlier one's."""
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            tempfile.TemporaryFile(dir=self.dir).close()
-        except OSError as err:
-            raise UserError(f"--out_dir {self.args.out_dir}: cannot write to {self.dir} ({err.strerror})") from None
-        if self.args.resume:
-            return
-        earlier = self.resume_states()
-        if earlier:
-            raise UserError(
-                f"{self.dir} holds an earlier {self.name} run (up to step {int(earlier[-1].stem.rsplit('_', 1)[1])}): "
-                f"pass --resume to continue it, or move that folder away (or pick another --out_dir) to start afresh"
-            )
-        self.log.path.unlink(missing_ok=True)
-
-    def resume_states(self):
-        return sorted(self.dir.glob(f"{self.name}_resume_*.pt"))
-
     def save(self):
         """Weights + config, then the resume state; older resume states beyond --keep_last are removed."""
         model_state, optimizer_state = distributed.full_state_dicts(self.model, self.optimizer)
@@ -351,15 +359,16 @@ class Trainer:
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
             "flags": {name: getattr(self.args, name) for name in RESUME_FLAGS + BATCH_FLAGS},
             "world_size": self.world_size,
+            "data_order": LENGTH_GROUP_STEPS,
             "log_rows": self.log.rows(),
         }
         path = self.dir / f"{self.name}_resume_{self.progress.step:08d}.pt"
         atomic_write(path, lambda tmp: torch.save(state, tmp))
-        for old in self.resume_states()[: -self.args.keep_last]:
+        for old in resume_states(self.dir, self.name)[: -self.args.keep_last]:
             old.unlink(missing_ok=True)
 
     def restore(self):
-        states = self.resume_states()
+        states = resume_states(self.dir, self.name)
         if not states:
             raise UserError(f"--resume: no resume state ({self.name}_resume_*.pt) in {self.dir}; run without --resume")
         for path in reversed(states):
@@ -370,6 +379,10 @@ class Trainer:
                 note(f"warning: {path} is unreadable ({type(err).__name__}); trying the previous state")
         else:
             raise UserError(f"--resume: every resume state in {self.dir} is unreadable; run without --resume")
+        if state.get("data_order") != LENGTH_GROUP_STEPS:
+            # Its data position counts into another sample order: continuing would repeat some samples, skip others.
+            raise UserError(f"--resume: {path} was written with another data order than this version's; "
+                            f"start a new run without --resume")
         self.check_resume_flags(state["flags"], state["world_size"])
         distributed.load_full_state_dicts(self.model, self.optimizer, state["model"], state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])

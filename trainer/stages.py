@@ -15,7 +15,7 @@ from .distributed import print0
 from .errors import UserError
 from .evaluate import perplexity
 from .flags import MODEL_FIELDS, add_model_flags, add_training_flags, checkpoint_path, model_config, new_parser, parse
-from .loop import Trainer, describe_run
+from .loop import Trainer, describe_run, prepare_run_dir
 
 
 def run_cli(main):
@@ -42,6 +42,7 @@ def train_stage(stage, description, dataset_class, default_data, default_val, st
 
 
 def train(stage, dataset_class, start_from_stage, args):
+    prepare_run_dir(stage, args)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     tokenizer = load_tokenizer(args.tokenizer_path)
