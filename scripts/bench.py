@@ -8,14 +8,17 @@
 
 Cases (`--cases`, comma-separated; all by default):
     dense         training step: tinymind dense vs transformers' LlamaForCausalLM
-    moe           training step: tinymind MoE vs transformers' Qwen2MoeForCausalLM (same experts, top-k,
-                  shared expert; Qwen2-MoE adds a sigmoid gate on its shared expert, a rounding error in time)
+    moe           training step: tinymind MoE vs transformers' Qwen2MoeForCausalLM with the weights
+                  `convert_hf.py export` writes (same logits; Qwen2-MoE adds a sigmoid gate on its shared
+                  expert, a rounding error in time)
     dispatch      MoE training step vs a dense tinymind whose FFN does the same active FLOPs
                   (intermediate_size = (k + n_shared) x expert width): what routing costs
     generate      256 new tokens (`--new_tokens`) at batch 1 with the KV cache, greedy, eos ignored:
                   tinymind's `fast_generate` vs transformers' `generate` on LlamaForCausalLM
-                  (tinymind through `generate` is shown too)
-    generate_moe  the same, tinymind MoE vs Qwen2MoeForCausalLM
+                  (tinymind through `generate` is shown too, and the weight-read floor: the
+                  matrix-vector products alone, every weight matrix a token meets times one vector,
+                  which bounds any batch-1 decoder that reads its weights once per token)
+    generate_moe  the same, tinymind MoE vs Qwen2MoeForCausalLM (floor: the k routed experts only)
 
 A training step is forward, masked CE (+ the MoE aux loss), backward, AdamW step, zero_grad. Every
 contender the asked-for cases need is timed in this one process, round-robin (A B C A B C ...) after
@@ -257,6 +260,7 @@ def build_contenders(args):
             add(Generation("tinymind fast_generate", copy_of(dense), args, gen_flops(dense), fast=True))
             add(Generation("tinymind HF generate", copy_of(dense), args, gen_flops(dense)))
             add(Generation("transformers Llama generate", llama_twin(dense), args, gen_flops(dense)))
+            add(WeightReadFloor("weight-read floor, dense", dense, args, gen_flops(dense)))
     if wanted & {"moe", "dispatch", "generate_moe"}:
         moe = TinyMindForCausalLM(tinymind_config(args, use_moe=True))
         if wanted & {"moe", "dispatch"}:
@@ -272,6 +276,7 @@ def build_contenders(args):
         if "generate_moe" in wanted:
             add(Generation("tinymind MoE fast_generate", copy_of(moe), args, gen_flops(moe), fast=True))
             add(Generation("transformers Qwen2-MoE generate", qwen2_moe_twin(moe), args, gen_flops(moe)))
+            add(WeightReadFloor("weight-read floor, MoE", moe, args, gen_flops(moe)))
     return contenders
 
 
@@ -324,6 +329,31 @@ class MatmulPeak:
 
     def run(self):
         self.a @ self.b
+
+
+class WeightReadFloor:
+    """Decoding's memory-bound core alone: each weight matrix one token meets (the first k routed experts
+    standing in for the chosen ones) applied to one vector with F.linear, as the models do, in the compute
+    dtype, for `tokens` tokens."""
+
+    def __init__(self, name, model, args, flops_per_token, tokens=32):
+        self.name = name
+        self.tokens = tokens
+        self.flops_per_token = flops_per_token
+        dtype = torch.float32 if args.dtype == "float32" else getattr(torch, args.dtype)
+        k = model.config.num_experts_per_tok
+        chosen = [w for key, w in model.named_parameters()
+                  if w.dim() == 2 and "embed_tokens" not in key
+                  and not (".experts." in key and int(key.split(".experts.")[1].split(".")[0]) >= k)]
+        chosen.append(model.get_output_embeddings().weight)  # the head, tied or not
+        self.matrices = [w.detach().to(args.device, dtype) for w in chosen]
+        self.vectors = {w.shape[1]: torch.randn(1, w.shape[1], device=args.device, dtype=dtype) for w in chosen}
+
+    def run(self):
+        with torch.no_grad():
+            for _ in range(self.tokens):
+                for w in self.matrices:
+                    torch.nn.functional.linear(self.vectors[w.shape[1]], w)
 
 
 def print_profiles(contenders, args, top=8):
@@ -422,7 +452,8 @@ CASE_PAIRS = {
 
 
 # Rows printed under a case for context, without a ratio or target of their own.
-CASE_EXTRA_ROWS = {"generate": ("tinymind HF generate",)}
+CASE_EXTRA_ROWS = {"generate": ("tinymind HF generate", "weight-read floor, dense"),
+                   "generate_moe": ("weight-read floor, MoE",)}
 
 
 def summarise(args, contenders, seconds):
