@@ -617,8 +617,8 @@ def add_system_turns(corpus: dict[str, list], seed: int) -> dict[str, list]:
 
 
 def is_validation(record) -> bool:
-    """Whether a record is held out: a stable hash of its document, so every passage of one article or play
-    lands on the same side, and a conversation's split ignores the system turn added at random."""
+    """Whether a record is held out: a stable hash of its document, so every passage of one article, poem,
+    dictionary entry or play section lands on the same side; a conversation's ignores the added system turn."""
     if isinstance(record, Passage):
         key = record.document
     elif isinstance(record, str):

@@ -7,10 +7,9 @@ import math
 import pytest
 import torch
 
-from model import model as model_module
-
 from dataset import PretrainDataset, SFTDataset, load_tokenizer
 from model import TinyMindForCausalLM, masked_cross_entropy
+from model import model as model_module
 from trainer.flags import add_model_flags, add_training_flags, model_config, new_parser, parse
 from trainer.loop import LENGTH_GROUP_STEPS, Trainer, epoch_order
 from trainer.checkpoint import load_model
