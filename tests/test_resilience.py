@@ -192,6 +192,18 @@ def test_unknown_config_key(workdir, capsys):
     assert code == 2 and err[-1] == "error: --config preset.json: unknown key 'hiden_layers' (keys are flag names, see --help)"
 
 
+@pytest.mark.parametrize("key, value, expected", [
+    ("batch_size", "8", "'batch_size' is \"8\", but --batch_size takes a whole number"),
+    ("learning_rate", "fast", "'learning_rate' is \"fast\", but --learning_rate takes a number"),
+    ("model_type", "sparse", "'model_type' is \"sparse\", but --model_type takes \"dense\" or \"moe\""),
+    ("grad_checkpointing", 1, "'grad_checkpointing' is 1, but --grad_checkpointing takes true or false"),
+])
+def test_config_value_of_the_wrong_type(workdir, capsys, key, value, expected):
+    (workdir / "preset.json").write_text(json.dumps({"hidden_size": 64, key: value}))
+    code, err = run_in_process(capsys, "--config", "preset.json")
+    assert code == 2 and err[-1] == f"error: --config preset.json: {expected}"
+
+
 @pytest.mark.parametrize("content, expected", [
     (b"", "empty"),
     (b'{"text": "ok"}\n{"text": oops}\n', "line 2"),

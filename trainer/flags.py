@@ -95,7 +95,28 @@ def load_preset(path, parser):
     for key in preset:
         if key not in flag_names(every_stage):
             raise UserError(f"--config {path}: unknown key '{key}' (keys are flag names, see --help)")
-    return {key: value for key, value in preset.items() if key in flag_names(parser)}
+    actions = {action.dest: action for action in parser._actions}
+    return {key: preset_value(path, actions[key], value) for key, value in preset.items() if key in actions}
+
+
+def preset_value(path, action, value):
+    """A preset's value checked as the flag would be on the command line (argparse leaves defaults unchecked)."""
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if value is None:
+        return None
+    if isinstance(action, argparse._StoreTrueAction):
+        expected, ok = "true or false", isinstance(value, bool)
+    elif action.choices is not None:
+        expected, ok = " or ".join(map(json.dumps, action.choices)), value in action.choices
+    elif action.type is int:
+        expected, ok = "a whole number", is_number and float(value).is_integer()
+    elif action.type is float:
+        expected, ok = "a number", is_number
+    else:
+        expected, ok = "a string", isinstance(value, str)
+    if not ok:
+        raise UserError(f"--config {path}: '{action.dest}' is {json.dumps(value)}, but --{action.dest} takes {expected}")
+    return action.type(value) if action.type in (int, float) else value
 
 
 def flag_names(parser):
