@@ -57,21 +57,46 @@ def all_reduce_sum(tensor):
     return tensor
 
 
+def main_process_alone(work):
+    """Run `work()` on the main process while the others wait for the outcome (writing a checkpoint, checking
+    the run folder). If it raises, the main process raises (its one `error:` line) and the others exit
+    quietly with code 2, instead of crashing in their next collective with a trace that buries that line."""
+    if not dist.is_initialized():
+        return work()
+    ok = False
+    try:
+        if is_main():
+            work()
+        ok = True
+    finally:
+        ok = _main_outcome(ok)
+    if not ok:
+        raise SystemExit(2)
+
+
 @contextlib.contextmanager
 def main_process_first():
-    """The main process runs the block first (e.g. building the dataset cache), then the others reuse its work."""
-    if not is_main():
-        barrier()
+    """The main process runs the block first (e.g. building the dataset cache), then the others reuse its work;
+    if it fails there, the others exit quietly as in `main_process_alone`."""
+    if not dist.is_initialized():
+        yield
+        return
+    if not is_main() and not _main_outcome():
+        raise SystemExit(2)
+    ok = False
     try:
         yield
+        ok = True
     finally:
         if is_main():
-            barrier()
+            _main_outcome(ok)
 
 
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
+def _main_outcome(ok=None):
+    """Whether the main process's step succeeded, sent from it to every process (which wait for it here)."""
+    outcome = [ok]
+    dist.broadcast_object_list(outcome, src=0)
+    return outcome[0]
 
 
 def wrap(model, args):

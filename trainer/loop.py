@@ -115,24 +115,22 @@ def log_path(directory, name):
 def prepare_run_dir(stage, args):
     """Check that the run folder is writable and that a fresh run would not overwrite an earlier one's.
 
-    Stages call it first, so a wrong folder fails before the data is tokenized and the model built.
+    Stages call it first (on the main process), so a wrong folder fails before the data is tokenized.
     """
     directory, name = run_dir(stage, args), run_name(stage, args)
-    if distributed.is_main():
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            tempfile.TemporaryFile(dir=directory).close()
-        except OSError as err:
-            raise UserError(f"--out_dir {args.out_dir}: cannot write to {directory} ({err.strerror})") from None
-        earlier = resume_states(directory, name)
-        if not args.resume:
-            if earlier:
-                raise UserError(
-                    f"{directory} holds an earlier {name} run (up to step {int(earlier[-1].stem.rsplit('_', 1)[1])}): "
-                    f"pass --resume to continue it, or move that folder away (or pick another --out_dir) to start afresh"
-                )
-            log_path(directory, name).unlink(missing_ok=True)
-    distributed.barrier()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=directory).close()
+    except OSError as err:
+        raise UserError(f"--out_dir {args.out_dir}: cannot write to {directory} ({err.strerror})") from None
+    earlier = resume_states(directory, name)
+    if not args.resume:
+        if earlier:
+            raise UserError(
+                f"{directory} holds an earlier {name} run (up to step {int(earlier[-1].stem.rsplit('_', 1)[1])}): "
+                f"pass --resume to continue it, or move that folder away (or pick another --out_dir) to start afresh"
+            )
+        log_path(directory, name).unlink(missing_ok=True)
 
 
 def autocast_context(args):
@@ -344,9 +342,7 @@ class Trainer:
     def save(self):
         """Weights + config, then the resume state; older resume states beyond --keep_last are removed."""
         model_state, optimizer_state = distributed.full_state_dicts(self.model, self.optimizer)
-        if distributed.is_main():
-            self.write_checkpoint(model_state, optimizer_state)
-        distributed.barrier()
+        distributed.main_process_alone(lambda: self.write_checkpoint(model_state, optimizer_state))
 
     def write_checkpoint(self, model_state, optimizer_state):
         save_weights(model_state, self.raw_model.config, self.weights_path)

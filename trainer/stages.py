@@ -42,7 +42,7 @@ def train_stage(stage, description, dataset_class, default_data, default_val, st
 
 
 def train(stage, dataset_class, start_from_stage, args):
-    prepare_run_dir(stage, args)
+    distributed.main_process_alone(lambda: prepare_run_dir(stage, args))
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     tokenizer = load_tokenizer(args.tokenizer_path)
