@@ -16,8 +16,8 @@ Cases (`--cases`, comma-separated; all by default):
     generate      256 new tokens (`--new_tokens`) at batch 1 with the KV cache, greedy, eos ignored:
                   tinymind's `fast_generate` vs transformers' `generate` on LlamaForCausalLM
                   (tinymind through `generate` is shown too, and the weight-read floor: the
-                  matrix-vector products alone, every weight matrix a token meets times one vector,
-                  which bounds any batch-1 decoder that reads its weights once per token)
+                  matrix-vector products alone, every weight matrix a token meets times one vector in
+                  the benchmark's dtype, a bound for batch-1 decoding of those weights on this machine)
     generate_moe  the same, tinymind MoE vs Qwen2MoeForCausalLM (floor: the k routed experts only)
 
 A training step is forward, masked CE (+ the MoE aux loss), backward, AdamW step, zero_grad. Every
@@ -49,13 +49,13 @@ from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2MoeForCausalLM
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from model import TinyMindConfig, TinyMindForCausalLM, masked_cross_entropy  # noqa: E402
-from model.convert import to_qwen2_moe  # noqa: E402
+from model.convert import qwen2_moe_config, to_qwen2_moe  # noqa: E402
 from trainer.loop import make_optimizer  # noqa: E402
 
 CASES = ("dense", "moe", "dispatch", "generate", "generate_moe")
@@ -131,23 +131,18 @@ def llama_twin(model):
 
 
 def qwen2_moe_twin(model):
-    """Qwen2MoeForCausalLM with tinymind MoE's weights, as `convert_hf.py export` writes them (experts stacked,
-    shared experts as one gated expert), without the all-zero q/k/v biases, which would only add work."""
+    """Qwen2MoeForCausalLM as `convert_hf.py export` writes tinymind MoE (the same logits), less what would only
+    add work here: the all-zero q/k/v biases, an untied copy of the head, and the all-zero shared expert the
+    export gives a model that has none."""
     c = model.config
-    config = Qwen2MoeConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads, max_position_embeddings=c.max_position_embeddings,
-        rms_norm_eps=c.rms_norm_eps, rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
-        tie_word_embeddings=True, qkv_bias=False, num_experts=c.n_routed_experts,
-        num_experts_per_tok=c.num_experts_per_tok, moe_intermediate_size=c.intermediate_size,
-        shared_expert_intermediate_size=max(c.n_shared_experts, 1) * c.intermediate_size,
-        norm_topk_prob=c.norm_topk_prob, decoder_sparse_step=1, output_router_logits=True,
-        router_aux_loss_coef=c.aux_loss_alpha, bos_token_id=c.bos_token_id, eos_token_id=None,
-        pad_token_id=c.pad_token_id,
-    )
-    twin = Qwen2MoeForCausalLM._from_config(config, attn_implementation="sdpa")
+    config = qwen2_moe_config(c)
+    config.qkv_bias, config.tie_word_embeddings = False, True
     state = {key: value for key, value in to_qwen2_moe(model.state_dict(), c).items() if not key.endswith(".bias")}
+    if not c.n_shared_experts:
+        config.shared_expert_intermediate_size = 0
+        state = {key: value[:, :0] if ".shared_expert.down_proj" in key else value[:0] if ".shared_expert." in key
+                 else value for key, value in state.items()}
+    twin = Qwen2MoeForCausalLM._from_config(config, attn_implementation="sdpa")
     twin.load_state_dict(state, strict=True)
     return twin
 
@@ -334,7 +329,7 @@ class MatmulPeak:
 class WeightReadFloor:
     """Decoding's memory-bound core alone: each weight matrix one token meets (the first k routed experts
     standing in for the chosen ones) applied to one vector with F.linear, as the models do, in the compute
-    dtype, for `tokens` tokens."""
+    dtype, for `tokens` tokens. Packing matrices together saves only the few microseconds per call."""
 
     def __init__(self, name, model, args, flops_per_token, tokens=32):
         self.name = name
@@ -345,7 +340,8 @@ class WeightReadFloor:
         chosen = [w for key, w in model.named_parameters()
                   if w.dim() == 2 and "embed_tokens" not in key
                   and not (".experts." in key and int(key.split(".experts.")[1].split(".")[0]) >= k)]
-        chosen.append(model.get_output_embeddings().weight)  # the head, tied or not
+        if model.config.tie_word_embeddings:  # the head is the embedding, which the filter above left out
+            chosen.append(model.get_output_embeddings().weight)
         self.matrices = [w.detach().to(args.device, dtype) for w in chosen]
         self.vectors = {w.shape[1]: torch.randn(1, w.shape[1], device=args.device, dtype=dtype) for w in chosen}
 

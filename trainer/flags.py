@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -93,30 +94,44 @@ def load_preset(path, parser):
     add_model_flags(every_stage)
     add_training_flags(every_stage, default_data="")
     for key in preset:
-        if key not in flag_names(every_stage):
+        if key not in flag_names(every_stage) - {"help", "config"}:
             raise UserError(f"--config {path}: unknown key '{key}' (keys are flag names, see --help)")
     actions = {action.dest: action for action in parser._actions}
     return {key: preset_value(path, actions[key], value) for key, value in preset.items() if key in actions}
 
 
 def preset_value(path, action, value):
-    """A preset's value checked as the flag would be on the command line (argparse leaves defaults unchecked)."""
-    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if value is None:
+    """A preset's value checked as the flag's own would be on the command line (argparse leaves defaults
+    unchecked): a number, or a string that parses as one, for a number flag; one of the choices; true/false."""
+    if value is None and action.default is None:  # "not given", as the flag itself allows
         return None
+    checked = value
     if isinstance(action, argparse._StoreTrueAction):
         expected, ok = "true or false", isinstance(value, bool)
     elif action.choices is not None:
         expected, ok = " or ".join(map(json.dumps, action.choices)), value in action.choices
-    elif action.type is int:
-        expected, ok = "a whole number", is_number and float(value).is_integer()
-    elif action.type is float:
-        expected, ok = "a number", is_number
+    elif action.type in (int, float):
+        expected = "a whole number" if action.type is int else "a number"
+        checked = as_number(action.type, value)
+        ok = checked is not None
     else:
         expected, ok = "a string", isinstance(value, str)
     if not ok:
         raise UserError(f"--config {path}: '{action.dest}' is {json.dumps(value)}, but --{action.dest} takes {expected}")
-    return action.type(value) if action.type in (int, float) else value
+    return checked
+
+
+def as_number(kind, value):
+    """`value` (a JSON number, or a string as argparse would parse it) as a finite `kind`, else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        number = kind(value) if isinstance(value, str) else value
+        if not math.isfinite(number) or (kind is int and number != int(number)):
+            return None
+    except (ValueError, OverflowError):
+        return None
+    return kind(number)
 
 
 def flag_names(parser):

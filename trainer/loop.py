@@ -113,24 +113,27 @@ def log_path(directory, name):
 
 
 def prepare_run_dir(stage, args):
-    """Check that the run folder is writable and that a fresh run would not overwrite an earlier one's.
-
-    Stages call it first (on the main process), so a wrong folder fails before the data is tokenized.
-    """
+    """Check that the run folder is writable, that --resume has a state there to continue, and that a fresh
+    run would not overwrite an earlier one's. Stages call it first (on the main process), so a wrong folder
+    fails before the data is tokenized."""
     directory, name = run_dir(stage, args), run_name(stage, args)
+    earlier = resume_states(directory, name)
+    if args.resume and not earlier:
+        raise no_resume_state(directory, name)
+    if earlier and not args.resume:
+        raise UserError(
+            f"{directory} holds an earlier {name} run (up to step {int(earlier[-1].stem.rsplit('_', 1)[1])}): "
+            f"pass --resume to continue it, or move that folder away (or pick another --out_dir) to start afresh"
+        )
     try:
         directory.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=directory).close()
     except OSError as err:
         raise UserError(f"--out_dir {args.out_dir}: cannot write to {directory} ({err.strerror})") from None
-    earlier = resume_states(directory, name)
-    if not args.resume:
-        if earlier:
-            raise UserError(
-                f"{directory} holds an earlier {name} run (up to step {int(earlier[-1].stem.rsplit('_', 1)[1])}): "
-                f"pass --resume to continue it, or move that folder away (or pick another --out_dir) to start afresh"
-            )
-        log_path(directory, name).unlink(missing_ok=True)
+
+
+def no_resume_state(directory, name):
+    return UserError(f"--resume: no resume state ({name}_resume_*.pt) in {directory}; run without --resume")
 
 
 def autocast_context(args):
@@ -194,6 +197,8 @@ class Trainer:
     def train(self):
         if self.args.resume:
             self.restore()
+        elif distributed.is_main():
+            self.log.path.unlink(missing_ok=True)  # a fresh run's log starts empty
         previous_handlers = self.install_signal_handlers()
         bar = tqdm(total=self.total_steps, initial=self.progress.step, desc=self.name, dynamic_ncols=True,
                    disable=not distributed.is_main())
@@ -345,6 +350,7 @@ class Trainer:
         distributed.main_process_alone(lambda: self.write_checkpoint(model_state, optimizer_state))
 
     def write_checkpoint(self, model_state, optimizer_state):
+        self.dir.mkdir(parents=True, exist_ok=True)
         save_weights(model_state, self.raw_model.config, self.weights_path)
         state = {
             "progress": asdict(self.progress),
@@ -366,7 +372,7 @@ class Trainer:
     def restore(self):
         states = resume_states(self.dir, self.name)
         if not states:
-            raise UserError(f"--resume: no resume state ({self.name}_resume_*.pt) in {self.dir}; run without --resume")
+            raise no_resume_state(self.dir, self.name)
         for path in reversed(states):
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True)
@@ -375,10 +381,11 @@ class Trainer:
                 note(f"warning: {path} is unreadable ({type(err).__name__}); trying the previous state")
         else:
             raise UserError(f"--resume: every resume state in {self.dir} is unreadable; run without --resume")
-        if state.get("data_order") != LENGTH_GROUP_STEPS:
-            # Its data position counts into another sample order: continuing would repeat some samples, skip others.
-            raise UserError(f"--resume: {path} was written with another data order than this version's; "
-                            f"start a new run without --resume")
+        saved_order = state.get("data_order")
+        if saved_order != LENGTH_GROUP_STEPS:  # its data position may count into another order than this epoch's
+            reason = ("does not record its data order" if saved_order is None
+                      else f"was written with another data order (length groups of {saved_order} steps)")
+            note(f"warning: {path.name} {reason}; the rest of this epoch may repeat some samples and skip others")
         self.check_resume_flags(state["flags"], state["world_size"])
         distributed.load_full_state_dicts(self.model, self.optimizer, state["model"], state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
