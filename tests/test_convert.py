@@ -16,7 +16,7 @@ from transformers import (  # noqa: E402
 )
 
 from model import TinyMindConfig, TinyMindForCausalLM  # noqa: E402
-from model.convert import UnsupportedArchitecture, export_hf, load_hf  # noqa: E402
+from model.convert import UnsupportedArchitecture, export_hf, load_hf, names_hf_model  # noqa: E402
 from scripts.convert_hf import main as convert_main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -191,3 +191,13 @@ def test_cli_round_trip(tokens, tmp_path):
     assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
     config = TinyMindConfig.from_json_file(imported.with_suffix(".json"))
     assert (config.use_moe, config.n_shared_experts, config.num_experts_per_tok) == (True, 2, 2)
+
+
+def test_hub_repo_ids_are_told_from_weight_files(tmp_path):
+    (tmp_path / "model_dir").mkdir()
+    (tmp_path / "w.pth").write_bytes(b"")
+    assert names_hf_model(tmp_path / "model_dir")
+    assert names_hf_model("Qwen/Qwen2.5-0.5B")  # a dot in a repo id is no file suffix
+    assert not names_hf_model(tmp_path / "w.pth")  # an existing file
+    assert not names_hf_model("output/pretrain_512.pth")  # a missing weights file, not a repo
+    assert not names_hf_model("a/b/c")

@@ -62,6 +62,17 @@ def test_passages_of_one_document_share_its_split(tmp_path):
     assert prep.is_validation(with_system) == prep.is_validation(conversation)
 
 
+def test_a_play_is_held_out_in_sections_of_consecutive_passages(tmp_path):
+    texts = tmp_path / "shksprdata/texts"
+    texts.mkdir(parents=True)
+    (texts / "a_play_gut.txt").write_text("\n\n".join(f"Scene {i}. " + "words " * 300 for i in range(25)))
+    (tmp_path / "miltondata/texts").mkdir(parents=True)
+    (tmp_path / "miltondata/texts/a_poem_gut.txt").write_text("Of man's first disobedience, and the fruit")
+    passages = prep.shakespeare_texts(tmp_path)
+    assert [p.document for p in passages] == (
+        [f"a_play_gut.txt section {i // prep.SECTION_PASSAGES}" for i in range(25)] + ["a_poem_gut.txt section 0"])
+
+
 def test_sample_evenly_gives_small_sources_everything_and_splits_the_rest():
     corpus = {"small": ["s"] * 10, "big": ["b"] * 1000, "huge": ["h"] * 5000}
     sampled = prep.sample_evenly(corpus, budget=310, size=len, seed=0)

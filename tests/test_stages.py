@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from dataset import PretrainDataset, SFTDataset, load_tokenizer
-from model import TinyMindForCausalLM, masked_cross_entropy
+from model import TinyMindConfig, TinyMindForCausalLM, masked_cross_entropy
 from model import model as model_module
 from trainer.flags import add_model_flags, add_training_flags, model_config, new_parser, parse
-from trainer.loop import LENGTH_GROUP_STEPS, Trainer, epoch_order
-from trainer.checkpoint import load_model
+from trainer.loop import LENGTH_GROUP_STEPS, Trainer, epoch_order, trim_padding
+from trainer.checkpoint import load_model, save_weights
 
 from stage_helpers import MODEL, TINY, pretrain_file, run_stage, sft_file
 
@@ -237,3 +237,28 @@ def test_epoch_order_is_a_permutation_in_steps_of_similar_length():
         return sum(max(lengths[i] for i in order[s:s + per_step]) * per_step for s in range(0, len(order), per_step))
 
     assert padded_slots(order) < 0.6 * padded_slots(shuffled)
+
+
+def test_trim_padding_cuts_trailing_columns_and_masks_only_trailing_padding():
+    pad = 0
+    ids = torch.tensor([[5, 0, 7, 0, 0, 0],  # a pad id inside the text is a real token
+                        [5, 6, 0, 0, 0, 0]])
+    targets, mask = ids + 1, (ids != pad).float()
+    cut_ids, cut_targets, cut_mask, attention = trim_padding(ids, targets, mask, pad)
+    assert cut_ids.tolist() == [[5, 0, 7], [5, 6, 0]]
+    assert cut_targets.tolist() == (ids + 1)[:, :3].tolist() and cut_mask.shape == (2, 3)
+    assert attention.tolist() == [[True, True, True], [True, True, False]]
+
+
+def test_safetensors_keeps_an_untied_head(tmp_path):
+    config = TinyMindConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = TinyMindForCausalLM(config).eval()
+    torch.nn.init.normal_(model.lm_head.weight)  # unlike the embedding
+    save_weights(model.state_dict(), config, tmp_path / "w.safetensors")
+    loaded = load_model(tmp_path / "w.safetensors").eval()
+    torch.testing.assert_close(loaded.lm_head.weight, model.lm_head.weight, rtol=0, atol=0)
+    ids = torch.randint(3, 6400, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
