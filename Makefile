@@ -15,7 +15,7 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 demo: setup
-	$(PY) scripts/prepare_data.py --max_chars 3000000 --max_sft 20000
+	$(PY) -m scripts.prepare_data --max_chars 3000000 --max_sft 20000
 	rm -rf output/demo
 	$(PY) 1-pretrain.py $(DEMO)
 	$(PY) 2-sft.py $(DEMO)

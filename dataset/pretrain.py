@@ -1,11 +1,11 @@
-"""Pretraining data: {"text": ...} per jsonl line → <|im_start|> text <|im_end|>, cut and padded to max_length."""
+"""Pretraining data: {"text": ...} per jsonl line → <|im_start|> text <|im_end|>, cut to max_length."""
 
 from .jsonl import FIX, json_type
 from .tokenized import TokenizedJsonlDataset
 
 
 class PretrainDataset(TokenizedJsonlDataset):
-    """Each item is (input_ids, targets, loss_mask), `max_length - 1` long; the mask is 0 only on padding."""
+    """Each item is (input_ids, targets, loss_mask), at most `max_length - 1` long; every target is trained."""
 
     columns = ("text",)
 

@@ -27,7 +27,7 @@ def truncate_qa(question, answer, max_length):
 
 
 class SFTDataset(TokenizedJsonlDataset):
-    """Each item is (input_ids, targets, loss_mask), `max_length - 1` long; the mask is 1 on answer tokens only.
+    """Each item is (input_ids, targets, loss_mask), at most `max_length - 1` long; the mask is 1 on answer tokens only.
 
     A conversation that keeps no answer token after truncation is skipped and counted in `skipped`.
     """

@@ -1,11 +1,11 @@
-"""What the pretrain and SFT datasets share: jsonl → token ids in Arrow → shifted, padded tensors.
+"""What the pretrain and SFT datasets share: jsonl → token ids in Arrow → shifted samples → padded batches.
 
 A subclass says which jsonl keys it reads (`columns`), how to judge one record
 (`record_problem`) and how to tokenize a batch of good records (`encode`). `encode`
 returns, per record, the token ids and `loss_spans`: flat [start, end, start, end, ...]
 half-open ranges of positions in the ids whose tokens the model must learn to predict.
-Only these two short lists are stored in Arrow; padding and the one-token shift
-happen in `__getitem__`, so the cache does not depend on batch layout and stays small.
+Only these two short lists are stored in Arrow; the one-token shift happens in
+`__getitem__` and padding in `collate`, so the cache does not depend on batch layout and stays small.
 """
 
 import numpy as np
@@ -13,16 +13,17 @@ import pyarrow.compute
 import torch
 from datasets import Features, List, Value
 
+from .batch import collate
 from .jsonl import DataError, bad_line_error, load_jsonl
 
 ENCODED_FEATURES = Features({"input_ids": List(Value("int32")), "loss_spans": List(Value("int32"))})
 
 
 class TokenizedJsonlDataset(torch.utils.data.Dataset):
-    """Build once (cached by `datasets`), then serve padded, shifted samples; counts what it skipped.
+    """Build once (cached by `datasets`), then serve shifted samples; counts what it skipped.
 
     `bad_lines`: malformed lines dropped under `skip_bad_lines=True`; `skipped`: samples
-    left with no trainable token. Both are also printed when not zero.
+    left with no trainable token; `notes()` says both for the user.
     """
 
     columns = ()  # the jsonl keys each record needs
@@ -65,19 +66,26 @@ class TokenizedJsonlDataset(torch.utils.data.Dataset):
         except _BadRecord as bad:
             raise bad_line_error(path, self.record_problem, f"record {bad.index + 1}: {bad.problem}") from None
 
+        self.path, self.records = path, len(records)
         self.bad_lines = len(records) - len(encoded)
-        if self.bad_lines:
-            print(f"{path}: skipped {self.bad_lines} bad lines of {len(records)} (skip_bad_lines)")
         has_target = pyarrow.compute.list_value_length(encoded.data.column("loss_spans")).to_numpy() > 0
         self.skipped = int((~has_target).sum())
-        if self.skipped:
-            print(f"{path}: skipped {self.skipped} samples that kept no trainable token after truncation to {max_length} tokens")
         if not has_target.any():
             raise DataError(f"{path}: no usable sample left ({self.bad_lines} bad lines, {self.skipped} without a trainable token); fix the data or raise --max_seq_len")
         # Samples are read straight from the memory-mapped Arrow table (tens of microseconds
         # each, nothing held in RAM), and a Dataset pickles as a file reference for DataLoader workers.
         self.samples = encoded
         self.rows = np.flatnonzero(has_target)
+
+    def notes(self):
+        """What building the dataset dropped, one line each, for the stage to tell the user."""
+        notes = []
+        if self.bad_lines:
+            notes.append(f"{self.path}: skipped {self.bad_lines} bad lines of {self.records} (skip_bad_lines)")
+        if self.skipped:
+            notes.append(f"{self.path}: skipped {self.skipped} samples that kept no trainable token after "
+                         f"truncation to {self.max_length} tokens")
+        return notes
 
     @property
     def lengths(self):
@@ -88,16 +96,17 @@ class TokenizedJsonlDataset(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, index):
-        """(input_ids, targets, loss_mask), each `max_length - 1` long; targets[t] is the token after input_ids[t]."""
+        """(input_ids, targets, loss_mask), one shorter than the sample's ids; targets[t] follows input_ids[t]."""
         row = int(self.rows[index])
-        ids = self.samples.data.column("input_ids")[row].values.to_numpy()
+        ids = torch.from_numpy(self.samples.data.column("input_ids")[row].values.to_numpy().astype(np.int64))
         spans = self.samples.data.column("loss_spans")[row].values.to_numpy()
-        padded = np.full(self.max_length, self.pad_id, dtype=np.int64)
-        padded[: len(ids)] = ids
-        is_target = np.zeros(self.max_length, dtype=np.int64)
+        is_target = torch.zeros(len(ids), dtype=torch.long)
         for start, end in spans.reshape(-1, 2):
             is_target[start:end] = 1
-        return torch.from_numpy(padded[:-1]), torch.from_numpy(padded[1:]), torch.from_numpy(is_target[1:])
+        return ids[:-1], ids[1:], is_target[1:]
+
+    def collate(self, samples):
+        return collate(samples, self.pad_id)
 
 
 class _BadRecord(Exception):

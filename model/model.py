@@ -2,8 +2,9 @@
 
 A Llama-style decoder: token embedding → N pre-norm blocks (RMSNorm → grouped-query
 attention with rotary positions → RMSNorm → SwiGLU or Mixture-of-Experts) → RMSNorm →
-LM head tied to the embedding. Module names match the state-dict layout in DESIGN.md,
+LM head tied to the embedding. Module names are the state-dict layout of docs/architecture.md,
 so `state_dict()` is exactly that layout and MiniMind2-layout `.pth` files load strictly.
+Fast inference decoding lives in generate.py.
 """
 
 import torch
@@ -142,8 +143,8 @@ class MoEFeedForward(nn.Module):
         self.gate = nn.Linear(config.hidden_size, self.n_experts, bias=False)
         self.experts = nn.ModuleList(FeedForward(config) for _ in range(self.n_experts))
         self.shared_experts = nn.ModuleList(FeedForward(config) for _ in range(config.n_shared_experts))
-        # Share of the last training forward's assignments that each expert received; the trainer logs it.
-        self.register_buffer("expert_load", torch.zeros(self.n_experts), persistent=False)
+        # Real-token assignments each expert received in training forwards since the trainer last read them.
+        self.register_buffer("expert_counts", torch.zeros(self.n_experts), persistent=False)
 
     def forward(self, x, token_mask):
         """x: [batch, seq, hidden]; token_mask: [batch, seq], 1 for real tokens. Returns (output, aux_loss)."""
@@ -189,7 +190,7 @@ class MoEFeedForward(nn.Module):
             1, experts.reshape(groups, -1), per_assignment
         )
         with torch.no_grad():
-            self.expert_load.copy_(counts.sum(0) / counts.sum().clamp(min=1))
+            self.expert_counts += counts.sum(0)
         if self.aux_loss_alpha == 0:
             return scores.new_zeros(())
         f = counts * self.n_experts / (self.top_k * n_valid[:, None])
@@ -229,20 +230,13 @@ class TinyMindModel(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, input_ids, attention_mask, position_ids, past_key_values):
+        """`attention_mask` numbers each position's document (0: padding), as `dataset.Batch` describes."""
         batch, seq = input_ids.shape
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if attention_mask is not None and bool(attention_mask.all()):
-            attention_mask = None  # no padding: take SDPA's mask-free kernels
         if position_ids is None:
-            if attention_mask is None:
-                position_ids = torch.arange(past, past + seq, device=input_ids.device).expand(batch, -1)
-            else:
-                # Left-padded prompts: count positions from each row's first real token.
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
+            position_ids = document_positions(attention_mask, past, seq, input_ids.device).expand(batch, -1)
         attn_mask = causal_mask(attention_mask, batch, seq, past, input_ids.device)
-        token_mask = (
-            attention_mask[:, -seq:] if attention_mask is not None else input_ids.new_ones(batch, seq)
-        )
+        token_mask = attention_mask[:, -seq:] > 0 if attention_mask is not None else input_ids.new_ones(batch, seq)
 
         x = self.dropout(self.embed_tokens(input_ids))
         cos, sin = self.rotary(position_ids, x.dtype)
@@ -258,15 +252,30 @@ class TinyMindModel(nn.Module):
         return self.norm(x), aux_loss
 
 
+def document_positions(attention_mask, past, seq, device):
+    """Each position's offset in its document: 0, 1, 2, ... from the row's (or each packed document's) first
+    token, so left-padded prompts and packed rows get the positions they would have alone."""
+    if attention_mask is None:
+        return torch.arange(past, past + seq, device=device)[None]
+    index = torch.arange(attention_mask.size(1), device=device).expand_as(attention_mask)
+    starts = torch.ones_like(attention_mask, dtype=torch.bool)
+    starts[:, 1:] = attention_mask[:, 1:] != attention_mask[:, :-1]
+    first = torch.where(starts, index, 0).cummax(dim=-1).values
+    return (index - first)[:, -seq:]
+
+
 def causal_mask(attention_mask, batch, seq, past, device):
     """Boolean [batch, 1, seq, past+seq] mask (True = may attend), or None when SDPA's own causal flag suffices.
 
-    The flag suffices without padding, and also when padding only trails the real tokens of a
-    fresh (uncached) batch, as in training: a real token never looks ahead to a pad, and what
-    the pads compute is never used. Explicit masks push SDPA onto slower kernels.
+    The flag suffices without padding, and also when padding only trails the single document of
+    each row of a fresh (uncached) batch, as in padded training batches: a real token never looks
+    ahead to a pad, and what the pads compute is never used. Otherwise a query sees the earlier
+    positions of its own document (a pad sees earlier pads, so no row is all-masked and NaN).
+    Explicit masks push SDPA onto slower kernels.
     """
     trailing_padding_only = (
         attention_mask is not None and past == 0 and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+        and int(attention_mask.max()) <= 1
     )
     if (attention_mask is None or trailing_padding_only) and (past == 0 or seq == 1):
         return None
@@ -274,100 +283,9 @@ def causal_mask(attention_mask, batch, seq, past, device):
     query_pos = torch.arange(past, total, device=device)[:, None]
     allowed = torch.arange(total, device=device)[None, :] <= query_pos
     if attention_mask is not None:
-        allowed = allowed & attention_mask[:, None, None, :total].bool()
-        # A padded query row with every key masked would give NaN; let it see itself (its output is unused).
-        allowed = allowed | (torch.arange(total, device=device)[None, :] == query_pos)
+        documents = attention_mask[:, :total]
+        allowed = allowed & (documents[:, None, None, :] == documents[:, None, past:total, None])
     return allowed.expand(batch, 1, seq, total)
-
-
-class PackedDecoder:
-    """The network as `fast_generate` runs it: inference only, built from the model once per call.
-
-    At batch 1 a decode step is some sixty small matmuls and a few hundred tiny ops, and on a CPU
-    their per-call cost rivals the arithmetic. This computes exactly what the modules compute,
-    with q/k/v and gate/up packed into one matrix each (fewer, larger matmuls), rotary angles
-    looked up from a table, keys and values written into a preallocated cache (attention over
-    its filled part needs no mask), and none of the forward's masks, position bookkeeping,
-    dropout or aux loss.
-    tests/test_fast_paths.py holds it to the modules' logits.
-    """
-
-    def __init__(self, model, batch, max_len):
-        self.config = config = model.config
-        body = model.model
-        device = body.embed_tokens.weight.device
-        # Under autocast, pack straight into the autocast dtype: a packed matrix is no leaf
-        # parameter, so autocast would otherwise re-cast it on every step.
-        dtype = body.embed_tokens.weight.dtype
-        if torch.is_autocast_enabled(device.type):
-            dtype = torch.get_autocast_dtype(device.type)
-        self.blocks = body.layers
-        self.packed = [self.pack(block, dtype) for block in body.layers]
-        self.embed_tokens, self.norm, self.lm_head = body.embed_tokens, body.norm, model.lm_head
-        positions = torch.arange(max_len, device=device)[None]
-        # [1, 1, max_len, head_dim] in the embedding's dtype, as the modules' forward makes them
-        self.cos, self.sin = body.rotary(positions, body.embed_tokens.weight.dtype)
-        shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim)
-        self.keys = torch.empty(shape, device=device, dtype=dtype)
-        self.values = torch.empty_like(self.keys)
-
-    @staticmethod
-    def pack(block, dtype):
-        def cast(weight):
-            return weight.to(dtype)
-
-        def swiglu(ffn):
-            return cast(torch.cat([ffn.gate_proj.weight, ffn.up_proj.weight])), cast(ffn.down_proj.weight)
-
-        attn, mlp = block.self_attn, block.mlp
-        qkv = cast(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
-        if isinstance(mlp, MoEFeedForward):
-            ffn = ([swiglu(expert) for expert in mlp.experts], [swiglu(shared) for shared in mlp.shared_experts])
-        else:
-            ffn = swiglu(mlp)
-        return qkv, cast(attn.o_proj.weight), ffn
-
-    def __call__(self, input_ids, start):
-        """Logits of the last position of `input_ids`, which sit at positions start, start+1, ..."""
-        c = self.config
-        batch, seq = input_ids.shape
-        end = start + seq
-        assert start == 0 or seq == 1, "a prompt, then one token at a time"
-        cos, sin = self.cos[:, :, start:end], self.sin[:, :, start:end]
-        x = self.embed_tokens(input_ids)
-        for i, (block, (qkv, o_proj, ffn)) in enumerate(zip(self.blocks, self.packed)):
-            h = F.linear(block.input_layernorm(x), qkv).view(batch, seq, -1, c.head_dim).transpose(1, 2)
-            n_qk = c.num_attention_heads + c.num_key_value_heads
-            qk = apply_rotary(h[:, :n_qk], cos, sin)  # one rotation for the query and key heads together
-            self.keys[i, :, :, start:end] = qk[:, c.num_attention_heads:]
-            self.values[i, :, :, start:end] = h[:, n_qk:]
-            y = F.scaled_dot_product_attention(
-                qk[:, :c.num_attention_heads], self.keys[i, :, :, :end], self.values[i, :, :, :end],
-                is_causal=seq > 1, enable_gqa=c.num_key_value_heads != c.num_attention_heads,
-            )
-            x = x + F.linear(y.transpose(1, 2).reshape(batch, seq, -1), o_proj)
-            h = block.post_attention_layernorm(x)
-            x = x + (self.moe(block.mlp, ffn, h) if isinstance(block.mlp, MoEFeedForward) else swiglu(h, *ffn))
-        return self.lm_head(self.norm(x[:, -1:]))[:, -1].float()
-
-    @staticmethod
-    def moe(moe, packed, h):
-        """One token: run only its k experts. A prompt (several tokens) goes through the module's dispatch."""
-        if h.shape[0] * h.shape[1] > 1:
-            return moe(h, h.new_ones(h.shape[:2]))[0]
-        experts, shared = packed
-        weights, chosen = moe.gate(h).float().softmax(dim=-1).topk(moe.top_k, dim=-1)
-        if moe.norm_topk_prob and moe.top_k > 1:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        out = sum(swiglu(h, *expert) for expert in shared) if shared else torch.zeros_like(h)
-        for weight, index in zip(weights.view(-1).tolist(), chosen.view(-1).tolist()):
-            out = out + weight * swiglu(h, *experts[index])
-        return out
-
-
-def swiglu(x, gate_up, down):
-    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, down)
 
 
 class TinyMindForCausalLM(PreTrainedModel, GenerationMixin):
@@ -419,38 +337,6 @@ class TinyMindForCausalLM(PreTrainedModel, GenerationMixin):
         # from_pretrained builds the model on the meta device; the rotary table is no weight, so refill it here.
         if isinstance(module, RotaryEmbedding):
             module.inv_freq.copy_(module.frequencies())
-
-    @torch.no_grad()
-    def fast_generate(self, input_ids, max_new_tokens, temperature=0.0, top_k=None, eos_token_id=None):
-        """`generate` for unpadded prompts, greedy or sampled, at a fraction of its per-token cost.
-
-        One `PackedDecoder` step per token, and no logits processors, stopping criteria or cache
-        bookkeeping: at batch 1 on a CPU that framework work is as large as the matmuls. Returns
-        the prompt followed by the new tokens, like `generate`; a row that produced
-        `eos_token_id` is padded with `pad_token_id` until every row has, and then it stops.
-        """
-        batch, prompt_len = input_ids.shape
-        decoder = PackedDecoder(self, batch, prompt_len + max_new_tokens)
-        tokens, step_input, start = [input_ids], input_ids, 0
-        finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-        for _ in range(max_new_tokens):
-            logits = decoder(step_input, start)
-            start += step_input.size(1)
-            if temperature > 0:
-                logits = logits / temperature
-                if top_k:
-                    kth_best = logits.topk(min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth_best, float("-inf"))
-                step_input = torch.multinomial(logits.softmax(dim=-1), 1)
-            else:
-                step_input = logits.argmax(dim=-1, keepdim=True)
-            if eos_token_id is not None:
-                step_input = step_input.masked_fill(finished[:, None], self.config.pad_token_id or 0)
-                finished |= step_input[:, 0] == eos_token_id
-            tokens.append(step_input)
-            if eos_token_id is not None and bool(finished.all()):
-                break
-        return torch.cat(tokens, dim=1)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
         self.model.gradient_checkpointing = True

@@ -1,10 +1,10 @@
 """Benchmark tinymind against the Hugging Face implementations of the same network, on the same weights.
 
-    python scripts/bench.py                                # small preset, batch 8 x 512, float32, every case
-    python scripts/bench.py --dtype bfloat16               # the same under bf16 autocast
-    python scripts/bench.py --cases dense,generate --repeats 3
-    python scripts/bench.py --peak_mem                     # also the memory of a training step, per batch size
-    python scripts/bench.py --cases moe,dispatch --profile # and where each contender's time goes, by operator
+    python -m scripts.bench                                # small preset, batch 8 x 512, float32, every case
+    python -m scripts.bench --dtype bfloat16               # the same under bf16 autocast
+    python -m scripts.bench --cases dense,generate --repeats 3
+    python -m scripts.bench --peak_mem                     # also the memory of a training step, per batch size
+    python -m scripts.bench --cases moe,dispatch --profile # and where each contender's time goes, by operator
 
 Cases (`--cases`, comma-separated; all by default):
     dense         training step: tinymind dense vs transformers' LlamaForCausalLM
@@ -37,7 +37,6 @@ allocator slack), then the largest batch a memory budget holds, extrapolated fro
 """
 
 import argparse
-import contextlib
 import json
 import multiprocessing
 import platform
@@ -49,19 +48,16 @@ from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2MoeForCausalLM
+from transformers import LlamaForCausalLM, Qwen2MoeForCausalLM
+
+from model import TinyMindConfig, TinyMindForCausalLM, fast_generate, masked_cross_entropy
+from model.convert import llama_config, qwen2_moe_config, to_qwen2_moe
+from trainer.flags import MODEL_FLAGS
+from trainer.loop import make_optimizer
+from trainer.precision import autocast_context
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from model import TinyMindConfig, TinyMindForCausalLM, masked_cross_entropy  # noqa: E402
-from model.convert import qwen2_moe_config, to_qwen2_moe  # noqa: E402
-from trainer.loop import make_optimizer  # noqa: E402
-
 CASES = ("dense", "moe", "dispatch", "generate", "generate_moe")
-# Preset keys that shape the network; the rest of a preset describes a training run and is ignored here.
-MODEL_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
-              "n_routed_experts", "num_experts_per_tok", "n_shared_experts", "aux_loss_alpha")
 PROMPT_TOKENS = 32
 
 
@@ -110,23 +106,15 @@ def parse_args(argv=None):
 
 
 def tinymind_config(args, use_moe, **overrides):
-    fields = {key: args.preset[key] for key in MODEL_KEYS if key in args.preset}
+    # A preset's other keys describe a training run and are ignored here.
+    fields = {key: args.preset[key] for key in MODEL_FLAGS if key in args.preset}
     return TinyMindConfig(use_moe=use_moe, **{**fields, **overrides})
 
 
 def llama_twin(model):
     """LlamaForCausalLM with tinymind dense's weights: the same network, Hugging Face's code."""
-    c = model.config
-    config = LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads, max_position_embeddings=c.max_position_embeddings,
-        rms_norm_eps=c.rms_norm_eps, rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
-        tie_word_embeddings=True, attention_bias=False, mlp_bias=False,
-        bos_token_id=c.bos_token_id, eos_token_id=None, pad_token_id=c.pad_token_id,
-    )
-    twin = LlamaForCausalLM._from_config(config, attn_implementation="sdpa")
-    twin.load_state_dict(model.state_dict(), strict=True)  # the DESIGN layout is Llama's
+    twin = LlamaForCausalLM._from_config(llama_config(model.config), attn_implementation="sdpa")
+    twin.load_state_dict(model.state_dict(), strict=True)  # tinymind's state-dict layout is Llama's
     return twin
 
 
@@ -216,19 +204,13 @@ class Generation:
     def run(self):
         with torch.no_grad(), self.autocast:
             if self.fast:
-                self.output = self.model.fast_generate(self.prompt, self.new_tokens)
+                self.output = fast_generate(self.model, self.prompt, self.new_tokens)
             else:
                 self.output = self.model.generate(
                     self.prompt, attention_mask=torch.ones_like(self.prompt), max_new_tokens=self.new_tokens,
                     do_sample=False, eos_token_id=None, pad_token_id=0,
                 )
         assert self.output.shape[1] == PROMPT_TOKENS + self.new_tokens
-
-
-def autocast_context(args):
-    if args.dtype == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(args.device).type, dtype=getattr(torch, args.dtype))
 
 
 def build_contenders(args):
@@ -529,7 +511,7 @@ def main(argv=None):
         print_profiles(contenders, args)
     settings = {key: value for key, value in vars(args).items() if key != "preset"}
     report = {
-        "command": " ".join(["python", "scripts/bench.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": " ".join(["python", "-m", "scripts.bench", *(sys.argv[1:] if argv is None else argv)]),
         "settings": settings, "preset": args.preset,
         "machine": {"device": args.device, "platform": platform.platform(), "processor": platform.processor(),
                     "threads": torch.get_num_threads(), "torch": torch.__version__,

@@ -1,7 +1,7 @@
 """Move a tinymind checkpoint to and from a Hugging Face directory that stock tools run.
 
-    python scripts/convert_hf.py export --checkpoint output/sft_dense/sft_512.pth --out hf/sft_512
-    python scripts/convert_hf.py import --model hf/sft_512 --out output/imported/sft_512.pth
+    python -m scripts.convert_hf export --checkpoint output/sft_dense/sft_512.pth --out hf/sft_512
+    python -m scripts.convert_hf import --model hf/sft_512 --out output/imported/sft_512.pth
 
 Export writes safetensors, config and tokenizer (chat template included) that
 `AutoModelForCausalLM.from_pretrained(DIR)` loads without trust_remote_code: a dense model as
@@ -11,18 +11,15 @@ Import reads such a directory (or a tinymind one) and writes the .pth plus its .
 """
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-# Run as `python scripts/convert_hf.py`, Python puts scripts/ on the path, not the repo root.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from dataset import load_tokenizer  # noqa: E402
-from model import TinyMindConfig  # noqa: E402
-from model.convert import UnsupportedArchitecture, export_hf, load_hf  # noqa: E402
-from trainer import UserError, load_model, run_cli, save_weights  # noqa: E402
+from dataset import load_tokenizer
+from model import TinyMindConfig
+from model.convert import UnsupportedArchitecture, export_hf, load_hf
+from trainer import UserError, load_model, run_cli, save_weights
+from trainer.distributed import say
 
 
 def export(args):
@@ -30,7 +27,7 @@ def export(args):
     tokenizer = load_tokenizer(args.tokenizer_path)
     architecture = export_hf(model, args.out, dtype=getattr(torch, args.dtype) if args.dtype else None)
     tokenizer.save_pretrained(args.out)
-    print(f"wrote {args.out} ({architecture})")
+    say(f"wrote {args.out} ({architecture})")
 
 
 def read_config(path):
@@ -47,7 +44,7 @@ def import_(args):
         raise UserError(" ".join(str(err).split())) from None  # one line, whatever the Hub wrote
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     save_weights(model.state_dict(), model.config, args.out)
-    print(f"wrote {args.out} and {Path(args.out).with_suffix('.json')}")
+    say(f"wrote {args.out} and {Path(args.out).with_suffix('.json')}")
 
 
 def main(argv=None):

@@ -1,6 +1,6 @@
 """Turn a run's CSV log into a PNG: loss/CE/aux and learning rate against tokens, and MoE expert load shares.
 
-    python scripts/plot_logs.py output/pretrain_moe/pretrain_512_moe_log.csv   # writes ..._log.png beside it
+    python -m scripts.plot_logs output/pretrain_moe/pretrain_512_moe_log.csv   # writes ..._log.png beside it
 """
 
 import argparse

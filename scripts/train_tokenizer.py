@@ -12,9 +12,9 @@ At the end it prints the compression (characters per token) on the validation co
 for Chinese and English documents separately.
 
 Usage:
-    python scripts/prepare_data.py                  # makes data/pretrain.jsonl first
-    python scripts/train_tokenizer.py               # vocab 6400 -> model/tokenizer
-    python scripts/train_tokenizer.py --vocab_size 32000 --max_chars 20000000 --out_dir /tmp/tok
+    python -m scripts.prepare_data                  # makes data/pretrain.jsonl first
+    python -m scripts.train_tokenizer               # vocab 6400 -> model/tokenizer
+    python -m scripts.train_tokenizer --vocab_size 32000 --max_chars 20000000 --out_dir /tmp/tok
 """
 
 import argparse
@@ -26,7 +26,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from prepare_data import cjk_share
+from scripts.data.pipeline import cjk_share
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -39,7 +39,7 @@ CHAT_TEMPLATE = (
 
 def read_texts(path: Path) -> list[str]:
     if not path.exists():
-        sys.exit(f"train_tokenizer: {path} not found; run `python scripts/prepare_data.py` first or pass --data")
+        sys.exit(f"train_tokenizer: {path} not found; run `python -m scripts.prepare_data` first or pass --data")
     texts = []
     with open(path, encoding="utf-8") as f:
         for line_number, line in enumerate(f, 1):
@@ -47,7 +47,7 @@ def read_texts(path: Path) -> list[str]:
                 texts.append(json.loads(line)["text"])
             except (ValueError, KeyError, TypeError):
                 sys.exit(f"train_tokenizer: {path}:{line_number} is not a {{\"text\": ...}} json line; "
-                         f"regenerate it with scripts/prepare_data.py")
+                         f"regenerate it with `python -m scripts.prepare_data`")
     return texts
 
 

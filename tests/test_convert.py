@@ -178,7 +178,7 @@ def test_cli_round_trip(tokens, tmp_path):
     model.config.to_json_file(checkpoint.with_suffix(".json"))
     hf_dir = tmp_path / "hf"
     subprocess.run(
-        [sys.executable, "scripts/convert_hf.py", "export", "--checkpoint", str(checkpoint), "--out", str(hf_dir)],
+        [sys.executable, "-m", "scripts.convert_hf", "export", "--checkpoint", str(checkpoint), "--out", str(hf_dir)],
         check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=ROOT,
     )
     assert (hf_dir / "model.safetensors").is_file() and (hf_dir / "tokenizer.json").is_file()

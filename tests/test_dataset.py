@@ -9,6 +9,8 @@ import torch
 
 from dataset import DEFAULT_TOKENIZER_PATH, DataError, PretrainDataset, SFTDataset, load_tokenizer, truncate_qa
 
+from conftest import write_jsonl
+
 ROOT = Path(__file__).resolve().parent.parent
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
@@ -32,16 +34,6 @@ def quiet_private_datasets_cache(tmp_path, monkeypatch):
     yield
     if bars_were_on:
         datasets.enable_progress_bar()
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer()
-
-
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records), encoding="utf-8")
-    return path
 
 
 def unpadded(item, length):
@@ -82,27 +74,33 @@ def test_load_tokenizer_names_missing_path_and_flag(tmp_path):
 # ---- pretraining ----------------------------------------------------------------------------
 
 
-def test_pretrain_frames_shifts_and_masks_padding_by_position(tmp_path, tokenizer):
-    # "<|endoftext|>" inside the text becomes the pad id: the mask must still count it as real.
+def test_pretrain_frames_shifts_and_collates_with_an_attention_mask_from_the_lengths(tmp_path, tokenizer):
+    # "<|endoftext|>" inside the text becomes the pad id: the masks must still count it as real.
     short, long = "a<|endoftext|>b 你好", "The quick brown fox jumps over the lazy dog. " * 10
     path = write_jsonl(tmp_path / "pretrain.jsonl", [{"text": short}, {"text": long}])
     data = PretrainDataset(path, tokenizer, max_length=16)
-    assert len(data) == 2 and data.skipped == 0 and data.bad_lines == 0
+    assert len(data) == 2 and data.skipped == 0 and data.bad_lines == 0 and data.notes() == []
 
     framed = [1, *tokenizer(short, add_special_tokens=False)["input_ids"], 2]
     assert 0 in framed[1:-1]
     input_ids, targets, loss_mask = item = data[0]
-    assert [tensor.shape for tensor in item] == [torch.Size([15])] * 3
+    assert [tensor.shape for tensor in item] == [torch.Size([len(framed) - 1])] * 3  # exact length, no padding
     assert all(tensor.dtype == torch.long for tensor in item)
     assert unpadded(item, len(framed)) == framed
     assert torch.equal(targets[:-1], input_ids[1:])
-    assert input_ids[len(framed):].tolist() == [0] * (15 - len(framed))
-    assert loss_mask.tolist() == [1] * (len(framed) - 1) + [0] * (16 - len(framed))
+    assert loss_mask.tolist() == [1] * (len(framed) - 1)
 
     input_ids, targets, loss_mask = data[1]
     assert input_ids[0] == 1 and 2 not in targets.tolist()  # cut to 16 tokens: no room for the eos
     assert unpadded(data[1], 16) == [1, *tokenizer(long, add_special_tokens=False)["input_ids"][:15]]
     assert loss_mask.tolist() == [1] * 15
+
+    batch = data.collate([data[0], data[1]])  # padded to the longest sample, not to max_length
+    assert batch.input_ids.shape == (2, 15) and len(batch) == 2
+    assert batch.attention_mask.tolist() == [[1] * (len(framed) - 1) + [0] * (16 - len(framed)), [1] * 15]
+    assert batch.loss_mask[0].tolist() == batch.attention_mask[0].tolist()
+    assert batch.input_ids[0, len(framed) - 1:].tolist() == [0] * (16 - len(framed))
+    assert batch.tokens == len(framed) - 1 + 15
 
 
 # ---- SFT: truncation and the loss mask ------------------------------------------------------
@@ -169,12 +167,13 @@ def test_sft_too_long_single_answer_is_cut_at_the_tail_not_the_start(tmp_path, t
     assert item[2][-1] == 1  # trained up to the cut
 
 
-def test_sft_sample_with_no_trainable_token_is_skipped_and_counted(tmp_path, tokenizer, capsys):
+def test_sft_sample_with_no_trainable_token_is_skipped_and_counted(tmp_path, tokenizer):
     hopeless = [{"role": "system", "content": "A very long system prompt. " * 20}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     fine = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     data = SFTDataset(write_jsonl(tmp_path / "sft.jsonl", [{"conversations": hopeless}, {"conversations": fine}]), tokenizer, max_length=32)
     assert (len(data), data.skipped) == (1, 1)
-    assert "skipped 1 samples" in capsys.readouterr().out
+    assert data.notes() == [f"{tmp_path / 'sft.jsonl'}: skipped 1 samples that kept no trainable token after "
+                            "truncation to 32 tokens"]
     assert trained_text(tokenizer, data[0]) == "Hello<|im_end|>"
 
 
@@ -245,14 +244,14 @@ def test_missing_or_empty_file_is_a_data_error(tmp_path, tokenizer, content, wor
 
 
 @pytest.mark.parametrize("unreadable_line", [b"", b'{"conversations": [ oops'], ids=["arrow-readable", "arrow-unreadable"])
-def test_skip_bad_lines_drops_and_counts_them(tmp_path, tokenizer, capsys, unreadable_line):
+def test_skip_bad_lines_drops_and_counts_them(tmp_path, tokenizer, unreadable_line):
     lines = [GOOD_CHAT, unreadable_line, chat_line(("assistant", "Hi"), ("user", "Hello")), b'{"conversations": []}', GOOD_CHAT]
     path = tmp_path / "sft.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
     data = SFTDataset(path, tokenizer, max_length=64, skip_bad_lines=True)
     expected_bad = 3 if unreadable_line else 2
     assert (len(data), data.bad_lines, data.skipped) == (2, expected_bad, 0)
-    assert f"skipped {expected_bad} bad lines" in capsys.readouterr().out
+    assert data.notes() == [f"{path}: skipped {expected_bad} bad lines of {expected_bad + 2} (skip_bad_lines)"]
     assert trained_text(tokenizer, data[1]) == "Paris.<|im_end|>"
 
 

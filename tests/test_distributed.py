@@ -10,7 +10,7 @@ import torch
 
 from trainer import load_model
 
-from stage_helpers import ROOT, TINY, pretrain_file, run_stage
+from conftest import ROOT, TINY, pretrain_file, run_stage
 
 MOE = ["--model_type", "moe", "--n_routed_experts", "4", "--num_experts_per_tok", "2"]
 STEPS = ["--max_steps", 6, "--save_interval", 3, "--log_interval", 1]

@@ -1,32 +1,22 @@
-"""The fast paths give what the plain path gives: fast_generate / PackedDecoder, autocast, compile, the bench."""
+"""The fast paths give what the plain path gives: fast_generate / PackedDecoder and sampling, autocast, compile, the bench."""
 
+import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from model import TinyMindConfig, TinyMindForCausalLM, masked_cross_entropy
-from model.model import PackedDecoder, RMSNorm
+from transformers import RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from model import Sampling, fast_generate, masked_cross_entropy
+from model.generate import PackedDecoder, next_tokens
+from model.model import RMSNorm
+
+from conftest import make_model
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def tiny_config(**overrides):
-    fields = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=97)
-    return TinyMindConfig(**{**fields, **overrides})
-
-
-def moe_config(**overrides):
-    return tiny_config(**{**dict(use_moe=True, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1),
-                          **overrides})
-
-
-def make_model(use_moe, seed=0):
-    torch.manual_seed(seed)
-    return TinyMindForCausalLM(moe_config() if use_moe else tiny_config()).eval()
 
 
 @pytest.mark.parametrize("use_moe", [False, True])
@@ -48,23 +38,23 @@ def test_fast_generate_equals_hf_generate_greedy(use_moe):
     model = make_model(use_moe)
     prompt = torch.randint(3, 97, (1, 7))
     expected = model.generate(prompt, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
-    assert torch.equal(model.fast_generate(prompt, 20), expected)
+    assert torch.equal(fast_generate(model, prompt, 20), expected)
 
 
 def test_fast_generate_batch_rows_decode_independently():
     model = make_model(use_moe=True)
     prompts = torch.randint(3, 97, (3, 5))
-    together = model.fast_generate(prompts, 8)
+    together = fast_generate(model, prompts, 8)
     for row in range(3):
-        assert torch.equal(together[row:row + 1], model.fast_generate(prompts[row:row + 1], 8))
+        assert torch.equal(together[row:row + 1], fast_generate(model, prompts[row:row + 1], 8))
 
 
 def test_fast_generate_stops_at_eos_and_pads_finished_rows():
     model = make_model(use_moe=False)
     prompts = torch.randint(3, 97, (2, 4))
-    free = model.fast_generate(prompts, 10)
+    free = fast_generate(model, prompts, 10)
     eos = int(free[0, 4])  # row 0's first new token plays eos
-    out = model.fast_generate(prompts, 10, eos_token_id=eos)
+    out = fast_generate(model, prompts, 10, eos_token_id=eos)
     pad = model.config.pad_token_id
     ends = []
     for row in range(2):
@@ -74,15 +64,38 @@ def test_fast_generate_stops_at_eos_and_pads_finished_rows():
         assert out[row, 4:4 + end].tolist() == new[:end]
         assert (out[row, 4 + end:] == pad).all()
     assert out.shape[1] == 4 + max(ends)  # it stops once every row is done
-    assert model.fast_generate(prompts[:1], 10, eos_token_id=eos).shape[1] == 5
+    assert fast_generate(model, prompts[:1], 10, eos_token_id=eos).shape[1] == 5
 
 
 def test_fast_generate_samples_within_top_k():
     model = make_model(use_moe=False)
     prompt = torch.randint(3, 97, (1, 4))
     torch.manual_seed(1)
-    out = model.fast_generate(prompt, 6, temperature=0.8, top_k=1)
-    assert torch.equal(out, model.fast_generate(prompt, 6))  # top-1 sampling is greedy
+    out = fast_generate(model, prompt, 6, Sampling(temperature=0.8, top_k=1))
+    assert torch.equal(out, fast_generate(model, prompt, 6))  # top-1 sampling is greedy
+
+
+def test_repetition_penalty_decodes_as_hf_generate_does():
+    model = make_model(use_moe=False)
+    prompt = torch.randint(3, 97, (1, 6))
+    expected = model.generate(prompt, max_new_tokens=16, do_sample=False, repetition_penalty=1.5,
+                              eos_token_id=None, pad_token_id=0)
+    assert torch.equal(fast_generate(model, prompt, 16, Sampling(repetition_penalty=1.5)), expected)
+
+
+def test_sampling_keeps_exactly_the_tokens_hf_processors_keep():
+    torch.manual_seed(0)
+    logits, seen = torch.randn(4, 97) * 3, torch.randint(0, 97, (4, 5))
+    sampling = Sampling(temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.3)
+    hf = logits
+    for processor in (RepetitionPenaltyLogitsProcessor(1.3), TemperatureLogitsWarper(0.7), TopKLogitsWarper(20),
+                      TopPLogitsWarper(0.8)):
+        hf = processor(seen, hf)
+    allowed = torch.isfinite(hf)
+    drawn = torch.cat([next_tokens(logits, seen, sampling) for _ in range(400)], dim=1)
+    assert allowed.gather(1, drawn).all()  # never a token HF would cut
+    for row in range(4):  # and every token it keeps is reachable (400 draws cover them at these sizes)
+        assert set(drawn[row].tolist()) == set(allowed[row].nonzero().flatten().tolist())
 
 
 def test_fast_generate_under_bf16_autocast_tracks_the_modules():
@@ -146,16 +159,11 @@ def test_compiled_training_step_gives_the_eager_loss():
 
 
 def test_bench_smoke(tmp_path):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import bench
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
+    from scripts import bench
+
     out = tmp_path / "bench.json"
     bench.main(["--config", str(ROOT / "configs/tiny.json"), "--batch_size", "1", "--seq_len", "16",
                 "--repeats", "1", "--warmup", "0", "--new_tokens", "4", "--out", str(out)])
-    import json
-
     report = json.loads(out.read_text())
     assert set(report["cases"]) == set(bench.CASES)
     assert report["cases"]["generate"]["same_tokens"]

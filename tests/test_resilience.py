@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import trainer.checkpoint
-import trainer.loop
+import trainer.objectives
 from trainer import run_cli, train_stage
 from dataset import PretrainDataset
 
-from stage_helpers import ROOT, TINY, pretrain_file, run_stage
+from conftest import ROOT, TINY, pretrain_file, run_stage
 
 PRETRAIN = dict(stage="pretrain", description="", dataset_class=PretrainDataset,
                 default_data="data/pretrain.jsonl", default_val="data/none.jsonl")
@@ -139,7 +139,7 @@ def test_resume_without_state_says_so(workdir, capsys):
 
 def poison_loss(monkeypatch, bad_calls):
     """Make the loss NaN on the given (1-based) calls of masked_cross_entropy inside the loop."""
-    real = trainer.loop.masked_cross_entropy
+    real = trainer.objectives.masked_cross_entropy
     calls = {"n": 0}
 
     def maybe_nan(*args, **kwargs):
@@ -147,7 +147,7 @@ def poison_loss(monkeypatch, bad_calls):
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] in bad_calls else loss
 
-    monkeypatch.setattr(trainer.loop, "masked_cross_entropy", maybe_nan)
+    monkeypatch.setattr(trainer.objectives, "masked_cross_entropy", maybe_nan)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])  # float16 adds the GradScaler's own bookkeeping

@@ -7,19 +7,15 @@ import math
 import pytest
 import torch
 
-from dataset import PretrainDataset, SFTDataset, load_tokenizer
-from model import TinyMindConfig, TinyMindForCausalLM, masked_cross_entropy
+from dataset import LENGTH_GROUP_STEPS, PretrainDataset, SFTDataset, epoch_order
+from model import TinyMindConfig, TinyMindForCausalLM
 from model import model as model_module
 from trainer.flags import add_model_flags, add_training_flags, model_config, new_parser, parse
-from trainer.loop import LENGTH_GROUP_STEPS, Trainer, epoch_order, trim_padding
-from trainer.checkpoint import load_model, save_weights
+from trainer.checkpoint import load_model, run_paths, save_weights
+from trainer.loop import Trainer
+from trainer.objectives import LanguageModeling
 
-from stage_helpers import MODEL, TINY, pretrain_file, run_stage, sft_file
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer()
+from conftest import MODEL, TINY, pretrain_file, run_stage, sft_file
 
 
 def tiny_args(tmp_path, *extra):
@@ -113,11 +109,9 @@ def one_step_loss(tmp_path, tokenizer, batch_size, accumulation_steps, *flags):
                      "--max_steps", 1, "--data_path", data, *flags)
     torch.manual_seed(0)
     model = TinyMindForCausalLM(model_config(args))
-    trainer = Trainer(model, PretrainDataset(data, tokenizer, args.max_seq_len), args, "pretrain",
-                      tokenizer.pad_token_id)
-    order = [0, 1, 2, 3]
-    batches = [tuple(torch.stack(parts) for parts in zip(*(trainer.dataset[i] for i in order[j:j + batch_size])))
-               for j in range(0, 4, batch_size)]
+    dataset = PretrainDataset(data, tokenizer, args.max_seq_len)
+    trainer = Trainer(model, dataset, LanguageModeling(), args, run_paths("pretrain", args))
+    batches = [dataset.collate([dataset[i] for i in range(j, j + batch_size)]) for j in range(0, 4, batch_size)]
     stats = trainer.optimizer_step(batches)
     return stats, model
 
@@ -160,10 +154,13 @@ def test_memory_and_speed_flags_train_the_same_step(flag, tmp_path, tokenizer, m
 def test_logged_loss_is_the_true_step_mean(tmp_path, tokenizer):
     stats, model = one_step_loss(tmp_path, tokenizer, batch_size=2, accumulation_steps=2)
     dataset = PretrainDataset(tmp_path / "pretrain.jsonl", tokenizer, 48)
-    inputs, targets, masks = (torch.stack(parts) for parts in zip(*(dataset[i] for i in range(4))))
     torch.manual_seed(0)
     fresh = TinyMindForCausalLM(model.config)  # the same init the trainer's model had before its step
-    expected = masked_cross_entropy(fresh(inputs).logits, targets, masks).item()
+    total, count = 0.0, 0
+    for input_ids, targets, mask in (dataset[i] for i in range(4)):  # each sample alone, unpadded
+        losses = torch.nn.functional.cross_entropy(fresh(input_ids[None]).logits[0], targets, reduction="none")
+        total, count = total + (losses * mask).sum().item(), count + int(mask.sum())
+    expected = total / count
     assert stats["ce"] == pytest.approx(expected, rel=1e-5)
 
 
@@ -237,17 +234,6 @@ def test_epoch_order_is_a_permutation_in_steps_of_similar_length():
         return sum(max(lengths[i] for i in order[s:s + per_step]) * per_step for s in range(0, len(order), per_step))
 
     assert padded_slots(order) < 0.6 * padded_slots(shuffled)
-
-
-def test_trim_padding_cuts_trailing_columns_and_masks_only_trailing_padding():
-    pad = 0
-    ids = torch.tensor([[5, 0, 7, 0, 0, 0],  # a pad id inside the text is a real token
-                        [5, 6, 0, 0, 0, 0]])
-    targets, mask = ids + 1, (ids != pad).float()
-    cut_ids, cut_targets, cut_mask, attention = trim_padding(ids, targets, mask, pad)
-    assert cut_ids.tolist() == [[5, 0, 7], [5, 6, 0]]
-    assert cut_targets.tolist() == (ids + 1)[:, :3].tolist() and cut_mask.shape == (2, 3)
-    assert attention.tolist() == [[True, True, True], [True, True, False]]
 
 
 def test_safetensors_keeps_an_untied_head(tmp_path):

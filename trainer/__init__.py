@@ -1,8 +1,10 @@
-"""What the stage scripts share: flags, the training loop, checkpoints, perplexity and chat."""
+"""What the stage scripts share: flags, the loop and its objectives, checkpoints, perplexity and chat."""
 
 from .chat import eval_stage
 from .checkpoint import load_model, save_weights
 from .errors import UserError
+from .objectives import LanguageModeling, Loss, Objective, Step
 from .stages import run_cli, train_stage
 
-__all__ = ["eval_stage", "load_model", "save_weights", "UserError", "run_cli", "train_stage"]
+__all__ = ["eval_stage", "load_model", "save_weights", "UserError", "LanguageModeling", "Loss", "Objective", "Step",
+           "run_cli", "train_stage"]

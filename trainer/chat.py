@@ -5,48 +5,34 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import TextStreamer
 
 from dataset import PretrainDataset, SFTDataset, load_tokenizer
+from model import Sampling, stream_tokens
 
-from .checkpoint import load_model
+from .checkpoint import load_model, run_paths
+from .distributed import say
 from .errors import UserError
 from .evaluate import perplexity
-from .flags import add_model_flags, checkpoint_path, model_config, new_parser, parse
-
-
-def eval_parser():
-    parser = new_parser("Chat with a tinymind checkpoint, or report its perplexity on a jsonl file.")
-    add_model_flags(parser)
-    group = parser.add_argument_group("chat")
-    group.add_argument("--checkpoint", help="a .pth/.safetensors or a Hugging Face directory "
-                                            "(default: the matching output/sft_*/sft_*.pth)")
-    group.add_argument("--prompt", help="answer this once and exit")
-    group.add_argument("--prompts_file", help="answer each line of this file")
-    group.add_argument("--no_history", action="store_true", help="interactive chat forgets earlier turns")
-    group.add_argument("--max_new_tokens", type=int, default=256)
-    group.add_argument("--temperature", type=float, default=0.85, help="0 means greedy")
-    group.add_argument("--top_p", type=float, default=0.85)
-    group.add_argument("--top_k", type=int, default=0, help="0 means no top-k cut")
-    group.add_argument("--repetition_penalty", type=float, default=1.0)
-    group.add_argument("--ppl_data", help="report perplexity on this pretrain- or SFT-format jsonl instead")
-    group.add_argument("--batch_size", type=int, default=8, help="batch size for --ppl_data")
-    return parser
+from .flags import add_chat_flags, add_model_flags, model_config, new_parser, parse
+from .precision import autocast_context
 
 
 def eval_stage(argv=None):
-    args = parse(eval_parser(), argv)
+    parser = new_parser("Chat with a tinymind checkpoint, or report its perplexity on a jsonl file.")
+    add_model_flags(parser)
+    add_chat_flags(parser)
+    args = parse(parser, argv)
     torch.manual_seed(args.seed)
-    checkpoint = args.checkpoint or checkpoint_path("sft", args)
+    checkpoint = args.checkpoint or run_paths("sft", args).existing_weights()
     model = load_model(checkpoint, fallback_config=model_config(args)).to(args.device).eval()
     tokenizer = load_tokenizer(args.tokenizer_path)
-    print(f"loaded {checkpoint} ({model.parameter_counts()[0] / 1e6:.2f}M parameters)", file=sys.stderr)
+    say(f"loaded {checkpoint} ({model.parameter_counts()[0] / 1e6:.2f}M parameters)", err=True)
 
     if args.ppl_data:
         dataset_class = SFTDataset if is_sft_file(args.ppl_data) else PretrainDataset
         dataset = dataset_class(args.ppl_data, tokenizer, args.max_seq_len)
-        print(f"perplexity on {args.ppl_data} ({dataset_class.__name__}, {len(dataset)} samples): "
-              f"{perplexity(model, dataset, args):.4f}")
+        say(f"perplexity on {args.ppl_data} ({dataset_class.__name__}, {len(dataset)} samples): "
+            f"{perplexity(model, dataset, args):.4f}")
         return
     if args.prompt is not None:
         prompts = [args.prompt]
@@ -56,7 +42,7 @@ def eval_stage(argv=None):
         interactive_chat(model, tokenizer, args)
         return
     for prompt in prompts:
-        print(f"> {prompt}")
+        say(f"> {prompt}")
         answer(model, tokenizer, [{"role": "user", "content": prompt}], args)
 
 
@@ -71,32 +57,30 @@ def is_sft_file(path):
 
 
 def answer(model, tokenizer, messages, args):
-    """Stream the model's reply to `messages`, print tokens/s, and return the reply text."""
+    """Stream the model's reply to `messages` as it is decoded, print tokens/s, and return the reply text."""
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     input_ids = tokenizer(prompt, return_tensors="pt").input_ids[:, -args.max_seq_len:].to(args.device)
-    sampling = args.temperature > 0
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
     started = time.perf_counter()
-    output = model.generate(
-        input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        max_new_tokens=args.max_new_tokens,
-        do_sample=sampling,
-        temperature=args.temperature if sampling else None,
-        top_p=args.top_p if sampling else None,
-        top_k=args.top_k if sampling else None,
-        repetition_penalty=args.repetition_penalty,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
-    )
-    new_tokens = output[0, input_ids.shape[1]:]
+    new_tokens, shown = [], ""
+    with autocast_context(args):
+        for token in stream_tokens(model, input_ids, args.max_new_tokens, sampling, tokenizer.eos_token_id):
+            if int(token) == tokenizer.eos_token_id:
+                break
+            new_tokens.append(int(token))
+            text = tokenizer.decode(new_tokens, skip_special_tokens=True)
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                sys.stdout.write(text[len(shown):])
+                sys.stdout.flush()
+                shown = text
+    sys.stdout.write("\n")
     seconds = time.perf_counter() - started
-    print(f"[{len(new_tokens)} tokens, {len(new_tokens) / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
+    say(f"[{len(new_tokens)} tokens, {len(new_tokens) / max(seconds, 1e-9):.1f} tokens/s]", err=True)
     return tokenizer.decode(new_tokens, skip_special_tokens=True)
 
 
 def interactive_chat(model, tokenizer, args):
-    print("chat with the model: /reset clears the history, Ctrl-D exits", file=sys.stderr)
+    say("chat with the model: /reset clears the history, Ctrl-D exits", err=True)
     history = []
     while True:
         try:

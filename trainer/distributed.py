@@ -1,4 +1,4 @@
-"""More than one process: the torchrun environment, process-group setup, and the few collectives the loop needs.
+"""Processes: the torchrun environment, the few collectives the loop needs, stop signals, and `say`.
 
 Run any stage as `torchrun --nproc_per_node N 1-pretrain.py ...`: NCCL on CUDA, Gloo on CPU.
 With one process (no torchrun) every helper here is a no-op, so the loop reads the same.
@@ -6,11 +6,14 @@ With one process (no torchrun) every helper here is a no-op, so the loop reads t
 
 import contextlib
 import os
+import signal
+import sys
 
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
 
 def launched_by_torchrun() -> bool:
@@ -44,10 +47,11 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def print0(*args, **kwargs):
-    """print on the main process only, so N processes do not say everything N times."""
+def say(message, err=False):
+    """The one way to tell the user something: once (main process), without breaking a progress bar;
+    results on stdout, notes, warnings and errors (`err=True`) on stderr."""
     if is_main():
-        print(*args, **kwargs)
+        tqdm.write(str(message), file=sys.stderr if err else sys.stdout)
 
 
 def all_reduce_sum(tensor):
@@ -128,3 +132,32 @@ def full_state_dicts(model, optimizer):
 def load_full_state_dicts(model, optimizer, model_state, optimizer_state):
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
                    options=StateDictOptions(full_state_dict=True))
+
+
+class StopSignals:
+    """Within the block, Ctrl-C / SIGTERM ask the loop to stop after the current step (a second one exits at
+    once). `requested()` tells every process whether any got one, so all stop at the same step to save."""
+
+    def __init__(self, device):
+        self.device = device
+        self.signal = None
+
+    def __enter__(self):
+        self.previous = {sig: signal.signal(sig, self.request) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def request(self, sig, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = sig
+        say(f"{signal.Signals(sig).name}: saving a checkpoint after this step ...", err=True)
+
+    def requested(self):
+        stop = all_reduce_sum(torch.tensor(float(self.signal is not None), device=self.device))
+        if stop.item() and self.signal is None:
+            self.signal = signal.SIGTERM
+        return self.signal is not None

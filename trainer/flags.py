@@ -1,8 +1,10 @@
 """The command line every stage shares: flags, `--config` presets, validation, and the model config they describe."""
 
 import argparse
+import dataclasses
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -11,27 +13,29 @@ from model import TinyMindConfig
 
 from .errors import UserError
 
-# Flags that shape the network, mapped straight onto TinyMindConfig fields.
-MODEL_FIELDS = (
-    "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
-    "n_routed_experts", "num_experts_per_tok", "n_shared_experts", "aux_loss_alpha",
-)
+# The flags that shape the network. Each sets the TinyMindConfig field of its name, whose type and default it takes.
+MODEL_FLAGS = {
+    "hidden_size": "width of the residual stream",
+    "num_hidden_layers": "decoder blocks",
+    "num_attention_heads": "query heads",
+    "num_key_value_heads": "key/value heads shared by groups of query heads",
+    "vocab_size": "embedding rows; at least the tokenizer's size",
+    "n_routed_experts": "MoE: experts the router chooses from",
+    "num_experts_per_tok": "MoE: experts each token is sent to (top-k)",
+    "n_shared_experts": "MoE: experts every token always goes through",
+    "aux_loss_alpha": "MoE: weight of the load-balancing loss",
+}
 
 
 def add_model_flags(parser):
     group = parser.add_argument_group("model")
     group.add_argument("--model_type", choices=("dense", "moe"), default="dense", help="dense SwiGLU feed-forward, or Mixture-of-Experts")
     group.add_argument("--config", help="JSON preset in configs/ applied first; explicit flags override it")
-    group.add_argument("--hidden_size", type=int, default=512, help="width of the residual stream")
-    group.add_argument("--num_hidden_layers", type=int, default=8, help="decoder blocks")
-    group.add_argument("--num_attention_heads", type=int, default=8, help="query heads")
-    group.add_argument("--num_key_value_heads", type=int, default=2, help="key/value heads shared by groups of query heads")
-    group.add_argument("--vocab_size", type=int, default=6400, help="embedding rows; at least the tokenizer's size")
+    config_fields = {field.name: field for field in dataclasses.fields(TinyMindConfig)}
+    for name, help_text in MODEL_FLAGS.items():
+        default = config_fields[name].default
+        group.add_argument(f"--{name}", type=type(default), default=default, help=help_text)
     group.add_argument("--max_seq_len", type=int, default=512, help="tokens per training sample")
-    group.add_argument("--n_routed_experts", type=int, default=4, help="MoE: experts the router chooses from")
-    group.add_argument("--num_experts_per_tok", type=int, default=2, help="MoE: experts each token is sent to (top-k)")
-    group.add_argument("--n_shared_experts", type=int, default=1, help="MoE: experts every token always goes through")
-    group.add_argument("--aux_loss_alpha", type=float, default=0.1, help="MoE: weight of the load-balancing loss")
     group.add_argument("--tokenizer_path", help="tokenizer directory; model/tokenizer when not given")
     group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
     group.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
@@ -69,8 +73,29 @@ def add_training_flags(parser, default_data):
                        help="recompute each block's activations in backward: less memory, about a third more time")
 
 
+def add_chat_flags(parser):
+    group = parser.add_argument_group("chat")
+    group.add_argument("--checkpoint", help="a .pth/.safetensors or a Hugging Face directory "
+                                            "(default: the matching output/sft_*/sft_*.pth)")
+    group.add_argument("--prompt", help="answer this once and exit")
+    group.add_argument("--prompts_file", help="answer each line of this file")
+    group.add_argument("--no_history", action="store_true", help="interactive chat forgets earlier turns")
+    group.add_argument("--max_new_tokens", type=int, default=256)
+    group.add_argument("--temperature", type=float, default=0.85, help="0 means greedy")
+    group.add_argument("--top_p", type=float, default=0.85)
+    group.add_argument("--top_k", type=int, default=0, help="0 means no top-k cut")
+    group.add_argument("--repetition_penalty", type=float, default=1.0)
+    group.add_argument("--ppl_data", help="report perplexity on this pretrain- or SFT-format jsonl instead")
+    group.add_argument("--batch_size", type=int, default=8, help="batch size for --ppl_data")
+
+
+# Every flag group a stage can have: a preset may hold keys of any of them.
+FLAG_GROUPS = (add_model_flags, lambda parser: add_training_flags(parser, default_data=""), add_chat_flags)
+
+
 def parse(parser, argv=None):
     """Parse argv with any `--config` preset applied first, then check the values a user can get wrong."""
+    argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
     known, _ = parser.parse_known_args(argv)
     if known.config:
         parser.set_defaults(**load_preset(known.config, parser))
@@ -83,59 +108,53 @@ def parse(parser, argv=None):
 
 
 def load_preset(path, parser):
-    """The preset's values for this parser's flags; keys no stage knows are an error, other stages' keys are skipped."""
+    """The preset's values for this parser's flags, each parsed by the flag itself as on the command line.
+    Keys no stage knows are an error; keys of other stages are skipped."""
     try:
         preset = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise UserError(f"--config {path}: no such file (presets live in configs/)") from None
     except json.JSONDecodeError as err:
         raise UserError(f"--config {path}: not valid JSON ({err})") from None
-    every_stage = new_parser("")
-    add_model_flags(every_stage)
-    add_training_flags(every_stage, default_data="")
-    for key in preset:
-        if key not in flag_names(every_stage) - {"help", "config"}:
-            raise UserError(f"--config {path}: unknown key '{key}' (keys are flag names, see --help)")
+    known = set()
+    for add_flags in FLAG_GROUPS:
+        every_stage = new_parser("", add_help=False)
+        add_flags(every_stage)
+        known |= {action.dest for action in every_stage._actions} - {"config"}
     actions = {action.dest: action for action in parser._actions}
-    return {key: preset_value(path, actions[key], value) for key, value in preset.items() if key in actions}
+    values = {}
+    for key, value in preset.items():
+        if key not in known:
+            raise UserError(f"--config {path}: unknown key '{key}' (keys are flag names, see --help)")
+        if key in actions:
+            values[key] = preset_value(path, actions[key], value, parser)
+    return values
 
 
-def preset_value(path, action, value):
-    """A preset's value checked as the flag's own would be on the command line (argparse leaves defaults
-    unchecked): a number, or a string that parses as one, for a number flag; one of the choices; true/false."""
-    if value is None and action.default is None:  # "not given", as the flag itself allows
-        return None
-    checked = value
+def preset_value(path, action, value, parser):
+    """`value` as `--{key} value` on the command line would give it; null means "not given" where the flag
+    allows that. A value the flag refuses is one line naming the key and what the flag takes."""
     if isinstance(action, argparse._StoreTrueAction):
-        expected, ok = "true or false", isinstance(value, bool)
-    elif action.choices is not None:
-        expected, ok = " or ".join(map(json.dumps, action.choices)), value in action.choices
-    elif action.type in (int, float):
-        expected = "a whole number" if action.type is int else "a number"
-        checked = as_number(action.type, value)
-        ok = checked is not None
+        ok, argv = isinstance(value, bool), [action.option_strings[0]] if value is True else []
+    elif value is None:
+        ok, argv = action.default is None, []
     else:
-        expected, ok = "a string", isinstance(value, str)
-    if not ok:
-        raise UserError(f"--config {path}: '{action.dest}' is {json.dumps(value)}, but --{action.dest} takes {expected}")
-    return checked
+        ok, argv = not isinstance(value, (bool, list, dict)), [action.option_strings[0], str(value)]
+    if ok:
+        try:
+            return getattr(parser.parse_known_args(argv, argparse.Namespace())[0], action.dest, value)
+        except UserError:
+            pass
+    raise UserError(f"--config {path}: '{action.dest}' is {json.dumps(value)}, but --{action.dest} takes "
+                    f"{flag_takes(action)}")
 
 
-def as_number(kind, value):
-    """`value` (a JSON number, or a string as argparse would parse it) as a finite `kind`, else None."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        return None
-    try:
-        number = kind(value) if isinstance(value, str) else value
-        if not math.isfinite(number) or (kind is int and number != int(number)):
-            return None
-    except (ValueError, OverflowError):
-        return None
-    return kind(number)
-
-
-def flag_names(parser):
-    return {action.dest for action in parser._actions}
+def flag_takes(action):
+    if isinstance(action, argparse._StoreTrueAction):
+        return "true or false"
+    if action.choices is not None:
+        return " or ".join(map(json.dumps, action.choices))
+    return {int: "a whole number", float: "a number"}.get(action.type, "a string")
 
 
 def validate(args):
@@ -149,6 +168,9 @@ def validate(args):
         value = getattr(args, name, None)
         if value is not None and value < 0:
             raise UserError(f"--{name} {value}: must not be negative")
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{name} {value}: must be a finite number")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: no CUDA device is available here (use --device cpu)")
     config = model_config(args)
@@ -161,25 +183,9 @@ def validate(args):
 def model_config(args) -> TinyMindConfig:
     """The TinyMindConfig the flags describe; an impossible shape is a UserError naming the flags."""
     try:
-        return TinyMindConfig(use_moe=args.model_type == "moe", **{name: getattr(args, name) for name in MODEL_FIELDS})
+        return TinyMindConfig(use_moe=args.model_type == "moe", **{name: getattr(args, name) for name in MODEL_FLAGS})
     except ValueError as err:
         raise UserError(f"model flags: {err}") from None
-
-
-def run_name(stage, args):
-    """`pretrain_512_moe`: the stem every file of a run is named after (DESIGN.md checkpoint names)."""
-    return f"{stage}_{args.hidden_size}{'_moe' if args.model_type == 'moe' else ''}"
-
-
-def run_dir(stage, args) -> Path:
-    return Path(args.out_dir) / f"{stage}_{args.model_type}"
-
-
-def checkpoint_path(stage, args) -> Path:
-    """The stage's weights file for these flags: the `.pth`, or the `.safetensors` when only that exists."""
-    path = run_dir(stage, args) / f"{run_name(stage, args)}.pth"
-    safetensors = path.with_suffix(".safetensors")
-    return safetensors if safetensors.is_file() and not path.is_file() else path
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -192,5 +198,12 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
-def new_parser(description):
-    return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+class ArgumentParser(argparse.ArgumentParser):
+    """A bad flag is a UserError: one `error:` line and exit code 2, like every other mistake."""
+
+    def error(self, message):
+        raise UserError(message)
+
+
+def new_parser(description, add_help=True):
+    return ArgumentParser(description=description, formatter_class=HelpFormatter, add_help=add_help)

@@ -7,11 +7,12 @@ import torch
 
 from .checkpoint import atomic_write
 
-BASE_COLUMNS = ["step", "tokens", "loss", "ce", "aux", "lr", "grad_norm", "tokens_per_s"]
 
-
-def load_columns(n_layers, n_experts):
-    return [f"load_l{layer}_e{expert}" for layer in range(n_layers) for expert in range(n_experts)]
+def log_columns(objective, expert_loads):
+    """The CSV header: progress, the loss and the objective's metrics, the optimizer, then MoE expert loads."""
+    loads = [f"load_l{layer}_e{expert}" for layer in range(len(expert_loads.layers))
+             for expert in range(expert_loads.n_experts)]
+    return ["step", "tokens", "loss", *objective.metrics, "lr", "grad_norm", "tokens_per_s", *loads]
 
 
 class CsvLog:
@@ -57,8 +58,8 @@ class ExpertLoadWatch:
 
     def __init__(self, moe_layers):
         self.layers = moe_layers
-        n_experts = moe_layers[0].n_experts if moe_layers else 0
-        self.threshold = 0.25 / n_experts if n_experts else 0.0
+        self.n_experts = moe_layers[0].n_experts if moe_layers else 0
+        self.threshold = 0.25 / self.n_experts if self.n_experts else 0.0
         self.reset()
 
     def reset(self):
@@ -72,11 +73,15 @@ class ExpertLoadWatch:
         self.max = step_load if self.max is None else torch.maximum(self.max, step_load)
         self.steps += 1
 
-    def current(self, device):
-        """[layers, experts] shares of the last forward (empty for a dense model)."""
+    def take_counts(self, device):
+        """[layers, experts] assignments counted by the training forwards since the last call (empty for a
+        dense model), zeroing the layers' counters."""
         if not self.layers:
-            return torch.zeros(0, device=device)
-        return torch.stack([layer.expert_load for layer in self.layers]).float()
+            return torch.zeros(0, 0, device=device)
+        counts = torch.stack([layer.expert_counts.clone() for layer in self.layers])
+        for layer in self.layers:
+            layer.expert_counts.zero_()
+        return counts
 
     def summary(self):
         """(columns → mean share, warnings) for the interval, then starts a new interval."""

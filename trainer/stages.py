@@ -1,7 +1,6 @@
-"""What a training stage does, shared by 1-pretrain.py and 2-sft.py: flags → tokenizer, data, model → loop."""
+"""What a training stage does, shared by the stage scripts: flags → tokenizer, data, model, objective → loop."""
 
 import random
-import sys
 from pathlib import Path
 
 import torch
@@ -10,12 +9,13 @@ from dataset import DataError, load_tokenizer
 from model import TinyMindConfig, TinyMindForCausalLM
 
 from . import distributed
-from .checkpoint import config_path, load_into, load_model
-from .distributed import print0
+from .checkpoint import config_path, load_into, load_model, prepare_run_dir, run_paths
+from .distributed import say
 from .errors import UserError
 from .evaluate import perplexity
-from .flags import MODEL_FIELDS, add_model_flags, add_training_flags, checkpoint_path, model_config, new_parser, parse
-from .loop import Trainer, describe_run, prepare_run_dir
+from .flags import MODEL_FLAGS, add_model_flags, add_training_flags, model_config, new_parser, parse
+from .loop import Trainer
+from .objectives import LanguageModeling
 
 
 def run_cli(main):
@@ -23,11 +23,13 @@ def run_cli(main):
     try:
         main()
     except (UserError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        say(f"error: {err}", err=True)
         raise SystemExit(2) from None
 
 
-def train_stage(stage, description, dataset_class, default_data, default_val, start_from_stage=None, argv=None):
+def train_stage(stage, description, dataset_class, default_data, default_val, start_from_stage=None,
+                make_objective=lambda model, args: LanguageModeling(), argv=None):
+    """Parse the flags and train `stage`: `make_objective(model, args)` gives what the loop optimises."""
     parser = new_parser(description)
     add_model_flags(parser)
     add_training_flags(parser, default_data)
@@ -36,13 +38,14 @@ def train_stage(stage, description, dataset_class, default_data, default_val, st
         args.val_data = default_val
     distributed.setup(args)
     try:
-        train(stage, dataset_class, start_from_stage, args)
+        train(stage, dataset_class, start_from_stage, make_objective, args)
     finally:
         distributed.shutdown()
 
 
-def train(stage, dataset_class, start_from_stage, args):
-    distributed.main_process_alone(lambda: prepare_run_dir(stage, args))
+def train(stage, dataset_class, start_from_stage, make_objective, args):
+    paths = run_paths(stage, args)
+    distributed.main_process_alone(lambda: prepare_run_dir(paths, args))
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     tokenizer = load_tokenizer(args.tokenizer_path)
@@ -51,15 +54,28 @@ def train(stage, dataset_class, start_from_stage, args):
     with distributed.main_process_first():
         dataset = dataset_class(args.data_path, tokenizer, args.max_seq_len, skip_bad_lines=args.skip_bad_lines)
         val = dataset_class(args.val_data, tokenizer, args.max_seq_len) if args.val_data else None
+    for note in dataset.notes() + (val.notes() if val else []):
+        say(note, err=True)
     model = build_model(stage, start_from_stage, args)
-    trainer = Trainer(model, dataset, args, stage, tokenizer.pad_token_id)
-    print0(describe_run(model, dataset, trainer))
+    trainer = Trainer(model, dataset, make_objective(model, args), args, paths)
+    say(describe_run(model, dataset, trainer))
     if val is not None and not args.resume:  # a resumed run's "before" was printed by the run it continues
-        print0(f"held-out perplexity before {stage}: {perplexity(trainer.model, val, args, args.val_samples):.2f}")
+        say(f"held-out perplexity before {stage}: {perplexity(trainer.model, val, args, args.val_samples):.2f}")
     trainer.train()
     if val is not None:
-        print0(f"held-out perplexity after {stage}: {perplexity(trainer.model, val, args, args.val_samples):.2f}")
-    print0(f"saved {trainer.weights_path}")
+        say(f"held-out perplexity after {stage}: {perplexity(trainer.model, val, args, args.val_samples):.2f}")
+    say(f"saved {paths.weights}")
+
+
+def describe_run(model, dataset, trainer):
+    total, active = model.parameter_counts()
+    args = trainer.args
+    planned = trainer.total_steps * trainer.samples_per_step * (args.max_seq_len - 1)
+    return (
+        f"model: {total / 1e6:.2f}M parameters, {active / 1e6:.2f}M active per token | "
+        f"data: {len(dataset):,} samples from {Path(args.data_path)} | plan: {trainer.total_steps:,} steps × "
+        f"{trainer.samples_per_step} samples × {args.max_seq_len - 1} tokens = {planned / 1e6:.1f}M token slots"
+    )
 
 
 def build_model(stage, start_from_stage, args):
@@ -67,7 +83,7 @@ def build_model(stage, start_from_stage, args):
     a tied or untied head, ...) from the weights it starts from, or, resumed, from the run's own saved config."""
     flagged = model_config(args)
     if args.resume:
-        own = config_path(checkpoint_path(stage, args))
+        own = config_path(run_paths(stage, args).existing_weights())
         return TinyMindForCausalLM(inherit(flagged, TinyMindConfig.from_json_file(own)) if own.is_file() else flagged)
     source = start_weights(start_from_stage, args)
     if source is None:
@@ -78,13 +94,13 @@ def build_model(stage, start_from_stage, args):
         raise UserError(f"--max_seq_len {args.max_seq_len} exceeds the max_position_embeddings "
                         f"{model.config.max_position_embeddings} of {source}")
     load_into(model, loaded.state_dict(), source)
-    print0(f"initialised from {source}")
+    say(f"initialised from {source}")
     return model
 
 
 def inherit(flagged, source):
     """`source`'s config with the fields the flags set taken from `flagged`."""
-    flag_fields = {name: getattr(flagged, name) for name in (*MODEL_FIELDS, "use_moe")}
+    flag_fields = {name: getattr(flagged, name) for name in (*MODEL_FLAGS, "use_moe")}
     return TinyMindConfig.from_dict({**source.to_dict(), **flag_fields})
 
 
@@ -94,8 +110,8 @@ def start_weights(start_from_stage, args):
         return args.init_from
     if start_from_stage is None:
         return None
-    previous = checkpoint_path(start_from_stage, args)
+    previous = run_paths(start_from_stage, args).existing_weights()
     if previous.is_file():
         return previous
-    print0(f"no {previous} (run {start_from_stage} first or pass --init_from): starting from random init")
+    say(f"no {previous} (run {start_from_stage} first or pass --init_from): starting from random init")
     return None

@@ -1,10 +1,17 @@
-"""Tiny data files and a runner for the stage scripts as a user runs them (subprocesses)."""
+"""What the tests share: tiny model configs, tiny data files, the tokenizer, and a runner for the stage
+scripts as a user runs them (subprocesses). Test files import the helpers with `from conftest import ...`."""
 
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
+
+from dataset import load_tokenizer
+from model import TinyMindConfig, TinyMindForCausalLM
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ["--hidden_size", "64", "--num_hidden_layers", "2", "--num_attention_heads", "4",
@@ -57,3 +64,23 @@ def run_stage(script, *args, cwd, check=True, timeout=300):
     if check and result.returncode != 0:
         raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def tiny_config(**overrides):
+    fields = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=97)
+    return TinyMindConfig(**{**fields, **overrides})
+
+
+def moe_config(**overrides):
+    return tiny_config(**{**dict(use_moe=True, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1),
+                          **overrides})
+
+
+def make_model(use_moe, seed=0):
+    torch.manual_seed(seed)
+    return TinyMindForCausalLM(moe_config() if use_moe else tiny_config()).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return load_tokenizer()

@@ -1,0 +1,80 @@
+"""Samples → batches: the `Batch` every objective reads, the padding collate, and the epoch's sample order.
+
+A sample is `(input_ids, targets, loss_mask)` at its exact length. `collate` pads a list of
+them to the longest and builds the attention mask from the lengths it already knows, so no
+column is padding for every row and nothing downstream re-derives lengths from pad ids.
+
+`attention_mask` numbers the documents of a row: 1 for the row's text, 0 for padding.
+A packed row (several documents back to back) numbers them 1, 2, 3, ...; the model keeps
+attention inside each document and restarts positions at each one, so the same `Batch`
+carries packed and padded rows alike.
+"""
+
+from dataclasses import dataclass, fields
+
+import torch
+
+
+@dataclass
+class Batch:
+    """[rows, width] tensors; `targets[r, t]` is the token after `input_ids[r, t]`, trained where `loss_mask` is 1."""
+
+    input_ids: torch.Tensor
+    targets: torch.Tensor
+    loss_mask: torch.Tensor
+    attention_mask: torch.Tensor
+
+    def __len__(self):
+        return self.input_ids.size(0)
+
+    def to(self, device):
+        return Batch(*(getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)))
+
+    @property
+    def tokens(self):
+        """Real (non-padding) input tokens."""
+        return int((self.attention_mask > 0).sum())
+
+
+def collate(samples, pad_id):
+    """Pad `(input_ids, targets, loss_mask)` samples to the longest one; padding is never trained or attended."""
+    width = max(len(ids) for ids, _, _ in samples)
+    input_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    targets = torch.full_like(input_ids, pad_id)
+    loss_mask = torch.zeros_like(input_ids)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, (ids, target, mask) in enumerate(samples):
+        input_ids[row, : len(ids)] = ids
+        targets[row, : len(ids)] = target
+        loss_mask[row, : len(ids)] = mask
+        attention_mask[row, : len(ids)] = 1
+    return Batch(input_ids, targets, loss_mask, attention_mask)
+
+
+# Optimizer steps whose samples are sorted by length together (see epoch_order).
+LENGTH_GROUP_STEPS = 32
+
+
+def epoch_order(lengths, seed, epoch, samples_per_step):
+    """The epoch's sample order: one seeded permutation, grouped by length a window at a time.
+
+    Batches are padded to their longest sample, so a batch mixing a 20-token poem with a
+    250-token article is mostly padding. Within each window of LENGTH_GROUP_STEPS steps the
+    shuffled samples are sorted by length and the window's steps are shuffled back, so each
+    step holds samples of similar length while the order stays random at the scale of
+    windows. It depends only on (seed, epoch, global batch), so a resumed run and any process
+    count see the same order.
+    """
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(lengths), generator=generator)
+    lengths = torch.as_tensor(lengths)
+    window = samples_per_step * LENGTH_GROUP_STEPS
+    grouped = []
+    for start in range(0, len(order), window):
+        chunk = order[start:start + window]
+        chunk = chunk[lengths[chunk].argsort(descending=True, stable=True)]
+        steps = chunk.split(samples_per_step)
+        # Only the epoch's last step can be short; it stays last, or every later step would be cut off-boundary.
+        full = len(steps) if len(steps[-1]) == samples_per_step else len(steps) - 1
+        grouped += [steps[i] for i in torch.randperm(full, generator=generator).tolist()] + list(steps[full:])
+    return torch.cat(grouped).tolist() if grouped else []

@@ -1,0 +1,166 @@
+"""Fast decoding: the `PackedDecoder` that runs the network for inference, sampling, and the token stream.
+
+`3-eval.py` chats through `stream_tokens`, and `model.fast_generate` is the same loop collected
+into a tensor. At batch 1 a decode step is some sixty small matmuls and a few hundred tiny ops;
+on a CPU their per-call cost rivals the arithmetic, so the decoder packs matrices and skips
+the training forward's bookkeeping. tests/test_fast_paths.py holds it to the modules' logits
+and to Hugging Face `generate`.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .model import MoEFeedForward, apply_rotary
+
+
+@dataclass
+class Sampling:
+    """How the next token is chosen, in Hugging Face `generate`'s order: repetition penalty, temperature,
+    top-k, top-p. `temperature=0` is greedy (the penalty still applies)."""
+
+    temperature: float = 0.0
+    top_k: int = 0  # 0: no top-k cut
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+
+
+def next_tokens(logits, seen, sampling, generator=None):
+    """[batch, 1] next tokens from float [batch, vocab] logits; `seen` [batch, n] are the ids so far."""
+    if sampling.repetition_penalty != 1.0:
+        previous = logits.gather(1, seen)
+        penalised = torch.where(previous < 0, previous * sampling.repetition_penalty,
+                                previous / sampling.repetition_penalty)
+        logits = logits.scatter(1, seen, penalised)
+    if sampling.temperature <= 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / sampling.temperature
+    if sampling.top_k:
+        kth_best = logits.topk(min(sampling.top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if sampling.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Keep the smallest set of best tokens whose probability reaches top_p (the best one always).
+        drop_sorted = probs.cumsum(dim=-1) - probs >= sampling.top_p
+        logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted), float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
+
+
+@torch.no_grad()
+def stream_tokens(model, input_ids, max_new_tokens, sampling=Sampling(), eos_token_id=None, generator=None):
+    """Yield [batch] tensors of new tokens, one per step, after unpadded prompts `input_ids`.
+
+    A row that produced `eos_token_id` yields `pad_token_id` from then on; the stream ends when
+    every row has finished or after `max_new_tokens` steps.
+    """
+    batch, prompt_len = input_ids.shape
+    decoder = PackedDecoder(model, batch, prompt_len + max_new_tokens)
+    seen, step_input, start = input_ids, input_ids, 0
+    finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    for _ in range(max_new_tokens):
+        logits = decoder(step_input, start)
+        start += step_input.size(1)
+        step_input = next_tokens(logits, seen, sampling, generator)
+        if eos_token_id is not None:
+            step_input = step_input.masked_fill(finished[:, None], model.config.pad_token_id or 0)
+            finished |= step_input[:, 0] == eos_token_id
+        seen = torch.cat([seen, step_input], dim=1)
+        yield step_input[:, 0]
+        if eos_token_id is not None and bool(finished.all()):
+            return
+
+
+def fast_generate(model, input_ids, max_new_tokens, sampling=Sampling(), eos_token_id=None, generator=None):
+    """Like `generate` for unpadded prompts: the prompt followed by the new tokens."""
+    steps = list(stream_tokens(model, input_ids, max_new_tokens, sampling, eos_token_id, generator))
+    return torch.cat([input_ids, *(token[:, None] for token in steps)], dim=1)
+
+
+class PackedDecoder:
+    """The network as the token stream runs it: inference only, built from the model once per call.
+
+    It computes exactly what the modules compute,
+    with q/k/v and gate/up packed into one matrix each (fewer, larger matmuls), rotary angles
+    looked up from a table, keys and values written into a preallocated cache (attention over
+    its filled part needs no mask), and none of the forward's masks, position bookkeeping,
+    dropout or aux loss.
+    """
+
+    def __init__(self, model, batch, max_len):
+        self.config = config = model.config
+        body = model.model
+        device = body.embed_tokens.weight.device
+        # Under autocast, pack straight into the autocast dtype: a packed matrix is no leaf
+        # parameter, so autocast would otherwise re-cast it on every step.
+        dtype = body.embed_tokens.weight.dtype
+        if torch.is_autocast_enabled(device.type):
+            dtype = torch.get_autocast_dtype(device.type)
+        self.blocks = body.layers
+        self.packed = [self.pack(block, dtype) for block in body.layers]
+        self.embed_tokens, self.norm, self.lm_head = body.embed_tokens, body.norm, model.lm_head
+        positions = torch.arange(max_len, device=device)[None]
+        # [1, 1, max_len, head_dim] in the embedding's dtype, as the modules' forward makes them
+        self.cos, self.sin = body.rotary(positions, body.embed_tokens.weight.dtype)
+        shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim)
+        self.keys = torch.empty(shape, device=device, dtype=dtype)
+        self.values = torch.empty_like(self.keys)
+
+    @staticmethod
+    def pack(block, dtype):
+        def cast(weight):
+            return weight.to(dtype)
+
+        def swiglu(ffn):
+            return cast(torch.cat([ffn.gate_proj.weight, ffn.up_proj.weight])), cast(ffn.down_proj.weight)
+
+        attn, mlp = block.self_attn, block.mlp
+        qkv = cast(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+        if isinstance(mlp, MoEFeedForward):
+            ffn = ([swiglu(expert) for expert in mlp.experts], [swiglu(shared) for shared in mlp.shared_experts])
+        else:
+            ffn = swiglu(mlp)
+        return qkv, cast(attn.o_proj.weight), ffn
+
+    def __call__(self, input_ids, start):
+        """Logits of the last position of `input_ids`, which sit at positions start, start+1, ..."""
+        c = self.config
+        batch, seq = input_ids.shape
+        end = start + seq
+        assert start == 0 or seq == 1, "a prompt, then one token at a time"
+        cos, sin = self.cos[:, :, start:end], self.sin[:, :, start:end]
+        x = self.embed_tokens(input_ids)
+        for i, (block, (qkv, o_proj, ffn)) in enumerate(zip(self.blocks, self.packed)):
+            h = F.linear(block.input_layernorm(x), qkv).view(batch, seq, -1, c.head_dim).transpose(1, 2)
+            n_qk = c.num_attention_heads + c.num_key_value_heads
+            qk = apply_rotary(h[:, :n_qk], cos, sin)  # one rotation for the query and key heads together
+            self.keys[i, :, :, start:end] = qk[:, c.num_attention_heads:]
+            self.values[i, :, :, start:end] = h[:, n_qk:]
+            y = F.scaled_dot_product_attention(
+                qk[:, :c.num_attention_heads], self.keys[i, :, :, :end], self.values[i, :, :, :end],
+                is_causal=seq > 1, enable_gqa=c.num_key_value_heads != c.num_attention_heads,
+            )
+            x = x + F.linear(y.transpose(1, 2).reshape(batch, seq, -1), o_proj)
+            h = block.post_attention_layernorm(x)
+            x = x + (self.moe(block.mlp, ffn, h) if isinstance(block.mlp, MoEFeedForward) else swiglu(h, *ffn))
+        return self.lm_head(self.norm(x[:, -1:]))[:, -1].float()
+
+    @staticmethod
+    def moe(moe, packed, h):
+        """One token: run only its k experts. A prompt (several tokens) goes through the module's dispatch."""
+        if h.shape[0] * h.shape[1] > 1:
+            return moe(h, h.new_ones(h.shape[:2]))[0]
+        experts, shared = packed
+        weights, chosen = moe.gate(h).float().softmax(dim=-1).topk(moe.top_k, dim=-1)
+        if moe.norm_topk_prob and moe.top_k > 1:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        out = sum(swiglu(h, *expert) for expert in shared) if shared else torch.zeros_like(h)
+        for weight, index in zip(weights.view(-1).tolist(), chosen.view(-1).tolist()):
+            out = out + weight * swiglu(h, *experts[index])
+        return out
+
+
+def swiglu(x, gate_up, down):
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, down)
