@@ -26,7 +26,7 @@ test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
 bench: setup
-	$(PY) scripts/bench.py
+	$(PY) -m scripts.bench
 
 clean:
 	rm -rf output/*_dense output/*_moe output/demo
