@@ -5,8 +5,9 @@ Every data problem a user can cause raises `DataError` with the file, the line a
 
 from .batch import LENGTH_GROUP_STEPS, Batch, collate, epoch_order
 from .jsonl import DataError
+from .preference import PairBatch, PreferenceDataset
 from .pretrain import PretrainDataset
 from .sft import SFTDataset, truncate_qa
 from .tokenizer import DEFAULT_TOKENIZER_PATH, load_tokenizer
 
-__all__ = ["LENGTH_GROUP_STEPS", "Batch", "collate", "epoch_order", "DataError", "PretrainDataset", "SFTDataset", "truncate_qa", "load_tokenizer", "DEFAULT_TOKENIZER_PATH"]
+__all__ = ["LENGTH_GROUP_STEPS", "Batch", "collate", "epoch_order", "DataError", "PairBatch", "PreferenceDataset", "PretrainDataset", "SFTDataset", "truncate_qa", "load_tokenizer", "DEFAULT_TOKENIZER_PATH"]

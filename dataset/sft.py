@@ -35,9 +35,13 @@ class SFTDataset(TokenizedJsonlDataset):
     columns = ("conversations",)
 
     def __init__(self, path, tokenizer, max_length, skip_bad_lines=False):
+        self.check_tokenizer(tokenizer)
+        super().__init__(path, tokenizer, max_length, skip_bad_lines)
+
+    @staticmethod
+    def check_tokenizer(tokenizer):
         if tokenizer.chat_template is None:
             raise DataError(f"tokenizer {tokenizer.name_or_path} has no chat template; use the project's tokenizer (--tokenizer_path model/tokenizer)")
-        super().__init__(path, tokenizer, max_length, skip_bad_lines)
 
     @staticmethod
     def record_problem(record):

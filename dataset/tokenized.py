@@ -27,6 +27,7 @@ class TokenizedJsonlDataset(torch.utils.data.Dataset):
     """
 
     columns = ()  # the jsonl keys each record needs
+    features = ENCODED_FEATURES  # what `encode` returns per record, as stored in Arrow
 
     @staticmethod
     def record_problem(record):
@@ -52,11 +53,12 @@ class TokenizedJsonlDataset(torch.utils.data.Dataset):
                 batched=True,
                 with_indices=True,
                 remove_columns=records.column_names,
-                features=ENCODED_FEATURES,
+                features=self.features,
                 fn_kwargs=dict(
                     columns=self.columns,
                     record_problem=self.record_problem,
                     encode=self.encode,
+                    names=list(self.features),
                     tokenizer=tokenizer,
                     max_length=max_length,
                     skip_bad_lines=skip_bad_lines,
@@ -97,16 +99,24 @@ class TokenizedJsonlDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         """(input_ids, targets, loss_mask), one shorter than the sample's ids; targets[t] follows input_ids[t]."""
-        row = int(self.rows[index])
+        return shifted(*self.ids_and_targets(int(self.rows[index])))
+
+    def ids_and_targets(self, row):
+        """The stored ids of Arrow row `row` and a 0/1 tensor marking those inside its loss spans."""
         ids = torch.from_numpy(self.samples.data.column("input_ids")[row].values.to_numpy().astype(np.int64))
         spans = self.samples.data.column("loss_spans")[row].values.to_numpy()
         is_target = torch.zeros(len(ids), dtype=torch.long)
         for start, end in spans.reshape(-1, 2):
             is_target[start:end] = 1
-        return ids[:-1], ids[1:], is_target[1:]
+        return ids, is_target
 
     def collate(self, samples):
         return collate(samples, self.pad_id)
+
+
+def shifted(ids, is_target):
+    """A sample from a sequence: each token's input is the one before it."""
+    return ids[:-1], ids[1:], is_target[1:]
 
 
 class _BadRecord(Exception):
@@ -117,7 +127,7 @@ class _BadRecord(Exception):
         self.index, self.problem = index, problem
 
 
-def _encode_batch(batch, indices, columns, record_problem, encode, tokenizer, max_length, skip_bad_lines):
+def _encode_batch(batch, indices, columns, record_problem, encode, names, tokenizer, max_length, skip_bad_lines):
     records = [dict(zip(columns, values)) for values in zip(*(batch[column] for column in columns))]
     good = []
     for index, record in zip(indices, records):
@@ -127,4 +137,4 @@ def _encode_batch(batch, indices, columns, record_problem, encode, tokenizer, ma
         elif not skip_bad_lines:
             raise _BadRecord(index, problem)
     # Returning fewer rows than came in drops the bad ones; the caller counts them from the lengths.
-    return encode(good, tokenizer, max_length) if good else {"input_ids": [], "loss_spans": []}
+    return encode(good, tokenizer, max_length) if good else {name: [] for name in names}
