@@ -5,13 +5,13 @@
 """
 
 from dataset import PretrainDataset
-from trainer import run_cli, train_stage
+from trainer import Stage, run_cli, train_stage
 
 if __name__ == "__main__":
-    run_cli(lambda: train_stage(
-        stage="pretrain",
+    run_cli(lambda: train_stage(Stage(
+        name="pretrain",
         description=__doc__,
         dataset_class=PretrainDataset,
         default_data="data/pretrain.jsonl",
         default_val="data/pretrain_val.jsonl",
-    ))
+    )))

@@ -7,14 +7,14 @@ when it is missing, says so and starts from random init.
 """
 
 from dataset import SFTDataset
-from trainer import run_cli, train_stage
+from trainer import Stage, run_cli, train_stage
 
 if __name__ == "__main__":
-    run_cli(lambda: train_stage(
-        stage="sft",
+    run_cli(lambda: train_stage(Stage(
+        name="sft",
         description=__doc__,
         dataset_class=SFTDataset,
         default_data="data/sft.jsonl",
         default_val="data/sft_val.jsonl",
-        start_from_stage="pretrain",
-    ))
+        start_from="pretrain",
+    )))

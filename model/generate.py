@@ -113,15 +113,15 @@ class PackedDecoder:
             return weight.to(dtype)
 
         def swiglu(ffn):
-            return cast(torch.cat([ffn.gate_proj.weight, ffn.up_proj.weight])), cast(ffn.down_proj.weight)
+            return cast(torch.cat([weight_of(ffn.gate_proj), weight_of(ffn.up_proj)])), cast(weight_of(ffn.down_proj))
 
         attn, mlp = block.self_attn, block.mlp
-        qkv = cast(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+        qkv = cast(torch.cat([weight_of(attn.q_proj), weight_of(attn.k_proj), weight_of(attn.v_proj)]))
         if isinstance(mlp, MoEFeedForward):
             ffn = ([swiglu(expert) for expert in mlp.experts], [swiglu(shared) for shared in mlp.shared_experts])
         else:
             ffn = swiglu(mlp)
-        return qkv, cast(attn.o_proj.weight), ffn
+        return qkv, cast(weight_of(attn.o_proj)), ffn
 
     def __call__(self, input_ids, start):
         """Logits of the last position of `input_ids`, which sit at positions start, start+1, ..."""
@@ -159,6 +159,14 @@ class PackedDecoder:
         for weight, index in zip(weights.view(-1).tolist(), chosen.view(-1).tolist()):
             out = out + weight * swiglu(h, *experts[index])
         return out
+
+
+def weight_of(linear):
+    """The weight a linear layer computes with: a peft LoRA layer (an unmerged adapter) adds its active
+    adapters' low-rank updates to its frozen base weight; the module itself is left as it is."""
+    if hasattr(linear, "get_delta_weight"):
+        return linear.base_layer.weight + sum(linear.get_delta_weight(name) for name in linear.active_adapters)
+    return linear.weight
 
 
 def swiglu(x, gate_up, down):

@@ -8,6 +8,8 @@ validation (chosen by a hash of the document, so the split is stable across runs
 
     <out_dir>/pretrain.jsonl, pretrain_val.jsonl   {"text": ...}
     <out_dir>/sft.jsonl, sft_val.jsonl             {"conversations": [{"role": ..., "content": ...}, ...]}
+    <out_dir>/lora.jsonl, lora_val.jsonl           the same format: how idioms are read (4-lora.py's domain)
+    <out_dir>/dpo.jsonl, dpo_val.jsonl             {"chosen": [...], "rejected": [...]} (5-dpo.py)
 
 Sources (pick with --sources; all registry sources by default):
     poetry       npm chinese-poetry: Tang/Song poems, ci, qu, the classics (simplified with OpenCC)
@@ -50,6 +52,8 @@ def parse_args() -> argparse.Namespace:
                              "drawn evenly from the sources")
     parser.add_argument("--max_sft", type=int, default=None,
                         help="cap the SFT set at this many conversations (default: scaled like --max_chars)")
+    parser.add_argument("--max_lora", type=int, default=4000, help="cap the LoRA domain set at this many conversations")
+    parser.add_argument("--max_dpo", type=int, default=8000, help="cap the preference set at this many pairs")
     parser.add_argument("--seed", type=int, default=42)
     return parser.parse_args()
 
@@ -75,6 +79,8 @@ def run(args: argparse.Namespace) -> None:
     if max_sft is not None:
         sft = sample_evenly(sft, max_sft, lambda conversation: 1, args.seed)
     sft = add_system_turns(sft, args.seed)
+    lora = sample_evenly(build(names, cache, "lora"), args.max_lora, lambda conversation: 1, args.seed)
+    dpo = sample_evenly(build(names, cache, "dpo"), args.max_dpo, lambda pair: 1, args.seed)
 
     tables = {}
     if pretrain:
@@ -82,6 +88,10 @@ def run(args: argparse.Namespace) -> None:
         tables["pretrain"] = summary(stats).drop(columns="turns")
     if sft:
         tables["sft"] = summary(write_splits(sft, out_dir, "sft", "conversations", args.seed))
+    if lora:
+        tables["lora"] = summary(write_splits(lora, out_dir, "lora", "conversations", args.seed))
+    if dpo:
+        tables["dpo"] = summary(write_splits(dpo, out_dir, "dpo", None, args.seed))
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         for stem, table in tables.items():
             print(f"\n{out_dir / stem}.jsonl (+ _val): chars per record by source\n{table}")

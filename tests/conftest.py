@@ -55,10 +55,13 @@ def sft_file(directory, copies=4):
 
 
 def run_stage(script, *args, cwd, check=True, timeout=300):
-    """Run `python <script> args` in `cwd` the way a user would; returns the CompletedProcess."""
+    """Run `python <script> args` (or `python -m module args` for script "-m") in `cwd` the way a user would;
+    returns the CompletedProcess."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
+    command = [sys.executable, "-m", *map(str, args)] if script == "-m" else [sys.executable, str(ROOT / script),
+                                                                            *map(str, args)]
     result = subprocess.run(
-        [sys.executable, str(ROOT / script), *map(str, args)],
+        command,
         cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
     )
     if check and result.returncode != 0:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from dataset import Batch, PretrainDataset, collate
-from trainer import Loss, Objective, run_cli, train_stage
+from trainer import Loss, Objective, Stage, run_cli, train_stage
 
 from conftest import TINY, pretrain_file
 
@@ -75,12 +75,12 @@ class PairPreference(Objective):
 
 
 def train_pairs(tmp_path, capsys, *flags):
-    stage = dict(stage="pairs", description="", dataset_class=TextPairs, default_data=str(tmp_path / "pretrain.jsonl"),
-                 default_val="none", make_objective=lambda model, args: PairPreference(model))
+    stage = Stage(name="pairs", description="", dataset_class=TextPairs, default_data=str(tmp_path / "pretrain.jsonl"),
+                  default_val="none", make_objective=lambda model, args, start: PairPreference(model))
     argv = [*TINY, "--device", "cpu", "--save_interval", 2, "--out_dir", tmp_path / "output", *flags]
     code = 0
     try:
-        run_cli(lambda: train_stage(**stage, argv=argv))
+        run_cli(lambda: train_stage(stage, argv=argv))
     except SystemExit as stop:
         code = stop.code
     assert code == 0, capsys.readouterr().err

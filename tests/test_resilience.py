@@ -14,13 +14,13 @@ import torch
 
 import trainer.checkpoint
 import trainer.objectives
-from trainer import run_cli, train_stage
+from trainer import Stage, run_cli, train_stage
 from dataset import PretrainDataset
 
 from conftest import ROOT, TINY, pretrain_file, run_stage
 
-PRETRAIN = dict(stage="pretrain", description="", dataset_class=PretrainDataset,
-                default_data="data/pretrain.jsonl", default_val="data/none.jsonl")
+PRETRAIN = Stage(name="pretrain", description="", dataset_class=PretrainDataset,
+                 default_data="data/pretrain.jsonl", default_val="data/none.jsonl")
 
 
 @pytest.fixture
@@ -35,7 +35,7 @@ def run_in_process(capsys, *argv):
     """Run 1-pretrain's main in this process; returns (exit code, the stderr lines)."""
     code = 0
     try:
-        run_cli(lambda: train_stage(**PRETRAIN, argv=[*TINY, "--device", "cpu", *map(str, argv)]))
+        run_cli(lambda: train_stage(PRETRAIN, argv=[*TINY, "--device", "cpu", *map(str, argv)]))
     except SystemExit as stop:
         code = stop.code
     return code, capsys.readouterr().err.strip().splitlines()

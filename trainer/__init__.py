@@ -3,8 +3,8 @@
 from .chat import eval_stage
 from .checkpoint import load_model, save_weights
 from .errors import UserError
-from .objectives import LanguageModeling, Loss, Objective, Step
-from .stages import run_cli, train_stage
+from .objectives import DirectPreference, LanguageModeling, Loss, Objective, Step
+from .stages import Stage, run_cli, train_stage
 
-__all__ = ["eval_stage", "load_model", "save_weights", "UserError", "LanguageModeling", "Loss", "Objective", "Step",
-           "run_cli", "train_stage"]
+__all__ = ["eval_stage", "load_model", "save_weights", "UserError", "DirectPreference", "LanguageModeling", "Loss",
+           "Objective", "Step", "Stage", "run_cli", "train_stage"]

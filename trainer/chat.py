@@ -14,6 +14,7 @@ from .distributed import say
 from .errors import UserError
 from .evaluate import perplexity
 from .flags import add_chat_flags, add_model_flags, model_config, new_parser, parse
+from .lora import load_adapter
 from .precision import autocast_context
 
 
@@ -27,6 +28,9 @@ def eval_stage(argv=None):
     model = load_model(checkpoint, fallback_config=model_config(args)).to(args.device).eval()
     tokenizer = load_tokenizer(args.tokenizer_path)
     say(f"loaded {checkpoint} ({model.parameter_counts()[0] / 1e6:.2f}M parameters)", err=True)
+    if args.lora:
+        model = load_adapter(model, args.lora).get_base_model().eval()  # adapters in its modules, unmerged
+        say(f"with the LoRA adapter in {args.lora}", err=True)
 
     if args.ppl_data:
         dataset_class = SFTDataset if is_sft_file(args.ppl_data) else PretrainDataset

@@ -106,12 +106,17 @@ def save_run(trainer, keep_last):
 
     def write():
         paths.dir.mkdir(parents=True, exist_ok=True)
-        save_weights(state["model"], trainer.raw_model.config, paths.weights)
+        trainer.write_weights(trainer.raw_model, state["model"], paths)
         atomic_write(paths.resume_state(state["progress"]["step"]), lambda tmp: torch.save(state, tmp))
         for old in paths.resume_states()[:-keep_last]:
             old.unlink(missing_ok=True)
 
     distributed.main_process_alone(write)
+
+
+def write_weights(model, state, paths):
+    """The weights later stages read: the model's state dict and config (a stage may write more, see LoRA)."""
+    save_weights(state, model.config, paths.weights)
 
 
 def read_resume_state(paths):

@@ -77,6 +77,7 @@ def add_chat_flags(parser):
     group = parser.add_argument_group("chat")
     group.add_argument("--checkpoint", help="a .pth/.safetensors or a Hugging Face directory "
                                             "(default: the matching output/sft_*/sft_*.pth)")
+    group.add_argument("--lora", help="a LoRA adapter folder (4-lora.py's) to apply to the checkpoint, unmerged")
     group.add_argument("--prompt", help="answer this once and exit")
     group.add_argument("--prompts_file", help="answer each line of this file")
     group.add_argument("--no_history", action="store_true", help="interactive chat forgets earlier turns")

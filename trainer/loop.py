@@ -21,10 +21,11 @@ from tqdm import tqdm
 from dataset import LENGTH_GROUP_STEPS, epoch_order
 
 from . import distributed
-from .checkpoint import RESUME_FLAGS, check_resume_flags, read_resume_state, rng_state, save_run, set_rng_state
+from .checkpoint import (RESUME_FLAGS, check_resume_flags, read_resume_state, rng_state, save_run, set_rng_state,
+                         write_weights)
 from .distributed import say
 from .errors import UserError
-from .metrics import CsvLog, ExpertLoadWatch, log_columns
+from .metrics import CsvLog, ExpertLoadWatch, log_columns, peak_memory_bytes
 from .objectives import Step
 from .precision import autocast_context, grad_scaler
 
@@ -60,8 +61,9 @@ def make_optimizer(model, args):
 
 
 class Trainer:
-    def __init__(self, model, dataset, objective, args, paths):
+    def __init__(self, model, dataset, objective, args, paths, write_weights=write_weights):
         self.args, self.dataset, self.objective, self.paths = args, dataset, objective, paths
+        self.write_weights = write_weights
         self.device = torch.device(args.device)
         self.raw_model = model.to(self.device)
         if args.grad_checkpointing:
@@ -89,7 +91,8 @@ class Trainer:
             self.log.path.unlink(missing_ok=True)  # a fresh run's log starts empty
         bar = tqdm(total=self.total_steps, initial=self.progress.step, desc=self.paths.name, dynamic_ncols=True,
                    disable=not distributed.is_main())
-        interval_start, interval_tokens = time.perf_counter(), 0
+        started, first_step = time.perf_counter(), self.progress.step
+        interval_start, interval_tokens = started, 0
         with bar, distributed.StopSignals(self.device) as stop:
             while self.progress.step < self.total_steps:
                 for micro_batches in self.step_batches():
@@ -115,6 +118,9 @@ class Trainer:
                     if step >= self.total_steps:
                         break
         save_run(self, self.args.keep_last)
+        steps, seconds = self.progress.step - first_step, time.perf_counter() - started
+        say(f"trained {steps} steps in {seconds:.1f} s ({seconds / max(steps, 1):.3f} s/step, saves included); "
+            f"peak memory {peak_memory_bytes(self.device) / 2**30:.2f} GiB")
         return self.progress
 
     def step_batches(self):

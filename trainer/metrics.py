@@ -1,6 +1,7 @@
-"""The run's CSV log and the MoE expert-load watch that warns while an expert collapses."""
+"""The run's CSV log, the MoE expert-load watch that warns while an expert collapses, and peak memory."""
 
 import csv
+import resource
 from pathlib import Path
 
 import torch
@@ -100,3 +101,11 @@ class ExpertLoadWatch:
         ]
         self.reset()
         return shares, warnings
+
+
+def peak_memory_bytes(device):
+    """CUDA: the most memory tensors held on the device; CPU: the process's resident-set high-water mark
+    (weights, gradients, optimizer state, activations, and the data and libraries around them)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

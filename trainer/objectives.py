@@ -18,8 +18,11 @@ goes in `state_dict`, which the resume state carries.
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from model import masked_cross_entropy
+
+from .evaluate import eval_batches, perplexity
 
 
 @dataclass
@@ -53,6 +56,10 @@ class Objective:
     def __call__(self, model, batch, step: Step) -> Loss:
         raise NotImplementedError
 
+    def evaluate(self, model, dataset, args) -> dict:
+        """Held-out figures (name → value) the stage reports before and after training."""
+        raise NotImplementedError
+
     def state_dict(self):
         return {}
 
@@ -78,3 +85,65 @@ class LanguageModeling(Objective):
         ce = masked_cross_entropy(out.logits, batch.targets, batch.loss_mask, num_tokens=step.units)
         aux = moe_aux_share(out, step)
         return Loss(ce + aux, batch.tokens, {"ce": ce.detach(), "aux": aux.detach()})
+
+    def evaluate(self, model, dataset, args):
+        return {"perplexity": perplexity(model, dataset, args, args.val_samples)}
+
+
+def answer_logprobs(logits, batch):
+    """Per row, the log-probability of its trained tokens (the loss mask), summed."""
+    per_token = -F.cross_entropy(logits.float().transpose(1, 2), batch.targets, reduction="none")
+    return (per_token * batch.loss_mask).sum(dim=1)
+
+
+def ranked_right(chosen, rejected):
+    return (chosen > rejected).float() + 0.5 * (chosen == rejected).float()
+
+
+class DirectPreference(Objective):
+    """DPO: per pair −log σ(β·[(log π(c) − log π_ref(c)) − (log π(r) − log π_ref(r))]), each log-probability
+    summed over that answer's tokens, averaged over the step's pairs; plus the MoE aux loss.
+
+    The reference is the starting model, frozen. Rewards are β·(log π − log π_ref) of each answer; a pair is
+    ranked right when the chosen answer's reward beats the rejected one's, and half right on a tie (so the
+    accuracy starts at 0.5, where policy and reference are one model).
+    """
+
+    metrics = ("accuracy", "margin", "chosen_reward", "rejected_reward")
+
+    def __init__(self, reference, beta):
+        self.reference, self.beta = reference, beta
+        self.frozen = (reference,)
+
+    def units(self, batch):
+        return len(batch)
+
+    def rewards(self, model, batch):
+        """(chosen rewards, rejected rewards, policy log-probabilities, the policy's output)."""
+        both, pairs = batch.both, len(batch)
+        out = model(both.input_ids, attention_mask=both.attention_mask)
+        policy = answer_logprobs(out.logits, both)
+        with torch.no_grad():
+            reference = answer_logprobs(self.reference(both.input_ids, attention_mask=both.attention_mask).logits, both)
+        rewards = self.beta * (policy - reference)
+        return rewards[:pairs], rewards[pairs:], policy, out
+
+    def __call__(self, model, batch, step):
+        chosen, rejected, _, out = self.rewards(model, batch)
+        margin = chosen - rejected
+        loss = -F.logsigmoid(margin).sum() / step.units + moe_aux_share(out, step)
+        metrics = {"accuracy": ranked_right(chosen, rejected).sum(), "margin": margin.sum(), "chosen_reward": chosen.sum(),
+                   "rejected_reward": rejected.sum()}
+        return Loss(loss, batch.both.tokens, {name: value.detach() / step.units for name, value in metrics.items()})
+
+    @torch.no_grad()
+    def evaluate(self, model, dataset, args):
+        correct, pairs, chosen_logprob, chosen_tokens = 0, 0, 0.0, 0
+        for batch in eval_batches(model, dataset, args, args.val_samples):
+            chosen, rejected, policy, _ = self.rewards(model, batch)
+            correct += float(ranked_right(chosen, rejected).sum())
+            pairs += len(batch)
+            chosen_logprob += float(policy[:len(batch)].sum())
+            chosen_tokens += int(batch.both.loss_mask[:len(batch)].sum())
+        return {"reward accuracy": correct / pairs,
+                "chosen-answer perplexity": float(torch.exp(torch.tensor(-chosen_logprob / max(chosen_tokens, 1))))}

@@ -1,7 +1,12 @@
-"""What a training stage does, shared by the stage scripts: flags → tokenizer, data, model, objective → loop."""
+"""What a training stage does, shared by the stage scripts: flags → tokenizer, data, model, objective → loop.
+
+A stage script describes itself as a `Stage` and calls `train_stage`; everything else is here and in the loop.
+"""
 
 import random
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -9,10 +14,9 @@ from dataset import DataError, load_tokenizer
 from model import TinyMindConfig, TinyMindForCausalLM
 
 from . import distributed
-from .checkpoint import config_path, load_into, load_model, prepare_run_dir, run_paths
+from .checkpoint import config_path, load_into, load_model, prepare_run_dir, run_paths, write_weights
 from .distributed import say
 from .errors import UserError
-from .evaluate import perplexity
 from .flags import MODEL_FLAGS, add_model_flags, add_training_flags, model_config, new_parser, parse
 from .loop import Trainer
 from .objectives import LanguageModeling
@@ -27,24 +31,43 @@ def run_cli(main):
         raise SystemExit(2) from None
 
 
-def train_stage(stage, description, dataset_class, default_data, default_val, start_from_stage=None,
-                make_objective=lambda model, args: LanguageModeling(), argv=None):
-    """Parse the flags and train `stage`: `make_objective(model, args)` gives what the loop optimises."""
-    parser = new_parser(description)
+@dataclass
+class Stage:
+    """A training stage: a dataset and an objective, where it starts from, and anything of its own."""
+
+    name: str  # names the run folder and files: output/{name}_{type}/{name}_{hidden}[_moe].pth
+    description: str
+    dataset_class: type
+    default_data: str
+    default_val: str
+    start_from: str | None = None  # the stage whose matching checkpoint it starts from, unless --init_from
+    start_required: bool = False  # True where training from random weights is pointless: missing start = error
+    # (model, args, start weights or None) → the Objective the loop optimises
+    make_objective: Callable = lambda model, args, start: LanguageModeling()
+    add_flags: Callable = lambda parser: None  # the stage's own flags
+    adapt_model: Callable = lambda model, args: model  # the module to train, made from the built model
+    write_weights: Callable = write_weights  # (model, its full state dict, RunPaths): what later stages read
+
+
+def train_stage(stage: Stage, argv=None):
+    """Parse the flags and train `stage`."""
+    parser = new_parser(stage.description)
     add_model_flags(parser)
-    add_training_flags(parser, default_data)
+    add_training_flags(parser, stage.default_data)
+    stage.add_flags(parser)
     args = parse(parser, argv)
-    if args.val_data is None and Path(default_val).is_file():
-        args.val_data = default_val
+    if args.val_data is None and Path(stage.default_val).is_file():
+        args.val_data = stage.default_val
     distributed.setup(args)
     try:
-        train(stage, dataset_class, start_from_stage, make_objective, args)
+        train(stage, args)
     finally:
         distributed.shutdown()
 
 
-def train(stage, dataset_class, start_from_stage, make_objective, args):
-    paths = run_paths(stage, args)
+def train(stage, args):
+    paths = run_paths(stage.name, args)
+    start = start_weights(stage, args)
     distributed.main_process_alone(lambda: prepare_run_dir(paths, args))
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -52,19 +75,26 @@ def train(stage, dataset_class, start_from_stage, make_objective, args):
     if len(tokenizer) > args.vocab_size:
         raise UserError(f"the tokenizer has {len(tokenizer)} tokens but --vocab_size is {args.vocab_size}")
     with distributed.main_process_first():
-        dataset = dataset_class(args.data_path, tokenizer, args.max_seq_len, skip_bad_lines=args.skip_bad_lines)
-        val = dataset_class(args.val_data, tokenizer, args.max_seq_len) if args.val_data else None
+        dataset = stage.dataset_class(args.data_path, tokenizer, args.max_seq_len, skip_bad_lines=args.skip_bad_lines)
+        val = stage.dataset_class(args.val_data, tokenizer, args.max_seq_len) if args.val_data else None
     for note in dataset.notes() + (val.notes() if val else []):
         say(note, err=True)
-    model = build_model(stage, start_from_stage, args)
-    trainer = Trainer(model, dataset, make_objective(model, args), args, paths)
-    say(describe_run(model, dataset, trainer))
+    model = stage.adapt_model(build_model(stage.name, start, args), args)
+    objective = stage.make_objective(model, args, start)
+    trainer = Trainer(model, dataset, objective, args, paths, stage.write_weights)
+    say(describe_run(trainer.raw_model, dataset, trainer))
     if val is not None and not args.resume:  # a resumed run's "before" was printed by the run it continues
-        say(f"held-out perplexity before {stage}: {perplexity(trainer.model, val, args, args.val_samples):.2f}")
+        report_validation(objective, trainer, val, f"before {stage.name}")
     trainer.train()
     if val is not None:
-        say(f"held-out perplexity after {stage}: {perplexity(trainer.model, val, args, args.val_samples):.2f}")
+        report_validation(objective, trainer, val, f"after {stage.name}")
     say(f"saved {paths.weights}")
+
+
+def report_validation(objective, trainer, val, when):
+    for name, value in objective.evaluate(trainer.model, val, trainer.args).items():
+        say(f"held-out {name} {when}: {value:.2f}" if name.endswith("perplexity") else
+            f"held-out {name} {when}: {value:.3f}")
 
 
 def describe_run(model, dataset, trainer):
@@ -78,23 +108,22 @@ def describe_run(model, dataset, trainer):
     )
 
 
-def build_model(stage, start_from_stage, args):
+def build_model(stage_name, start, args):
     """The model a stage trains: its shape from the flags, every field no flag sets (rope_theta, rms_norm_eps,
     a tied or untied head, ...) from the weights it starts from, or, resumed, from the run's own saved config."""
     flagged = model_config(args)
     if args.resume:
-        own = config_path(run_paths(stage, args).existing_weights())
+        own = config_path(run_paths(stage_name, args).existing_weights())
         return TinyMindForCausalLM(inherit(flagged, TinyMindConfig.from_json_file(own)) if own.is_file() else flagged)
-    source = start_weights(start_from_stage, args)
-    if source is None:
+    if start is None:
         return TinyMindForCausalLM(flagged)
-    loaded = load_model(source, fallback_config=flagged)
+    loaded = load_model(start, fallback_config=flagged)
     model = TinyMindForCausalLM(inherit(flagged, loaded.config))
     if args.max_seq_len > model.config.max_position_embeddings:
         raise UserError(f"--max_seq_len {args.max_seq_len} exceeds the max_position_embeddings "
-                        f"{model.config.max_position_embeddings} of {source}")
-    load_into(model, loaded.state_dict(), source)
-    say(f"initialised from {source}")
+                        f"{model.config.max_position_embeddings} of {start}")
+    load_into(model, loaded.state_dict(), start)
+    say(f"initialised from {start}")
     return model
 
 
@@ -104,14 +133,18 @@ def inherit(flagged, source):
     return TinyMindConfig.from_dict({**source.to_dict(), **flag_fields})
 
 
-def start_weights(start_from_stage, args):
-    """--init_from, else the previous stage's matching checkpoint, else None (saying so when one was expected)."""
+def start_weights(stage, args):
+    """--init_from, else the previous stage's matching checkpoint, else None (saying so when one was expected,
+    or refusing when the stage cannot start from random weights)."""
     if args.init_from:
         return args.init_from
-    if start_from_stage is None:
+    if stage.start_from is None:
         return None
-    previous = run_paths(start_from_stage, args).existing_weights()
+    previous = run_paths(stage.start_from, args).existing_weights()
     if previous.is_file():
         return previous
-    say(f"no {previous} (run {start_from_stage} first or pass --init_from): starting from random init")
+    if stage.start_required:
+        raise UserError(f"no {previous}: {stage.name} starts from a trained model; run the {stage.start_from} "
+                        f"stage first or pass --init_from PATH")
+    say(f"no {previous} (run {stage.start_from} first or pass --init_from): starting from random init")
     return None

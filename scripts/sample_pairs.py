@@ -1,0 +1,76 @@
+"""On-policy preference pairs for 5-dpo.py: a checkpoint's own answers as rejected, the reference answers as chosen.
+
+DPO pays most on the model's own mistakes. For each SFT conversation of --data, the model answers the
+prompt (every turn but the last); where its answer differs from the reference answer, the pair
+{"chosen": prompt + reference, "rejected": prompt + the model's answer} goes to --out.
+
+    python -m scripts.sample_pairs --config configs/tiny.json --checkpoint output/sft_dense/sft_128.pth \\
+        --data data/sft.jsonl --out data/dpo_onpolicy.jsonl --limit 2000
+"""
+
+import json
+
+import torch
+from tqdm import tqdm
+
+from dataset import SFTDataset, load_tokenizer
+from dataset.jsonl import bad_line_error, load_jsonl
+from model import Sampling, stream_tokens
+from trainer import load_model, run_cli
+from trainer.checkpoint import atomic_write, run_paths
+from trainer.distributed import say
+from trainer.flags import add_model_flags, model_config, new_parser, parse
+from trainer.precision import autocast_context
+
+
+def parse_args(argv=None):
+    parser = new_parser(__doc__)
+    add_model_flags(parser)
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--checkpoint", help="the model whose answers become the rejected ones "
+                                            "(default: the matching output/sft_*/sft_*.pth)")
+    group.add_argument("--data", default="data/sft.jsonl", help="SFT-format jsonl whose last answers are the chosen")
+    group.add_argument("--out", default="data/dpo_onpolicy.jsonl", help="where the pairs go")
+    group.add_argument("--limit", type=int, default=2000, help="answer at most this many conversations")
+    group.add_argument("--max_new_tokens", type=int, default=128)
+    group.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
+    group.add_argument("--top_p", type=float, default=0.9)
+    return parse(parser, argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    model = load_model(args.checkpoint or run_paths("sft", args).existing_weights(),
+                       fallback_config=model_config(args)).to(args.device).eval()
+    tokenizer = load_tokenizer(args.tokenizer_path)
+    records = load_jsonl(args.data, ("conversations",), SFTDataset.record_problem)
+    sampling = Sampling(temperature=args.temperature, top_p=args.top_p)
+    pairs, same = [], 0
+    for record in tqdm(records.select(range(min(args.limit, len(records)))), desc="sampling answers"):
+        problem = SFTDataset.record_problem(record)
+        if problem:
+            raise bad_line_error(args.data, SFTDataset.record_problem, problem)  # names the file and line
+        conversation = record["conversations"]
+        prompt = tokenizer.apply_chat_template(conversation[:-1], tokenize=False, add_generation_prompt=True)
+        input_ids = tokenizer(prompt, return_tensors="pt").input_ids[:, -args.max_seq_len:].to(args.device)
+        with autocast_context(args):
+            tokens = [int(t) for t in stream_tokens(model, input_ids, args.max_new_tokens, sampling,
+                                                   tokenizer.eos_token_id)]
+        answer = tokenizer.decode([t for t in tokens if t != tokenizer.eos_token_id], skip_special_tokens=True)
+        if answer.strip() == conversation[-1]["content"].strip():
+            same += 1
+            continue
+        pairs.append({"chosen": conversation,
+                      "rejected": [*conversation[:-1], {"role": "assistant", "content": answer}]})
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(pair, ensure_ascii=False) + "\n" for pair in pairs)
+
+    atomic_write(args.out, write)
+    say(f"wrote {len(pairs)} pairs to {args.out} ({same} answers equal to the reference were left out)")
+
+
+if __name__ == "__main__":
+    run_cli(main)

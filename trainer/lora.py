@@ -1,0 +1,97 @@
+"""LoRA with `peft`: low-rank adapters on a frozen model, saved as a peft adapter folder and as merged weights.
+
+The adapter folder (`adapter_config.json` + `adapter_model.safetensors`) is peft's own format,
+named after tinymind's module paths, which are Llama's: `PeftModel.from_pretrained` loads it onto
+the stock Llama export of the base checkpoint as well as onto tinymind. The merged weights are an
+ordinary checkpoint that every later stage, `3-eval.py` and `convert_hf` take.
+"""
+
+import copy
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from .checkpoint import save_weights
+from .distributed import say
+from .errors import UserError
+
+# Every projection of attention and of the feed-forward, routed and shared experts included (not the router).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def add_lora_flags(parser):
+    group = parser.add_argument_group("LoRA")
+    group.add_argument("--lora_rank", type=int, default=8, help="rank r of each adapter")
+    group.add_argument("--lora_alpha", type=float, default=16, help="adapters are scaled by alpha / rank")
+    group.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the adapters' input")
+    group.add_argument("--lora_targets", default=",".join(LORA_TARGETS),
+                       help="comma-separated module names (the last part of a module's path) that get adapters")
+
+
+def with_adapters(model, args):
+    """`model` frozen, with fresh adapters on the target modules (peft initialises B to zero: no change yet)."""
+    if args.fsdp:
+        raise UserError("--fsdp: LoRA trains a few small matrices; run it under torchrun with DDP (drop --fsdp)")
+    targets = [name.strip() for name in args.lora_targets.split(",") if name.strip()]
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    unknown = [name for name in targets if name not in names]
+    if unknown or not targets:
+        raise UserError(f"--lora_targets: no module named {unknown or targets} in this model "
+                        f"(choose among {', '.join(LORA_TARGETS)})")
+    if args.lora_rank < 1:
+        raise UserError(f"--lora_rank {args.lora_rank}: must be at least 1")
+    config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        target_modules=targets, bias="none")
+    with warnings.catch_warnings():  # peft asks transformers' deprecated `is_gradient_checkpointing`
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = get_peft_model(model, config)
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    say(f"LoRA rank {args.lora_rank} on {', '.join(targets)}: {trainable:,} trainable parameters of {total:,} "
+        f"({100 * trainable / total:.2f}%); the base weights stay frozen")
+    return peft_model
+
+
+def merged(peft_model):
+    """A copy of the base model with the adapters added into its weights."""
+    return copy.deepcopy(peft_model).merge_and_unload()
+
+
+def write_lora(model, state, paths):
+    """The merged weights (what later stages read) and the adapter folder beside them."""
+    base = merged(model)
+    save_weights(base.state_dict(), base.config, paths.weights)
+    save_adapter(model, adapter_dir(paths))
+
+
+def adapter_dir(paths) -> Path:
+    return paths.dir / paths.name
+
+
+def save_adapter(peft_model, directory):
+    """peft's `save_pretrained` into a temporary folder, then swapped in, so a crash keeps the previous one."""
+    directory = Path(directory)
+    tmp, old = directory.with_name(f".{directory.name}.tmp"), directory.with_name(f".{directory.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        peft_model.save_pretrained(str(tmp))
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"could not write {directory}: {err.strerror or err}; the previous adapter is untouched") from None
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_adapter(model, directory):
+    """`model` with the adapter in `directory` applied on top, unmerged; a folder that is not one is one line."""
+    if not (Path(directory) / "adapter_config.json").is_file():
+        raise UserError(f"--lora {directory}: no adapter_config.json there (4-lora.py writes adapter folders "
+                        f"as output/lora_{{type}}/lora_{{hidden}}[_moe]/)")
+    try:
+        return PeftModel.from_pretrained(model, str(directory))
+    except (ValueError, RuntimeError, KeyError) as err:
+        raise UserError(f"--lora {directory}: does not fit the checkpoint ({str(err).splitlines()[0]})") from None
