@@ -10,7 +10,8 @@ with peft.PeftModel.from_pretrained) and the merged model output/lora_{type}/lor
 
 from dataset import SFTDataset
 from trainer import Stage, run_cli, train_stage
-from trainer.lora import add_lora_flags, with_adapters, write_lora
+from trainer.flags import add_lora_flags
+from trainer.lora import with_adapters, write_lora
 
 if __name__ == "__main__":
     run_cli(lambda: train_stage(Stage(

@@ -9,12 +9,7 @@ frozen, is the reference. Loss per pair: -log sigmoid(beta * [(log p(chosen) - l
 
 from dataset import PreferenceDataset
 from trainer import DirectPreference, Stage, load_model, run_cli, train_stage
-
-
-def add_dpo_flags(parser):
-    parser.add_argument("--beta", type=float, default=0.1,
-                        help="strength of the pull toward the reference: higher keeps the policy closer to it")
-
+from trainer.flags import add_dpo_flags
 
 if __name__ == "__main__":
     run_cli(lambda: train_stage(Stage(

@@ -7,7 +7,20 @@ from .batch import LENGTH_GROUP_STEPS, Batch, collate, epoch_order
 from .jsonl import DataError
 from .preference import PairBatch, PreferenceDataset
 from .pretrain import PretrainDataset
+from .prompts import PromptBatch, PromptDataset
 from .sft import SFTDataset, truncate_qa
 from .tokenizer import DEFAULT_TOKENIZER_PATH, load_tokenizer
 
-__all__ = ["LENGTH_GROUP_STEPS", "Batch", "collate", "epoch_order", "DataError", "PairBatch", "PreferenceDataset", "PretrainDataset", "SFTDataset", "truncate_qa", "load_tokenizer", "DEFAULT_TOKENIZER_PATH"]
+
+def text_or_chat_dataset(path, tokenizer, max_length, skip_bad_lines=False):
+    """An SFTDataset for a file of {"conversations": ...} lines, else a PretrainDataset (its first line tells)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = next((line for line in f if line.strip()), "")
+    except OSError:
+        first = ""  # the dataset names the missing or unreadable file
+    dataset_class = SFTDataset if '"conversations"' in first else PretrainDataset
+    return dataset_class(path, tokenizer, max_length, skip_bad_lines=skip_bad_lines)
+
+__all__ = ["LENGTH_GROUP_STEPS", "Batch", "collate", "epoch_order", "DataError", "PairBatch", "PreferenceDataset", "PretrainDataset", "PromptBatch", "PromptDataset", "SFTDataset", "truncate_qa", "load_tokenizer", "DEFAULT_TOKENIZER_PATH",
+           "text_or_chat_dataset"]

@@ -85,6 +85,14 @@ def bad_line_error(path, record_problem, fallback):
     return DataError(f"{path}: {fallback}")
 
 
+def line_number(path, record_index):
+    """The line of `path` that holds record `record_index` (records are its non-blank lines)."""
+    for index, (number, _, _) in enumerate(_parse_lines(path)):
+        if index == record_index:
+            return number
+    return None
+
+
 def _readable_records(path, columns, version):
     """Every non-blank line as a record restricted to `columns`; an unreadable line as all nulls."""
     for _, record, problem in _parse_lines(path):

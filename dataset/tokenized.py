@@ -70,7 +70,7 @@ class TokenizedJsonlDataset(torch.utils.data.Dataset):
 
         self.path, self.records = path, len(records)
         self.bad_lines = len(records) - len(encoded)
-        has_target = pyarrow.compute.list_value_length(encoded.data.column("loss_spans")).to_numpy() > 0
+        has_target = self.usable(encoded)
         self.skipped = int((~has_target).sum())
         if not has_target.any():
             raise DataError(f"{path}: no usable sample left ({self.bad_lines} bad lines, {self.skipped} without a trainable token); fix the data or raise --max_seq_len")
@@ -78,6 +78,11 @@ class TokenizedJsonlDataset(torch.utils.data.Dataset):
         # each, nothing held in RAM), and a Dataset pickles as a file reference for DataLoader workers.
         self.samples = encoded
         self.rows = np.flatnonzero(has_target)
+
+    @staticmethod
+    def usable(encoded):
+        """Which encoded rows to keep: those with a trainable token."""
+        return pyarrow.compute.list_value_length(encoded.data.column("loss_spans")).to_numpy() > 0
 
     def notes(self):
         """What building the dataset dropped, one line each, for the stage to tell the user."""
@@ -133,7 +138,7 @@ def _encode_batch(batch, indices, columns, record_problem, encode, names, tokeni
     for index, record in zip(indices, records):
         problem = record_problem(record)
         if problem is None:
-            good.append(record)
+            good.append({**record, "_index": index})  # its record index, for an encoder that keeps it
         elif not skip_bad_lines:
             raise _BadRecord(index, problem)
     # Returning fewer rows than came in drops the bad ones; the caller counts them from the lengths.

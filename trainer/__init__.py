@@ -3,8 +3,9 @@
 from .chat import eval_stage
 from .checkpoint import load_model, save_weights
 from .errors import UserError
-from .objectives import DirectPreference, LanguageModeling, Loss, Objective, Step
+from .objectives import DirectPreference, Distillation, LanguageModeling, Loss, Objective, Step
 from .stages import Stage, run_cli, train_stage
 
-__all__ = ["eval_stage", "load_model", "save_weights", "UserError", "DirectPreference", "LanguageModeling", "Loss",
+__all__ = ["eval_stage", "load_model", "save_weights", "UserError", "DirectPreference", "Distillation",
+           "LanguageModeling", "Loss",
            "Objective", "Step", "Stage", "run_cli", "train_stage"]

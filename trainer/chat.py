@@ -6,12 +6,11 @@ from pathlib import Path
 
 import torch
 
-from dataset import PretrainDataset, SFTDataset, load_tokenizer
+from dataset import load_tokenizer, text_or_chat_dataset
 from model import Sampling, stream_tokens
 
 from .checkpoint import load_model, run_paths
 from .distributed import say
-from .errors import UserError
 from .evaluate import perplexity
 from .flags import add_chat_flags, add_model_flags, model_config, new_parser, parse
 from .lora import load_adapter
@@ -33,9 +32,8 @@ def eval_stage(argv=None):
         say(f"with the LoRA adapter in {args.lora}", err=True)
 
     if args.ppl_data:
-        dataset_class = SFTDataset if is_sft_file(args.ppl_data) else PretrainDataset
-        dataset = dataset_class(args.ppl_data, tokenizer, args.max_seq_len)
-        say(f"perplexity on {args.ppl_data} ({dataset_class.__name__}, {len(dataset)} samples): "
+        dataset = text_or_chat_dataset(args.ppl_data, tokenizer, args.max_seq_len)
+        say(f"perplexity on {args.ppl_data} ({type(dataset).__name__}, {len(dataset)} samples): "
             f"{perplexity(model, dataset, args):.4f}")
         return
     if args.prompt is not None:
@@ -48,16 +46,6 @@ def eval_stage(argv=None):
     for prompt in prompts:
         say(f"> {prompt}")
         answer(model, tokenizer, [{"role": "user", "content": prompt}], args)
-
-
-def is_sft_file(path):
-    """SFT files hold `conversations`, pretrain files `text`; the first non-blank line tells which."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            first = next((line for line in f if line.strip()), "")
-    except OSError as err:
-        raise UserError(f"--ppl_data {path}: {err.strerror}") from None
-    return '"conversations"' in first
 
 
 def answer(model, tokenizer, messages, args):

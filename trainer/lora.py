@@ -6,6 +6,7 @@ the stock Llama export of the base checkpoint as well as onto tinymind. The merg
 ordinary checkpoint that every later stage, `3-eval.py` and `convert_hf` take.
 """
 
+import contextlib
 import copy
 import os
 import shutil
@@ -17,19 +18,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from .checkpoint import save_weights
 from .distributed import say
 from .errors import UserError
-
-# Every projection of attention and of the feed-forward, routed and shared experts included (not the router).
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def add_lora_flags(parser):
-    group = parser.add_argument_group("LoRA")
-    group.add_argument("--lora_rank", type=int, default=8, help="rank r of each adapter")
-    group.add_argument("--lora_alpha", type=float, default=16, help="adapters are scaled by alpha / rank")
-    group.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the adapters' input")
-    group.add_argument("--lora_targets", default=",".join(LORA_TARGETS),
-                       help="comma-separated module names (the last part of a module's path) that get adapters")
-
+from .flags import LORA_TARGETS
 
 def with_adapters(model, args):
     """`model` frozen, with fresh adapters on the target modules (peft initialises B to zero: no change yet)."""
@@ -41,17 +30,22 @@ def with_adapters(model, args):
     if unknown or not targets:
         raise UserError(f"--lora_targets: no module named {unknown or targets} in this model "
                         f"(choose among {', '.join(LORA_TARGETS)})")
-    if args.lora_rank < 1:
-        raise UserError(f"--lora_rank {args.lora_rank}: must be at least 1")
     config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                         target_modules=targets, bias="none")
-    with warnings.catch_warnings():  # peft asks transformers' deprecated `is_gradient_checkpointing`
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    with quiet_peft():
         peft_model = get_peft_model(model, config)
     trainable, total = peft_model.get_nb_trainable_parameters()
     say(f"LoRA rank {args.lora_rank} on {', '.join(targets)}: {trainable:,} trainable parameters of {total:,} "
         f"({100 * trainable / total:.2f}%); the base weights stay frozen")
     return peft_model
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """peft asks transformers' deprecated `is_gradient_checkpointing`: a warning no user can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def merged(peft_model):
@@ -92,6 +86,7 @@ def load_adapter(model, directory):
         raise UserError(f"--lora {directory}: no adapter_config.json there (4-lora.py writes adapter folders "
                         f"as output/lora_{{type}}/lora_{{hidden}}[_moe]/)")
     try:
-        return PeftModel.from_pretrained(model, str(directory))
+        with quiet_peft():
+            return PeftModel.from_pretrained(model, str(directory))
     except (ValueError, RuntimeError, KeyError) as err:
         raise UserError(f"--lora {directory}: does not fit the checkpoint ({str(err).splitlines()[0]})") from None

@@ -90,10 +90,14 @@ class LanguageModeling(Objective):
         return {"perplexity": perplexity(model, dataset, args, args.val_samples)}
 
 
+def token_logprobs(logits, batch):
+    """[rows, width] log-probability of each target token, in float32 (padding included: mask it)."""
+    return -F.cross_entropy(logits.float().transpose(1, 2), batch.targets, reduction="none")
+
+
 def answer_logprobs(logits, batch):
     """Per row, the log-probability of its trained tokens (the loss mask), summed."""
-    per_token = -F.cross_entropy(logits.float().transpose(1, 2), batch.targets, reduction="none")
-    return (per_token * batch.loss_mask).sum(dim=1)
+    return (token_logprobs(logits, batch) * batch.loss_mask).sum(dim=1)
 
 
 def ranked_right(chosen, rejected):
@@ -147,3 +151,32 @@ class DirectPreference(Objective):
             chosen_tokens += int(batch.both.loss_mask[:len(batch)].sum())
         return {"reward accuracy": correct / pairs,
                 "chosen-answer perplexity": float(torch.exp(torch.tensor(-chosen_logprob / max(chosen_tokens, 1))))}
+
+
+class Distillation(LanguageModeling):
+    """Knowledge distillation over the trained tokens: (1 − α)·CE + α·T²·KL(teacher_T ‖ student_T), both terms
+    means over the step's trained tokens, plus the student's MoE aux loss. p_T = softmax(logits / T); T² keeps
+    the soft term's gradient on the scale of the hard one's as T grows (Hinton et al.)."""
+
+    metrics = ("ce", "kl", "aux")
+
+    def __init__(self, teacher, alpha, temperature):
+        self.teacher, self.alpha, self.temperature = teacher, alpha, temperature
+        self.frozen = (teacher,)
+
+    def __call__(self, model, batch, step):
+        out = model(batch.input_ids, attention_mask=batch.attention_mask)
+        with torch.no_grad():
+            teacher_logits = self.teacher(batch.input_ids, attention_mask=batch.attention_mask).logits
+        ce = masked_cross_entropy(out.logits, batch.targets, batch.loss_mask, num_tokens=step.units)
+        kl = (soft_kl(teacher_logits, out.logits, self.temperature) * batch.loss_mask).sum() / step.units
+        aux = moe_aux_share(out, step)
+        loss = (1 - self.alpha) * ce + self.alpha * self.temperature**2 * kl + aux
+        return Loss(loss, batch.tokens, {"ce": ce.detach(), "kl": kl.detach(), "aux": aux.detach()})
+
+
+def soft_kl(teacher_logits, student_logits, temperature):
+    """KL(teacher ‖ student) per position between the temperature-softened distributions, in float32."""
+    teacher = (teacher_logits.float() / temperature).log_softmax(dim=-1)
+    student = (student_logits.float() / temperature).log_softmax(dim=-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="none").sum(dim=-1)

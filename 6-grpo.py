@@ -1,0 +1,34 @@
+"""Stage 6: GRPO, reinforcement learning from rewards a program checks, on {"conversations", "answer"} prompts.
+
+Starts from --init_from or the matching SFT checkpoint, which must exist (frozen, it is the reference
+for --beta > 0). Each step samples --num_generations completions per prompt (--batch_size prompts per
+micro-batch), rewards them (--reward exact|numeric, or your own --reward_fn path.py:function taking
+(completion, answer) and returning a number), and follows each group's relative advantages.
+
+    python 6-grpo.py --config configs/tiny.json --batch_size 4 --learning_rate 1e-4
+"""
+
+from dataset import PromptDataset, load_tokenizer
+from trainer import Stage, load_model, run_cli, train_stage
+from trainer.flags import add_grpo_flags
+from trainer.grpo import GroupRelativePolicy, load_reward
+
+
+def grpo(model, args, start):
+    reference = load_model(start) if args.beta > 0 else None
+    return GroupRelativePolicy(reference, load_reward(args.reward, args.reward_fn), load_tokenizer(args.tokenizer_path),
+                               args)
+
+
+if __name__ == "__main__":
+    run_cli(lambda: train_stage(Stage(
+        name="grpo",
+        description=__doc__,
+        dataset_class=PromptDataset,
+        default_data="data/grpo.jsonl",
+        default_val="data/grpo_val.jsonl",
+        start_from="sft",
+        start_required=True,
+        add_flags=add_grpo_flags,
+        make_objective=grpo,
+    )))

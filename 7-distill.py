@@ -1,0 +1,37 @@
+"""Stage 7: distil a teacher into a student: (1 - alpha) * CE + alpha * T^2 * KL(teacher_T || student_T).
+
+The teacher is any checkpoint 3-eval.py loads (a tinymind .pth/.safetensors or a Hugging Face directory,
+dense or MoE), frozen; it must share the student's vocabulary. The student starts from --init_from or
+random init with the shape the flags give. Pretrain-format jsonl trains on every token, SFT-format on
+the answers.
+
+    python 7-distill.py --config configs/tiny.json --hidden_size 64 --num_hidden_layers 2 \\
+        --teacher output/sft_dense/sft_128.pth --data_path data/sft.jsonl
+"""
+
+from dataset import text_or_chat_dataset
+from trainer import Distillation, Stage, UserError, load_model, run_cli, train_stage
+from trainer.flags import add_distill_flags
+
+
+def distillation(student, args, start):
+    teacher = load_model(args.teacher)
+    if teacher.config.vocab_size != student.config.vocab_size:
+        raise UserError(f"--teacher {args.teacher} has a vocabulary of {teacher.config.vocab_size} tokens but the "
+                        f"student has {student.config.vocab_size}: distillation needs one vocabulary (one tokenizer)")
+    if not 0 <= args.alpha <= 1 or args.distill_temperature <= 0:
+        raise UserError(f"--alpha {args.alpha} must lie in [0, 1] and --distill_temperature "
+                        f"{args.distill_temperature} be positive")
+    return Distillation(teacher, args.alpha, args.distill_temperature)
+
+
+if __name__ == "__main__":
+    run_cli(lambda: train_stage(Stage(
+        name="distill",
+        description=__doc__,
+        dataset_class=text_or_chat_dataset,
+        default_data="data/sft.jsonl",
+        default_val="data/sft_val.jsonl",
+        add_flags=add_distill_flags,
+        make_objective=distillation,
+    )))

@@ -1,0 +1,73 @@
+"""Prompts for reinforcement learning: {"conversations": [... ending with a user turn], "answer": "..."}.
+
+Each prompt is the chat template of its turns with the generation prompt appended, so the model
+continues as the assistant; `answer` is what the reward function checks a completion against.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from datasets import Features, List, Value
+
+from .jsonl import FIX, json_type
+from .sft import SFTDataset
+from .tokenized import TokenizedJsonlDataset
+
+
+@dataclass
+class PromptBatch:
+    prompts: list  # 1-D tensors of token ids, one per prompt, unpadded
+    answers: list  # strings
+    indices: list  # each prompt's record index in the file, to name its line
+
+    def __len__(self):
+        return len(self.prompts)
+
+    def to(self, device):
+        return PromptBatch([prompt.to(device) for prompt in self.prompts], self.answers, self.indices)
+
+
+class PromptDataset(TokenizedJsonlDataset):
+    """Each item is (prompt ids, answer, record index); a prompt keeps its last `max_length` tokens."""
+
+    columns = ("conversations", "answer")
+    features = Features({"input_ids": List(Value("int32")), "loss_spans": List(Value("int32")),
+                         "answer": Value("string"), "index": Value("int64")})
+
+    def __init__(self, path, tokenizer, max_length, skip_bad_lines=False):
+        SFTDataset.check_tokenizer(tokenizer)
+        super().__init__(path, tokenizer, max_length, skip_bad_lines)
+
+    @staticmethod
+    def record_problem(record):
+        if not isinstance(record.get("answer"), str):
+            return f'needs a string "answer" (what the reward checks), got {json_type(record.get("answer"))}; {FIX}'
+        turns = record.get("conversations")
+        if not isinstance(turns, list) or not turns:
+            return SFTDataset.record_problem(record)
+        if isinstance(turns[-1], dict) and turns[-1].get("role") == "assistant":
+            return f"the conversation must end with the user turn the model is to answer, not an assistant turn; {FIX}"
+        # Checked as the conversation it becomes once answered.
+        return SFTDataset.record_problem({"conversations": [*turns, {"role": "assistant", "content": ""}]})
+
+    @staticmethod
+    def encode(records, tokenizer, max_length):
+        rendered = [tokenizer.apply_chat_template(record["conversations"], tokenize=False, add_generation_prompt=True)
+                    for record in records]
+        ids = [row[-max_length:] for row in tokenizer(rendered, add_special_tokens=False)["input_ids"]]
+        return {"input_ids": ids, "loss_spans": [[] for _ in ids], "answer": [record["answer"] for record in records],
+                "index": [record["_index"] for record in records]}
+
+    @staticmethod
+    def usable(encoded):
+        return np.ones(len(encoded), dtype=bool)
+
+    def __getitem__(self, index):
+        row = int(self.rows[index])
+        ids = torch.from_numpy(self.samples.data.column("input_ids")[row].values.to_numpy().astype(np.int64))
+        return ids, self.samples.data.column("answer")[row].as_py(), self.samples.data.column("index")[row].as_py()
+
+    def collate(self, samples):
+        prompts, answers, indices = zip(*samples)
+        return PromptBatch(list(prompts), list(answers), list(indices))

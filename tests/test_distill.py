@@ -1,0 +1,78 @@
+"""7-distill.py: the loss against a hand computation, KL zero for a student equal to its teacher, one-line errors."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dataset import SFTDataset
+from model import TinyMindForCausalLM
+from trainer import Distillation, Step
+
+from conftest import MODEL, TINY, pretrain_file, run_stage, sft_file, tiny_config
+
+
+@pytest.fixture
+def batch(tmp_path, tokenizer):
+    data = SFTDataset(sft_file(tmp_path, copies=1), tokenizer, max_length=48)
+    return data.collate([data[i] for i in range(len(data))])  # uneven lengths: padding and prompt tokens masked
+
+
+def teacher_and_student(seed=0):
+    torch.manual_seed(seed)
+    teacher = TinyMindForCausalLM(tiny_config(vocab_size=6400, hidden_size=128)).eval()
+    student = TinyMindForCausalLM(tiny_config(vocab_size=6400)).train()
+    return teacher, student
+
+
+def test_loss_equals_a_hand_computation(batch):
+    teacher, student = teacher_and_student()
+    alpha, temperature = 0.3, 2.0
+    units = int(batch.loss_mask.sum())
+    result = Distillation(teacher, alpha, temperature)(student, batch, Step(units, 1, 1))
+    with torch.no_grad():
+        ce_sum, kl_sum = 0.0, 0.0
+        for row in range(len(batch)):  # each sample alone, position by position
+            length = int(batch.attention_mask[row].sum())
+            ids, targets, mask = (t[row, :length] for t in (batch.input_ids, batch.targets, batch.loss_mask))
+            s_logits, t_logits = student(ids[None]).logits[0], teacher(ids[None]).logits[0]
+            for t in range(length):
+                if mask[t]:
+                    ce_sum += -s_logits[t].log_softmax(-1)[targets[t]].item()
+                    p = (t_logits[t] / temperature).softmax(-1)
+                    q = (s_logits[t] / temperature).softmax(-1)
+                    kl_sum += (p * (p.log() - q.log())).sum().item()
+    expected = (1 - alpha) * ce_sum / units + alpha * temperature**2 * kl_sum / units
+    assert result.loss.item() == pytest.approx(expected, rel=1e-4)
+    assert result.metrics["kl"].item() == pytest.approx(kl_sum / units, rel=1e-4)
+
+
+def test_kl_and_its_gradient_vanish_when_the_student_is_the_teacher(batch):
+    teacher, _ = teacher_and_student()
+    student = copy.deepcopy(teacher).train()
+    result = Distillation(teacher, alpha=1.0, temperature=2.0)(student, batch, Step(int(batch.loss_mask.sum()), 1, 1))
+    assert abs(result.metrics["kl"].item()) < 1e-6
+    result.loss.backward()
+    assert max(p.grad.abs().max().item() for p in student.parameters()) < 1e-6
+
+
+def test_distillation_trains_a_smaller_student_from_the_stage_and_refuses_another_vocabulary(tmp_path):
+    (tmp_path / "data").mkdir()
+    pretrain_file(tmp_path / "data")
+    sft_file(tmp_path / "data")
+    run_stage("2-sft.py", *TINY, "--hidden_size", 128, "--max_steps", 2, cwd=tmp_path)
+    teacher = "output/sft_dense/sft_128.pth"
+    result = run_stage("7-distill.py", *TINY, "--teacher", teacher, "--max_steps", 3, cwd=tmp_path)
+    assert "saved output/distill_dense/distill_64.pth" in result.stdout
+    with open(tmp_path / "output/distill_dense/distill_64_log.csv") as f:
+        assert f.readline().strip().startswith("step,tokens,loss,ce,kl,aux,")
+
+    refused = run_stage("7-distill.py", *TINY, "--vocab_size", 7000, "--teacher", teacher, "--max_steps", 1,
+                        "--out_dir", "other", cwd=tmp_path, check=False)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"error: --teacher {teacher} has a vocabulary of 6400 tokens but the student has 7000: distillation needs "
+        "one vocabulary (one tokenizer)")
+    missing = run_stage("7-distill.py", *MODEL, cwd=tmp_path, check=False)
+    assert missing.returncode == 2 and "--teacher" in missing.stderr.strip().splitlines()[-1]

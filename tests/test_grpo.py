@@ -1,0 +1,118 @@
+"""6-grpo.py: advantages, the clipped loss against a hand computation, KL, rewards, learning, resume, errors."""
+
+import csv
+import math
+
+import pytest
+import torch
+
+from trainer.grpo import exact_match, group_advantages, grpo_loss, numeric_match
+
+from conftest import TINY, pretrain_file, run_stage, write_jsonl
+
+
+def test_group_advantages_centre_and_scale_each_group_and_zero_an_equal_one():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5], [3.0, 1.0, 2.0, 2.0]])
+    advantages = group_advantages(rewards)
+    std = math.sqrt(1 / 3)  # the unbiased std of 1, 0, 0, 1
+    torch.testing.assert_close(advantages[0], torch.tensor([0.5, -0.5, -0.5, 0.5]) / (std + 1e-4))
+    assert torch.equal(advantages[1], torch.zeros(4))  # all equal: no gradient from this group
+    torch.testing.assert_close(advantages[2], torch.tensor([1.0, -1.0, 0.0, 0.0]) / (math.sqrt(2 / 3) + 1e-4))
+
+
+def test_loss_equals_a_hand_computation_with_clipping_engaged():
+    logp = torch.tensor([[-1.0, -0.5, -2.0], [-0.2, -3.0, -1.0]])
+    old = torch.tensor([[-1.5, -0.5, -1.0], [-0.2, -2.0, -1.0]])  # ratios e^0.5, 1, e^-1 / 1, e^-1, 1
+    ref = torch.tensor([[-1.2, -0.4, -2.5], [-0.1, -2.5, -1.5]])
+    advantages = torch.tensor([1.0, -2.0])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])  # the last token of row 0 is padding
+    eps, beta, units = 0.2, 0.05, 5
+    loss, kl, clipped = grpo_loss(logp, old, ref, advantages, mask, eps, beta, units)
+    total, kl_total, clipped_count = 0.0, 0.0, 0
+    for row in range(2):
+        for t in range(3):
+            if not mask[row, t]:
+                continue
+            ratio = math.exp(logp[row, t] - old[row, t])
+            a = advantages[row].item()
+            unclipped, bounded = ratio * a, min(max(ratio, 1 - eps), 1 + eps) * a
+            k3 = math.exp(ref[row, t] - logp[row, t]) - (ref[row, t] - logp[row, t]).item() - 1
+            total += -min(unclipped, bounded) + beta * k3
+            kl_total += k3
+            clipped_count += unclipped > bounded
+    assert clipped_count == 2  # row 0 token 0 (ratio above 1.2, A > 0) and row 1 token 1 (below 0.8, A < 0)
+    assert loss.item() == pytest.approx(total / units, rel=1e-6)
+    assert kl.item() == pytest.approx(kl_total, rel=1e-6) and clipped.item() == clipped_count
+
+
+def test_kl_is_zero_while_the_policy_is_the_reference():
+    logp = torch.randn(3, 5)
+    _, kl, _ = grpo_loss(logp, logp, logp, torch.ones(3), torch.ones(3, 5), 0.2, 0.1, 15)
+    assert kl.item() == 0
+
+
+@pytest.mark.parametrize("reward, completion, answer, expected", [
+    (exact_match, "答案：“疑是地上霜”。", "疑是地上霜", 1.0),
+    (exact_match, "The answer is: Paris!", "paris", 1.0),
+    (exact_match, "Paris, France", "Paris", 0.0),
+    (numeric_match, "3 + 4 = 7", "7", 1.0),
+    (numeric_match, "it is 1,250.0 in all", "1250", 1.0),
+    (numeric_match, "7 or maybe 8", "7", 0.0),
+    (numeric_match, "no number", "7", 0.0),
+])
+def test_registry_rewards(reward, completion, answer, expected):
+    assert reward(completion, answer) == expected
+
+
+STARTS_WITH = '''
+def starts_with(completion, answer):
+    return float(completion.startswith(answer))
+'''
+
+
+def letter_task(directory):
+    """An SFT model that answers A, B, C or D about equally often, and prompts that reward only A."""
+    (directory / "data").mkdir()
+    pretrain_file(directory / "data")
+    question = [{"role": "user", "content": "Pick a letter."}]
+    write_jsonl(directory / "data/sft.jsonl", [{"conversations": [*question, {"role": "assistant", "content": letter}]}
+                                               for letter in "ABCD" * 8])
+    write_jsonl(directory / "data/grpo.jsonl", [{"conversations": question, "answer": "A"}] * 64)
+    (directory / "reward.py").write_text(STARTS_WITH)
+    run_stage("2-sft.py", *TINY, "--max_steps", 30, "--learning_rate", 1e-2, cwd=directory)
+
+
+def rewards(directory):
+    with open(directory / "output/grpo_dense/grpo_64_log.csv") as f:
+        return [float(row["reward"]) for row in csv.DictReader(f)]
+
+
+GRPO = [*TINY, "--reward_fn", "reward.py:starts_with", "--num_generations", 8, "--max_new_tokens", 2,
+        "--learning_rate", 5e-3, "--warmup_steps", 0, "--log_interval", 1]
+
+
+def test_grpo_learns_a_checkable_reward_and_resumes_bit_exactly(tmp_path):
+    letter_task(tmp_path)
+    flags = [*GRPO, "--batch_size", 2, "--max_steps", 16, "--save_interval", 8]
+    run_stage("6-grpo.py", *flags, cwd=tmp_path)
+    curve = rewards(tmp_path)
+    assert curve[0] < 0.3 and sum(curve[-3:]) / 3 > 0.8, curve
+    straight = torch.load(tmp_path / "output/grpo_dense/grpo_64.pth", weights_only=True)
+
+    (tmp_path / "output/grpo_dense/grpo_64_resume_00000016.pt").unlink()  # back to step 8
+    resumed = run_stage("6-grpo.py", *flags, "--resume", cwd=tmp_path)
+    assert "resumed grpo_64_resume_00000008.pt" in resumed.stderr
+    weights = torch.load(tmp_path / "output/grpo_dense/grpo_64.pth", weights_only=True)
+    for key in straight:  # the sampling generator is part of the resume state
+        assert torch.equal(straight[key], weights[key]), key
+    assert rewards(tmp_path) == curve
+
+
+def test_a_failing_reward_function_names_the_prompts_line(tmp_path):
+    letter_task(tmp_path)
+    (tmp_path / "reward.py").write_text("def starts_with(completion, answer):\n    return 'yes'\n")
+    result = run_stage("6-grpo.py", *GRPO, "--batch_size", 1, "--max_steps", 1, cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: data/grpo.jsonl, line 1: the reward function returned 'yes', not a finite number for this prompt's "
+        "completion; fix the function or the line's \"answer\"")

@@ -1,0 +1,244 @@
+"""GRPO: group relative policy optimisation with rewards a program checks (6-grpo.py).
+
+Each optimizer step samples `num_generations` completions for every prompt (one batch of G rows
+per prompt, decoded together with the KV cache), scores them with the reward function, and turns
+each group's rewards into advantages: (reward − group mean) / (group std + ε). A group whose
+rewards are all equal has zero advantages and adds no gradient. The policy loss is the clipped
+ratio objective over the completion tokens only, plus β times the per-token KL to the frozen
+reference (the k3 estimator exp(ref − logp) − (ref − logp) − 1).
+
+Normalisation: the per-token losses are summed over every completion token of the step and
+divided by that count (over micro-batches and processes), as in DAPO and Dr. GRPO, rather than
+averaged per sequence first as in the original GRPO. Per-sequence averaging gives each token of a
+short completion more weight than each token of a long one, which biases the update toward short
+right answers and long wrong ones; a token-level mean weights every generated token alike and
+keeps accumulation equal to one large batch.
+
+Each step samples from the current policy and updates once, so the "old" log-probabilities are
+the current ones, detached: the ratio is 1 and its gradient is the policy gradient; the clipping
+(and its logged share) engages when completions are reused, which `grpo_loss` supports.
+"""
+
+import importlib.util
+import math
+import re
+import time
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dataset import Batch, collate
+from dataset.jsonl import line_number
+from model import Sampling, stream_tokens
+
+from .errors import UserError
+from .evaluate import eval_batches
+from .objectives import Loss, Objective, moe_aux_share, token_logprobs
+from .precision import autocast_context
+
+
+# ---- rewards --------------------------------------------------------------------------------------------
+
+
+def final_answer(text):
+    """What follows the last "答案"/"answer" marker, else the whole text, NFKC-folded, lower-cased, without
+    whitespace or punctuation."""
+    marker = list(re.finditer(r"(答案|answer)\s*(is|是|为)?\s*[:：]?", text, flags=re.I))
+    text = text[marker[-1].end():] if marker else text
+    text = unicodedata.normalize("NFKC", text).lower()
+    return "".join(ch for ch in text if not (ch.isspace() or unicodedata.category(ch).startswith("P")))
+
+
+def exact_match(completion, answer):
+    """1.0 when the normalised final answer of the completion equals the normalised answer."""
+    return float(final_answer(completion) == final_answer(answer))
+
+
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def numeric_match(completion, answer):
+    """1.0 when the completion's last number equals the answer's number."""
+    found = NUMBER.findall(completion.replace(",", ""))
+    return float(bool(found) and math.isclose(float(found[-1]), float(answer), rel_tol=1e-9, abs_tol=1e-9))
+
+
+REWARDS = {"exact": exact_match, "numeric": numeric_match}
+
+
+def load_reward(name, reward_fn):
+    """The registry's function `name`, or `function` from a user's `path.py:function`."""
+    if not reward_fn:
+        return REWARDS[name]
+    path, _, function = reward_fn.rpartition(":")
+    if not path or not Path(path).is_file():
+        raise UserError(f"--reward_fn {reward_fn}: give an existing file and a function as path.py:function")
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:
+        raise UserError(f"--reward_fn {reward_fn}: importing {path} failed ({type(err).__name__}: {err})") from None
+    if not callable(getattr(module, function, None)):
+        raise UserError(f"--reward_fn {reward_fn}: {path} has no function {function}(completion, answer)")
+    return getattr(module, function)
+
+
+# ---- the loss --------------------------------------------------------------------------------------------
+
+
+def group_advantages(rewards, eps=1e-4):
+    """[groups, G] rewards → advantages (r − group mean) / (group std + eps); equal rewards give zeros."""
+    return (rewards - rewards.mean(dim=1, keepdim=True)) / (rewards.std(dim=1, keepdim=True) + eps)
+
+
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps, beta, units):
+    """(loss share, KL sum, clipped-token count) over the masked [rows, width] completion tokens.
+
+    Per token: −min(ratio·A, clip(ratio, 1 ± ε)·A) + β·(exp(ref − logp) − (ref − logp) − 1), summed and
+    divided by `units`, the step's completion tokens."""
+    ratio = torch.exp(logp - old_logp)
+    advantages = advantages[:, None]
+    clipped_ratio = ratio.clamp(1 - clip_eps, 1 + clip_eps)
+    policy = -torch.minimum(ratio * advantages, clipped_ratio * advantages)
+    log_ratio = ref_logp - logp
+    kl = torch.exp(log_ratio) - log_ratio - 1
+    per_token = policy + beta * kl
+    clipped = (ratio * advantages > clipped_ratio * advantages) & mask.bool()
+    return (per_token * mask).sum() / units, (kl * mask).sum(), clipped.sum()
+
+
+# ---- the objective ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rollouts:
+    """One prompt batch's sampled completions, ready to train on."""
+
+    sequences: Batch  # prompt + completion per row; loss_mask covers the completion tokens
+    advantages: torch.Tensor  # [rows]
+    rewards: torch.Tensor  # [rows]
+    groups: int
+    generated: int  # completion tokens
+    seconds: float  # spent generating
+
+    def __len__(self):
+        return self.groups
+
+    def to(self, device):
+        return Rollouts(self.sequences.to(device), self.advantages.to(device), self.rewards.to(device),
+                        self.groups, self.generated, self.seconds)
+
+
+class GroupRelativePolicy(Objective):
+    metrics = ("reward", "reward_std", "correct", "kl", "completion_len", "clipped", "gen_s", "gen_tok_s")
+
+    def __init__(self, reference, reward, tokenizer, args):
+        self.reference, self.reward, self.tokenizer, self.data_path = reference, reward, tokenizer, args.data_path
+        self.frozen = (reference,) if args.beta > 0 else ()
+        self.generations, self.max_new_tokens = args.num_generations, args.max_new_tokens
+        self.sampling = Sampling(temperature=args.temperature, top_p=args.top_p)
+        self.clip_eps, self.beta, self.args = args.clip_eps, args.beta, args
+        self.generator = torch.Generator(device=args.device).manual_seed(args.seed)
+        if self.generations < 2:
+            raise UserError(f"--num_generations {self.generations}: a group needs at least 2 completions to compare")
+
+    def units(self, rollouts):
+        return int(rollouts.sequences.loss_mask.sum())
+
+    def state_dict(self):
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        if "generator" in state:
+            self.generator.set_state(state["generator"])
+
+    def prepare(self, model, micro_batches):
+        was_training = model.training
+        model.eval()  # generation leaves the MoE load counters and aux loss alone
+        try:
+            rollouts = [self.roll_out(model, batch) for batch in micro_batches]
+        finally:
+            model.train(was_training)
+        self.step_rows = sum(len(r.rewards) for r in rollouts)
+        self.step_groups = sum(r.groups for r in rollouts)
+        self.step_seconds = sum(r.seconds for r in rollouts)
+        self.step_generated = sum(r.generated for r in rollouts)
+        return rollouts
+
+    def roll_out(self, model, batch):
+        device = next(model.parameters()).device
+        started = time.perf_counter()
+        samples, rewards = [], []
+        with autocast_context(self.args):
+            for prompt, answer, index in zip(batch.prompts, batch.answers, batch.indices):
+                prompt = prompt.to(device)
+                steps = list(stream_tokens(model, prompt.repeat(self.generations, 1), self.max_new_tokens,
+                                           self.sampling, self.tokenizer.eos_token_id, self.generator))
+                completions = torch.stack(steps, dim=1).cpu() if steps else torch.zeros(self.generations, 0, dtype=torch.long)
+                for completion in completions:
+                    ended = (completion == self.tokenizer.eos_token_id).nonzero()
+                    completion = completion[: int(ended[0]) + 1] if len(ended) else completion  # keep its eos
+                    text = self.tokenizer.decode(completion, skip_special_tokens=True)
+                    rewards.append(self.score(text, answer, index, self.data_path))
+                    sequence = torch.cat([prompt.cpu(), completion])
+                    trained = torch.cat([torch.zeros(len(prompt) - 1, dtype=torch.long), torch.ones(len(completion))])
+                    samples.append((sequence[:-1], sequence[1:], trained.long()))
+        rewards = torch.tensor(rewards, dtype=torch.float32)
+        advantages = group_advantages(rewards.view(-1, self.generations)).flatten()
+        sequences = collate(samples, self.tokenizer.pad_token_id)
+        return Rollouts(sequences, advantages, rewards, len(batch), int(sequences.loss_mask.sum()),
+                        time.perf_counter() - started)
+
+    def score(self, completion, answer, index, path):
+        """The reward of one completion; a reward function that fails is one line naming the prompt's line."""
+        try:
+            value = self.reward(completion, answer)
+        except Exception as err:
+            what = f"raised {type(err).__name__}: {err}"
+        else:
+            if not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value):
+                return float(value)
+            what = f"returned {value!r}, not a finite number"
+        raise UserError(f"{path}, line {line_number(path, index)}: the reward function {what} for this prompt's "
+                        f"completion; fix the function or the line's \"answer\"")
+
+    def __call__(self, model, rollouts, step):
+        batch = rollouts.sequences
+        out = model(batch.input_ids, attention_mask=batch.attention_mask)
+        logp = token_logprobs(out.logits, batch)
+        if self.beta > 0:
+            with torch.no_grad():
+                ref_logp = token_logprobs(self.reference(batch.input_ids, attention_mask=batch.attention_mask).logits,
+                                          batch)
+        else:
+            ref_logp = logp.detach()
+        loss, kl, clipped = grpo_loss(logp, logp.detach(), ref_logp, rollouts.advantages, batch.loss_mask,
+                                      self.clip_eps, self.beta, step.units)
+        rows, groups = self.step_rows * step.processes, self.step_groups * step.processes
+        group_std = rollouts.rewards.view(-1, self.generations).std(dim=1)
+        share = 1 / (step.micro_batches * step.processes)  # of a per-process step figure
+        metrics = {
+            "reward": rollouts.rewards.sum() / rows, "reward_std": group_std.sum() / groups,
+            "correct": (rollouts.rewards >= 1).float().sum() / rows, "kl": kl.detach() / step.units,
+            "completion_len": batch.loss_mask.sum() / rows, "clipped": clipped / step.units,
+            "gen_s": torch.tensor(self.step_seconds * share),
+            "gen_tok_s": torch.tensor(self.step_generated / max(self.step_seconds, 1e-9) * share),
+        }
+        loss = loss + moe_aux_share(out, step)
+        return Loss(loss, batch.tokens, {name: value.to(loss.device).float() for name, value in metrics.items()})
+
+    @torch.no_grad()
+    def evaluate(self, model, dataset, args):
+        """Held-out accuracy: the share of prompts whose greedy completion gets a reward of at least 1."""
+        greedy, correct, total = Sampling(), 0, 0
+        for batch in eval_batches(model, dataset, args, args.val_samples):
+            for prompt, answer, index in zip(batch.prompts, batch.answers, batch.indices):
+                tokens = [int(t) for t in stream_tokens(model, prompt[None], self.max_new_tokens, greedy,
+                                                       self.tokenizer.eos_token_id)]
+                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                correct += self.score(text, answer, index, dataset.path) >= 1
+                total += 1
+        return {"accuracy": correct / max(total, 1)}
