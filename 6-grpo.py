@@ -2,8 +2,9 @@
 
 Starts from --init_from or the matching SFT checkpoint, which must exist (frozen, it is the reference
 for --beta > 0). Each step samples --num_generations completions per prompt (--batch_size prompts per
-micro-batch), rewards them (--reward exact|numeric, or your own --reward_fn path.py:function taking
-(completion, answer) and returning a number), and follows each group's relative advantages.
+micro-batch), rewards them (a line's own "reward" or --reward exact|numeric|contains, or your own
+--reward_fn path.py:function taking (completion, answer) and returning a number), and follows each
+group's relative advantages.
 
     python 6-grpo.py --config configs/tiny.json --batch_size 4 --learning_rate 1e-4
 """
@@ -11,13 +12,12 @@ micro-batch), rewards them (--reward exact|numeric, or your own --reward_fn path
 from dataset import PromptDataset, load_tokenizer
 from trainer import Stage, load_model, run_cli, train_stage
 from trainer.flags import add_grpo_flags
-from trainer.grpo import GroupRelativePolicy, load_reward
+from trainer.grpo import GroupRelativePolicy
 
 
 def grpo(model, args, start):
     reference = load_model(start) if args.beta > 0 else None
-    return GroupRelativePolicy(reference, load_reward(args.reward, args.reward_fn), load_tokenizer(args.tokenizer_path),
-                               args)
+    return GroupRelativePolicy(reference, load_tokenizer(args.tokenizer_path), args)
 
 
 if __name__ == "__main__":

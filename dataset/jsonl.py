@@ -25,7 +25,7 @@ class DataError(ValueError):
     """A problem with the user's data or tokenizer, stated in one line with the fix."""
 
 
-def load_jsonl(path, columns, record_problem, skip_bad_lines=False):
+def load_jsonl(path, columns, record_problem, skip_bad_lines=False, optional=()):
     """The records of `path` as an Arrow-backed `datasets.Dataset` holding at most `columns`.
 
     `record_problem(record)` returns None for a usable record, else a sentence saying
@@ -55,6 +55,9 @@ def load_jsonl(path, columns, record_problem, skip_bad_lines=False):
             gen_kwargs={"path": str(path), "columns": columns, "version": (path.stat().st_mtime_ns, path.stat().st_size)},
             features=datasets.Features({column: datasets.Json() for column in columns}),
         )
+    for column in optional:  # a key no line has is a column of nulls
+        if column not in records.column_names:
+            records = records.add_column(column, [None] * len(records))
     missing = [column for column in columns if column not in records.column_names]
     if len(records) == 0 or missing:
         raise bad_line_error(path, record_problem, f"no record has the key {missing}")

@@ -1,9 +1,11 @@
 """Prompts for reinforcement learning: {"conversations": [... ending with a user turn], "answer": "..."}.
 
 Each prompt is the chat template of its turns with the generation prompt appended, so the model
-continues as the assistant; `answer` is what the reward function checks a completion against.
+continues as the assistant; `answer` is what the reward function checks a completion against, and
+an optional `reward` names the registry function for this line (else the run's --reward).
 """
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,6 +14,7 @@ from datasets import Features, List, Value
 
 from .jsonl import FIX, json_type
 from .sft import SFTDataset
+from .rewards import REWARDS
 from .tokenized import TokenizedJsonlDataset
 
 
@@ -19,21 +22,24 @@ from .tokenized import TokenizedJsonlDataset
 class PromptBatch:
     prompts: list  # 1-D tensors of token ids, one per prompt, unpadded
     answers: list  # strings
+    rewards: list  # each line's reward name, or None for the run's
     indices: list  # each prompt's record index in the file, to name its line
 
     def __len__(self):
         return len(self.prompts)
 
     def to(self, device):
-        return PromptBatch([prompt.to(device) for prompt in self.prompts], self.answers, self.indices)
+        return PromptBatch([prompt.to(device) for prompt in self.prompts], self.answers, self.rewards, self.indices)
 
 
 class PromptDataset(TokenizedJsonlDataset):
-    """Each item is (prompt ids, answer, record index); a prompt keeps its last `max_length` tokens."""
+    """Each item is (prompt ids, answer, reward name or None, record index); a prompt keeps its last
+    `max_length` tokens."""
 
-    columns = ("conversations", "answer")
+    columns = ("conversations", "answer", "reward")
     features = Features({"input_ids": List(Value("int32")), "loss_spans": List(Value("int32")),
-                         "answer": Value("string"), "index": Value("int64")})
+                         "answer": Value("string"), "reward": Value("string"), "index": Value("int64")})
+    optional = ("reward",)
 
     def __init__(self, path, tokenizer, max_length, skip_bad_lines=False):
         SFTDataset.check_tokenizer(tokenizer)
@@ -43,6 +49,8 @@ class PromptDataset(TokenizedJsonlDataset):
     def record_problem(record):
         if not isinstance(record.get("answer"), str):
             return f'needs a string "answer" (what the reward checks), got {json_type(record.get("answer"))}; {FIX}'
+        if record.get("reward") is not None and record["reward"] not in REWARDS:
+            return f'"reward" {json.dumps(record["reward"])} is none of {", ".join(REWARDS)}; {FIX}'
         turns = record.get("conversations")
         if not isinstance(turns, list) or not turns:
             return SFTDataset.record_problem(record)
@@ -57,7 +65,7 @@ class PromptDataset(TokenizedJsonlDataset):
                     for record in records]
         ids = [row[-max_length:] for row in tokenizer(rendered, add_special_tokens=False)["input_ids"]]
         return {"input_ids": ids, "loss_spans": [[] for _ in ids], "answer": [record["answer"] for record in records],
-                "index": [record["_index"] for record in records]}
+                "reward": [record.get("reward") for record in records], "index": [record["_index"] for record in records]}
 
     @staticmethod
     def usable(encoded):
@@ -66,8 +74,8 @@ class PromptDataset(TokenizedJsonlDataset):
     def __getitem__(self, index):
         row = int(self.rows[index])
         ids = torch.from_numpy(self.samples.data.column("input_ids")[row].values.to_numpy().astype(np.int64))
-        return ids, self.samples.data.column("answer")[row].as_py(), self.samples.data.column("index")[row].as_py()
+        columns = (self.samples.data.column(name)[row].as_py() for name in ("answer", "reward", "index"))
+        return ids, *columns
 
     def collate(self, samples):
-        prompts, answers, indices = zip(*samples)
-        return PromptBatch(list(prompts), list(answers), list(indices))
+        return PromptBatch(*(list(column) for column in zip(*samples)))

@@ -10,6 +10,7 @@ validation (chosen by a hash of the document, so the split is stable across runs
     <out_dir>/sft.jsonl, sft_val.jsonl             {"conversations": [{"role": ..., "content": ...}, ...]}
     <out_dir>/lora.jsonl, lora_val.jsonl           the same format: how idioms are read (4-lora.py's domain)
     <out_dir>/dpo.jsonl, dpo_val.jsonl             {"chosen": [...], "rejected": [...]} (5-dpo.py)
+    <out_dir>/grpo.jsonl, grpo_val.jsonl           {"conversations": [...], "answer": ..., "reward": ...} (6-grpo.py)
 
 Sources (pick with --sources; all registry sources by default):
     poetry       npm chinese-poetry: Tang/Song poems, ci, qu, the classics (simplified with OpenCC)
@@ -37,7 +38,7 @@ import pandas as pd
 
 from scripts.data import DataError
 from scripts.data.pipeline import add_system_turns, deduplicate, sample_evenly, summary, write_splits
-from scripts.data.sources import DEFAULT_SOURCES, SOURCES, build
+from scripts.data.sources import DEFAULT_SOURCES, SOURCES, arithmetic_prompts, build
 
 
 def parse_args() -> argparse.Namespace:
@@ -54,6 +55,8 @@ def parse_args() -> argparse.Namespace:
                         help="cap the SFT set at this many conversations (default: scaled like --max_chars)")
     parser.add_argument("--max_lora", type=int, default=4000, help="cap the LoRA domain set at this many conversations")
     parser.add_argument("--max_dpo", type=int, default=8000, help="cap the preference set at this many pairs")
+    parser.add_argument("--max_grpo", type=int, default=4000,
+                        help="GRPO prompts: half generated arithmetic, half next-line questions from the poetry")
     parser.add_argument("--seed", type=int, default=42)
     return parser.parse_args()
 
@@ -81,6 +84,8 @@ def run(args: argparse.Namespace) -> None:
     sft = add_system_turns(sft, args.seed)
     lora = sample_evenly(build(names, cache, "lora"), args.max_lora, lambda conversation: 1, args.seed)
     dpo = sample_evenly(build(names, cache, "dpo"), args.max_dpo, lambda pair: 1, args.seed)
+    grpo = {"arithmetic": arithmetic_prompts(args.max_grpo, args.seed), **build(names, cache, "grpo")}
+    grpo = sample_evenly(grpo, args.max_grpo, lambda prompt: 1, args.seed)
 
     tables = {}
     if pretrain:
@@ -92,6 +97,7 @@ def run(args: argparse.Namespace) -> None:
         tables["lora"] = summary(write_splits(lora, out_dir, "lora", "conversations", args.seed))
     if dpo:
         tables["dpo"] = summary(write_splits(dpo, out_dir, "dpo", None, args.seed))
+    tables["grpo"] = summary(write_splits(grpo, out_dir, "grpo", None, args.seed))
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         for stem, table in tables.items():
             print(f"\n{out_dir / stem}.jsonl (+ _val): chars per record by source\n{table}")

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from trainer.grpo import exact_match, group_advantages, grpo_loss, numeric_match
+from dataset.rewards import contains, exact_match, numeric_match
+from trainer.grpo import group_advantages, grpo_loss
 
 from conftest import TINY, pretrain_file, run_stage, write_jsonl
 
@@ -59,6 +60,8 @@ def test_kl_is_zero_while_the_policy_is_the_reference():
     (numeric_match, "it is 1,250.0 in all", "1250", 1.0),
     (numeric_match, "7 or maybe 8", "7", 0.0),
     (numeric_match, "no number", "7", 0.0),
+    (contains, "下一句是“疑是地上霜”，出自李白的《静夜思》。", "疑是地上霜", 1.0),
+    (contains, "下一句是“举头望明月”。", "疑是地上霜", 0.0),
 ])
 def test_registry_rewards(reward, completion, answer, expected):
     assert reward(completion, answer) == expected
@@ -111,8 +114,10 @@ def test_grpo_learns_a_checkable_reward_and_resumes_bit_exactly(tmp_path):
 def test_a_failing_reward_function_names_the_prompts_line(tmp_path):
     letter_task(tmp_path)
     (tmp_path / "reward.py").write_text("def starts_with(completion, answer):\n    return 'yes'\n")
+    prompt = (tmp_path / "data/grpo.jsonl").read_text().splitlines()[0]
+    (tmp_path / "data/grpo.jsonl").write_text(f"\n{prompt}\n")  # a blank line first: the prompt is on line 2
     result = run_stage("6-grpo.py", *GRPO, "--batch_size", 1, "--max_steps", 1, cwd=tmp_path, check=False)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: data/grpo.jsonl, line 1: the reward function returned 'yes', not a finite number for this prompt's "
+        "error: data/grpo.jsonl, line 2: the reward function returned 'yes', not a finite number for this prompt's "
         "completion; fix the function or the line's \"answer\"")

@@ -112,8 +112,9 @@ def add_dpo_flags(parser):
 
 def add_grpo_flags(parser):
     group = parser.add_argument_group("GRPO")
-    group.add_argument("--reward", choices=("exact", "numeric"), default="numeric",
-                       help="exact: the normalised final answer equals the answer; numeric: the last number does")
+    group.add_argument("--reward", choices=("exact", "numeric", "contains"), default="numeric",
+                       help="for lines without their own \"reward\": exact (the normalised final answer equals the "
+                            "answer), numeric (the last number does) or contains (the answer appears)")
     group.add_argument("--reward_fn", help="path.py:function, your own reward(completion, answer) -> float")
     group.add_argument("--num_generations", type=int, default=8, help="completions sampled per prompt (a group)")
     group.add_argument("--max_new_tokens", type=int, default=64, help="longest completion")

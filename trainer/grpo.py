@@ -21,9 +21,7 @@ the current ones, detached: the ratio is 1 and its gradient is the policy gradie
 
 import importlib.util
 import math
-import re
 import time
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +29,7 @@ import torch
 
 from dataset import Batch, collate
 from dataset.jsonl import line_number
+from dataset.rewards import REWARDS
 from model import Sampling, stream_tokens
 
 from .errors import UserError
@@ -39,39 +38,11 @@ from .objectives import Loss, Objective, moe_aux_share, token_logprobs
 from .precision import autocast_context
 
 
-# ---- rewards --------------------------------------------------------------------------------------------
+# ---- rewards ---------------------------------------------------------------------------------------------
 
 
-def final_answer(text):
-    """What follows the last "答案"/"answer" marker, else the whole text, NFKC-folded, lower-cased, without
-    whitespace or punctuation."""
-    marker = list(re.finditer(r"(答案|answer)\s*(is|是|为)?\s*[:：]?", text, flags=re.I))
-    text = text[marker[-1].end():] if marker else text
-    text = unicodedata.normalize("NFKC", text).lower()
-    return "".join(ch for ch in text if not (ch.isspace() or unicodedata.category(ch).startswith("P")))
-
-
-def exact_match(completion, answer):
-    """1.0 when the normalised final answer of the completion equals the normalised answer."""
-    return float(final_answer(completion) == final_answer(answer))
-
-
-NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
-
-
-def numeric_match(completion, answer):
-    """1.0 when the completion's last number equals the answer's number."""
-    found = NUMBER.findall(completion.replace(",", ""))
-    return float(bool(found) and math.isclose(float(found[-1]), float(answer), rel_tol=1e-9, abs_tol=1e-9))
-
-
-REWARDS = {"exact": exact_match, "numeric": numeric_match}
-
-
-def load_reward(name, reward_fn):
-    """The registry's function `name`, or `function` from a user's `path.py:function`."""
-    if not reward_fn:
-        return REWARDS[name]
+def load_reward_fn(reward_fn):
+    """`function` from a user's `path.py:function`."""
     path, _, function = reward_fn.rpartition(":")
     if not path or not Path(path).is_file():
         raise UserError(f"--reward_fn {reward_fn}: give an existing file and a function as path.py:function")
@@ -135,8 +106,11 @@ class Rollouts:
 class GroupRelativePolicy(Objective):
     metrics = ("reward", "reward_std", "correct", "kl", "completion_len", "clipped", "gen_s", "gen_tok_s")
 
-    def __init__(self, reference, reward, tokenizer, args):
-        self.reference, self.reward, self.tokenizer, self.data_path = reference, reward, tokenizer, args.data_path
+    def __init__(self, reference, tokenizer, args):
+        self.reference, self.tokenizer, self.data_path = reference, tokenizer, args.data_path
+        # A user's function scores every line; else a line's own "reward", else --reward.
+        self.custom_reward = load_reward_fn(args.reward_fn) if args.reward_fn else None
+        self.default_reward = args.reward
         self.frozen = (reference,) if args.beta > 0 else ()
         self.generations, self.max_new_tokens = args.num_generations, args.max_new_tokens
         self.sampling = Sampling(temperature=args.temperature, top_p=args.top_p)
@@ -173,7 +147,7 @@ class GroupRelativePolicy(Objective):
         started = time.perf_counter()
         samples, rewards = [], []
         with autocast_context(self.args):
-            for prompt, answer, index in zip(batch.prompts, batch.answers, batch.indices):
+            for prompt, answer, reward, index in zip(batch.prompts, batch.answers, batch.rewards, batch.indices):
                 prompt = prompt.to(device)
                 steps = list(stream_tokens(model, prompt.repeat(self.generations, 1), self.max_new_tokens,
                                            self.sampling, self.tokenizer.eos_token_id, self.generator))
@@ -182,7 +156,7 @@ class GroupRelativePolicy(Objective):
                     ended = (completion == self.tokenizer.eos_token_id).nonzero()
                     completion = completion[: int(ended[0]) + 1] if len(ended) else completion  # keep its eos
                     text = self.tokenizer.decode(completion, skip_special_tokens=True)
-                    rewards.append(self.score(text, answer, index, self.data_path))
+                    rewards.append(self.score(text, answer, reward, index, self.data_path))
                     sequence = torch.cat([prompt.cpu(), completion])
                     trained = torch.cat([torch.zeros(len(prompt) - 1, dtype=torch.long), torch.ones(len(completion))])
                     samples.append((sequence[:-1], sequence[1:], trained.long()))
@@ -192,10 +166,10 @@ class GroupRelativePolicy(Objective):
         return Rollouts(sequences, advantages, rewards, len(batch), int(sequences.loss_mask.sum()),
                         time.perf_counter() - started)
 
-    def score(self, completion, answer, index, path):
+    def score(self, completion, answer, reward, index, path):
         """The reward of one completion; a reward function that fails is one line naming the prompt's line."""
         try:
-            value = self.reward(completion, answer)
+            value = (self.custom_reward or REWARDS[reward or self.default_reward])(completion, answer)
         except Exception as err:
             what = f"raised {type(err).__name__}: {err}"
         else:
@@ -235,10 +209,10 @@ class GroupRelativePolicy(Objective):
         """Held-out accuracy: the share of prompts whose greedy completion gets a reward of at least 1."""
         greedy, correct, total = Sampling(), 0, 0
         for batch in eval_batches(model, dataset, args, args.val_samples):
-            for prompt, answer, index in zip(batch.prompts, batch.answers, batch.indices):
+            for prompt, answer, reward, index in zip(batch.prompts, batch.answers, batch.rewards, batch.indices):
                 tokens = [int(t) for t in stream_tokens(model, prompt[None], self.max_new_tokens, greedy,
                                                        self.tokenizer.eos_token_id)]
                 text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                correct += self.score(text, answer, index, dataset.path) >= 1
+                correct += self.score(text, answer, reward, index, dataset.path) >= 1
                 total += 1
         return {"accuracy": correct / max(total, 1)}

