@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DEMO := --config configs/tiny.json --out_dir output/demo
+STUDENT := --hidden_size 64 --num_hidden_layers 2 --num_attention_heads 4 --max_steps 600
 
 .PHONY: setup demo test bench clean
 
@@ -21,6 +22,16 @@ demo: setup
 	$(PY) 2-sft.py $(DEMO)
 	$(PY) 3-eval.py $(DEMO) --ppl_data data/pretrain_val.jsonl
 	$(PY) 3-eval.py $(DEMO) --temperature 0 --max_new_tokens 80 --prompts_file scripts/demo_prompts.txt
+	$(PY) 4-lora.py $(DEMO)
+	$(PY) 3-eval.py $(DEMO) --temperature 0 --max_new_tokens 40 --prompts_file scripts/lora_prompts.txt
+	$(PY) 3-eval.py $(DEMO) --temperature 0 --max_new_tokens 40 --prompts_file scripts/lora_prompts.txt \
+		--lora output/demo/lora_dense/lora_128
+	$(PY) 5-dpo.py $(DEMO) --learning_rate 1e-4 --max_steps 150
+	$(PY) 6-grpo.py $(DEMO) --batch_size 4 --learning_rate 1e-4 --max_steps 150 --max_new_tokens 24
+	$(PY) -m scripts.plot_logs output/demo/grpo_dense/grpo_128_log.csv
+	$(PY) 7-distill.py $(DEMO) $(STUDENT) --teacher output/demo/sft_dense/sft_128.pth
+	$(PY) 7-distill.py $(DEMO) $(STUDENT) --teacher output/demo/sft_dense/sft_128.pth --alpha 0 \
+		--out_dir output/demo/ce_only
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests

@@ -1,4 +1,5 @@
-"""Turn a run's CSV log into a PNG: loss/CE/aux and learning rate against tokens, and MoE expert load shares.
+"""Turn a run's CSV log into a PNG: the loss, each of the objective's metrics (CE and aux; DPO's reward accuracy;
+GRPO's reward, ...) and the learning rate against the step, and MoE expert load shares.
 
     python -m scripts.plot_logs output/pretrain_moe/pretrain_512_moe_log.csv   # writes ..._log.png beside it
 """
@@ -15,27 +16,28 @@ import pandas as pd
 
 
 def plot(log: pd.DataFrame, out: Path, title: str):
-    load_columns = [c for c in log.columns if c.startswith("load_l")]
+    columns = list(log.columns)
+    metrics = columns[columns.index("loss"):columns.index("lr")]  # the loss, then the objective's metrics
+    load_columns = [c for c in columns if c.startswith("load_l")]
     layers = sorted({c.split("_")[1] for c in load_columns}, key=lambda name: int(name[1:]))
-    fig, axes = plt.subplots(2 + len(layers), 1, figsize=(9, 5 + 2.2 * len(layers)), sharex=True, squeeze=False)
+    rows = len(metrics) + 1 + len(layers)
+    fig, axes = plt.subplots(rows, 1, figsize=(9, 1.8 * rows + 1), sharex=True, squeeze=False)
     axes = axes[:, 0]
-    tokens = log["tokens"] / 1e6
-
-    for column in ("loss", "ce", "aux"):
-        axes[0].plot(tokens, log[column], label=column)
-    axes[0].set_ylabel("loss")
-    axes[0].legend()
+    steps = log["step"]
+    for ax, column in zip(axes, metrics):
+        ax.plot(steps, log[column])
+        ax.set_ylabel(column)
     axes[0].set_title(title)
-    axes[1].plot(tokens, log["lr"], color="tab:gray")
-    axes[1].set_ylabel("learning rate")
+    axes[len(metrics)].plot(steps, log["lr"], color="tab:gray")
+    axes[len(metrics)].set_ylabel("learning rate")
 
-    for ax, layer in zip(axes[2:], layers):
+    for ax, layer in zip(axes[len(metrics) + 1:], layers):
         experts = [c for c in load_columns if c.split("_")[1] == layer]
-        ax.stackplot(tokens, *(log[c] for c in experts), labels=[c.split("_")[2] for c in experts])
+        ax.stackplot(steps, *(log[c] for c in experts), labels=[c.split("_")[2] for c in experts])
         ax.set_ylim(0, 1)
         ax.set_ylabel(f"layer {layer[1:]} load")
         ax.legend(loc="upper right", ncol=len(experts), fontsize="small")
-    axes[-1].set_xlabel("tokens (millions)")
+    axes[-1].set_xlabel("optimizer step")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -51,7 +53,7 @@ def main():
         log = pd.read_csv(path)
     except (FileNotFoundError, pd.errors.EmptyDataError) as err:
         sys.exit(f"error: {path}: {err}")
-    missing = {"tokens", "loss", "ce", "aux", "lr"} - set(log.columns)
+    missing = {"step", "loss", "lr"} - set(log.columns)
     if missing:
         sys.exit(f"error: {path}: not a tinymind run log, it lacks the columns {sorted(missing)}")
     out = Path(args.out) if args.out else path.with_suffix(".png")

@@ -8,6 +8,7 @@ validation (chosen by a hash of the document, so the split is stable across runs
 
     <out_dir>/pretrain.jsonl, pretrain_val.jsonl   {"text": ...}
     <out_dir>/sft.jsonl, sft_val.jsonl             {"conversations": [{"role": ..., "content": ...}, ...]}
+                                                   (plus 3,000 generated arithmetic examples, "7 + 5 = 12")
     <out_dir>/lora.jsonl, lora_val.jsonl           the same format: how idioms are read (4-lora.py's domain)
     <out_dir>/dpo.jsonl, dpo_val.jsonl             {"chosen": [...], "rejected": [...]} (5-dpo.py)
     <out_dir>/grpo.jsonl, grpo_val.jsonl           {"conversations": [...], "answer": ..., "reward": ...} (6-grpo.py)
@@ -38,7 +39,9 @@ import pandas as pd
 
 from scripts.data import DataError
 from scripts.data.pipeline import add_system_turns, deduplicate, sample_evenly, summary, write_splits
-from scripts.data.sources import DEFAULT_SOURCES, SOURCES, arithmetic_prompts, build
+from scripts.data.sources import DEFAULT_SOURCES, SOURCES, arithmetic_conversations, arithmetic_prompts, build
+
+ARITHMETIC_SFT = 3000  # generated SFT examples of the arithmetic answer form, beside the corpora
 
 
 def parse_args() -> argparse.Namespace:
@@ -71,7 +74,7 @@ def run(args: argparse.Namespace) -> None:
     cache.mkdir(parents=True, exist_ok=True)
 
     pretrain = deduplicate(build(names, cache, "pretrain"))
-    sft = build(names, cache, "sft")
+    sft = {**build(names, cache, "sft"), "arithmetic": arithmetic_conversations(ARITHMETIC_SFT, args.seed)}
     full_chars = sum(len(t) for texts in pretrain.values() for t in texts)
     max_sft = args.max_sft
     if args.max_chars:

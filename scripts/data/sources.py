@@ -414,19 +414,30 @@ def minimind_preferences(root: Path) -> list[dict]:
 # --------------------------------------------------------------------------- generated
 
 
-def arithmetic_prompts(count: int, seed: int) -> list[dict]:
-    """GRPO prompts a program checks: sums, differences and products of small numbers, checked by `numeric`."""
-    rng = random.Random(f"{seed}:arithmetic")
-    operations = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "×": lambda a, b: a * b}
-    templates = ("{a} {op} {b} = ?", "计算：{a} {op} {b} 等于多少？", "What is {a} {op} {b}?")
-    prompts = []
+ARITHMETIC_QUESTIONS = ("{a} {op} {b} = ?", "计算：{a} {op} {b} 等于多少？", "What is {a} {op} {b}?")
+OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "×": lambda a, b: a * b}
+
+
+def arithmetic_problems(count: int, seed: str) -> list[tuple[str, int, str]]:
+    """(question, answer, the worked equation) for sums, differences and products of numbers up to 20."""
+    rng = random.Random(seed)
+    problems = []
     for _ in range(count):
-        op = rng.choice(list(operations))
-        a, b = rng.randint(0, 20 if op == "×" else 99), rng.randint(0, 9 if op == "×" else 99)
-        question = rng.choice(templates).format(a=a, op=op, b=b)
-        prompts.append({"conversations": [{"role": "user", "content": question}],
-                        "answer": str(operations[op](a, b)), "reward": "numeric"})
-    return prompts
+        op, a, b = rng.choice(list(OPERATIONS)), rng.randint(0, 20), rng.randint(0, 20)
+        result = OPERATIONS[op](a, b)
+        problems.append((rng.choice(ARITHMETIC_QUESTIONS).format(a=a, op=op, b=b), result, f"{a} {op} {b} = {result}"))
+    return problems
+
+
+def arithmetic_conversations(count: int, seed: int) -> list[list[dict]]:
+    """SFT examples that teach the answer's form ("7 + 5 = 12"); GRPO then rewards getting it right."""
+    return [chat(question, equation) for question, _, equation in arithmetic_problems(count, f"{seed}:arithmetic-sft")]
+
+
+def arithmetic_prompts(count: int, seed: int) -> list[dict]:
+    """GRPO prompts a program checks with the `numeric` reward."""
+    return [{"conversations": [{"role": "user", "content": question}], "answer": str(answer), "reward": "numeric"}
+            for question, answer, _ in arithmetic_problems(count, f"{seed}:arithmetic")]
 
 
 # --------------------------------------------------------------------------- the registry
