@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DEMO := --config configs/tiny.json --out_dir output/demo
 STUDENT := --hidden_size 64 --num_hidden_layers 2 --num_attention_heads 4 --max_steps 600
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-browser bench bench-stages bench-serve serve clean
 
 setup: $(VENV)/.installed
 
@@ -36,8 +36,23 @@ demo: setup
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
+# The chat page's test in a real headless browser: Debian's chromium and its driver, selenium from PyPI.
+test-browser: setup
+	apt-get install -y -q chromium chromium-driver || sudo apt-get install -y -q chromium chromium-driver
+	$(PY) -m pip install --quiet selenium==4.36.0
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests/test_chat_page.py
+
 bench: setup
 	$(PY) -m scripts.bench
+
+bench-stages: setup
+	$(PY) -m scripts.bench_stages --config configs/tiny.json --checkpoint output/demo/sft_dense/sft_128.pth
+
+bench-serve: setup
+	$(PY) -m scripts.bench_serve --config configs/small.json
+
+serve: setup
+	$(PY) -m scripts.serve --config configs/tiny.json --checkpoint output/demo/sft_dense/sft_128.pth
 
 clean:
 	rm -rf output/*_dense output/*_moe output/demo

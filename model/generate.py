@@ -123,24 +123,47 @@ class PackedDecoder:
             ffn = swiglu(mlp)
         return qkv, cast(weight_of(attn.o_proj)), ffn
 
-    def __call__(self, input_ids, start):
-        """Logits of the last position of `input_ids`, which sit at positions start, start+1, ..."""
-        c = self.config
-        batch, seq = input_ids.shape
+    def __call__(self, input_ids, start, rows=slice(None)):
+        """Logits of the last position of `input_ids`, which sit at positions start, start+1, ... of the cache
+        rows `rows` (all by default): a prompt, then one token at a time."""
+        seq = input_ids.size(1)
         end = start + seq
         assert start == 0 or seq == 1, "a prompt, then one token at a time"
-        cos, sin = self.cos[:, :, start:end], self.sin[:, :, start:end]
+
+        def attend(i, q, k, v):
+            self.keys[i, rows, :, start:end], self.values[i, rows, :, start:end] = k, v
+            return self.attention(q, self.keys[i, rows, :, :end], self.values[i, rows, :, :end], is_causal=seq > 1)
+
+        return self.run(input_ids, self.cos[:, :, start:end], self.sin[:, :, start:end], attend)
+
+    def decode(self, rows, tokens, positions):
+        """[len(rows), vocab] logits of one new token for each cache row in `rows`, each at its own position:
+        sequences of different lengths decode together (continuous batching)."""
+        length = int(positions.max()) + 1
+        visible = (torch.arange(length, device=positions.device) <= positions[:, None])[:, None, None]
+
+        def attend(i, q, k, v):
+            self.keys[i, rows, :, positions], self.values[i, rows, :, positions] = k[:, :, 0], v[:, :, 0]
+            return self.attention(q, self.keys[i, rows, :, :length], self.values[i, rows, :, :length],
+                                  attn_mask=visible)
+
+        cos, sin = self.cos[0, 0, positions][:, None, None], self.sin[0, 0, positions][:, None, None]
+        return self.run(tokens[:, None], cos, sin, attend)
+
+    def attention(self, q, k, v, **mask):
+        c = self.config
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=c.num_key_value_heads != c.num_attention_heads,
+                                              **mask)
+
+    def run(self, input_ids, cos, sin, attend):
+        c = self.config
+        batch, seq = input_ids.shape
         x = self.embed_tokens(input_ids)
         for i, (block, (qkv, o_proj, ffn)) in enumerate(zip(self.blocks, self.packed)):
             h = F.linear(block.input_layernorm(x), qkv).view(batch, seq, -1, c.head_dim).transpose(1, 2)
             n_qk = c.num_attention_heads + c.num_key_value_heads
             qk = apply_rotary(h[:, :n_qk], cos, sin)  # one rotation for the query and key heads together
-            self.keys[i, :, :, start:end] = qk[:, c.num_attention_heads:]
-            self.values[i, :, :, start:end] = h[:, n_qk:]
-            y = F.scaled_dot_product_attention(
-                qk[:, :c.num_attention_heads], self.keys[i, :, :, :end], self.values[i, :, :, :end],
-                is_causal=seq > 1, enable_gqa=c.num_key_value_heads != c.num_attention_heads,
-            )
+            y = attend(i, qk[:, :c.num_attention_heads], qk[:, c.num_attention_heads:], h[:, n_qk:])
             x = x + F.linear(y.transpose(1, 2).reshape(batch, seq, -1), o_proj)
             h = block.post_attention_layernorm(x)
             x = x + (self.moe(block.mlp, ffn, h) if isinstance(block.mlp, MoEFeedForward) else swiglu(h, *ffn))

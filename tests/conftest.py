@@ -3,15 +3,21 @@ scripts as a user runs them (subprocesses). Test files import the helpers with `
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
+import openai
 import pytest
 import torch
+import uvicorn
 
 from dataset import load_tokenizer
 from model import TinyMindConfig, TinyMindForCausalLM
+from scripts.serve import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ["--hidden_size", "64", "--num_hidden_layers", "2", "--num_attention_heads", "4",
@@ -87,3 +93,39 @@ def make_model(use_moe, seed=0):
 @pytest.fixture(scope="session")
 def tokenizer():
     return load_tokenizer()
+
+
+# ---- a server of scripts/serve.py's app -------------------------------------------------------------
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """create_app's app under uvicorn on a free local port, in a thread of this process."""
+
+    def __init__(self, model, tokenizer, **options):
+        self.port = free_port()
+        app = create_app(model, tokenizer, "tiny", **options)
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started and time.time() < deadline:
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def client(self, key="none"):
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def greedy(client, prompt, max_tokens=16, **extra):
+    return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompt}],
+                                          max_tokens=max_tokens, temperature=0, **extra)

@@ -1,0 +1,151 @@
+"""Continuous batching: one thread decodes every active request together, one token for each per step.
+
+A request waits in a queue until a cache row (a slot) is free, is prefilled alone into that row,
+and from the next step on decodes in the shared batch (`PackedDecoder.decode`: every row at its
+own position). A request that finishes (end token, its token budget, the context) or is
+cancelled leaves at once and frees its row for the next. A step reads every weight once whatever
+the batch, so on a machine bound by weight reads, many requests decode for little more than one.
+
+The engine speaks token ids; detokenizing, stop strings and the HTTP side are the server's.
+"""
+
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .generate import PackedDecoder, Sampling, next_tokens
+
+
+@dataclass
+class Request:
+    prompt: list  # token ids
+    max_tokens: int
+    sampling: Sampling
+    # Called on the engine's thread: emit(token, None) for each new token, then emit(None, finish reason),
+    # the reason being "stop" (end token), "length" (max_tokens or the context), "cancelled" or "error: ...".
+    emit: Callable
+    seed: int | None = None
+    ignore_eos: bool = False  # decode exactly max_tokens
+    cancelled: bool = False
+
+
+@dataclass
+class _Running:
+    request: Request
+    seen: torch.Tensor  # [1, n] ids so far, for the repetition penalty
+    position: int  # where the next token goes
+    generated: int = 0
+    generator: torch.Generator | None = None
+    last: torch.Tensor | None = None  # the token decoded last, the next step's input
+
+
+class Engine:
+    def __init__(self, model, eos_token_id, max_batch=8, max_queue=16, context=2048):
+        """`context`: the longest prompt + completion a request may have (each slot's cache holds that many)."""
+        self.model, self.eos = model.eval(), eos_token_id
+        self.max_len = min(context, model.config.max_position_embeddings)
+        self.slots = max_batch
+        self.max_queue = max_queue
+        self.device = next(model.parameters()).device
+        self.decoder = None  # built on the engine's thread at the first request
+        self.free = list(range(max_batch))
+        self.running = {}  # slot → _Running
+        self.waiting = deque()
+        self.condition = threading.Condition()
+        self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self.thread.start()
+
+    def submit(self, request) -> bool:
+        """Queue `request`; False when every slot is busy and the queue is full."""
+        with self.condition:
+            if not self.free and len(self.waiting) >= self.max_queue:
+                return False
+            self.waiting.append(request)
+            self.condition.notify()
+        return True
+
+    def cancel(self, request):
+        """Stop `request` before its next step (a client that went away, a stop string)."""
+        request.cancelled = True
+        with self.condition:
+            self.condition.notify()
+
+    @property
+    def load(self):
+        with self.condition:
+            return {"running": len(self.running), "waiting": len(self.waiting), "slots": self.slots}
+
+    def _loop(self):
+        with torch.no_grad():
+            while True:
+                with self.condition:
+                    while not self.running and not self.waiting:
+                        self.condition.wait()
+                    admitted = []
+                    while self.free and self.waiting:
+                        admitted.append((self.free.pop(), self.waiting.popleft()))
+                for slot, request in admitted:
+                    self._guarded(slot, request, self._prefill)
+                self._step()
+
+    def _guarded(self, slot, request, work):
+        try:
+            work(slot, request)
+        except Exception as err:  # one bad request must not stop the engine
+            self._finish(slot, f"error: {type(err).__name__}: {err}")
+
+    def _prefill(self, slot, request):
+        if self.decoder is None:
+            self.decoder = PackedDecoder(self.model, self.slots, self.max_len)
+        prompt = torch.tensor([request.prompt], device=self.device)
+        generator = None
+        if request.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(request.seed)
+        state = _Running(request, prompt, len(request.prompt), generator=generator)
+        self.running[slot] = state
+        logits = self.decoder(prompt, 0, rows=slice(slot, slot + 1))
+        self._emit(slot, state, logits)
+
+    def _step(self):
+        for slot, state in list(self.running.items()):
+            if state.request.cancelled:
+                self._finish(slot, "cancelled")
+        if not self.running:
+            return
+        slots = list(self.running)
+        rows = torch.tensor(slots, device=self.device)
+        tokens = torch.cat([self.running[slot].last for slot in slots])
+        positions = torch.tensor([self.running[slot].position - 1 for slot in slots], device=self.device)
+        try:
+            logits = self.decoder.decode(rows, tokens, positions)
+        except Exception as err:
+            for slot in slots:
+                self._finish(slot, f"error: {type(err).__name__}: {err}")
+            return
+        for index, slot in enumerate(slots):
+            self._guarded(slot, self.running[slot].request,
+                          lambda slot, request, index=index: self._emit(slot, self.running[slot], logits[index:index + 1]))
+
+    def _emit(self, slot, state, logits):
+        """Choose the next token from `logits` [1, vocab], hand it over, and finish the request if it is done."""
+        request = state.request
+        token = next_tokens(logits, state.seen, request.sampling, state.generator)
+        state.seen = torch.cat([state.seen, token], dim=1)
+        state.last, state.position, state.generated = token[0], state.position + 1, state.generated + 1
+        if int(token) == self.eos and not request.ignore_eos:
+            self._finish(slot, "stop")
+            return
+        request.emit(int(token), None)
+        if state.generated >= request.max_tokens or state.position >= self.max_len:
+            self._finish(slot, "length")
+
+    def _finish(self, slot, reason):
+        state = self.running.pop(slot, None)
+        if state is None:
+            return
+        with self.condition:
+            self.free.append(slot)
+        state.request.emit(None, reason)

@@ -1,0 +1,346 @@
+"""Serve a checkpoint over an OpenAI-compatible API, with a chat page, decoding many requests together.
+
+    python -m scripts.serve --config configs/tiny.json --checkpoint output/sft_dense/sft_128.pth
+    # then: http://127.0.0.1:8000/ in a browser, or any OpenAI client with base_url http://127.0.0.1:8000/v1
+
+Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET / (chat page).
+Requests take max_tokens (or max_completion_tokens), temperature, top_p, stop, seed, stream, and
+tinymind's top_k, repetition_penalty and ignore_eos. Every active request decodes in one batch (model/engine.py);
+a bad request gets a 4xx in OpenAI's error format and the others go on.
+"""
+
+import asyncio
+import json
+import secrets
+import time
+import uuid
+from pathlib import Path
+from typing import Literal
+
+import torch
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from dataset import load_tokenizer
+from model import Sampling
+from model.engine import Engine
+from model.engine import Request as EngineRequest
+from trainer import load_model, run_cli
+from trainer.checkpoint import run_paths
+from trainer.distributed import say
+from trainer.flags import add_model_flags, model_config, new_parser, parse
+from trainer.lora import load_adapter
+
+PAGE = Path(__file__).with_name("chat.html")
+MAX_BODY_BYTES = 1 << 20
+
+
+class APIError(Exception):
+    def __init__(self, status, message, kind="invalid_request_error", param=None, code=None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+
+
+def error_response(status, message, kind="invalid_request_error", param=None, code=None):
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
+
+
+# ---- requests -----------------------------------------------------------------------------------------
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class Sampled(BaseModel):
+    """The fields both endpoints share, with the bounds a request must keep."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    repetition_penalty: float = Field(1.0, gt=0, le=10)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: dict | None = None
+    n: int = Field(1, ge=1, le=1)
+    ignore_eos: bool = False  # decode exactly max_tokens (for benchmarks), as vLLM's extension does
+
+    def stops(self):
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 4 or not all(stops):
+            raise APIError(400, "stop: at most 4 non-empty strings", param="stop")
+        return stops
+
+
+class ChatRequest(Sampled):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def turns_in_order(self):
+        dialogue = self.messages[1:] if self.messages[0].role == "system" else self.messages
+        for index, message in enumerate(dialogue):
+            if message.role != ("user", "assistant")[index % 2]:
+                raise ValueError("messages: after an optional system message, user and assistant messages "
+                                 "alternate, starting with user")
+        if not dialogue or dialogue[-1].role != "user":
+            raise ValueError("messages: the last message must be the user's")
+        return self
+
+
+class CompletionRequest(Sampled):
+    prompt: str
+
+
+# ---- the app ------------------------------------------------------------------------------------------
+
+
+def create_app(model, tokenizer, model_name, max_batch=8, max_queue=16, context=2048, max_tokens_cap=1024,
+               api_key=None):
+    engine = Engine(model, tokenizer.eos_token_id, max_batch=max_batch, max_queue=max_queue, context=context)
+    context = engine.max_len
+    app = FastAPI(title="tinymind", docs_url=None, redoc_url=None)
+    app.state.engine = engine
+
+    @app.exception_handler(APIError)
+    async def api_error(request, err):
+        return error_response(err.status, err.message, err.kind, err.param, err.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, err):
+        first = err.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ())[1:]) or "body"
+        return error_response(400, f"{where}: {first.get('msg', 'invalid')}", param=where)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, err):
+        return error_response(err.status_code, str(err.detail), "not_found_error" if err.status_code == 404 else
+                              "invalid_request_error")
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+            return error_response(413, f"request body over {MAX_BODY_BYTES} bytes")
+        if api_key and request.url.path.startswith("/v1/"):
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return error_response(401, "missing or wrong API key: send Authorization: Bearer KEY",
+                                      "authentication_error", code="invalid_api_key")
+        return await call_next(request)
+
+    async def read(request, kind):
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise APIError(400, f"the body is not valid JSON ({err})") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "the body must be a JSON object")
+        try:
+            parsed = kind.model_validate(body)
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(part) for part in first.get("loc", ())) or "body"
+            raise APIError(400, f"{where}: {first.get('msg', 'invalid')}".replace("Value error, ", ""),
+                           param=where) from None
+        if parsed.model != model_name:
+            raise APIError(404, f"the model '{parsed.model}' does not exist; this server serves '{model_name}'",
+                           param="model", code="model_not_found")
+        return parsed
+
+    def start(request, prompt_ids, max_tokens):
+        if len(prompt_ids) >= context:
+            raise APIError(400, f"the prompt is {len(prompt_ids)} tokens, over the model's context of {context} "
+                                f"tokens", param="messages", code="context_length_exceeded")
+        max_tokens = max_tokens or min(max_tokens_cap, context - len(prompt_ids))
+        if max_tokens > max_tokens_cap:
+            raise APIError(400, f"max_tokens {max_tokens} is over this server's cap of {max_tokens_cap}",
+                           param="max_tokens")
+        if len(prompt_ids) + max_tokens > context:
+            raise APIError(400, f"the prompt is {len(prompt_ids)} tokens and max_tokens {max_tokens}: together over "
+                                f"the model's context of {context} tokens", param="max_tokens",
+                           code="context_length_exceeded")
+        sampling = Sampling(request.temperature, request.top_k, request.top_p, request.repetition_penalty)
+        stream = TokenStream(tokenizer, request.stops())
+        engine_request = EngineRequest(prompt_ids, max_tokens, sampling, stream.push, seed=request.seed,
+                                       ignore_eos=request.ignore_eos)
+        stream.engine_request = engine_request
+        if not engine.submit(engine_request):
+            raise APIError(429, f"all {max_batch} slots are decoding and {max_queue} requests wait: retry shortly",
+                           "rate_limit_error")
+        return stream
+
+    async def respond(raw, request, prompt_ids, max_tokens, chunk, whole, prefix):
+        stream = start(request, prompt_ids, max_tokens)
+        ident, created = f"{prefix}-{uuid.uuid4().hex}", int(time.time())
+
+        def usage():
+            return {"prompt_tokens": len(prompt_ids), "completion_tokens": stream.tokens,
+                    "total_tokens": len(prompt_ids) + stream.tokens}
+
+        if not request.stream:
+            try:
+                text, reason = await stream.collect()
+            except asyncio.CancelledError:
+                engine.cancel(stream.engine_request)
+                raise
+            return JSONResponse({**whole(ident, created, text, reason), "usage": usage()})
+
+        async def events():
+            try:
+                yield sse(chunk(ident, created, None, None, first=True))
+                async for piece, reason in stream:
+                    if await raw.is_disconnected():
+                        break
+                    yield sse(chunk(ident, created, piece, reason))
+                if (request.stream_options or {}).get("include_usage"):
+                    yield sse({**chunk(ident, created, None, None), "choices": [], "usage": usage()})
+                yield "data: [DONE]\n\n"
+            finally:  # a client that went away frees its slot
+                engine.cancel(stream.engine_request)
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    def chat_chunk(ident, created, piece, reason, first=False):
+        delta = {"role": "assistant", "content": ""} if first else ({"content": piece} if piece else {})
+        return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model_name,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
+
+    def chat_whole(ident, created, text, reason):
+        return {"id": ident, "object": "chat.completion", "created": created, "model": model_name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}]}
+
+    def text_chunk(ident, created, piece, reason, first=False):
+        return {"id": ident, "object": "text_completion", "created": created, "model": model_name,
+                "choices": [{"index": 0, "text": piece or "", "finish_reason": reason}]}
+
+    def text_whole(ident, created, text, reason):
+        return {"id": ident, "object": "text_completion", "created": created, "model": model_name,
+                "choices": [{"index": 0, "text": text, "finish_reason": reason}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(raw: Request):
+        request = await read(raw, ChatRequest)
+        messages = [message.model_dump() for message in request.messages]
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        return await respond(raw, request, prompt_ids, request.max_completion_tokens or request.max_tokens,
+                             chat_chunk, chat_whole, "chatcmpl")
+
+    @app.post("/v1/completions")
+    async def completions(raw: Request):
+        request = await read(raw, CompletionRequest)
+        prompt_ids = [tokenizer.bos_token_id] + tokenizer(request.prompt, add_special_tokens=False).input_ids
+        return await respond(raw, request, prompt_ids, request.max_tokens, text_chunk, text_whole, "cmpl")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "tinymind"}]}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", **engine.load}
+
+    @app.get("/")
+    async def page():
+        return FileResponse(PAGE, media_type="text/html")
+
+    return app
+
+
+def sse(payload):
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+class TokenStream:
+    """Tokens from the engine's thread → text pieces on the event loop, cut at the first stop string."""
+
+    def __init__(self, tokenizer, stops):
+        self.tokenizer, self.stops = tokenizer, stops
+        self.loop = asyncio.get_running_loop()
+        self.queue = asyncio.Queue()
+        self.ids, self.sent, self.tokens, self.done = [], "", 0, False
+        self.engine_request = None
+
+    def push(self, token, reason):  # on the engine's thread
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, (token, reason))
+
+    async def __aiter__(self):
+        """(new text, None) as it decodes, then ("" or the last text, finish reason)."""
+        while not self.done:
+            token, reason = await self.queue.get()
+            if token is not None:
+                self.ids.append(token)
+                self.tokens += 1
+                text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+                cut = min((text.find(stop) for stop in self.stops if stop in text), default=-1)
+                if cut >= 0:
+                    self.done = True
+                    self.engine_request.cancelled = True
+                    piece, self.sent = text[len(self.sent):cut], text[:cut]
+                    yield piece, "stop"
+                    return
+                if text.endswith("\ufffd") or not text[len(self.sent):]:
+                    continue  # the rest of a multi-byte character is still to come
+                piece, self.sent = text[len(self.sent):], text
+                yield piece, None
+            else:
+                self.done = True
+                if reason.startswith("error"):
+                    raise RuntimeError(reason)
+                yield "", "length" if reason == "length" else "stop"
+
+    async def collect(self):
+        pieces, reason = [], None
+        async for piece, reason in self:
+            pieces.append(piece)
+        return "".join(pieces), reason
+
+
+# ---- the command line ---------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    parser = new_parser(__doc__)
+    add_model_flags(parser)
+    group = parser.add_argument_group("server")
+    group.add_argument("--checkpoint", help="a .pth/.safetensors or a Hugging Face directory "
+                                            "(default: the matching output/sft_*/sft_*.pth)")
+    group.add_argument("--lora", help="a LoRA adapter folder to apply to the checkpoint")
+    group.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
+    group.add_argument("--port", type=int, default=8000)
+    group.add_argument("--api_key", help="require Authorization: Bearer KEY on every /v1 request")
+    group.add_argument("--max_batch", type=int, default=8, help="requests decoded together")
+    group.add_argument("--max_queue", type=int, default=16, help="requests that may wait for a slot; then 429")
+    group.add_argument("--context", type=int, default=2048, help="longest prompt + completion (the KV cache size)")
+    group.add_argument("--max_tokens_cap", type=int, default=1024, help="the most tokens one request may ask for")
+    group.add_argument("--model_name", help="the model id clients send (default: the checkpoint's file stem)")
+    return parse(parser, argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    checkpoint = Path(args.checkpoint or run_paths("sft", args).existing_weights())
+    model = load_model(checkpoint, fallback_config=model_config(args)).to(args.device).eval()
+    if args.lora:
+        model = load_adapter(model, args.lora).get_base_model().eval()
+    tokenizer = load_tokenizer(args.tokenizer_path)
+    name = args.model_name or checkpoint.stem
+    torch.manual_seed(args.seed)
+    app = create_app(model, tokenizer, name, args.max_batch, args.max_queue, args.context, args.max_tokens_cap,
+                     args.api_key)
+    say(f"serving {checkpoint} as '{name}' on http://{args.host}:{args.port}/ (OpenAI API under /v1)", err=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    run_cli(main)

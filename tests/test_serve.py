@@ -1,0 +1,160 @@
+"""scripts/serve.py through the official openai client: answers equal 3-eval's, batching changes none, bad requests
+get their 4xx while good ones go on, keys, back-pressure and disconnects."""
+
+import asyncio
+import json
+import threading
+
+import httpx2
+import openai
+import pytest
+import torch
+
+from dataset import load_tokenizer
+from model import TinyMindForCausalLM, fast_generate
+from trainer import save_weights
+
+from conftest import MODEL, Server, greedy, run_stage, tiny_config
+
+PROMPTS = ["你好", "What is the capital of France?", "床前明月光的下一句是？", "Tell me a story.",
+           "1 + 1 = ?", "李白是谁？", "Hello!", "画蛇添足是什么意思？"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = TinyMindForCausalLM(tiny_config(vocab_size=6400, initializer_range=0.1)).eval()
+    path = tmp_path_factory.mktemp("serve") / "tiny.pth"
+    save_weights(model.state_dict(), model.config, path)
+    return path, model
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    _, model = checkpoint
+    running = Server(model, load_tokenizer(), max_batch=8, max_queue=16, max_tokens_cap=64)
+    yield running
+    running.stop()
+
+
+def streamed(client, prompt, max_tokens=16):
+    chunks = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompt}],
+                                                 max_tokens=max_tokens, temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason in ("stop", "length")
+    return "".join(chunk.choices[0].delta.content or "" for chunk in chunks)
+
+
+def test_answers_equal_3_eval_greedy_and_usage_counts_tokens(server, checkpoint, tmp_path, tokenizer):
+    path, model = checkpoint
+    client = server.client()
+    answer = greedy(client, "你好")
+    assert answer.choices[0].message.role == "assistant" and answer.choices[0].finish_reason in ("stop", "length")
+    assert streamed(client, "你好") == answer.choices[0].message.content
+
+    shell = run_stage("3-eval.py", *MODEL, "--checkpoint", path, "--prompt", "你好", "--temperature", 0,
+                      "--max_new_tokens", 16, cwd=tmp_path)
+    assert shell.stdout == f"> 你好\n{answer.choices[0].message.content}\n"
+
+    prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": "你好"}], add_generation_prompt=True,
+                                               tokenize=True)["input_ids"]
+    generated = fast_generate(model, torch.tensor([prompt_ids]), 16, eos_token_id=tokenizer.eos_token_id)[0, len(prompt_ids):]
+    completion = len([t for t in generated.tolist() if t != tokenizer.eos_token_id and t != 0])
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (len(prompt_ids), completion)
+    assert answer.usage.total_tokens == len(prompt_ids) + completion
+
+
+def test_eight_concurrent_streams_each_equal_their_solo_answer(server):
+    client = server.client()
+    solo = [streamed(client, prompt) for prompt in PROMPTS]
+    results = [None] * len(PROMPTS)
+
+    def run(index):
+        results[index] = streamed(server.client(), PROMPTS[index])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == solo
+
+
+def test_raw_completions_and_models_and_health(server):
+    client = server.client()
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    text = client.completions.create(model="tiny", prompt="床前明月光", max_tokens=5, temperature=0)
+    assert text.choices[0].finish_reason in ("stop", "length") and text.usage.completion_tokens <= 5
+    assert httpx2.get(f"{server.url}/health").json()["status"] == "ok"
+
+
+BAD = [
+    (b"{not json", 400, "not valid JSON"),
+    (json.dumps({"model": "tiny"}).encode(), 400, "messages"),
+    (json.dumps({"model": "tiny", "messages": [{"role": "assistant", "content": "hi"}]}).encode(), 400, "alternate"),
+    (json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}).encode(),
+     400, "alternate"),
+    (json.dumps({"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}).encode(), 404, "gpt-9"),
+    (json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": -1}).encode(),
+     400, "temperature"),
+    (json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**9}).encode(),
+     400, "cap"),
+    (json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "长" * 3000}]}).encode(), 400,
+     "context of 2048 tokens"),
+    (b"x" * (2 << 20), 413, "bytes"),
+]
+
+
+def test_bad_requests_get_their_status_and_error_json_while_a_good_one_succeeds(server):
+    client = server.client()
+    good = {}
+    worker = threading.Thread(target=lambda: good.setdefault("answer", greedy(client, "Tell me a story.", 48)))
+    worker.start()
+    for body, status, words in BAD:
+        response = httpx2.post(f"{server.url}/v1/chat/completions", content=body,
+                              headers={"Content-Type": "application/json"}, timeout=30)
+        assert response.status_code == status, (body[:80], response.text)
+        error = response.json()["error"]
+        assert words in error["message"] and {"message", "type", "param", "code"} <= set(error)
+    worker.join()
+    assert good["answer"].choices[0].message.content is not None
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="other", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_an_api_key_is_required_when_set(checkpoint):
+    _, model = checkpoint
+    running = Server(model, load_tokenizer(), api_key="sesame")
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            greedy(running.client("wrong"), "hi", 2)
+        assert greedy(running.client("sesame"), "hi", 2).choices[0].message.content is not None
+        assert httpx2.get(f"{running.url}/v1/models").status_code == 401
+    finally:
+        running.stop()
+
+
+def test_a_full_server_says_429_and_a_disconnect_frees_the_slot(checkpoint):
+    _, model = checkpoint
+    running = Server(model, load_tokenizer(), max_batch=1, max_queue=0, max_tokens_cap=2000)
+
+    async def scenario():
+        async with httpx2.AsyncClient(base_url=running.url, timeout=60) as http:
+            body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2000,
+                    "temperature": 1.0, "stream": True}
+            async with http.stream("POST", "/v1/chat/completions", json=body) as stream:
+                async for _ in stream.aiter_lines():
+                    break  # the first event: the request holds the only slot
+                busy = await http.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 2})
+                assert busy.status_code == 429 and busy.json()["error"]["type"] == "rate_limit_error"
+            # the client went away mid-stream: its slot is free for the next request
+            for _ in range(100):
+                if (await http.get("/health")).json()["running"] == 0:
+                    break
+                await asyncio.sleep(0.05)
+            after = await http.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 2})
+            assert after.status_code == 200, after.text
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        running.stop()
