@@ -85,7 +85,7 @@ def main(argv=None):
     while not server.started:
         time.sleep(0.05)
     url = f"http://127.0.0.1:{args.port}"
-    asyncio.run(level(url, 1, 8))  # warm-up: the first request builds the decoder
+    asyncio.run(level(url, 1, args.tokens))  # warm-up: the first request builds the decoder
 
     baseline_clients = max(args.levels) if max(args.levels) <= 8 else 8
     runs = {"one at a time": [], **{clients: [] for clients in args.levels}}

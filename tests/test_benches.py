@@ -1,0 +1,31 @@
+"""The stage and serving benchmarks run end to end on tiny settings and report every contender."""
+
+from conftest import CONVERSATIONS, MODEL, free_port, sft_file, write_jsonl
+
+
+def test_bench_stages_reports_every_stage_against_full_sft(tmp_path, capsys):
+    from scripts import bench_stages
+
+    sft = sft_file(tmp_path)
+    pairs = [{"chosen": c, "rejected": c[:-1] + [{"role": "assistant", "content": "No."}]} for c in CONVERSATIONS * 2]
+    dpo = write_jsonl(tmp_path / "dpo.jsonl", pairs)
+    bench_stages.main([*MODEL, "--vocab_size", 6400, "--batch_size", 2, "--data_path", sft, "--dpo_data", dpo,
+                       "--repeats", 1, "--warmup", 0, "--device", "cpu"])
+    table = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0] + (" " + line.split()[1] if line.startswith("full") else ""): line for line in table
+            if line.startswith(bench_stages.CONTENDERS)}
+    assert set(rows) == set(bench_stages.CONTENDERS)
+    assert " 1.00x " in rows["full SFT"] and "100.00%" in rows["full SFT"]
+    lora_share = float(rows["LoRA"].split()[-1].rstrip("%"))
+    assert 0 < lora_share < 20
+
+
+def test_bench_serve_reports_throughput_and_time_to_first_token(capsys):
+    from scripts import bench_serve
+
+    bench_serve.main([*MODEL, "--vocab_size", 6400, "--concurrency", "1,2", "--tokens", 4, "--rounds", 1,
+                      "--port", free_port(), "--device", "cpu"])
+    lines = capsys.readouterr().out.splitlines()
+    table = lines[lines.index(next(line for line in lines if line.startswith("clients"))) + 1:]
+    assert [line.split()[0] for line in table] == ["2,", "1", "2"]
+    assert all(float(line.split()[-4]) > 0 for line in table)  # aggregate tokens/s
