@@ -63,7 +63,10 @@ def test_distillation_trains_a_smaller_student_from_the_stage_and_refuses_anothe
     sft_file(tmp_path / "data")
     run_stage("2-sft.py", *TINY, "--hidden_size", 128, "--max_steps", 2, cwd=tmp_path)
     teacher = "output/sft_dense/sft_128.pth"
-    result = run_stage("7-distill.py", *TINY, "--teacher", teacher, "--max_steps", 3, cwd=tmp_path)
+    # A preset with shape and stage keys goes through the flags one by one, --teacher's requirement aside.
+    (tmp_path / "preset.json").write_text('{"hidden_size": 64, "alpha": 0.3}')
+    result = run_stage("7-distill.py", *TINY, "--config", "preset.json", "--teacher", teacher, "--max_steps", 3,
+                       cwd=tmp_path)
     assert "saved output/distill_dense/distill_64.pth" in result.stdout
     with open(tmp_path / "output/distill_dense/distill_64_log.csv") as f:
         assert f.readline().strip().startswith("step,tokens,loss,ce,kl,aux,")

@@ -184,8 +184,10 @@ def preset_value(path, action, value, parser):
     else:
         ok, argv = not isinstance(value, (bool, list, dict)), [action.option_strings[0], str(value)]
     if ok:
+        alone = new_parser("", add_help=False)  # this flag alone: no other flag's requirement can interfere
+        alone._add_action(action)
         try:
-            return getattr(parser.parse_known_args(argv, argparse.Namespace())[0], action.dest, value)
+            return getattr(alone.parse_args(argv, argparse.Namespace()), action.dest, value)
         except UserError:
             pass
     raise UserError(f"--config {path}: '{action.dest}' is {json.dumps(value)}, but --{action.dest} takes "
