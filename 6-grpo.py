@@ -17,7 +17,7 @@ from trainer.grpo import GroupRelativePolicy
 
 def grpo(model, args, start):
     reference = load_model(start) if args.beta > 0 else None
-    return GroupRelativePolicy(reference, load_tokenizer(args.tokenizer_path), args)
+    return GroupRelativePolicy(reference, load_tokenizer(args.tokenizer_path), args, start)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ def distillation(student, args, start):
     if not 0 <= args.alpha <= 1 or args.distill_temperature <= 0:
         raise UserError(f"--alpha {args.alpha} must lie in [0, 1] and --distill_temperature "
                         f"{args.distill_temperature} be positive")
-    return Distillation(teacher, args.alpha, args.distill_temperature)
+    return Distillation(teacher, args.alpha, args.distill_temperature, args.teacher)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ class Request:
 class _Running:
     request: Request
     seen: torch.Tensor  # [1, n] ids so far, for the repetition penalty
-    position: int  # where the next token goes
+    position: int  # tokens in this slot's cache once `last` is written: `last` goes at position - 1
     generated: int = 0
     generator: torch.Generator | None = None
     last: torch.Tensor | None = None  # the token decoded last, the next step's input
@@ -86,7 +86,11 @@ class Engine:
                         self.condition.wait()
                     admitted = []
                     while self.free and self.waiting:
-                        admitted.append((self.free.pop(), self.waiting.popleft()))
+                        request = self.waiting.popleft()
+                        if request.cancelled:  # gone while it waited: it never takes a slot
+                            request.emit(None, "cancelled")
+                        else:
+                            admitted.append((self.free.pop(), request))
                 for slot, request in admitted:
                     self._guarded(slot, request, self._prefill)
                 self._step()
@@ -98,15 +102,14 @@ class Engine:
             self._finish(slot, f"error: {type(err).__name__}: {err}")
 
     def _prefill(self, slot, request):
+        state = _Running(request, None, len(request.prompt))
+        self.running[slot] = state  # first, so that any failure below frees the slot through _finish
         if self.decoder is None:
             self.decoder = PackedDecoder(self.model, self.slots, self.max_len)
-        prompt = torch.tensor([request.prompt], device=self.device)
-        generator = None
+        state.seen = torch.tensor([request.prompt], device=self.device)
         if request.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(request.seed)
-        state = _Running(request, prompt, len(request.prompt), generator=generator)
-        self.running[slot] = state
-        logits = self.decoder(prompt, 0, rows=slice(slot, slot + 1))
+            state.generator = torch.Generator(device=self.device).manual_seed(request.seed)
+        logits = self.decoder(state.seen, 0, rows=slice(slot, slot + 1))
         self._emit(slot, state, logits)
 
     def _step(self):

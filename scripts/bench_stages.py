@@ -60,10 +60,10 @@ def contender(name, args, tokenizer):
     paths = run_paths(f"bench_{name}", argparse.Namespace(**{**vars(args), "out_dir": tempfile.mkdtemp()}))
     if name == "DPO":
         data = PreferenceDataset(args.dpo_data, tokenizer, args.max_seq_len)
-        objective = DirectPreference(copy.deepcopy(model), beta=0.1)
+        objective = DirectPreference(copy.deepcopy(model), 0.1, None)
     else:
         data = SFTDataset(args.data_path, tokenizer, args.max_seq_len)
-        objective = Distillation(copy.deepcopy(model), 0.5, 2.0) if name == "distill" else LanguageModeling()
+        objective = Distillation(copy.deepcopy(model), 0.5, 2.0, None) if name == "distill" else LanguageModeling()
     if name == "LoRA":
         model = with_adapters(model, args)
     batch = data.collate([data[i] for i in range(args.batch_size)])

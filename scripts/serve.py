@@ -69,7 +69,7 @@ class Sampled(BaseModel):
     top_k: int = Field(0, ge=0)
     repetition_penalty: float = Field(1.0, gt=0, le=10)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
     stream: bool = False
     stream_options: dict | None = None
     n: int = Field(1, ge=1, le=1)
@@ -129,8 +129,10 @@ def create_app(model, tokenizer, model_name, max_batch=8, max_queue=16, context=
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
-            return error_response(413, f"request body over {MAX_BODY_BYTES} bytes")
+        length = request.headers.get("content-length") or "0"
+        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+            return error_response(413 if length.isdigit() else 400, f"request body over {MAX_BODY_BYTES} bytes"
+                                  if length.isdigit() else "the Content-Length header is not a number")
         if api_key and request.url.path.startswith("/v1/"):
             given = request.headers.get("authorization", "")
             if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
@@ -139,8 +141,11 @@ def create_app(model, tokenizer, model_name, max_batch=8, max_queue=16, context=
         return await call_next(request)
 
     async def read(request, kind):
+        raw = await request.body()
+        if len(raw) > MAX_BODY_BYTES:  # a chunked body has no Content-Length to check up front
+            raise APIError(413, f"request body over {MAX_BODY_BYTES} bytes")
         try:
-            body = json.loads(await request.body())
+            body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise APIError(400, f"the body is not valid JSON ({err})") from None
         if not isinstance(body, dict):
@@ -275,29 +280,33 @@ class TokenStream:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, (token, reason))
 
     async def __aiter__(self):
-        """(new text, None) as it decodes, then ("" or the last text, finish reason)."""
+        """(new text, None) as it decodes, then (the rest, finish reason). Text that may begin a stop string is
+        held back until it is known not to."""
         while not self.done:
             token, reason = await self.queue.get()
-            if token is not None:
-                self.ids.append(token)
-                self.tokens += 1
-                text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-                cut = min((text.find(stop) for stop in self.stops if stop in text), default=-1)
-                if cut >= 0:
-                    self.done = True
-                    self.engine_request.cancelled = True
-                    piece, self.sent = text[len(self.sent):cut], text[:cut]
-                    yield piece, "stop"
-                    return
-                if text.endswith("\ufffd") or not text[len(self.sent):]:
-                    continue  # the rest of a multi-byte character is still to come
-                piece, self.sent = text[len(self.sent):], text
-                yield piece, None
-            else:
+            text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+            if token is None:
                 self.done = True
                 if reason.startswith("error"):
-                    raise RuntimeError(reason)
-                yield "", "length" if reason == "length" else "stop"
+                    raise APIError(500, f"the model failed on this request ({reason[7:]})", "server_error")
+                yield text[len(self.sent):], "length" if reason == "length" else "stop"
+                return
+            self.ids.append(token)
+            self.tokens += 1
+            text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+            cut = min((text.find(stop) for stop in self.stops if stop in text), default=-1)
+            if cut >= 0:
+                self.done = True
+                self.engine_request.cancelled = True
+                yield text[len(self.sent):cut], "stop"
+                return
+            if text.endswith("\ufffd"):
+                continue  # the rest of a multi-byte character is still to come
+            safe = len(text) - max((k for stop in self.stops for k in range(1, len(stop)) if text.endswith(stop[:k])),
+                                   default=0)
+            if safe > len(self.sent):
+                piece, self.sent = text[len(self.sent):safe], text[:safe]
+                yield piece, None
 
     async def collect(self):
         pieces, reason = [], None

@@ -30,7 +30,7 @@ def test_loss_equals_a_hand_computation(batch):
     teacher, student = teacher_and_student()
     alpha, temperature = 0.3, 2.0
     units = int(batch.loss_mask.sum())
-    result = Distillation(teacher, alpha, temperature)(student, batch, Step(units, 1, 1))
+    result = Distillation(teacher, alpha, temperature, None)(student, batch, Step(units, 1, 1))
     with torch.no_grad():
         ce_sum, kl_sum = 0.0, 0.0
         for row in range(len(batch)):  # each sample alone, position by position
@@ -51,7 +51,7 @@ def test_loss_equals_a_hand_computation(batch):
 def test_kl_and_its_gradient_vanish_when_the_student_is_the_teacher(batch):
     teacher, _ = teacher_and_student()
     student = copy.deepcopy(teacher).train()
-    result = Distillation(teacher, alpha=1.0, temperature=2.0)(student, batch, Step(int(batch.loss_mask.sum()), 1, 1))
+    result = Distillation(teacher, 1.0, 2.0, None)(student, batch, Step(int(batch.loss_mask.sum()), 1, 1))
     assert abs(result.metrics["kl"].item()) < 1e-6
     result.loss.backward()
     assert max(p.grad.abs().max().item() for p in student.parameters()) < 1e-6

@@ -60,7 +60,7 @@ def hand_loss(policy, reference, dataset, beta):
 def test_loss_is_ln2_while_the_policy_is_the_reference(preferences):
     policy, reference = models()
     batch = preferences.collate([preferences[i] for i in range(len(preferences))])
-    result = DirectPreference(reference, beta=0.1)(policy.train(), batch, Step(len(preferences), 1, 1))
+    result = DirectPreference(reference, 0.1, None)(policy.train(), batch, Step(len(preferences), 1, 1))
     assert result.loss.item() == pytest.approx(math.log(2), abs=1e-6)
     assert result.metrics["accuracy"].item() == 0.5 and result.metrics["margin"].item() == 0
 
@@ -72,7 +72,7 @@ def test_loss_equals_a_hand_computation_with_padding_and_uneven_answers(preferen
             parameter.add_(torch.randn_like(parameter) * 0.05)
     batch = preferences.collate([preferences[i] for i in range(len(preferences))])
     assert (batch.both.attention_mask == 0).any()
-    result = DirectPreference(reference, beta=0.3)(policy.train(), batch, Step(len(preferences), 1, 1))
+    result = DirectPreference(reference, 0.3, None)(policy.train(), batch, Step(len(preferences), 1, 1))
     with torch.no_grad():
         expected = hand_loss(policy.eval(), reference, preferences, beta=0.3)
     assert result.loss.item() == pytest.approx(expected.item(), rel=1e-5)
@@ -80,7 +80,7 @@ def test_loss_equals_a_hand_computation_with_padding_and_uneven_answers(preferen
 
 def test_a_gradient_step_raises_the_chosen_answer_against_the_rejected(preferences):
     policy, reference = models()
-    objective = DirectPreference(reference, beta=0.1)
+    objective = DirectPreference(reference, 0.1, None)
     batch = preferences.collate([preferences[i] for i in range(len(preferences))])
     objective(policy.train(), batch, Step(len(preferences), 1, 1)).loss.backward()
     with torch.no_grad():
@@ -91,7 +91,7 @@ def test_a_gradient_step_raises_the_chosen_answer_against_the_rejected(preferenc
 
 
 def test_accumulated_pairs_equal_one_large_batch(preferences):
-    objective_whole, objective_split = (DirectPreference(models()[1], 0.1) for _ in range(2))
+    objective_whole, objective_split = (DirectPreference(models()[1], 0.1, None) for _ in range(2))
     policy = models()[0].train()
     perturbed = {name: p + 0.05 * torch.randn_like(p) for name, p in policy.state_dict().items()}
     policy.load_state_dict(perturbed)

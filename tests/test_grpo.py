@@ -121,3 +121,18 @@ def test_a_failing_reward_function_names_the_prompts_line(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         "error: data/grpo.jsonl, line 2: the reward function returned 'yes', not a finite number for this prompt's "
         "completion; fix the function or the line's \"answer\"")
+
+
+def test_reused_rollouts_clip_and_resume_exactly_in_the_middle_of_their_reuse(tmp_path):
+    letter_task(tmp_path)
+    flags = [*GRPO, "--batch_size", 2, "--max_steps", 6, "--save_interval", 3, "--num_iterations", 2]
+    run_stage("6-grpo.py", *flags, cwd=tmp_path)
+    with open(tmp_path / "output/grpo_dense/grpo_64_log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["reward"] for row in rows[0::2]] == [row["reward"] for row in rows[1::2]]  # each batch twice
+    assert any(float(row["clipped"]) > 0 for row in rows[1::2])  # the second use is off-policy: clipping engages
+    straight = torch.load(tmp_path / "output/grpo_dense/grpo_64.pth", weights_only=True)
+    (tmp_path / "output/grpo_dense/grpo_64_resume_00000006.pt").unlink()  # step 3: one reuse still pending
+    run_stage("6-grpo.py", *flags, "--resume", cwd=tmp_path)
+    weights = torch.load(tmp_path / "output/grpo_dense/grpo_64.pth", weights_only=True)
+    assert all(torch.equal(straight[key], weights[key]) for key in straight)

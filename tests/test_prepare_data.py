@@ -113,7 +113,7 @@ def write_fake_packages(cache: Path) -> None:
 def test_run_writes_jsonl_from_the_cache(tmp_path, capsys):
     write_fake_packages(tmp_path / "cache")
     args = argparse.Namespace(sources="shakespeare,chatterbot", out_dir=str(tmp_path),
-                              max_chars=None, max_sft=None, seed=0)
+                              max_chars=None, max_sft=None, max_lora=100, max_dpo=100, max_grpo=50, seed=0)
     prep.run(args)
 
     texts = [json.loads(line)["text"] for name in ("pretrain.jsonl", "pretrain_val.jsonl")
@@ -128,6 +128,14 @@ def test_run_writes_jsonl_from_the_cache(tmp_path, capsys):
         turns = [t for t in conversation if t["role"] != "system"]
         assert [t["role"] for t in turns] == ["user", "assistant"]  # the unanswered "How are you?" is dropped
     assert "chatterbot" in capsys.readouterr().out
+    assert any(re.fullmatch(r"\d \+ \d = \d+|\d - \d = -?\d", c[-1]["content"]) for c in conversations)
+
+    prompts = [json.loads(line) for name in ("grpo.jsonl", "grpo_val.jsonl") for line in open(tmp_path / name)]
+    assert len(prompts) == 50 and {p["reward"] for p in prompts} == {"numeric"}  # no poetry among these sources
+    for prompt in prompts:  # every generated answer is the true result of its question
+        a, op, b = re.search(r"(\d) ([+-]) (\d)", prompt["conversations"][0]["content"]).groups()
+        assert int(prompt["answer"]) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+    assert not (tmp_path / "dpo.jsonl").exists()  # the preference pairs come from the dict source
 
 
 def test_unknown_source_is_one_clear_error(tmp_path):

@@ -158,3 +158,15 @@ def test_a_full_server_says_429_and_a_disconnect_frees_the_slot(checkpoint):
         asyncio.run(scenario())
     finally:
         running.stop()
+
+
+def test_a_stop_string_ends_the_answer_before_it_even_across_tokens(server):
+    client = server.client()
+    full = greedy(client, "Tell me a story.", 24).choices[0].message.content
+    stop = full[4:9]  # a few characters, likely spread over tokens
+    cut = greedy(client, "Tell me a story.", 24, stop=[stop])
+    assert cut.choices[0].message.content == full[:full.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    chunks = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Tell me a story."}],
+                                                 max_tokens=24, temperature=0, stop=stop, stream=True))
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks) == full[:full.index(stop)]

@@ -120,7 +120,11 @@ def add_grpo_flags(parser):
     group.add_argument("--max_new_tokens", type=int, default=64, help="longest completion")
     group.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the completions")
     group.add_argument("--top_p", type=float, default=1.0)
-    group.add_argument("--clip_eps", type=float, default=0.2, help="the ratio is clipped to [1 - eps, 1 + eps]")
+    group.add_argument("--num_iterations", type=int, default=1,
+                       help="optimizer steps each batch of rollouts trains (μ); the prompts of the steps between "
+                            "are skipped")
+    group.add_argument("--clip_eps", type=float, default=0.2,
+                       help="the ratio to the sampling policy is clipped to [1 - eps, 1 + eps] (with μ > 1)")
     group.add_argument("--beta", type=float, default=0.0, help="weight of the per-token KL to the reference")
 
 
@@ -205,7 +209,7 @@ def flag_takes(action):
 def validate(args):
     positive = ("hidden_size", "num_hidden_layers", "max_seq_len", "batch_size", "accumulation_steps",
                 "epochs", "max_steps", "log_interval", "save_interval", "keep_last", "val_samples", "max_new_tokens",
-                "lora_rank")
+                "lora_rank", "num_iterations")
     for name in positive:
         value = getattr(args, name, None)
         if value is not None and value < 1:
@@ -218,6 +222,8 @@ def validate(args):
     for name, value in vars(args).items():
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"--{name} {value}: must be a finite number")
+    if getattr(args, "top_p", 1.0) is not None and not 0 < getattr(args, "top_p", 1.0) <= 1:
+        raise UserError(f"--top_p {args.top_p}: must lie in (0, 1]")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: no CUDA device is available here (use --device cpu)")
     config = model_config(args)

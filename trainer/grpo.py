@@ -14,9 +14,11 @@ short completion more weight than each token of a long one, which biases the upd
 right answers and long wrong ones; a token-level mean weights every generated token alike and
 keeps accumulation equal to one large batch.
 
-Each step samples from the current policy and updates once, so the "old" log-probabilities are
-the current ones, detached: the ratio is 1 and its gradient is the policy gradient; the clipping
-(and its logged share) engages when completions are reused, which `grpo_loss` supports.
+With `--num_iterations` 1 (the default) each step samples from the current policy and updates once,
+so the "old" log-probabilities are the current ones, detached: the ratio is 1 and its gradient is
+the policy gradient. With μ > 1 the rollouts of one sampling step train μ optimizer steps against
+the log-probabilities they had when sampled, and the clipping (and its logged share) engages as the
+policy moves away from them; the prompts the data order has for the μ − 1 steps between are skipped.
 """
 
 import importlib.util
@@ -32,9 +34,10 @@ from dataset.jsonl import line_number
 from dataset.rewards import REWARDS
 from model import Sampling, stream_tokens
 
+from . import distributed
 from .errors import UserError
 from .evaluate import eval_batches
-from .objectives import Loss, Objective, moe_aux_share, token_logprobs
+from .objectives import Loss, Objective, check_same_source, moe_aux_share, token_logprobs
 from .precision import autocast_context
 
 
@@ -92,54 +95,70 @@ class Rollouts:
     advantages: torch.Tensor  # [rows]
     rewards: torch.Tensor  # [rows]
     groups: int
-    generated: int  # completion tokens
     seconds: float  # spent generating
+    old_logp: torch.Tensor | None = None  # [rows, width] at sampling time, when the rollouts train several steps
 
     def __len__(self):
         return self.groups
 
     def to(self, device):
-        return Rollouts(self.sequences.to(device), self.advantages.to(device), self.rewards.to(device),
-                        self.groups, self.generated, self.seconds)
+        moved = {name: value.to(device) if hasattr(value, "to") else value for name, value in vars(self).items()}
+        return Rollouts(**moved)
 
 
 class GroupRelativePolicy(Objective):
     metrics = ("reward", "reward_std", "correct", "kl", "completion_len", "clipped", "gen_s", "gen_tok_s")
 
-    def __init__(self, reference, tokenizer, args):
-        self.reference, self.tokenizer, self.data_path = reference, tokenizer, args.data_path
+    def __init__(self, reference, tokenizer, args, start):
+        if args.fsdp:
+            raise UserError("--fsdp: GRPO samples with an unsharded copy of the weights; run it under torchrun "
+                            "with DDP (drop --fsdp)")
+        if args.num_generations < 2:
+            raise UserError(f"--num_generations {args.num_generations}: a group needs at least 2 completions to compare")
+        if args.temperature <= 0:
+            raise UserError(f"--temperature {args.temperature}: GRPO compares different completions of one prompt; "
+                            "greedy decoding makes them all alike (use a temperature above 0)")
+        self.reference, self.tokenizer, self.data_path, self.start = reference, tokenizer, args.data_path, str(start)
         # A user's function scores every line; else a line's own "reward", else --reward.
         self.custom_reward = load_reward_fn(args.reward_fn) if args.reward_fn else None
         self.default_reward = args.reward
         self.frozen = (reference,) if args.beta > 0 else ()
         self.generations, self.max_new_tokens = args.num_generations, args.max_new_tokens
         self.sampling = Sampling(temperature=args.temperature, top_p=args.top_p)
-        self.clip_eps, self.beta, self.args = args.clip_eps, args.beta, args
-        self.generator = torch.Generator(device=args.device).manual_seed(args.seed)
-        if self.generations < 2:
-            raise UserError(f"--num_generations {self.generations}: a group needs at least 2 completions to compare")
+        self.clip_eps, self.beta, self.iterations, self.args = args.clip_eps, args.beta, args.num_iterations, args
+        self.generator = torch.Generator(device=args.device)
+        self.sampled_steps, self.reuses_left, self.rollouts = 0, 0, []
 
     def units(self, rollouts):
         return int(rollouts.sequences.loss_mask.sum())
 
     def state_dict(self):
-        return {"generator": self.generator.get_state()}
+        """The sampling position and any rollouts still to be reused (the generator is reseeded every step)."""
+        pending = [{**vars(r), "sequences": vars(r.sequences)} for r in self.rollouts] if self.reuses_left else []
+        return {"start": self.start, "sampled_steps": self.sampled_steps, "reuses_left": self.reuses_left,
+                "rollouts": pending}
 
     def load_state_dict(self, state):
-        if "generator" in state:
-            self.generator.set_state(state["generator"])
+        check_same_source("reference model", "--init_from", state.get("start", self.start), self.start)
+        self.sampled_steps, self.reuses_left = state.get("sampled_steps", 0), state.get("reuses_left", 0)
+        self.rollouts = [Rollouts(**{**r, "sequences": Batch(**r["sequences"])}) for r in state.get("rollouts", [])]
 
     def prepare(self, model, micro_batches):
+        """Sample and score this step's rollouts, or, within --num_iterations, reuse the last ones."""
+        if self.reuses_left:
+            self.reuses_left -= 1
+            return self.rollouts
+        # Seeded by (seed, sampling step, process): every process samples its own completions, and a resumed
+        # run samples what the uninterrupted one did.
+        self.generator.manual_seed(self.args.seed * 1_000_003 + self.sampled_steps * 1_009 + distributed.rank())
+        self.sampled_steps += 1
         was_training = model.training
         model.eval()  # generation leaves the MoE load counters and aux loss alone
         try:
             rollouts = [self.roll_out(model, batch) for batch in micro_batches]
         finally:
             model.train(was_training)
-        self.step_rows = sum(len(r.rewards) for r in rollouts)
-        self.step_groups = sum(r.groups for r in rollouts)
-        self.step_seconds = sum(r.seconds for r in rollouts)
-        self.step_generated = sum(r.generated for r in rollouts)
+        self.rollouts, self.reuses_left = rollouts, self.iterations - 1
         return rollouts
 
     def roll_out(self, model, batch):
@@ -163,8 +182,13 @@ class GroupRelativePolicy(Objective):
         rewards = torch.tensor(rewards, dtype=torch.float32)
         advantages = group_advantages(rewards.view(-1, self.generations)).flatten()
         sequences = collate(samples, self.tokenizer.pad_token_id)
-        return Rollouts(sequences, advantages, rewards, len(batch), int(sequences.loss_mask.sum()),
-                        time.perf_counter() - started)
+        old_logp = None
+        if self.iterations > 1:  # the policy moves between the steps that reuse these: keep today's log-probs
+            with torch.no_grad(), autocast_context(self.args):
+                on_device = sequences.to(device)
+                old_logp = token_logprobs(model(on_device.input_ids, attention_mask=on_device.attention_mask).logits,
+                                          on_device).cpu()
+        return Rollouts(sequences, advantages, rewards, len(batch), time.perf_counter() - started, old_logp)
 
     def score(self, completion, answer, reward, index, path):
         """The reward of one completion; a reward function that fails is one line naming the prompt's line."""
@@ -189,17 +213,22 @@ class GroupRelativePolicy(Objective):
                                           batch)
         else:
             ref_logp = logp.detach()
-        loss, kl, clipped = grpo_loss(logp, logp.detach(), ref_logp, rollouts.advantages, batch.loss_mask,
+        old_logp = rollouts.old_logp if rollouts.old_logp is not None else logp.detach()
+        loss, kl, clipped = grpo_loss(logp, old_logp, ref_logp, rollouts.advantages, batch.loss_mask,
                                       self.clip_eps, self.beta, step.units)
-        rows, groups = self.step_rows * step.processes, self.step_groups * step.processes
+        step_rollouts = self.rollouts
+        rows = sum(len(r.rewards) for r in step_rollouts) * step.processes
+        groups = sum(r.groups for r in step_rollouts) * step.processes
+        seconds = sum(r.seconds for r in step_rollouts)
+        generated = sum(int(r.sequences.loss_mask.sum()) for r in step_rollouts)
         group_std = rollouts.rewards.view(-1, self.generations).std(dim=1)
         share = 1 / (step.micro_batches * step.processes)  # of a per-process step figure
         metrics = {
             "reward": rollouts.rewards.sum() / rows, "reward_std": group_std.sum() / groups,
             "correct": (rollouts.rewards >= 1).float().sum() / rows, "kl": kl.detach() / step.units,
             "completion_len": batch.loss_mask.sum() / rows, "clipped": clipped / step.units,
-            "gen_s": torch.tensor(self.step_seconds * share),
-            "gen_tok_s": torch.tensor(self.step_generated / max(self.step_seconds, 1e-9) * share),
+            "gen_s": torch.tensor(seconds * share),
+            "gen_tok_s": torch.tensor(generated / max(seconds, 1e-9) * share),
         }
         loss = loss + moe_aux_share(out, step)
         return Loss(loss, batch.tokens, {name: value.to(loss.device).float() for name, value in metrics.items()})

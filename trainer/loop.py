@@ -161,7 +161,8 @@ class Trainer:
         model.train()
         samples = sum(len(batch) for batch in micro_batches) * self.world_size
         micro_batches = objective.prepare(self.raw_model, micro_batches)
-        units = distributed.all_reduce_sum(torch.tensor(sum(objective.units(b) for b in micro_batches)))
+        units = distributed.all_reduce_sum(torch.tensor(sum(objective.units(b) for b in micro_batches),
+                                                         device=self.device))
         step = Step(int(units), len(micro_batches), self.world_size)
         totals = torch.zeros(2 + len(objective.metrics), device=self.device)  # loss, tokens, metrics...
         for index, batch in enumerate(micro_batches):

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from model import masked_cross_entropy
 
+from .errors import UserError
 from .evaluate import eval_batches, perplexity
 
 
@@ -65,6 +66,12 @@ class Objective:
 
     def load_state_dict(self, state):
         pass
+
+
+def check_same_source(what, flag, saved, now):
+    """A resumed run must keep the frozen model it started with."""
+    if saved != now:
+        raise UserError(f"--resume: the run's {what} came from {saved}, not {now}; pass {flag} {saved}")
 
 
 def moe_aux_share(out, step):
@@ -115,9 +122,17 @@ class DirectPreference(Objective):
 
     metrics = ("accuracy", "margin", "chosen_reward", "rejected_reward")
 
-    def __init__(self, reference, beta):
-        self.reference, self.beta = reference, beta
+    def __init__(self, reference, beta, start):
+        if beta <= 0:
+            raise UserError(f"--beta {beta}: must be above 0 (at 0 the loss is ln 2 whatever the model does)")
+        self.reference, self.beta, self.start = reference, beta, str(start)
         self.frozen = (reference,)
+
+    def state_dict(self):
+        return {"start": self.start}
+
+    def load_state_dict(self, state):
+        check_same_source("reference model", "--init_from", state.get("start", self.start), self.start)
 
     def units(self, batch):
         return len(batch)
@@ -160,9 +175,15 @@ class Distillation(LanguageModeling):
 
     metrics = ("ce", "kl", "aux")
 
-    def __init__(self, teacher, alpha, temperature):
-        self.teacher, self.alpha, self.temperature = teacher, alpha, temperature
+    def __init__(self, teacher, alpha, temperature, source):
+        self.teacher, self.alpha, self.temperature, self.source = teacher, alpha, temperature, str(source)
         self.frozen = (teacher,)
+
+    def state_dict(self):
+        return {"teacher": self.source}
+
+    def load_state_dict(self, state):
+        check_same_source("teacher", "--teacher", state.get("teacher", self.source), self.source)
 
     def __call__(self, model, batch, step):
         out = model(batch.input_ids, attention_mask=batch.attention_mask)

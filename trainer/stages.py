@@ -92,7 +92,8 @@ def train(stage, args):
 
 
 def report_validation(objective, trainer, val, when):
-    for name, value in objective.evaluate(trainer.model, val, trainer.args).items():
+    # The bare module: evaluation needs no gradient sync, and DDP's wrapper hides the model's config.
+    for name, value in objective.evaluate(trainer.raw_model, val, trainer.args).items():
         say(f"held-out {name} {when}: {value:.2f}" if name.endswith("perplexity") else
             f"held-out {name} {when}: {value:.3f}")
 
