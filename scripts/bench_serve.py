@@ -50,8 +50,8 @@ async def one_request(http, index, tokens):
     async with http.stream("POST", "/v1/chat/completions", json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
-            if line.startswith("data: {") and '"content": "' in line and first is None:
-                first = time.perf_counter() - started
+            if first is None and line.startswith("data: {") and '"content": "' in line and '"content": ""' not in line:
+                first = time.perf_counter() - started  # the first text, not the role chunk sent before prefill
             if '"usage"' in line and '"completion_tokens"' in line:
                 received = int(line.split('"completion_tokens": ')[1].split(",")[0])
     return first, received

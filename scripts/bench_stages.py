@@ -2,11 +2,13 @@
 
     python -m scripts.bench_stages --config configs/tiny.json --checkpoint output/demo/sft_dense/sft_128.pth
 
-Contenders, one optimizer step each through the real trainer (`Trainer.optimizer_step`):
-    full SFT   the LoRA data (data/lora.jsonl), every weight trains
-    LoRA       the same batch, only the adapters train (4-lora.py's defaults)
-    DPO        --batch_size preference pairs from data/dpo.jsonl: twice the rows, plus the reference's forward
-    distill    the SFT batch again, plus a teacher's forward (a copy of the model stands in for the teacher)
+Contenders, one optimizer step each through the real trainer (`Trainer.optimizer_step`), each against full
+SFT on the same data:
+    full SFT       --data_path (data/lora.jsonl), every weight trains
+    LoRA           the same batch, only the adapters train (4-lora.py's defaults)
+    distill        the same batch, plus a teacher's forward (a copy of the model stands in for the teacher)
+    SFT on chosen  the chosen conversations of --batch_size pairs of --dpo_data (data/dpo.jsonl)
+    DPO            those pairs: twice the rows, plus the reference's forward
 
 The steps are timed round-robin in one process after warm-up, so a neighbour slowing the machine slows
 all alike; the table gives medians and each contender's time as a ratio to full SFT. Memory is measured
@@ -24,7 +26,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from dataset import PreferenceDataset, SFTDataset, load_tokenizer
+from dataset import PreferenceDataset, SFTDataset, collate, load_tokenizer
 from model import TinyMindForCausalLM
 from scripts.bench import proc_status_bytes, synchronize
 from trainer import DirectPreference, Distillation, LanguageModeling, load_model
@@ -33,7 +35,9 @@ from trainer.flags import add_lora_flags, add_model_flags, add_training_flags, m
 from trainer.lora import with_adapters
 from trainer.loop import Trainer
 
-CONTENDERS = ("full SFT", "LoRA", "DPO", "distill")
+# contender → the full-SFT run on the same data it is compared with
+CONTENDERS = {"full SFT": "full SFT", "LoRA": "full SFT", "distill": "full SFT", "SFT on chosen": "SFT on chosen",
+              "DPO": "SFT on chosen"}
 
 
 def parse_args(argv=None):
@@ -61,6 +65,9 @@ def contender(name, args, tokenizer):
     if name == "DPO":
         data = PreferenceDataset(args.dpo_data, tokenizer, args.max_seq_len)
         objective = DirectPreference(copy.deepcopy(model), 0.1, None)
+    elif name == "SFT on chosen":
+        pairs = PreferenceDataset(args.dpo_data, tokenizer, args.max_seq_len)
+        data, objective = ChosenAnswers(pairs), LanguageModeling()
     else:
         data = SFTDataset(args.data_path, tokenizer, args.max_seq_len)
         objective = Distillation(copy.deepcopy(model), 0.5, 2.0, None) if name == "distill" else LanguageModeling()
@@ -68,6 +75,22 @@ def contender(name, args, tokenizer):
         model = with_adapters(model, args)
     batch = data.collate([data[i] for i in range(args.batch_size)])
     return Trainer(model, data, objective, args, paths), batch
+
+
+class ChosenAnswers(torch.utils.data.Dataset):
+    """The chosen side of preference pairs as SFT samples (its final answer trained)."""
+
+    def __init__(self, pairs):
+        self.pairs = pairs
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, index):
+        return self.pairs[index][0]
+
+    def collate(self, samples):
+        return collate(samples, self.pairs.pad_id)
 
 
 def step(trainer, batch):
@@ -111,16 +134,15 @@ def main(argv=None):
         memory[name] = results.get()
         process.join()
 
-    reference = statistics.median(seconds["full SFT"])
     print(f"\n{args.checkpoint or 'random init'}, batch {args.batch_size} (DPO: pairs), {args.dtype}, {args.device}, "
           f"medians of {args.repeats}")
-    print(f"{'stage':<10} {'s/step':>8} {'vs SFT':>7} {'peak memory':>12} {'trainable':>10}")
+    print(f"{'stage':<14} {'s/step':>8} {'vs SFT':>7} {'peak memory':>12} {'vs SFT':>7} {'trainable':>10}")
     for name, (trainer, _) in runs.items():
-        median = statistics.median(seconds[name])
+        median, reference = statistics.median(seconds[name]), CONTENDERS[name]
         params = list(trainer.raw_model.parameters())
         trainable = sum(p.numel() for p in params if p.requires_grad) / sum(p.numel() for p in params)
-        print(f"{name:<10} {median:>8.3f} {median / reference:>6.2f}x {memory[name] / 2**20:>9.0f} MiB "
-              f"{100 * trainable:>9.2f}%")
+        print(f"{name:<14} {median:>8.3f} {median / statistics.median(seconds[reference]):>6.2f}x "
+              f"{memory[name] / 2**20:>9.0f} MiB {memory[name] / memory[reference]:>6.2f}x {100 * trainable:>9.2f}%")
 
 
 if __name__ == "__main__":

@@ -24,8 +24,11 @@ def plot(log: pd.DataFrame, out: Path, title: str):
     fig, axes = plt.subplots(rows, 1, figsize=(9, 1.8 * rows + 1), sharex=True, squeeze=False)
     axes = axes[:, 0]
     steps = log["step"]
+    window = max(1, len(log) // 10)  # a rolling mean over a tenth of the run shows the trend under step noise
     for ax, column in zip(axes, metrics):
-        ax.plot(steps, log[column])
+        ax.plot(steps, log[column], alpha=0.35 if window > 1 else 1.0)
+        if window > 1:
+            ax.plot(steps, log[column].rolling(window, min_periods=1).mean(), color="tab:blue")
         ax.set_ylabel(column)
     axes[0].set_title(title)
     axes[len(metrics)].plot(steps, log["lr"], color="tab:gray")

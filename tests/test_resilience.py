@@ -275,3 +275,18 @@ def test_full_disk_during_save_keeps_the_previous_checkpoint(workdir, capsys, mo
                       "the previous file there is untouched"
     assert weights.read_bytes() == before
     assert no_partial_files(workdir / "output")
+
+
+@pytest.mark.parametrize("suffix", ["pth", "safetensors"])
+def test_a_checkpoint_cut_at_any_length_is_one_line_naming_the_file(tmp_path, suffix):
+    from model import TinyMindConfig, TinyMindForCausalLM
+
+    config = TinyMindConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=100)
+    whole = tmp_path / f"whole.{suffix}"
+    trainer.checkpoint.save_weights(TinyMindForCausalLM(config).state_dict(), config, whole)
+    data = whole.read_bytes()
+    cut = tmp_path / f"cut.{suffix}"
+    for length in sorted({*range(0, len(data), max(1, len(data) // 300)), *range(0, 64), len(data) - 1}):
+        cut.write_bytes(data[:length])
+        with pytest.raises(trainer.checkpoint.UserError, match=f"^{cut}: "):
+            trainer.checkpoint.read_state_dict(cut)

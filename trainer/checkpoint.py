@@ -229,8 +229,10 @@ def read_state_dict(path) -> dict:
             f"{path}: refused, it holds pickled Python objects ({refused.group(1)}), not only tensors; "
             "load it in a trusted session and re-save `model.state_dict()`"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, SafetensorError, ValueError) as err:
-        raise UserError(f"{path}: truncated or corrupt checkpoint ({str(err).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, SafetensorError, ValueError, OSError, IndexError,
+            KeyError) as err:  # a download cut short fails in any of these, depending on where it was cut
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        raise UserError(f"{path}: truncated or corrupt checkpoint ({reason})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path}: not a state dict of tensors (a resume state? pass the .pth weights file)")
     return state
