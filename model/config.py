@@ -28,6 +28,7 @@ class TinyMindConfig(PretrainedConfig):
     initializer_range: float = 0.02
     tie_word_embeddings: bool = True
     dropout: float = 0.0
+    qk_norm: bool = False  # a learned RMSNorm on every query and key head before the rotary (MiniMind-3, Qwen3)
     use_cache: bool = True
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2

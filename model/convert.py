@@ -4,6 +4,7 @@
 remote code, so transformers, vLLM and llama.cpp's converter can run it:
 
     dense                                   → LlamaForCausalLM    (same module names, same maths)
+    dense with qk_norm                      → Qwen3ForCausalLM    (Llama's names plus self_attn.{q,k}_norm)
     MoE without shared experts, top-k > 1,
     renormalised top-k weights (the default) → MixtralForCausalLM  (the same router and experts)
     any other MoE                           → Qwen2MoeForCausalLM
@@ -24,11 +25,10 @@ optional renormalisation), but differs in three ways, each absorbed without chan
   get 0.5, but for llama.cpp export float32 or bfloat16);
 - it always renormalises the top-k weights when `norm_topk_prob` is set, where tinymind
   leaves a single expert's weight at its probability: k = 1 is written with it off.
-Qwen3-MoE would be another home for the no-shared-expert case, but its attention applies a
-learned RMSNorm to every query and key head before the rotary embedding; that divides each
-head vector by its own RMS, a per-token nonlinearity that no choice of tinymind weights
-reproduces (only in the limit of vanishing q/k weights, which fp16 or a GGUF file flushes
-to zero), so Qwen3-MoE is neither written nor read.
+A model with `qk_norm` (a learned RMSNorm on every query and key head before the rotary, as in
+MiniMind-3 and Qwen3) is a Qwen3 when dense. Without `qk_norm` no Qwen3 can stand in for a
+tinymind model (the norm divides each head by its own RMS, which no weights undo), and a MoE
+with `qk_norm` (Qwen3-MoE) is neither written nor read yet.
 
 The MoE heads are written untied (`lm_head` a copy of the embedding) because llama.cpp's
 qwen2moe loader requires an output tensor and not every runtime ties Mixtral's. llama.cpp's qwen2moe graph never renormalises the
@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 from huggingface_hub import snapshot_download
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, MixtralConfig, Qwen2MoeConfig
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, MixtralConfig, Qwen2MoeConfig, Qwen3Config
 
 from .config import TinyMindConfig
 from .model import TinyMindForCausalLM
@@ -54,11 +54,11 @@ from .model import TinyMindForCausalLM
 # A name ending so is a weights file, never a Hub repo id.
 WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors")
 
-SUPPORTED = "LlamaForCausalLM, MixtralForCausalLM, Qwen2MoeForCausalLM and TinyMind directories"
+SUPPORTED = "LlamaForCausalLM, Qwen3ForCausalLM, MixtralForCausalLM, Qwen2MoeForCausalLM and TinyMind directories"
 
 # Near misses, with the reason they cannot be read exactly.
 UNSUPPORTED_REASONS = {
-    "qwen3_moe": "its per-head q_norm/k_norm RMSNorms have no tinymind counterpart",
+    "qwen3_moe": "a MoE with per-head q_norm/k_norm (tinymind's qk_norm) is not read yet",
 }
 
 # Config fields spelled the same in tinymind, Llama and Qwen2-MoE.
@@ -82,6 +82,7 @@ MOE_FIELDS = {
 # Settings a Hugging Face config must have for tinymind to compute the same function.
 REQUIRED_SETTINGS = {
     "llama": {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False},
+    "qwen3": {"hidden_act": "silu", "attention_bias": False, "use_sliding_window": False},
     "qwen2_moe": {"hidden_act": "silu", "use_sliding_window": False, "decoder_sparse_step": 1, "mlp_only_layers": []},
     "mixtral": {"hidden_act": "silu", "sliding_window": None},
 }
@@ -105,8 +106,10 @@ def export_hf(model: TinyMindForCausalLM, out_dir, dtype=None) -> str:
     """Write `model` to `out_dir` as safetensors + config that stock transformers loads; return the class name."""
     config = model.config
     state = {key: value.detach().cpu().float() for key, value in model.state_dict().items()}
+    if config.qk_norm and config.use_moe:
+        raise UnsupportedArchitecture("a MoE with qk_norm has no stock architecture written here yet (Qwen3-MoE)")
     if not config.use_moe:
-        hf_config, hf_state = llama_config(config), state
+        hf_config, hf_state = (qwen3_config(config) if config.qk_norm else llama_config(config)), state
     elif fits_mixtral(config):
         hf_config, hf_state = mixtral_config(config), with_stacked_experts(state, config)
     else:
@@ -135,6 +138,17 @@ def llama_config(config: TinyMindConfig) -> LlamaConfig:
         tie_word_embeddings=config.tie_word_embeddings,
         attention_bias=False,
         mlp_bias=False,
+    )
+
+
+def qwen3_config(config: TinyMindConfig) -> Qwen3Config:
+    return Qwen3Config(
+        **common_hf_fields(config),
+        intermediate_size=config.intermediate_size,
+        head_dim=config.head_dim,
+        tie_word_embeddings=config.tie_word_embeddings,
+        attention_bias=False,
+        use_sliding_window=False,
     )
 
 
@@ -312,6 +326,10 @@ def from_llama(state, hf_config, path):
     return tinymind_config(hf_config, state, intermediate_size=hf_config.intermediate_size), state
 
 
+def from_qwen3(state, hf_config, path):
+    return tinymind_config(hf_config, state, intermediate_size=hf_config.intermediate_size, qk_norm=True), state
+
+
 def with_separate_experts(hf_state, hf_config):
     """The inverse of `with_stacked_experts`: attention, norms, head and routers, plus each expert on its own."""
     state = {key: value for key, value in hf_state.items() if ".mlp." not in key and not key.endswith(".bias")}
@@ -372,4 +390,4 @@ def from_qwen2_moe(hf_state, hf_config, path):
     return config, state
 
 
-IMPORTERS = {"llama": from_llama, "mixtral": from_mixtral, "qwen2_moe": from_qwen2_moe}
+IMPORTERS = {"llama": from_llama, "qwen3": from_qwen3, "mixtral": from_mixtral, "qwen2_moe": from_qwen2_moe}

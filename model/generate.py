@@ -162,7 +162,11 @@ class PackedDecoder:
         for i, (block, (qkv, o_proj, ffn)) in enumerate(zip(self.blocks, self.packed)):
             h = F.linear(block.input_layernorm(x), qkv).view(batch, seq, -1, c.head_dim).transpose(1, 2)
             n_qk = c.num_attention_heads + c.num_key_value_heads
-            qk = apply_rotary(h[:, :n_qk], cos, sin)  # one rotation for the query and key heads together
+            qk = h[:, :n_qk]
+            if c.qk_norm:
+                attn = block.self_attn
+                qk = torch.cat([attn.q_norm(qk[:, :c.num_attention_heads]), attn.k_norm(qk[:, c.num_attention_heads:])], 1)
+            qk = apply_rotary(qk, cos, sin)  # one rotation for the query and key heads together
             y = attend(i, qk[:, :c.num_attention_heads], qk[:, c.num_attention_heads:], h[:, n_qk:])
             x = x + F.linear(y.transpose(1, 2).reshape(batch, seq, -1), o_proj)
             h = block.post_attention_layernorm(x)

@@ -33,6 +33,7 @@ TEXTS = [
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1)
 CASES = {
     "dense": ({}, "LlamaForCausalLM"),
+    "dense_qk_norm": (dict(qk_norm=True), "Qwen3ForCausalLM"),
     "moe": (dict(use_moe=True, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=0), "MixtralForCausalLM"),
     "moe_unnormalised": (dict(use_moe=True, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=0,
                               norm_topk_prob=False), "Qwen2MoeForCausalLM"),
@@ -53,7 +54,12 @@ def tokens():
 
 def tiny_model(vocab_size, **fields):
     torch.manual_seed(0)
-    return TinyMindForCausalLM(TinyMindConfig(**TINY, vocab_size=vocab_size, **fields)).eval()
+    model = TinyMindForCausalLM(TinyMindConfig(**TINY, vocab_size=vocab_size, **fields)).eval()
+    with torch.no_grad():  # norm gains unlike 1, so a norm mapped to the wrong place moves the logits
+        for name, parameter in model.named_parameters():
+            if name.endswith("norm.weight"):
+                parameter.normal_(1.0, 0.2)
+    return model
 
 
 def logits(model, ids):
@@ -131,7 +137,7 @@ def test_tinymind_directory_loads_through_load_hf_with_its_rotary_table(tokens, 
 ], ids=["gpt2", "qwen3_moe"])
 def test_other_architectures_are_refused_naming_the_supported_ones(config, tmp_path):
     config.save_pretrained(tmp_path)
-    with pytest.raises(UnsupportedArchitecture, match="LlamaForCausalLM, MixtralForCausalLM, Qwen2MoeForCausalLM and TinyMind"):
+    with pytest.raises(UnsupportedArchitecture, match="LlamaForCausalLM, Qwen3ForCausalLM, MixtralForCausalLM, Qwen2MoeForCausalLM and TinyMind"):
         load_hf(tmp_path)
 
 

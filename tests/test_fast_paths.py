@@ -10,18 +10,25 @@ import torch
 
 from transformers import RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from model import Sampling, fast_generate, masked_cross_entropy
+from model import Sampling, TinyMindForCausalLM, fast_generate, masked_cross_entropy
 from model.generate import PackedDecoder, next_tokens
 from model.model import RMSNorm
 
-from conftest import make_model
+from conftest import make_model, tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("use_moe", [False, True])
-def test_packed_decoder_logits_equal_the_modules(use_moe):
+@pytest.mark.parametrize("use_moe, qk_norm", [(False, False), (True, False), (False, True)])
+def test_packed_decoder_logits_equal_the_modules(use_moe, qk_norm):
     model = make_model(use_moe)
+    if qk_norm:  # per-head q/k norms with gains unlike 1
+        torch.manual_seed(1)
+        model = TinyMindForCausalLM(tiny_config(qk_norm=True)).eval()
+        with torch.no_grad():
+            for block in model.model.layers:
+                block.self_attn.q_norm.weight.normal_(1.0, 0.3)
+                block.self_attn.k_norm.weight.normal_(1.0, 0.3)
     ids = torch.randint(3, 97, (2, 9))
     with torch.no_grad():
         full = model(ids).logits

@@ -280,6 +280,26 @@ def test_save_load_round_trips_bit_exactly(tmp_path):
     torch.testing.assert_close(loaded.eval()(ids).logits, model(ids).logits, rtol=0, atol=1e-6)
 
 
+def test_qk_norm_adds_per_head_norms_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    model = TinyMindForCausalLM(tiny_config(qk_norm=True)).eval()
+    keys = set(model.state_dict())
+    assert {"model.layers.0.self_attn.q_norm.weight", "model.layers.1.self_attn.k_norm.weight"} <= keys
+    assert model.state_dict()["model.layers.0.self_attn.q_norm.weight"].shape == (16,)  # head_dim
+    assert not any("_norm" in key and "self_attn" in key for key in TinyMindForCausalLM(tiny_config()).state_dict())
+    ids = torch.randint(3, 97, (1, 6))
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_norm.weight.mul_(3)  # the norms take part
+        changed = model(ids).logits
+        model.model.layers[0].self_attn.q_norm.weight.div_(3)
+        assert not torch.allclose(changed, model(ids).logits)
+    model.save_pretrained(tmp_path)
+    loaded = TinyMindForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.qk_norm
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+
+
 def test_state_dict_speaks_the_design_layout():
     keys = set(TinyMindForCausalLM(moe_config(num_hidden_layers=1)).state_dict())
     expected = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight",
