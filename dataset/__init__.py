@@ -9,7 +9,7 @@ from .preference import PairBatch, PreferenceDataset
 from .pretrain import PretrainDataset
 from .prompts import PromptBatch, PromptDataset
 from .sft import SFTDataset, truncate_qa
-from .tokenizer import DEFAULT_TOKENIZER_PATH, load_tokenizer
+from .tokenizer import DEFAULT_TOKENIZER_PATH, load_tokenizer, token_bytes
 
 
 def text_or_chat_dataset(path, tokenizer, max_length, skip_bad_lines=False):
@@ -23,4 +23,4 @@ def text_or_chat_dataset(path, tokenizer, max_length, skip_bad_lines=False):
     return dataset_class(path, tokenizer, max_length, skip_bad_lines=skip_bad_lines)
 
 __all__ = ["LENGTH_GROUP_STEPS", "Batch", "collate", "epoch_order", "DataError", "PairBatch", "PreferenceDataset", "PretrainDataset", "PromptBatch", "PromptDataset", "SFTDataset", "truncate_qa", "load_tokenizer", "DEFAULT_TOKENIZER_PATH",
-           "text_or_chat_dataset"]
+           "text_or_chat_dataset", "token_bytes"]

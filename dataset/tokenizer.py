@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import torch
 from transformers import AutoTokenizer
 
 from .jsonl import DataError
@@ -20,3 +21,11 @@ def load_tokenizer(path=None):
     except (OSError, ValueError, TypeError) as error:
         reason = " ".join(str(error).split())  # one line, whatever the library wrote
         raise DataError(f"the tokenizer at {path} cannot be loaded ({reason}); {fix}") from None
+
+
+def token_bytes(tokenizer):
+    """[vocab] UTF-8 byte length of each token of a byte-level BPE (one byte per character of its token
+    string), 0 for special tokens, which spell no text."""
+    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    lengths = [0 if i in special else len(token) for i, token in enumerate(tokenizer.convert_ids_to_tokens(range(len(tokenizer))))]
+    return torch.tensor(lengths)

@@ -3,6 +3,7 @@
 import argparse
 import csv
 import math
+import re
 
 import pytest
 import torch
@@ -164,23 +165,27 @@ def test_logged_loss_is_the_true_step_mean(tmp_path, tokenizer):
     assert stats["ce"] == pytest.approx(expected, rel=1e-5)
 
 
-def test_ppl_data_equals_exp_of_mean_masked_ce(tmp_path, tokenizer):
+def test_ppl_data_reports_perplexity_and_bits_per_byte_of_the_answers(tmp_path, tokenizer):
     (tmp_path / "data").mkdir()
     sft = sft_file(tmp_path / "data")
     run_stage("2-sft.py", *TINY, "--max_steps", "2", cwd=tmp_path)
     checkpoint = tmp_path / "output/sft_dense/sft_64.pth"
     result = run_stage("3-eval.py", *MODEL, "--checkpoint", checkpoint, "--ppl_data", sft, cwd=tmp_path)
-    reported = float(result.stdout.strip().split()[-1])
+    reported = re.search(r": ([\d.]+), bits per byte ([\d.]+)$", result.stdout.strip())
 
     model = load_model(checkpoint).eval()
-    total, count = 0.0, 0
-    for input_ids, targets, mask in SFTDataset(sft, tokenizer, 48):
+    total, count, text_total, text_bytes = 0.0, 0, 0.0, 0
+    for input_ids, targets, mask in SFTDataset(sft, tokenizer, 48):  # each sample alone, unpadded
         with torch.no_grad():
             logits = model(input_ids[None]).logits[0]
         losses = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
         total += (losses * mask).sum().item()
         count += int(mask.sum())
-    assert reported == pytest.approx(math.exp(total / count), rel=1e-4)
+        spells_text = mask.bool() & (targets != tokenizer.eos_token_id)  # the end token spells no text
+        text_total += losses[spells_text].sum().item()
+        text_bytes += len(tokenizer.decode(targets[spells_text]).encode("utf-8"))
+    assert float(reported.group(1)) == pytest.approx(math.exp(total / count), rel=1e-4)
+    assert float(reported.group(2)) == pytest.approx(text_total / math.log(2) / text_bytes, rel=1e-4)
 
 
 def test_csv_log_has_a_row_per_interval(tmp_path):

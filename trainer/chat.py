@@ -6,12 +6,12 @@ from pathlib import Path
 
 import torch
 
-from dataset import load_tokenizer, text_or_chat_dataset
+from dataset import load_tokenizer, text_or_chat_dataset, token_bytes
 from model import Sampling, stream_tokens
 
 from .checkpoint import load_model, run_paths
 from .distributed import say
-from .evaluate import perplexity
+from .evaluate import language_model_scores
 from .flags import add_chat_flags, add_model_flags, model_config, new_parser, parse
 from .lora import load_adapter
 from .precision import autocast_context
@@ -33,8 +33,9 @@ def eval_stage(argv=None):
 
     if args.ppl_data:
         dataset = text_or_chat_dataset(args.ppl_data, tokenizer, args.max_seq_len)
+        scores = language_model_scores(model, dataset, args, token_bytes=token_bytes(tokenizer))
         say(f"perplexity on {args.ppl_data} ({type(dataset).__name__}, {len(dataset)} samples): "
-            f"{perplexity(model, dataset, args):.4f}")
+            f"{scores['perplexity']:.4f}, bits per byte {scores['bits per byte']:.4f}")
         return
     if args.prompt is not None:
         prompts = [args.prompt]

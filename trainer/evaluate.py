@@ -1,11 +1,12 @@
-"""Held-out evaluation: batches of a dataset in eval mode, and perplexity (exp of the mean masked cross-entropy
-over every trained token)."""
+"""Held-out evaluation: batches of a dataset in eval mode, perplexity (exp of the mean masked cross-entropy over
+every trained token) and bits per byte (the same losses over the UTF-8 bytes those tokens spell, which compares
+models across tokenizers)."""
+
+import math
 
 import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
-
-from model import masked_cross_entropy
 
 from .precision import autocast_context
 
@@ -28,10 +29,25 @@ def eval_batches(model, dataset, args, max_samples=None):
 
 def perplexity(model, dataset, args, max_samples=None):
     """Token-weighted: exp(Σ masked CE / Σ mask) over the first `max_samples` samples (all when None)."""
-    total_ce, total_tokens = 0.0, 0
+    return language_model_scores(model, dataset, args, max_samples)["perplexity"]
+
+
+def language_model_scores(model, dataset, args, max_samples=None, token_bytes=None):
+    """{"perplexity": ...} and, given `token_bytes` (the UTF-8 length of each token id, 0 for special tokens),
+    "bits per byte": Σ CE / (ln 2 · Σ bytes) over the trained tokens that spell text (an end token spells none
+    and is left out of both sums, as nanochat counts)."""
+    total_ce, total_tokens, text_ce, text_bytes = 0.0, 0, 0.0, 0
     for batch in eval_batches(model, dataset, args, max_samples):
         logits = model(batch.input_ids, attention_mask=batch.attention_mask).logits
-        tokens = int(batch.loss_mask.sum())
-        total_ce += masked_cross_entropy(logits, batch.targets, batch.loss_mask).item() * tokens
-        total_tokens += tokens
-    return float(torch.exp(torch.tensor(total_ce / max(total_tokens, 1))))
+        per_token = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), batch.targets, reduction="none")
+        trained = batch.loss_mask.bool()
+        total_ce += float(per_token[trained].sum())
+        total_tokens += int(trained.sum())
+        if token_bytes is not None:
+            spelled = token_bytes.to(batch.targets.device)[batch.targets] * trained
+            text_ce += float(per_token[spelled > 0].sum())
+            text_bytes += int(spelled.sum())
+    scores = {"perplexity": math.exp(total_ce / max(total_tokens, 1))}
+    if token_bytes is not None:
+        scores["bits per byte"] = text_ce / math.log(2) / max(text_bytes, 1)
+    return scores
