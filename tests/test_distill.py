@@ -4,7 +4,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from dataset import SFTDataset
 from model import TinyMindForCausalLM
