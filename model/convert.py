@@ -130,26 +130,18 @@ def common_hf_fields(config: TinyMindConfig) -> dict:
     }
 
 
+def dense_fields(config: TinyMindConfig) -> dict:
+    """What Llama and Qwen3 configs share for a dense tinymind model: the same SwiGLU blocks, no biases."""
+    return {**common_hf_fields(config), "intermediate_size": config.intermediate_size, "head_dim": config.head_dim,
+            "tie_word_embeddings": config.tie_word_embeddings, "attention_bias": False}
+
+
 def llama_config(config: TinyMindConfig) -> LlamaConfig:
-    return LlamaConfig(
-        **common_hf_fields(config),
-        intermediate_size=config.intermediate_size,
-        head_dim=config.head_dim,
-        tie_word_embeddings=config.tie_word_embeddings,
-        attention_bias=False,
-        mlp_bias=False,
-    )
+    return LlamaConfig(**dense_fields(config), mlp_bias=False)
 
 
 def qwen3_config(config: TinyMindConfig) -> Qwen3Config:
-    return Qwen3Config(
-        **common_hf_fields(config),
-        intermediate_size=config.intermediate_size,
-        head_dim=config.head_dim,
-        tie_word_embeddings=config.tie_word_embeddings,
-        attention_bias=False,
-        use_sliding_window=False,
-    )
+    return Qwen3Config(**dense_fields(config), use_sliding_window=False)
 
 
 def fits_mixtral(config: TinyMindConfig) -> bool:

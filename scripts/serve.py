@@ -274,6 +274,9 @@ class TokenStream:
         self.loop = asyncio.get_running_loop()
         self.queue = asyncio.Queue()
         self.ids, self.sent, self.tokens, self.done = [], "", 0, False
+        # The first `settled` ids spell exactly `settled_text` (whole characters), so each new token decodes only
+        # the ids after them instead of the whole answer again.
+        self.settled, self.settled_text = 0, ""
         self.engine_request = None
 
     def push(self, token, reason):  # on the engine's thread
@@ -284,16 +287,15 @@ class TokenStream:
         held back until it is known not to."""
         while not self.done:
             token, reason = await self.queue.get()
-            text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
             if token is None:
                 self.done = True
                 if reason.startswith("error"):
                     raise APIError(500, f"the model failed on this request ({reason[7:]})", "server_error")
-                yield text[len(self.sent):], "length" if reason == "length" else "stop"
+                yield self.text()[len(self.sent):], "length" if reason == "length" else "stop"
                 return
             self.ids.append(token)
             self.tokens += 1
-            text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+            text = self.text()
             cut = min((text.find(stop) for stop in self.stops if stop in text), default=-1)
             if cut >= 0:
                 self.done = True
@@ -302,11 +304,15 @@ class TokenStream:
                 return
             if text.endswith("\ufffd"):
                 continue  # the rest of a multi-byte character is still to come
+            self.settled, self.settled_text = len(self.ids), text
             safe = len(text) - max((k for stop in self.stops for k in range(1, len(stop)) if text.endswith(stop[:k])),
                                    default=0)
             if safe > len(self.sent):
                 piece, self.sent = text[len(self.sent):safe], text[:safe]
                 yield piece, None
+
+    def text(self):
+        return self.settled_text + self.tokenizer.decode(self.ids[self.settled:], skip_special_tokens=True)
 
     async def collect(self):
         pieces, reason = [], None

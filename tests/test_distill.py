@@ -78,3 +78,18 @@ def test_distillation_trains_a_smaller_student_from_the_stage_and_refuses_anothe
         "one vocabulary (one tokenizer)")
     missing = run_stage("7-distill.py", *MODEL, cwd=tmp_path, check=False)
     assert missing.returncode == 2 and "--teacher" in missing.stderr.strip().splitlines()[-1]
+
+
+def test_a_moe_teacher_from_a_hugging_face_directory_distils_on_pretraining_text(tmp_path):
+    (tmp_path / "data").mkdir()
+    pretrain_file(tmp_path / "data")
+    torch.manual_seed(0)
+    teacher = TinyMindForCausalLM(tiny_config(vocab_size=6400, hidden_size=128, use_moe=True, n_routed_experts=4,
+                                              num_experts_per_tok=2, n_shared_experts=1))
+    teacher.save_pretrained(tmp_path / "teacher")  # a Hugging Face directory, as 3-eval.py loads one
+    result = run_stage("7-distill.py", *TINY, "--teacher", "teacher", "--data_path", "data/pretrain.jsonl",
+                       "--max_steps", 2, cwd=tmp_path)
+    assert "saved output/distill_dense/distill_64.pth" in result.stdout
+    with open(tmp_path / "output/distill_dense/distill_64_log.csv") as f:
+        rows = f.read().splitlines()
+    assert len(rows) == 3 and float(rows[1].split(",")[4]) > 0  # the kl column: the teacher's targets took part

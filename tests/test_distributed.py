@@ -10,17 +10,17 @@ import torch
 
 from trainer import load_model
 
-from conftest import ROOT, TINY, pretrain_file, run_stage
+from conftest import CONVERSATIONS, ROOT, TINY, pretrain_file, run_stage, sft_file, write_jsonl
 
 MOE = ["--model_type", "moe", "--n_routed_experts", "4", "--num_experts_per_tok", "2"]
 STEPS = ["--max_steps", 6, "--save_interval", 3, "--log_interval", 1]
 
 
-def torchrun(*args, cwd, nproc=2, check=True):
+def torchrun(*args, cwd, nproc=2, check=True, script="1-pretrain.py"):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
-         str(ROOT / "1-pretrain.py"), *map(str, args)],
+         str(ROOT / script), *map(str, args)],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0 or not check, f"torchrun failed:\n{result.stdout}\n{result.stderr[-3000:]}"
@@ -88,3 +88,44 @@ def test_an_error_on_the_main_process_stops_every_process_with_its_one_line(work
     assert "error: out/pretrain_dense holds an earlier pretrain_64 run (up to step 1)" in result.stderr
     # The other process exits quietly with code 2, not with a broken-connection traceback of its own.
     assert "[rank1]" not in result.stderr and "exitcode: 2" in result.stderr
+
+
+@pytest.fixture
+def sft_workdir(workdir):
+    """An SFT checkpoint to start the post-training stages from, and their data."""
+    sft_file(workdir / "data", copies=6)
+    pairs = [{"chosen": c, "rejected": c[:-1] + [{"role": "assistant", "content": "I would rather not say."}]}
+             for c in CONVERSATIONS * 6]
+    write_jsonl(workdir / "data/dpo.jsonl", pairs)
+    prompts = [{"conversations": c[:-1], "answer": c[-1]["content"], "reward": "contains"} for c in CONVERSATIONS * 4]
+    write_jsonl(workdir / "data/grpo.jsonl", prompts)
+    run_stage("2-sft.py", *TINY, "--max_steps", 2, cwd=workdir)
+    return workdir
+
+
+@pytest.mark.parametrize("script, run, columns", [
+    ("5-dpo.py", "dpo_dense/dpo_64", ("loss", "accuracy", "margin", "grad_norm")),
+    ("4-lora.py", "lora_dense/lora_64", ("loss", "ce", "grad_norm")),
+])
+def test_post_training_stages_under_torchrun_train_what_one_process_with_double_batch_trains(sft_workdir, script,
+                                                                                          run, columns):
+    flags = ["--max_steps", 4, "--log_interval", 1, "--learning_rate", 1e-3]
+    data = ["--data_path", "data/sft.jsonl"] if script == "4-lora.py" else []
+    run_stage(script, *with_batch(4), *flags, *data, "--out_dir", "single", "--init_from",
+              "output/sft_dense/sft_64.pth", cwd=sft_workdir)
+    torchrun(*with_batch(2), *flags, *data, "--out_dir", "ddp", "--init_from", "output/sft_dense/sft_64.pth",
+             cwd=sft_workdir, script=script)
+    for one, two in zip(log(sft_workdir / f"single/{run}_log.csv"), log(sft_workdir / f"ddp/{run}_log.csv"),
+                        strict=True):
+        for column in columns:
+            assert float(two[column]) == pytest.approx(float(one[column]), rel=1e-3, abs=1e-4), column
+    if script == "4-lora.py":
+        assert (sft_workdir / f"ddp/{run}/adapter_model.safetensors").is_file()
+
+
+def test_grpo_under_torchrun_samples_on_every_process_and_trains(sft_workdir):
+    torchrun(*with_batch(1), "--max_steps", 2, "--log_interval", 1, "--num_generations", 4, "--max_new_tokens", 4,
+             "--out_dir", "ddp", "--init_from", "output/sft_dense/sft_64.pth", cwd=sft_workdir, script="6-grpo.py")
+    rows = log(sft_workdir / "ddp/grpo_dense/grpo_64_log.csv")
+    assert len(rows) == 2 and all(0 <= float(row["reward"]) <= 1 for row in rows)
+    assert (sft_workdir / "ddp/grpo_dense/grpo_64.pth").is_file()
