@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DEMO := --config configs/tiny.json --out_dir output/demo
 STUDENT := --hidden_size 64 --num_hidden_layers 2 --num_attention_heads 4 --max_steps 600
 
-.PHONY: setup demo test test-browser bench bench-stages bench-serve serve clean
+.PHONY: setup demo test test-browser test-llama-cpp bench bench-stages bench-serve serve clean
 
 setup: $(VENV)/.installed
 
@@ -41,6 +41,12 @@ test-browser: setup
 	apt-get install -y -q chromium chromium-driver || sudo apt-get install -y -q chromium chromium-driver
 	$(PY) -m pip install --quiet selenium==4.36.0
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests/test_chat_page.py
+
+# GGUF files in llama.cpp itself: llama-cpp-python builds llama.cpp from the source in its package (cmake and a
+# C++ compiler from Debian; about 4.5 minutes on 2 cores).
+test-llama-cpp: setup
+	$(PY) -m pip install --quiet llama-cpp-python==0.3.36
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests/test_gguf.py
 
 bench: setup
 	$(PY) -m scripts.bench

@@ -29,6 +29,9 @@ class TinyMindConfig(PretrainedConfig):
     tie_word_embeddings: bool = True
     dropout: float = 0.0
     qk_norm: bool = False  # a learned RMSNorm on every query and key head before the rotary (MiniMind-3, Qwen3)
+    # None, or YaRN for inference past the trained length, in Hugging Face's form: {"rope_type": "yarn",
+    # "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor"}.
+    rope_scaling: dict | None = None
     use_cache: bool = True
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
@@ -61,11 +64,24 @@ class TinyMindConfig(PretrainedConfig):
             )
         if (self.hidden_size // self.num_attention_heads) % 2:
             raise ValueError("rotary embeddings need an even head size (hidden_size / num_attention_heads)")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if kind != "yarn":
+                raise ValueError(f"rope_scaling {kind!r}: only 'yarn' is supported")
+            if not self.rope_scaling.get("factor", 0) > 1:
+                raise ValueError(f"rope_scaling factor {self.rope_scaling.get('factor')} must be above 1")
         if self.use_moe and not 1 <= self.num_experts_per_tok <= self.n_routed_experts:
             raise ValueError(
                 f"num_experts_per_tok {self.num_experts_per_tok} must be between 1 and "
                 f"n_routed_experts {self.n_routed_experts}"
             )
+
+    @staticmethod
+    def yarn(factor, original_length) -> dict:
+        """The YaRN settings MiniMind-3 ships: stretch the rotary wavelengths beyond `original_length` by `factor`,
+        keep the fast ones (β_fast 32 rotations) and leave the attention scale at 1."""
+        return {"rope_type": "yarn", "factor": float(factor), "original_max_position_embeddings": int(original_length),
+                "beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": 1.0}
 
     @property
     def head_dim(self) -> int:

@@ -5,12 +5,15 @@ remote code, so transformers, vLLM and llama.cpp's converter can run it:
 
     dense                                   → LlamaForCausalLM    (same module names, same maths)
     dense with qk_norm                      → Qwen3ForCausalLM    (Llama's names plus self_attn.{q,k}_norm)
-    MoE without shared experts, top-k > 1,
+    MoE with qk_norm, without shared experts → Qwen3MoeForCausalLM (MiniMind-3's MoE)
+    MoE without shared experts,
     renormalised top-k weights (the default) → MixtralForCausalLM  (the same router and experts)
-    any other MoE                           → Qwen2MoeForCausalLM
+    any other MoE without qk_norm           → Qwen2MoeForCausalLM
 
 Mixtral takes the softmax over all experts in float32, keeps the top k and divides them by their
-sum: tinymind's router with `norm_topk_prob` and k > 1, nothing more and nothing less.
+sum: tinymind's router with `norm_topk_prob`, nothing more and nothing less. Qwen2-MoE and Qwen3-MoE
+route the same way, renormalising only when `norm_topk_prob` is set; at top-1 that makes the chosen
+expert's weight exactly 1 (tinymind, Qwen3-MoE and MiniMind-3 alike).
 
 Qwen2-MoE routes exactly like tinymind (softmax over all experts in float32, top-k,
 optional renormalisation), but differs in three ways, each absorbed without changing a logit:
@@ -23,17 +26,14 @@ optional renormalisation), but differs in three ways, each absorbed without chan
   is tiny rather than zero because llama.cpp computes that sigmoid as silu(z)/z, which is
   0/0 at z = 0 (a float16 export flushes it to zero all the same: transformers and vLLM still
   get 0.5, but for llama.cpp export float32 or bfloat16);
-- it always renormalises the top-k weights when `norm_topk_prob` is set, where tinymind
-  leaves a single expert's weight at its probability: k = 1 is written with it off.
 A model with `qk_norm` (a learned RMSNorm on every query and key head before the rotary, as in
-MiniMind-3 and Qwen3) is a Qwen3 when dense. Without `qk_norm` no Qwen3 can stand in for a
-tinymind model (the norm divides each head by its own RMS, which no weights undo), and a MoE
-with `qk_norm` (Qwen3-MoE) is neither written nor read yet.
+MiniMind-3 and Qwen3) is a Qwen3 or Qwen3-MoE. Without `qk_norm` no Qwen3 can stand in for a
+tinymind model (the norm divides each head by its own RMS, which no weights undo), and a MoE with
+`qk_norm` and shared experts has no stock architecture. YaRN rotary scaling (`rope_scaling`) is
+written as the config's `rope_parameters` and read back from them.
 
 The MoE heads are written untied (`lm_head` a copy of the embedding) because llama.cpp's
-qwen2moe loader requires an output tensor and not every runtime ties Mixtral's. llama.cpp's qwen2moe graph never renormalises the
-top-k weights, so there a tinymind MoE with `norm_topk_prob` and k > 1 routes slightly
-differently; transformers and vLLM honour the flag.
+qwen2moe loader requires an output tensor and not every runtime ties Mixtral's.
 
 `load_hf` reads those architectures back (or a tinymind directory from `save_pretrained`) and
 refuses, with UnsupportedArchitecture, anything it could not reproduce exactly. Weights are
@@ -41,12 +41,13 @@ only read as safetensors or with `torch.load(weights_only=True)`: a checkpoint i
 """
 
 import json
+import math
 from pathlib import Path
 
 import torch
 from huggingface_hub import snapshot_download
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, MixtralConfig, Qwen2MoeConfig, Qwen3Config
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, MixtralConfig, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig
 
 from .config import TinyMindConfig
 from .model import TinyMindForCausalLM
@@ -54,12 +55,8 @@ from .model import TinyMindForCausalLM
 # A name ending so is a weights file, never a Hub repo id.
 WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors")
 
-SUPPORTED = "LlamaForCausalLM, Qwen3ForCausalLM, MixtralForCausalLM, Qwen2MoeForCausalLM and TinyMind directories"
-
-# Near misses, with the reason they cannot be read exactly.
-UNSUPPORTED_REASONS = {
-    "qwen3_moe": "a MoE with per-head q_norm/k_norm (tinymind's qk_norm) is not read yet",
-}
+SUPPORTED = ("LlamaForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM, MixtralForCausalLM, Qwen2MoeForCausalLM "
+             "and TinyMind directories")
 
 # Config fields spelled the same in tinymind, Llama and Qwen2-MoE.
 COMMON_FIELDS = (
@@ -73,6 +70,10 @@ MOE_FIELDS = {
         "n_routed_experts": "num_experts", "num_experts_per_tok": "num_experts_per_tok",
         "intermediate_size": "moe_intermediate_size",
     },
+    "qwen3_moe": {
+        "n_routed_experts": "num_experts", "num_experts_per_tok": "num_experts_per_tok",
+        "intermediate_size": "moe_intermediate_size", "norm_topk_prob": "norm_topk_prob",
+    },
     "mixtral": {
         "n_routed_experts": "num_local_experts", "num_experts_per_tok": "num_experts_per_tok",
         "intermediate_size": "intermediate_size",
@@ -84,6 +85,8 @@ REQUIRED_SETTINGS = {
     "llama": {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False},
     "qwen3": {"hidden_act": "silu", "attention_bias": False, "use_sliding_window": False},
     "qwen2_moe": {"hidden_act": "silu", "use_sliding_window": False, "decoder_sparse_step": 1, "mlp_only_layers": []},
+    "qwen3_moe": {"hidden_act": "silu", "attention_bias": False, "use_sliding_window": False, "decoder_sparse_step": 1,
+                  "mlp_only_layers": []},
     "mixtral": {"hidden_act": "silu", "sliding_window": None},
 }
 
@@ -106,10 +109,13 @@ def export_hf(model: TinyMindForCausalLM, out_dir, dtype=None) -> str:
     """Write `model` to `out_dir` as safetensors + config that stock transformers loads; return the class name."""
     config = model.config
     state = {key: value.detach().cpu().float() for key, value in model.state_dict().items()}
-    if config.qk_norm and config.use_moe:
-        raise UnsupportedArchitecture("a MoE with qk_norm has no stock architecture written here yet (Qwen3-MoE)")
+    if config.qk_norm and config.use_moe and config.n_shared_experts:
+        raise UnsupportedArchitecture("a MoE with qk_norm and shared experts has no stock architecture (Qwen3-MoE "
+                                      "has no shared experts); train it with --n_shared_experts 0")
     if not config.use_moe:
         hf_config, hf_state = (qwen3_config(config) if config.qk_norm else llama_config(config)), state
+    elif config.qk_norm:
+        hf_config, hf_state = qwen3_moe_config(config), with_stacked_experts(state, config)
     elif fits_mixtral(config):
         hf_config, hf_state = mixtral_config(config), with_stacked_experts(state, config)
     else:
@@ -123,10 +129,12 @@ def export_hf(model: TinyMindForCausalLM, out_dir, dtype=None) -> str:
 
 
 def common_hf_fields(config: TinyMindConfig) -> dict:
+    rope = {"rope_type": "default"} if config.rope_scaling is None else {**config.rope_scaling, "rope_type": "yarn"}
+    rope.pop("type", None)
     return {
         **{name: getattr(config, name) for name in COMMON_FIELDS},
         "hidden_act": "silu",
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "rope_parameters": {**rope, "rope_theta": config.rope_theta},
     }
 
 
@@ -145,7 +153,7 @@ def qwen3_config(config: TinyMindConfig) -> Qwen3Config:
 
 
 def fits_mixtral(config: TinyMindConfig) -> bool:
-    return config.n_shared_experts == 0 and config.norm_topk_prob and config.num_experts_per_tok > 1
+    return config.n_shared_experts == 0 and config.norm_topk_prob
 
 
 def moe_hf_fields(config: TinyMindConfig, model_type) -> dict:
@@ -168,11 +176,25 @@ def qwen2_moe_config(config: TinyMindConfig) -> Qwen2MoeConfig:
         **moe_hf_fields(config, "qwen2_moe"),
         intermediate_size=config.intermediate_size,
         shared_expert_intermediate_size=config.intermediate_size * max(config.n_shared_experts, 1),
-        norm_topk_prob=config.norm_topk_prob and config.num_experts_per_tok > 1,
+        norm_topk_prob=config.norm_topk_prob,
         decoder_sparse_step=1,
         mlp_only_layers=[],
         use_sliding_window=False,
         qkv_bias=True,
+        tie_word_embeddings=False,
+    )
+
+
+def qwen3_moe_config(config: TinyMindConfig) -> Qwen3MoeConfig:
+    return Qwen3MoeConfig(
+        **common_hf_fields(config),
+        **moe_hf_fields(config, "qwen3_moe"),
+        intermediate_size=config.intermediate_size,
+        head_dim=config.head_dim,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        use_sliding_window=False,
+        attention_bias=False,
         tie_word_embeddings=False,
     )
 
@@ -221,8 +243,7 @@ def expert_weights(state, prefix):
 
 
 def load_hf(path_or_repo) -> TinyMindForCausalLM:
-    """A tinymind model from a Hugging Face directory or `owner/name` repo id (Llama, Mixtral, Qwen2-MoE or
-    tinymind)."""
+    """A tinymind model from a Hugging Face directory or `owner/name` repo id (see SUPPORTED)."""
     path = local_directory(path_or_repo)
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -233,8 +254,7 @@ def load_hf(path_or_repo) -> TinyMindForCausalLM:
         return load_tinymind_directory(path)
     if model_type not in IMPORTERS:
         architecture = (written.get("architectures") or [model_type])[0]
-        reason = f" ({UNSUPPORTED_REASONS[model_type]})" if model_type in UNSUPPORTED_REASONS else ""
-        raise UnsupportedArchitecture(f"{path} holds {architecture}{reason}; tinymind reads only {SUPPORTED}")
+        raise UnsupportedArchitecture(f"{path} holds {architecture}; tinymind reads only {SUPPORTED}")
 
     hf_config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     check_settings(hf_config, path)
@@ -291,22 +311,35 @@ def check_settings(hf_config, path):
         if getattr(hf_config, field) != needed:
             raise UnsupportedArchitecture(f"{path}: {name} with {field}={getattr(hf_config, field)!r} "
                                           f"has no tinymind counterpart (needs {needed!r})")
-    rope_type = hf_config.rope_parameters.get("rope_type", "default")
-    if rope_type != "default":
-        raise UnsupportedArchitecture(f"{path}: rotary scaling {rope_type!r} has no tinymind counterpart")
-    renormalises = hf_config.model_type == "mixtral" or getattr(hf_config, "norm_topk_prob", False)
-    if renormalises and hf_config.num_experts_per_tok == 1:
-        raise UnsupportedArchitecture(f"{path}: renormalising the top-k weights of one expert per token gives it "
-                                      "weight 1, where tinymind weights it by its router probability")
+    rope_scaling(hf_config.rope_parameters, path)
     head_dim = getattr(hf_config, "head_dim", None)
     if head_dim not in (None, hf_config.hidden_size // hf_config.num_attention_heads):
         raise UnsupportedArchitecture(f"{path}: head_dim {head_dim} is not hidden_size / num_attention_heads")
+
+
+def rope_scaling(rope, path) -> dict | None:
+    """tinymind's `rope_scaling` for Hugging Face `rope_parameters`: None, or YaRN with every value explicit."""
+    kind = rope.get("rope_type", "default")
+    if kind == "default":
+        return None
+    unknown = set(rope) - {"rope_type", "rope_theta", "factor", "original_max_position_embeddings", "beta_fast",
+                           "beta_slow", "attention_factor", "truncate"}
+    if kind != "yarn" or unknown or rope.get("truncate", True) is not True or rope.get("factor") is None:
+        detail = f"rotary scaling {kind!r}" + (f" with {sorted(unknown)}" if unknown else "")
+        raise UnsupportedArchitecture(f"{path}: {detail} has no tinymind counterpart (tinymind reads plain YaRN)")
+    factor = rope["factor"]
+    attention = rope.get("attention_factor")
+    return {**TinyMindConfig.yarn(factor, rope["original_max_position_embeddings"]),
+            "beta_fast": rope.get("beta_fast", 32.0), "beta_slow": rope.get("beta_slow", 1.0),
+            # transformers' default when a config leaves it out
+            "attention_factor": attention if attention is not None else 0.1 * math.log(factor) + 1.0}
 
 
 def tinymind_config(hf_config, state, **fields) -> TinyMindConfig:
     return TinyMindConfig(
         **{name: getattr(hf_config, name) for name in COMMON_FIELDS},
         rope_theta=hf_config.rope_parameters["rope_theta"],
+        rope_scaling=rope_scaling(hf_config.rope_parameters, None),
         # An untied head equal to the embedding (as Qwen2-MoE exports are written) is a tied one.
         tie_word_embeddings=hf_config.tie_word_embeddings
         or torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"]),
@@ -347,6 +380,13 @@ def from_mixtral(hf_state, hf_config, path):
     return config, state
 
 
+def from_qwen3_moe(hf_state, hf_config, path):
+    state = with_separate_experts(hf_state, hf_config)
+    config = tinymind_config(hf_config, state, use_moe=True, n_shared_experts=0, qk_norm=True,
+                             **moe_tinymind_fields(hf_config))
+    return config, state
+
+
 def from_qwen2_moe(hf_state, hf_config, path):
     width = hf_config.moe_intermediate_size
     state = with_separate_experts(hf_state, hf_config)
@@ -382,4 +422,5 @@ def from_qwen2_moe(hf_state, hf_config, path):
     return config, state
 
 
-IMPORTERS = {"llama": from_llama, "qwen3": from_qwen3, "mixtral": from_mixtral, "qwen2_moe": from_qwen2_moe}
+IMPORTERS = {"llama": from_llama, "qwen3": from_qwen3, "qwen3_moe": from_qwen3_moe, "mixtral": from_mixtral,
+             "qwen2_moe": from_qwen2_moe}

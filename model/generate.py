@@ -180,7 +180,7 @@ class PackedDecoder:
             return moe(h, h.new_ones(h.shape[:2]))[0]
         experts, shared = packed
         weights, chosen = moe.gate(h).float().softmax(dim=-1).topk(moe.top_k, dim=-1)
-        if moe.norm_topk_prob and moe.top_k > 1:
+        if moe.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         out = sum(swiglu(h, *expert) for expert in shared) if shared else torch.zeros_like(h)
         for weight, index in zip(weights.view(-1).tolist(), chosen.view(-1).tolist()):

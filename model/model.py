@@ -7,6 +7,8 @@ so `state_dict()` is exactly that layout and MiniMind2-layout `.pth` files load 
 Fast inference decoding lives in generate.py.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,21 +53,40 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for the positions asked for, in the Hugging Face Llama (rotate-half) convention."""
+    """cos/sin tables for the positions asked for, in the Hugging Face Llama (rotate-half) convention,
+    optionally stretched by YaRN (`config.rope_scaling`) for contexts past the trained length."""
 
     def __init__(self, config: TinyMindConfig):
         super().__init__()
         self.dim = config.head_dim
         self.theta = config.rope_theta
+        self.scaling = config.rope_scaling
+        self.attention_factor = 1.0 if self.scaling is None else self.scaling.get("attention_factor", 1.0)
         self.register_buffer("inv_freq", self.frequencies(), persistent=False)
 
     def frequencies(self):
-        return 1.0 / (self.theta ** (torch.arange(0, self.dim, 2, dtype=torch.float32) / self.dim))
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.dim, 2, dtype=torch.float32) / self.dim))
+        if self.scaling is None:
+            return inv_freq
+        # YaRN: frequencies that turn fewer than beta_slow times over the original length are divided by the
+        # factor (interpolated), those turning more than beta_fast times are kept, a linear ramp in between.
+        factor, original = self.scaling["factor"], self.scaling["original_max_position_embeddings"]
+
+        def dimension_turning(rotations):  # the (fractional) frequency index that turns `rotations` times
+            return self.dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(self.theta))
+
+        low = max(math.floor(dimension_turning(self.scaling.get("beta_fast", 32.0))), 0)
+        high = min(math.ceil(dimension_turning(self.scaling.get("beta_slow", 1.0))), self.dim - 1)
+        ramp = ((torch.arange(self.dim // 2, dtype=torch.float32) - low) / max(high - low, 0.001)).clamp(0, 1)
+        return inv_freq * (1 - ramp) + inv_freq / factor * ramp
 
     def forward(self, position_ids, dtype):
         freqs = position_ids[..., None].float() * self.inv_freq
         angles = torch.cat([freqs, freqs], dim=-1)[:, None]  # [batch, 1, seq, head_dim]
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        cos, sin = angles.cos(), angles.sin()
+        if self.attention_factor != 1.0:
+            cos, sin = cos * self.attention_factor, sin * self.attention_factor
+        return cos.to(dtype), sin.to(dtype)
 
 
 def rotate_half(x):
@@ -160,7 +181,7 @@ class MoEFeedForward(nn.Module):
             flat = flat.to(torch.get_autocast_dtype(x.device.type))
         scores = self.gate(flat).float().softmax(dim=-1)  # [tokens, experts]
         weights, experts = scores.topk(self.top_k, dim=-1)  # [tokens, k]
-        if self.norm_topk_prob and self.top_k > 1:
+        if self.norm_topk_prob:  # at top-1 the chosen expert's weight is exactly 1, as in Qwen3-MoE and MiniMind-3
             weights = weights / weights.sum(dim=-1, keepdim=True)
 
         assigned_expert = experts.reshape(-1)

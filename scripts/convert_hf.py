@@ -2,12 +2,16 @@
 
     python -m scripts.convert_hf export --checkpoint output/sft_dense/sft_512.pth --out hf/sft_512
     python -m scripts.convert_hf import --model hf/sft_512 --out output/imported/sft_512.pth
+    python -m scripts.convert_hf gguf --checkpoint output/sft_dense/sft_512.pth --out gguf/sft_512.gguf --dtype f16
 
 Export writes safetensors, config and tokenizer (chat template included) that
 `AutoModelForCausalLM.from_pretrained(DIR)` loads without trust_remote_code: a dense model as
-LlamaForCausalLM, a MoE as MixtralForCausalLM or Qwen2MoeForCausalLM (model/convert.py says which,
-why and how exactly).
+LlamaForCausalLM or Qwen3ForCausalLM, a MoE as MixtralForCausalLM, Qwen2MoeForCausalLM or
+Qwen3MoeForCausalLM (model/convert.py says which, why and how exactly).
 Import reads such a directory (or a tinymind one) and writes the .pth plus its .json config.
+gguf writes one file llama.cpp runs (`llama-cli -m FILE`), tokenizer and chat template inside, and an
+ollama `Modelfile` beside it (`ollama create NAME -f Modelfile`); model/gguf_export.py says which
+llama.cpp architecture each model becomes.
 """
 
 import argparse
@@ -18,7 +22,9 @@ import torch
 from dataset import load_tokenizer
 from model import TinyMindConfig
 from model.convert import UnsupportedArchitecture, export_hf, load_hf
+from model.gguf_export import DTYPES, architecture, modelfile, write_gguf
 from trainer import UserError, load_model, run_cli, save_weights
+from trainer.checkpoint import atomic_write
 from trainer.distributed import say
 
 
@@ -28,6 +34,20 @@ def export(args):
     architecture = export_hf(model, args.out, dtype=getattr(torch, args.dtype) if args.dtype else None)
     tokenizer.save_pretrained(args.out)
     say(f"wrote {args.out} ({architecture})")
+
+
+def to_gguf(args):
+    model = load_model(args.checkpoint, read_config(args.config) if args.config else None)
+    tokenizer = load_tokenizer(args.tokenizer_path)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        atomic_write(out, lambda tmp: write_gguf(model, tokenizer, args.tokenizer_path, tmp, args.dtype))
+    except UnsupportedArchitecture as err:
+        raise UserError(f"{args.checkpoint}: {err}") from None
+    recipe = out.with_name("Modelfile")
+    atomic_write(recipe, lambda tmp: tmp.write_text(modelfile(tokenizer, out.name)))
+    say(f"wrote {out} ({architecture(model.config)}, {args.dtype}, {out.stat().st_size / 1e6:.1f} MB) and {recipe}")
 
 
 def read_config(path):
@@ -64,6 +84,15 @@ def main(argv=None):
     from_hf.add_argument("--model", required=True, help="Hugging Face directory or owner/name repo id")
     from_hf.add_argument("--out", required=True, help=".pth to write (its .json config goes beside it)")
     from_hf.set_defaults(run=import_)
+
+    to_gguf_file = commands.add_parser("gguf", help="tinymind .pth → one GGUF file for llama.cpp / ollama")
+    to_gguf_file.add_argument("--checkpoint", required=True, help=".pth or .safetensors weights")
+    to_gguf_file.add_argument("--out", required=True, help="the .gguf to write (a Modelfile goes beside it)")
+    to_gguf_file.add_argument("--config", help="model config JSON, for a checkpoint without one beside it")
+    to_gguf_file.add_argument("--tokenizer_path", default="model/tokenizer", help="tokenizer directory embedded")
+    to_gguf_file.add_argument("--dtype", choices=tuple(DTYPES), default="f16",
+                              help="weight type: f32, f16, or q8_0 (8-bit blocks); norms and routers stay f32")
+    to_gguf_file.set_defaults(run=to_gguf)
 
     args = parser.parse_args(argv)
     run_cli(lambda: args.run(args))

@@ -16,10 +16,10 @@ from tqdm import tqdm
 from dataset import SFTDataset, load_tokenizer
 from dataset.jsonl import bad_line_error, load_jsonl
 from model import Sampling, stream_tokens
-from trainer import load_model, run_cli
+from trainer import load_model_as_flagged, run_cli
 from trainer.checkpoint import atomic_write, run_paths
 from trainer.distributed import say
-from trainer.flags import add_model_flags, model_config, new_parser, parse
+from trainer.flags import add_model_flags, new_parser, parse
 from trainer.precision import autocast_context
 
 
@@ -41,8 +41,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    model = load_model(args.checkpoint or run_paths("sft", args).existing_weights(),
-                       fallback_config=model_config(args)).to(args.device).eval()
+    model = load_model_as_flagged(args.checkpoint or run_paths("sft", args).existing_weights(), args)
+    model = model.to(args.device).eval()
     tokenizer = load_tokenizer(args.tokenizer_path)
     records = load_jsonl(args.data, ("conversations",), SFTDataset.record_problem)
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p)

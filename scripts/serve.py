@@ -29,10 +29,10 @@ from dataset import load_tokenizer
 from model import Sampling
 from model.engine import Engine
 from model.engine import Request as EngineRequest
-from trainer import load_model, run_cli
+from trainer import load_model_as_flagged, run_cli
 from trainer.checkpoint import run_paths
 from trainer.distributed import say
-from trainer.flags import add_model_flags, model_config, new_parser, parse
+from trainer.flags import add_model_flags, new_parser, parse
 from trainer.lora import load_adapter
 
 PAGE = Path(__file__).with_name("chat.html")
@@ -345,7 +345,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     checkpoint = Path(args.checkpoint or run_paths("sft", args).existing_weights())
-    model = load_model(checkpoint, fallback_config=model_config(args)).to(args.device).eval()
+    model = load_model_as_flagged(checkpoint, args).to(args.device).eval()
     if args.lora:
         model = load_adapter(model, args.lora).get_base_model().eval()
     tokenizer = load_tokenizer(args.tokenizer_path)

@@ -39,6 +39,13 @@ CASES = {
                               norm_topk_prob=False), "Qwen2MoeForCausalLM"),
     "moe_shared": (dict(use_moe=True, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=2),
                    "Qwen2MoeForCausalLM"),
+    "moe_top1": (dict(use_moe=True, n_routed_experts=4, num_experts_per_tok=1, n_shared_experts=0), "MixtralForCausalLM"),
+    "moe_qk_norm": (dict(use_moe=True, qk_norm=True, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=0),
+                    "Qwen3MoeForCausalLM"),
+    # MiniMind-3's MoE: top-1 with the weight renormalised to 1, no shared expert, q/k norms
+    "moe_minimind3": (dict(use_moe=True, qk_norm=True, n_routed_experts=4, num_experts_per_tok=1, n_shared_experts=0),
+                      "Qwen3MoeForCausalLM"),
+    "dense_yarn": (dict(qk_norm=True, rope_scaling=TinyMindConfig.yarn(4, 8)), "Qwen3ForCausalLM"),
 }
 
 
@@ -94,9 +101,11 @@ def test_export_loads_in_stock_transformers_with_the_same_logits_and_import_rest
     assert torch.equal(logits(back, ids), logits(model, ids))
 
 
-def test_single_expert_routing_keeps_the_router_probability_as_weight(tokens, tmp_path):
+@pytest.mark.parametrize("norm_topk_prob", [True, False], ids=["weight_1", "router_probability"])
+def test_single_expert_routing_with_a_shared_expert_exports_with_the_same_logits(norm_topk_prob, tokens, tmp_path):
     ids, vocab_size = tokens
-    model = tiny_model(vocab_size, use_moe=True, num_experts_per_tok=1, n_shared_experts=1, norm_topk_prob=True)
+    model = tiny_model(vocab_size, use_moe=True, num_experts_per_tok=1, n_shared_experts=1,
+                       norm_topk_prob=norm_topk_prob)
     export_hf(model, tmp_path)
     stock = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert (logits(stock, ids) - logits(model, ids)).abs().max().item() < 1e-4
@@ -131,17 +140,37 @@ def test_tinymind_directory_loads_through_load_hf_with_its_rotary_table(tokens, 
     assert torch.equal(logits(load_hf(tmp_path).eval(), ids), logits(model, ids))
 
 
-@pytest.mark.parametrize("config", [
-    GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64),
-    Qwen3MoeConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, vocab_size=64),
-], ids=["gpt2", "qwen3_moe"])
-def test_other_architectures_are_refused_naming_the_supported_ones(config, tmp_path):
-    config.save_pretrained(tmp_path)
-    with pytest.raises(UnsupportedArchitecture, match="LlamaForCausalLM, Qwen3ForCausalLM, MixtralForCausalLM, Qwen2MoeForCausalLM and TinyMind"):
+def test_other_architectures_are_refused_naming_the_supported_ones(tmp_path):
+    GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedArchitecture, match="holds gpt2; tinymind reads only LlamaForCausalLM, "
+                       "Qwen3ForCausalLM, Qwen3MoeForCausalLM, MixtralForCausalLM, Qwen2MoeForCausalLM and TinyMind"):
         load_hf(tmp_path)
 
 
-def test_stock_mixtral_imports_with_the_same_logits_and_top_1_mixtral_is_refused(tokens, tmp_path):
+def test_a_moe_with_qk_norm_and_shared_experts_is_refused_naming_the_fix(tokens, tmp_path):
+    _, vocab_size = tokens
+    model = tiny_model(vocab_size, use_moe=True, qk_norm=True, n_shared_experts=1)
+    with pytest.raises(UnsupportedArchitecture, match="--n_shared_experts 0"):
+        export_hf(model, tmp_path)
+
+
+def test_stock_qwen3_moe_with_yarn_imports_with_the_same_logits(tokens, tmp_path):
+    """A Qwen3-MoE as Qwen publishes them (untied head, YaRN without an explicit attention factor)."""
+    ids, vocab_size = tokens
+    config = Qwen3MoeConfig(vocab_size=vocab_size, hidden_size=64, moe_intermediate_size=48, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4,
+                            num_experts_per_tok=2, norm_topk_prob=True, initializer_range=0.1,
+                            rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0,
+                                             "original_max_position_embeddings": 8})
+    torch.manual_seed(0)
+    stock = AutoModelForCausalLM.from_config(config).eval()
+    stock.save_pretrained(tmp_path)
+    model = load_hf(tmp_path).eval()
+    assert model.config.qk_norm and model.config.rope_scaling["attention_factor"] > 1
+    assert (logits(model, ids) - logits(stock, ids)).abs().max().item() < 1e-4
+
+
+def test_stock_mixtral_imports_with_the_same_logits(tokens, tmp_path):
     ids, vocab_size = tokens
     shape = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, num_local_experts=4, initializer_range=0.1, tie_word_embeddings=False)
@@ -151,10 +180,6 @@ def test_stock_mixtral_imports_with_the_same_logits_and_top_1_mixtral_is_refused
     model = load_hf(tmp_path / "top2").eval()
     assert (model.config.n_routed_experts, model.config.n_shared_experts, model.config.intermediate_size) == (4, 0, 96)
     assert (logits(model, ids) - logits(stock, ids)).abs().max().item() < 1e-4
-
-    MixtralForCausalLM(MixtralConfig(**shape, num_experts_per_tok=1)).save_pretrained(tmp_path / "top1")
-    with pytest.raises(UnsupportedArchitecture, match="one expert per token"):
-        load_hf(tmp_path / "top1")
 
 
 def test_stock_qwen2_moe_with_a_learned_shared_gate_is_refused(tmp_path):

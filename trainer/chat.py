@@ -9,10 +9,10 @@ import torch
 from dataset import load_tokenizer, text_or_chat_dataset, token_bytes
 from model import Sampling, stream_tokens
 
-from .checkpoint import load_model, run_paths
+from .checkpoint import load_model_as_flagged, run_paths
 from .distributed import say
 from .evaluate import language_model_scores
-from .flags import add_chat_flags, add_model_flags, model_config, new_parser, parse
+from .flags import add_chat_flags, add_model_flags, new_parser, parse
 from .lora import load_adapter
 from .precision import autocast_context
 
@@ -24,7 +24,7 @@ def eval_stage(argv=None):
     args = parse(parser, argv)
     torch.manual_seed(args.seed)
     checkpoint = args.checkpoint or run_paths("sft", args).existing_weights()
-    model = load_model(checkpoint, fallback_config=model_config(args)).to(args.device).eval()
+    model = load_model_as_flagged(checkpoint, args).to(args.device).eval()
     tokenizer = load_tokenizer(args.tokenizer_path)
     say(f"loaded {checkpoint} ({model.parameter_counts()[0] / 1e6:.2f}M parameters)", err=True)
     if args.lora:

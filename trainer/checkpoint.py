@@ -31,7 +31,7 @@ from model.convert import UnsupportedArchitecture, load_hf, names_hf_model
 from . import distributed
 from .distributed import say
 from .errors import UserError
-from .flags import MODEL_FLAGS
+from .flags import MODEL_FLAGS, config_with_flags, model_config
 
 # Flags a resumed run must share with the run that wrote the state, or the continuation is not the same run.
 # The batch flags must match too when the process count is the same; across process counts, the global batch.
@@ -284,4 +284,16 @@ def load_model(path, fallback_config: TinyMindConfig | None = None) -> TinyMindF
         raise UserError(f"{path}: no {config_file.name} beside it; give the model shape with flags or --config")
     model = TinyMindForCausalLM(config)
     load_into(model, read_state_dict(path), path)
+    return model
+
+
+def load_model_as_flagged(path, args) -> TinyMindForCausalLM:
+    """`load_model` with the model flags given on the command line or in a preset applied over the checkpoint's
+    own config (its shape for a bare `.pth`, `--yarn_factor` at inference); the weights must still fit."""
+    loaded = load_model(path, fallback_config=model_config(args))
+    config = config_with_flags(loaded.config, args)
+    if config.to_dict() == loaded.config.to_dict():
+        return loaded
+    model = TinyMindForCausalLM(config)
+    load_into(model, loaded.state_dict(), path)
     return model

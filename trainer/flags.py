@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import sys
+import typing
 from pathlib import Path
 
 import torch
@@ -23,8 +24,34 @@ MODEL_FLAGS = {
     "n_routed_experts": "MoE: experts the router chooses from",
     "num_experts_per_tok": "MoE: experts each token is sent to (top-k)",
     "n_shared_experts": "MoE: experts every token always goes through",
+    "intermediate_size": "SwiGLU width of the feed-forward and of each expert (default: 64·ceil(8/3·hidden / 64))",
+    "qk_norm": "a learned RMSNorm on every query and key head before the rotary (MiniMind-3, Qwen3): true or false",
+    "rms_norm_eps": "epsilon of every RMSNorm",
+    "rope_theta": "rotary base",
+    "max_position_embeddings": "longest context the rotary tables are meant for",
+    "n_routed_experts": "MoE: experts the router chooses from",
+    "num_experts_per_tok": "MoE: experts each token is sent to (top-k)",
+    "n_shared_experts": "MoE: experts every token always goes through",
+    "norm_topk_prob": "MoE: divide the chosen experts' weights by their sum (at top-1: weight 1): true or false",
     "aux_loss_alpha": "MoE: weight of the load-balancing loss",
+    "seq_aux": "MoE: balance each sequence (true) or the whole batch at once (false)",
 }
+
+
+def boolean(text):
+    """A flag's true/false value as JSON and most people spell it."""
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is neither true nor false")
+
+
+def field_type(name):
+    """The flag type of a TinyMindConfig field: its annotation, without the None of an optional one."""
+    annotation = TinyMindConfig.__annotations__[name]
+    kind = next(arg for arg in typing.get_args(annotation) if arg is not type(None)) if typing.get_args(annotation) else annotation
+    return boolean if kind is bool else kind
 
 
 def add_model_flags(parser):
@@ -33,8 +60,11 @@ def add_model_flags(parser):
     group.add_argument("--config", help="JSON preset in configs/ applied first; explicit flags override it")
     config_fields = {field.name: field for field in dataclasses.fields(TinyMindConfig)}
     for name, help_text in MODEL_FLAGS.items():
-        default = config_fields[name].default
-        group.add_argument(f"--{name}", type=type(default), default=default, help=help_text)
+        group.add_argument(f"--{name}", type=field_type(name), default=config_fields[name].default, help=help_text)
+    group.add_argument("--yarn_factor", type=float, default=1.0,
+                       help="YaRN: stretch the rotary to this many times --yarn_original_length, for inference past "
+                            "the trained length (1: off)")
+    group.add_argument("--yarn_original_length", type=int, default=2048, help="YaRN: the length the model was trained at")
     group.add_argument("--max_seq_len", type=int, default=512, help="tokens per training sample")
     group.add_argument("--tokenizer_path", help="tokenizer directory; model/tokenizer when not given")
     group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
@@ -144,14 +174,27 @@ def parse(parser, argv=None):
     """Parse argv with any `--config` preset applied first, then check the values a user can get wrong."""
     argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
     known, _ = parser.parse_known_args(argv)
-    if known.config:
-        parser.set_defaults(**load_preset(known.config, parser))
+    preset = load_preset(known.config, parser) if known.config else {}
+    parser.set_defaults(**preset)
     args = parser.parse_args(argv)
+    args.given_flags = set(preset) | given_on_command_line(parser, argv)
     if args.dtype is None:
         cuda_bf16 = args.device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         args.dtype = "bfloat16" if cuda_bf16 else "float32"
     validate(args)
     return args
+
+
+def given_on_command_line(parser, argv):
+    """The destinations of the flags `argv` spells out (parsed again with every default suppressed)."""
+    defaults = {action: action.default for action in parser._actions}
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    try:
+        return set(vars(parser.parse_known_args(argv)[0]))
+    finally:
+        for action, default in defaults.items():
+            action.default = default
 
 
 def load_preset(path, parser):
@@ -185,6 +228,8 @@ def preset_value(path, action, value, parser):
         ok, argv = isinstance(value, bool), [action.option_strings[0]] if value is True else []
     elif value is None:
         ok, argv = action.default is None, []
+    elif action.type is boolean:
+        ok, argv = isinstance(value, bool), [action.option_strings[0], str(value)]
     else:
         ok, argv = not isinstance(value, (bool, list, dict)), [action.option_strings[0], str(value)]
     if ok:
@@ -199,7 +244,7 @@ def preset_value(path, action, value, parser):
 
 
 def flag_takes(action):
-    if isinstance(action, argparse._StoreTrueAction):
+    if isinstance(action, argparse._StoreTrueAction) or action.type is boolean:
         return "true or false"
     if action.choices is not None:
         return " or ".join(map(json.dumps, action.choices))
@@ -209,7 +254,7 @@ def flag_takes(action):
 def validate(args):
     positive = ("hidden_size", "num_hidden_layers", "max_seq_len", "batch_size", "accumulation_steps",
                 "epochs", "max_steps", "log_interval", "save_interval", "keep_last", "val_samples", "max_new_tokens",
-                "lora_rank", "num_iterations")
+                "lora_rank", "num_iterations", "yarn_original_length")
     for name in positive:
         value = getattr(args, name, None)
         if value is not None and value < 1:
@@ -222,6 +267,8 @@ def validate(args):
     for name, value in vars(args).items():
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"--{name} {value}: must be a finite number")
+    if args.yarn_factor < 1:
+        raise UserError(f"--yarn_factor {args.yarn_factor}: must be at least 1 (1 is off)")
     if getattr(args, "top_p", 1.0) is not None and not 0 < getattr(args, "top_p", 1.0) <= 1:
         raise UserError(f"--top_p {args.top_p}: must lie in (0, 1]")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -235,8 +282,30 @@ def validate(args):
 
 def model_config(args) -> TinyMindConfig:
     """The TinyMindConfig the flags describe; an impossible shape is a UserError naming the flags."""
+    return checked_config(flagged_fields(args))
+
+
+def flagged_fields(args, names=None) -> dict:
+    """The config fields the flags `names` (default: all) set."""
+    names = set(MODEL_FLAGS) | {"model_type", "yarn_factor"} if names is None else names
+    fields = {name: getattr(args, name) for name in MODEL_FLAGS if name in names}
+    if "model_type" in names:
+        fields["use_moe"] = args.model_type == "moe"
+    if "yarn_factor" in names or "yarn_original_length" in names:
+        fields["rope_scaling"] = (None if args.yarn_factor == 1 else
+                                  TinyMindConfig.yarn(args.yarn_factor, args.yarn_original_length))
+    return fields
+
+
+def config_with_flags(source: TinyMindConfig, args) -> TinyMindConfig:
+    """`source` (a checkpoint's own config) with the fields of the model flags given on the command line or in
+    the preset: what the user spelled out wins, the rest stays as the weights were trained."""
+    return checked_config({**source.to_dict(), **flagged_fields(args, getattr(args, "given_flags", set()))})
+
+
+def checked_config(fields) -> TinyMindConfig:
     try:
-        return TinyMindConfig(use_moe=args.model_type == "moe", **{name: getattr(args, name) for name in MODEL_FLAGS})
+        return TinyMindConfig.from_dict(fields)
     except ValueError as err:
         raise UserError(f"model flags: {err}") from None
 

@@ -14,10 +14,10 @@ from dataset import DataError, load_tokenizer
 from model import TinyMindConfig, TinyMindForCausalLM
 
 from . import distributed
-from .checkpoint import config_path, load_into, load_model, prepare_run_dir, run_paths, write_weights
+from .checkpoint import config_path, load_model_as_flagged, prepare_run_dir, run_paths, write_weights
 from .distributed import say
 from .errors import UserError
-from .flags import MODEL_FLAGS, add_model_flags, add_training_flags, model_config, new_parser, parse
+from .flags import add_model_flags, add_training_flags, config_with_flags, model_config, new_parser, parse
 from .loop import Trainer
 from .objectives import LanguageModeling
 
@@ -110,28 +110,20 @@ def describe_run(model, dataset, trainer):
 
 
 def build_model(stage_name, start, args):
-    """The model a stage trains: its shape from the flags, every field no flag sets (rope_theta, rms_norm_eps,
-    a tied or untied head, ...) from the weights it starts from, or, resumed, from the run's own saved config."""
-    flagged = model_config(args)
+    """The model a stage trains: the config of the weights it starts from (or, resumed, the run's own saved
+    config) with the model flags given applied over it; from the flags alone when it starts from random init."""
     if args.resume:
         own = config_path(run_paths(stage_name, args).existing_weights())
-        return TinyMindForCausalLM(inherit(flagged, TinyMindConfig.from_json_file(own)) if own.is_file() else flagged)
+        return TinyMindForCausalLM(config_with_flags(TinyMindConfig.from_json_file(own), args) if own.is_file()
+                                   else model_config(args))
     if start is None:
-        return TinyMindForCausalLM(flagged)
-    loaded = load_model(start, fallback_config=flagged)
-    model = TinyMindForCausalLM(inherit(flagged, loaded.config))
+        return TinyMindForCausalLM(model_config(args))
+    model = load_model_as_flagged(start, args)
     if args.max_seq_len > model.config.max_position_embeddings:
         raise UserError(f"--max_seq_len {args.max_seq_len} exceeds the max_position_embeddings "
                         f"{model.config.max_position_embeddings} of {start}")
-    load_into(model, loaded.state_dict(), start)
     say(f"initialised from {start}")
     return model
-
-
-def inherit(flagged, source):
-    """`source`'s config with the fields the flags set taken from `flagged`."""
-    flag_fields = {name: getattr(flagged, name) for name in (*MODEL_FLAGS, "use_moe")}
-    return TinyMindConfig.from_dict({**source.to_dict(), **flag_fields})
 
 
 def start_weights(stage, args):

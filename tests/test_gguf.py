@@ -1,0 +1,182 @@
+"""GGUF export (model/gguf_export.py, `scripts.convert_hf gguf`): the file reads back through the gguf package as
+written, and llama.cpp (llama-cpp-python, when installed: `make test-llama-cpp`) decodes the same greedy tokens."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, GGUFReader
+from gguf.quants import dequantize
+
+from conftest import ROOT, run_stage
+from dataset import load_tokenizer
+from model import TinyMindConfig, TinyMindForCausalLM, fast_generate
+from model.gguf_export import architecture, gguf_tensors, write_gguf
+
+TOKENIZER = ROOT / "model" / "tokenizer"
+SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1)
+CASES = {  # one of each llama.cpp architecture the export chooses
+    "llama": {},
+    "qwen3": dict(qk_norm=True),
+    "bailingmoe": dict(use_moe=True),  # tinymind's default MoE: top-2, a shared expert, renormalised
+    "llama_experts": dict(use_moe=True, n_shared_experts=0),
+    "qwen2moe": dict(use_moe=True, norm_topk_prob=False),
+    "qwen3moe": dict(use_moe=True, qk_norm=True, n_shared_experts=0, num_experts_per_tok=1),
+}
+PROMPTS = ["床前明月光，疑是地上霜。", "What is the capital of France?", "To be, or not to be"]
+
+
+def tiny_model(**fields):
+    torch.manual_seed(0)
+    model = TinyMindForCausalLM(TinyMindConfig(**SHAPE, **fields)).eval()
+    with torch.no_grad():  # norm gains unlike 1, so a norm written to the wrong place changes the tokens
+        for name, parameter in model.named_parameters():
+            if name.endswith("norm.weight"):
+                parameter.normal_(1.0, 0.2)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(TOKENIZER)
+
+
+def field(reader, key):
+    value = reader.fields[key]
+    if value.types and value.types[0].name == "ARRAY":
+        return [value.contents(i) for i in range(len(value.data))]
+    return value.contents()
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16", "q8_0"])
+def test_gguf_reads_back_every_tensor_and_key_as_written(dtype, tokenizer, tmp_path):
+    model = tiny_model(use_moe=True)
+    path = tmp_path / "model.gguf"
+    assert write_gguf(model, tokenizer, TOKENIZER, path, dtype) == "bailingmoe"
+    reader = GGUFReader(path)
+
+    assert field(reader, "general.architecture") == "bailingmoe"
+    config = model.config
+    expected = {"embedding_length": 64, "block_count": 2, "feed_forward_length": config.intermediate_size,
+                "attention.head_count": 4, "attention.head_count_kv": 2, "expert_count": 4, "expert_used_count": 2,
+                "expert_shared_count": 1, "expert_weights_norm": True, "rope.dimension_count": 16,
+                "context_length": config.max_position_embeddings}
+    assert {key: field(reader, f"bailingmoe.{key}") for key in expected} == expected
+    assert field(reader, "bailingmoe.rope.freq_base") == pytest.approx(config.rope_theta)
+    assert field(reader, "bailingmoe.attention.layer_norm_rms_epsilon") == pytest.approx(config.rms_norm_eps)
+
+    # the tokenizer: every token, its merges, the special ids and the chat template
+    assert field(reader, "tokenizer.ggml.model") == "gpt2" and field(reader, "tokenizer.ggml.pre") == "gpt-2"
+    assert field(reader, "tokenizer.ggml.tokens") == tokenizer.convert_ids_to_tokens(range(len(tokenizer)))
+    merges = json.loads((TOKENIZER / "tokenizer.json").read_text())["model"]["merges"]
+    assert field(reader, "tokenizer.ggml.merges") == [m if isinstance(m, str) else " ".join(m) for m in merges]
+    ids = [field(reader, f"tokenizer.ggml.{kind}_token_id") for kind in ("bos", "eos", "padding")]
+    assert ids == [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]
+    assert field(reader, "tokenizer.chat_template") == tokenizer.chat_template
+    assert field(reader, "tokenizer.ggml.add_bos_token") is False
+
+    written = dict(gguf_tensors({k: v.float() for k, v in model.state_dict().items()}, config, "bailingmoe"))
+    read = {tensor.name: tensor for tensor in reader.tensors}
+    assert read.keys() == written.keys()
+    for name, tensor in written.items():
+        data = read[name]
+        assert list(reversed(data.shape.tolist())) == list(tensor.shape), name  # GGUF lists dimensions innermost first
+        values = dequantize(data.data, data.tensor_type).reshape(tensor.shape)
+        if data.tensor_type == GGMLQuantizationType.F32:
+            assert np.array_equal(values, tensor.numpy()), name
+        elif data.tensor_type == GGMLQuantizationType.F16:
+            assert np.array_equal(values, tensor.half().float().numpy()), name
+        else:  # q8_0: each block of 32 keeps its values to 1/127 of the block's largest
+            assert data.tensor_type == GGMLQuantizationType.Q8_0
+            assert np.abs(values - tensor.numpy()).max() <= np.abs(tensor.numpy()).max() / 127 + 1e-6, name
+    vectors = [t for t in reader.tensors if len(t.shape) == 1 or ".ffn_gate_inp." in t.name]
+    assert vectors and all(t.tensor_type == GGMLQuantizationType.F32 for t in vectors)  # norms and routers stay f32
+
+
+def test_paired_rotary_rows_put_each_half_pair_side_by_side():
+    from model.gguf_export import paired_rotary_rows
+    weight = torch.arange(2 * 8, dtype=torch.float32)[:, None].expand(16, 3)  # 2 heads of 8 rows, row i holds i
+    assert paired_rotary_rows(weight, heads=2)[:, 0].tolist() == [0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15]
+
+
+def test_architectures_llama_cpp_cannot_run_exactly_are_refused_with_the_reason():
+    with pytest.raises(ValueError, match="qwen3moe, which has no shared experts"):
+        architecture(TinyMindConfig(**SHAPE, use_moe=True, qk_norm=True))
+    with pytest.raises(ValueError, match="--yarn_factor"):
+        architecture(TinyMindConfig(**SHAPE, rope_scaling=TinyMindConfig.yarn(4, 512)))
+
+
+def test_cli_writes_the_gguf_and_a_modelfile_and_refuses_in_one_line(tmp_path):
+    model = tiny_model()
+    checkpoint = tmp_path / "sft_64.pth"
+    torch.save(model.state_dict(), checkpoint)
+    model.config.to_json_file(checkpoint.with_suffix(".json"))
+    result = run_stage("-m", "scripts.convert_hf", "gguf", "--checkpoint", checkpoint, "--out", tmp_path / "g" / "m.gguf",
+                       cwd=ROOT)
+    assert "(llama, f16," in result.stderr + result.stdout
+    recipe = (tmp_path / "g" / "Modelfile").read_text()
+    assert recipe.startswith("FROM ./m.gguf\n") and 'PARAMETER stop "<|im_end|>"' in recipe
+    assert '{{ if eq .Role "system" }}<|im_start|>system\n{{ .Content }}<|im_end|>\n' in recipe
+
+    TinyMindConfig(**SHAPE, use_moe=True, qk_norm=True).to_json_file(checkpoint.with_suffix(".json"))
+    torch.save(TinyMindForCausalLM(TinyMindConfig(**SHAPE, use_moe=True, qk_norm=True)).state_dict(), checkpoint)
+    refused = run_stage("-m", "scripts.convert_hf", "gguf", "--checkpoint", checkpoint, "--out", tmp_path / "x.gguf",
+                        cwd=ROOT, check=False)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert "qwen3moe" in refused.stderr and not (tmp_path / "x.gguf").exists()
+
+
+# ---- llama.cpp itself --------------------------------------------------------------------------------------
+
+
+def llama_cpp_greedy(path, prompt_ids, new_tokens, text=""):
+    """llama.cpp's greedy continuation of `prompt_ids` (argmax of its logits), and its own tokens for `text`."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: `make test-llama-cpp` "
+                                                        "builds it and runs these")
+    llm = llama_cpp.Llama(str(path), n_ctx=128, n_threads=2, verbose=False, logits_all=True,
+                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    try:
+        tokens = []
+        llm.eval(prompt_ids)
+        for _ in range(new_tokens):
+            tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            llm.eval(tokens[-1:])
+        return tokens, llm.tokenize(text.encode(), add_bos=False, special=True)
+    finally:
+        llm.close()
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+@pytest.mark.parametrize("case", CASES)
+def test_llama_cpp_decodes_the_same_greedy_tokens(case, dtype, tokenizer, tmp_path):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: `make test-llama-cpp` builds it")
+    model = tiny_model(**CASES[case])
+    if dtype == "f16":  # llama.cpp computes with the f16 weights, so compare with tinymind's own f16 weights
+        model = model.half().float()
+    path = tmp_path / "model.gguf"
+    assert write_gguf(model, tokenizer, TOKENIZER, path, dtype) == case.split("_")[0]
+    for prompt in PROMPTS:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        ids = tokenizer(text).input_ids
+        ours = fast_generate(model, torch.tensor([ids]), 12)[0, len(ids):].tolist()
+        theirs, their_ids = llama_cpp_greedy(path, ids, 12, text)
+        assert theirs == ours, (case, dtype, prompt)
+        assert their_ids == ids  # llama.cpp tokenizes the chat as tinymind does
+
+
+def test_llama_cpp_q8_0_keeps_most_greedy_tokens(tokenizer, tmp_path):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: `make test-llama-cpp` builds it")
+    matched = total = 0
+    for case in ("llama", "bailingmoe"):
+        model = tiny_model(**CASES[case])
+        write_gguf(model, tokenizer, TOKENIZER, tmp_path / f"{case}.gguf", "q8_0")
+        for prompt in PROMPTS:
+            ids = tokenizer(prompt).input_ids
+            ours = fast_generate(model, torch.tensor([ids]), 12)[0, len(ids):].tolist()
+            theirs, _ = llama_cpp_greedy(tmp_path / f"{case}.gguf", ids, 12)
+            same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(ours))
+            matched, total = matched + same, total + len(ours)
+    print(f"q8_0: {matched}/{total} greedy tokens equal before the first difference")
+    assert matched >= total // 2
