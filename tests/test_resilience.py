@@ -290,3 +290,31 @@ def test_a_checkpoint_cut_at_any_length_is_one_line_naming_the_file(tmp_path, su
         cut.write_bytes(data[:length])
         with pytest.raises(trainer.checkpoint.UserError, match=f"^{cut}: "):
             trainer.checkpoint.read_state_dict(cut)
+
+
+@pytest.mark.parametrize("suffix", ["pth", "safetensors"])
+def test_a_checkpoint_with_flipped_bytes_is_one_line_naming_the_file_or_loads_unchanged(tmp_path, suffix):
+    """No flip goes unnoticed into the weights: every changed byte either gives the one error line or changes
+    nothing that is loaded (the zip's alignment padding)."""
+    from model import TinyMindConfig, TinyMindForCausalLM
+
+    config = TinyMindConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=100)
+    whole = tmp_path / f"whole.{suffix}"
+    trainer.checkpoint.save_weights(TinyMindForCausalLM(config).state_dict(), config, whole)
+    original = trainer.checkpoint.read_state_dict(whole)
+    data = whole.read_bytes()
+    flipped = tmp_path / f"flipped.{suffix}"
+    errors = unchanged = 0
+    for position in sorted({*range(0, len(data), max(1, len(data) // 300)), *range(0, 200), len(data) - 1}):
+        damaged = bytearray(data)
+        damaged[position] ^= 0x10
+        flipped.write_bytes(damaged)
+        try:
+            state = trainer.checkpoint.read_state_dict(flipped)
+        except trainer.checkpoint.UserError as err:
+            assert str(err).startswith(f"{flipped}: ") and "\n" not in str(err)
+            errors += 1
+            continue
+        assert state.keys() == original.keys() and all(torch.equal(state[k], original[k]) for k in state), position
+        unchanged += 1
+    assert errors > 250

@@ -2,6 +2,9 @@
 
 A checkpoint is data, not code: `.pth` files are read with `weights_only=True` and
 `.safetensors` through safetensors, so a file carrying pickled objects is refused.
+Changed bytes are caught before loading: a `.pth` is a zip whose entries carry CRC-32s
+(torch.load never checks them; `zipfile` does), and the `.safetensors` written here carry a
+SHA-256 of their tensors in the header (`tinymind.sha256`).
 Every write goes to a temporary file that is renamed over the target, so a crash or a
 full disk at any instant leaves the previous complete file readable.
 
@@ -11,6 +14,7 @@ states, the objective's own state, the flags that must not change), from which
 `--resume` continues bit-exactly.
 """
 
+import hashlib
 import os
 import pickle
 import random
@@ -21,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from dataset import LENGTH_GROUP_STEPS
@@ -205,7 +209,8 @@ def save_weights(state_dict, config, path):
         if config.tie_word_embeddings:
             # safetensors refuses tensors that share memory; the tied head is rebuilt from the embedding on load.
             state.pop("lm_head.weight", None)
-        atomic_write(path, lambda tmp: save_file(state, str(tmp)))
+        metadata = {DIGEST_KEY: tensors_digest(state)}
+        atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
     else:
         atomic_write(path, lambda tmp: torch.save(state, tmp))
     atomic_write(config_path(path), lambda tmp: config.to_json_file(tmp))
@@ -219,7 +224,9 @@ def read_state_dict(path) -> dict:
     try:
         if path.suffix == ".safetensors":
             state = load_file(str(path))
+            check_digest(path, state)
         else:
+            check_zip_checksums(path)
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
@@ -236,6 +243,39 @@ def read_state_dict(path) -> dict:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path}: not a state dict of tensors (a resume state? pass the .pth weights file)")
     return state
+
+
+DIGEST_KEY = "tinymind.sha256"
+
+
+def tensors_digest(state) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_digest(path, state):
+    with safe_open(str(path), "pt") as f:
+        expected = (f.metadata() or {}).get(DIGEST_KEY)
+    if expected is not None and tensors_digest(state) != expected:
+        raise UserError(f"{path}: corrupt checkpoint (its tensors no longer match the SHA-256 written with them: "
+                        "bytes changed after it was saved); copy or download it again")
+
+
+def check_zip_checksums(path):
+    """A torch.save file is a zip: compare every entry with its stored CRC-32 (a file of the old, non-zip
+    format has none to compare)."""
+    if not zipfile.is_zipfile(path):
+        return
+    with zipfile.ZipFile(path) as archive:
+        bad = archive.testzip()
+    if bad is not None:
+        raise UserError(f"{path}: corrupt checkpoint ({bad} does not match its stored CRC-32: bytes changed after it "
+                        "was saved); copy or download it again")
 
 
 def load_into(model, state, source):
