@@ -3,7 +3,7 @@
 Every data problem a user can cause raises `DataError` with the file, the line and the fix.
 """
 
-from .batch import LENGTH_GROUP_STEPS, Batch, collate, epoch_order
+from .batch import LENGTH_GROUP_STEPS, Batch, Packed, collate, epoch_order
 from .jsonl import DataError
 from .preference import PairBatch, PreferenceDataset
 from .pretrain import PretrainDataset
@@ -22,5 +22,5 @@ def text_or_chat_dataset(path, tokenizer, max_length, skip_bad_lines=False):
     dataset_class = SFTDataset if '"conversations"' in first else PretrainDataset
     return dataset_class(path, tokenizer, max_length, skip_bad_lines=skip_bad_lines)
 
-__all__ = ["LENGTH_GROUP_STEPS", "Batch", "collate", "epoch_order", "DataError", "PairBatch", "PreferenceDataset", "PretrainDataset", "PromptBatch", "PromptDataset", "SFTDataset", "truncate_qa", "load_tokenizer", "DEFAULT_TOKENIZER_PATH",
+__all__ = ["LENGTH_GROUP_STEPS", "Batch", "Packed", "collate", "epoch_order", "DataError", "PairBatch", "PreferenceDataset", "PretrainDataset", "PromptBatch", "PromptDataset", "SFTDataset", "truncate_qa", "load_tokenizer", "DEFAULT_TOKENIZER_PATH",
            "text_or_chat_dataset", "token_bytes"]

@@ -37,18 +37,67 @@ class Batch:
 
 
 def collate(samples, pad_id):
-    """Pad `(input_ids, targets, loss_mask)` samples to the longest one; padding is never trained or attended."""
-    width = max(len(ids) for ids, _, _ in samples)
+    """Pad `(input_ids, targets, loss_mask)` samples to the longest one; padding is never trained or attended.
+    A packed sample carries a fourth tensor, the document number of each position (see `Packed`)."""
+    width = max(len(sample[0]) for sample in samples)
     input_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     targets = torch.full_like(input_ids, pad_id)
     loss_mask = torch.zeros_like(input_ids)
     attention_mask = torch.zeros_like(input_ids)
-    for row, (ids, target, mask) in enumerate(samples):
+    for row, (ids, target, mask, *documents) in enumerate(samples):
         input_ids[row, : len(ids)] = ids
         targets[row, : len(ids)] = target
         loss_mask[row, : len(ids)] = mask
-        attention_mask[row, : len(ids)] = 1
+        attention_mask[row, : len(ids)] = documents[0] if documents else 1
     return Batch(input_ids, targets, loss_mask, attention_mask)
+
+
+class Packed(torch.utils.data.Dataset):
+    """A dataset's samples back to back in rows of at most `max_length - 1` positions, taken in file order, each
+    starting a new row when it no longer fits: no padding inside a row, and every sample keeps its own targets and
+    loss mask (none crosses into the next). `isolated` keeps attention and positions inside each sample (the
+    attention mask numbers them 1, 2, ...); otherwise a row attends as one sequence (a cheaper causal kernel)."""
+
+    def __init__(self, dataset, isolated=True):
+        self.dataset, self.isolated = dataset, isolated
+        capacity = dataset.max_length - 1
+        self.packs, current, used = [], [], 0
+        for index, length in enumerate(dataset.lengths - 1):  # a sample of n ids has n - 1 input positions
+            if current and used + length > capacity:
+                self.packs.append(current)
+                current, used = [], 0
+            current.append(index)
+            used += length
+        if current:
+            self.packs.append(current)
+        self.samples_per_row = len(dataset) / max(len(self.packs), 1)
+
+    def __len__(self):
+        return len(self.packs)
+
+    def __getitem__(self, index):
+        parts = [self.dataset[i] for i in self.packs[index]]
+        ids, targets, mask = (torch.cat([part[column] for part in parts]) for column in range(3))
+        documents = torch.cat([torch.full((len(part[0]),), number if self.isolated else 1)
+                               for number, part in enumerate(parts, start=1)])
+        return ids, targets, mask, documents
+
+    @property
+    def lengths(self):
+        inputs = self.dataset.lengths - 1
+        return [int(sum(inputs[i] for i in pack)) for pack in self.packs]
+
+    def collate(self, samples):
+        return self.dataset.collate(samples)
+
+    def notes(self):
+        return self.dataset.notes() + [f"{self.dataset.path}: packed {len(self.dataset):,} samples into "
+                                       f"{len(self.packs):,} rows ({self.samples_per_row:.1f} per row)"]
+
+    def __getattr__(self, name):  # path, tokenizer, max_length, ... of the packed dataset
+        if name == "dataset":  # not set yet (unpickling in a DataLoader worker)
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
 
 
 # Optimizer steps whose samples are sorted by length together (see epoch_order).

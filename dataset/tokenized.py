@@ -8,6 +8,9 @@ Only these two short lists are stored in Arrow; the one-token shift happens in
 `__getitem__` and padding in `collate`, so the cache does not depend on batch layout and stays small.
 """
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pyarrow.compute
 import torch
@@ -46,7 +49,7 @@ class TokenizedJsonlDataset(torch.utils.data.Dataset):
         for token in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if getattr(tokenizer, token) is None:
                 raise DataError(f"tokenizer {tokenizer.name_or_path} has no {token[:-3]}; use the project's tokenizer (--tokenizer_path model/tokenizer)")
-        self.max_length, self.pad_id = max_length, tokenizer.pad_token_id
+        self.max_length, self.pad_id, self.tokenizer = max_length, tokenizer.pad_token_id, tokenizer
         records = load_jsonl(path, self.columns, self.record_problem, skip_bad_lines, self.optional)
         try:
             encoded = records.map(
@@ -65,6 +68,7 @@ class TokenizedJsonlDataset(torch.utils.data.Dataset):
                     skip_bad_lines=skip_bad_lines,
                 ),
                 desc=f"Tokenizing {path}",
+                num_proc=tokenizing_processes(path),
             )
         except _BadRecord as bad:
             raise bad_line_error(path, self.record_problem, f"record {bad.index + 1}: {bad.problem}") from None
@@ -118,6 +122,11 @@ class TokenizedJsonlDataset(torch.utils.data.Dataset):
 
     def collate(self, samples):
         return collate(samples, self.pad_id)
+
+
+def tokenizing_processes(path, bytes_per_process=64 * 2**20):
+    """Every core for a large file; one process for a small one, where starting workers costs more than it saves."""
+    return max(1, min(os.cpu_count() or 1, Path(path).stat().st_size // bytes_per_process))
 
 
 def shifted(ids, is_target):

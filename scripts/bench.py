@@ -12,7 +12,10 @@ Cases (`--cases`, comma-separated; all by default):
                   `convert_hf.py export` writes (same logits; Qwen2-MoE adds a sigmoid gate on its shared
                   expert, a rounding error in time)
     dispatch      MoE training step vs a dense tinymind whose FFN does the same active FLOPs
-                  (intermediate_size = (k + n_shared) x expert width): what routing costs
+                  (intermediate_size = (k + n_shared) x expert width): what routing costs; with the same
+                  MoE running its experts one matmul each (instead of F.grouped_mm) and with MiniMind2's
+                  training dispatch (activations repeated k times, a boolean mask per expert, a float16
+                  output buffer, written here from its description) on the same weights
     generate      256 new tokens (`--new_tokens`) at batch 1 with the KV cache, greedy, eos ignored:
                   tinymind's `fast_generate` vs transformers' `generate` on LlamaForCausalLM
                   (tinymind through `generate` is shown too, and the weight-read floor: the
@@ -53,7 +56,7 @@ from transformers import LlamaForCausalLM, Qwen2MoeForCausalLM
 from model import TinyMindConfig, TinyMindForCausalLM, fast_generate, masked_cross_entropy
 from model.convert import llama_config, qwen2_moe_config, to_qwen2_moe
 from trainer.flags import MODEL_FLAGS
-from trainer.loop import make_optimizer
+from trainer.loop import make_optimizers
 from trainer.precision import autocast_context
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -149,8 +152,8 @@ class TrainingStep:
     def __init__(self, name, model, args, flops_per_token, aux_coef=None):
         self.name = name
         self.model = model.to(args.device).train()
-        self.optimizer = make_optimizer(self.model, SimpleNamespace(
-            weight_decay=0.1, learning_rate=args.learning_rate, device=args.device))
+        self.optimizers = make_optimizers(self.model, SimpleNamespace(
+            optimizer="adamw", adam_beta2=0.95, weight_decay=0.1, learning_rate=args.learning_rate, device=args.device))
         self.forward = torch.compile(self.model) if args.compile else self.model
         self.autocast = autocast_context(args)
         self.aux_coef = aux_coef  # None: the model returns its aux loss ready to add (tinymind, or none)
@@ -177,8 +180,9 @@ class TrainingStep:
             if aux is not None:
                 loss = loss + aux
         loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        for optimizer in self.optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         self.losses.append(loss.item())
 
 
@@ -250,11 +254,45 @@ def build_contenders(args):
             equal_flops = TinyMindForCausalLM(tinymind_config(
                 args, use_moe=False, intermediate_size=(c.num_experts_per_tok + c.n_shared_experts) * c.intermediate_size))
             add(TrainingStep("tinymind dense, MoE-active FFN", equal_flops, args, train_flops(equal_flops)))
+            per_expert = copy_of(moe)
+            for layer in per_expert.moe_layers():
+                layer.grouped = False
+            add(TrainingStep("tinymind MoE, a matmul per expert", per_expert, args, train_flops(moe)))
+            add(TrainingStep("MiniMind2-style MoE dispatch", with_minimind2_dispatch(copy_of(moe)), args,
+                             train_flops(moe)))
         if "generate_moe" in wanted:
             add(Generation("tinymind MoE fast_generate", copy_of(moe), args, gen_flops(moe), fast=True))
             add(Generation("transformers Qwen2-MoE generate", qwen2_moe_twin(moe), args, gen_flops(moe)))
             add(WeightReadFloor("weight-read floor, MoE", moe, args, gen_flops(moe)))
     return contenders
+
+
+def with_minimind2_dispatch(model):
+    """`model` with every MoE layer dispatching as MiniMind2's training code does: each token's activations
+    repeated k times, each expert run on the rows a boolean mask selects, its outputs written into a float16
+    buffer, then the k rows of a token weighted and summed; shared experts and the aux loss as tinymind's."""
+    def forward(self, x, token_mask):
+        batch, seq, hidden = x.shape
+        flat = x.reshape(-1, hidden)
+        scores = self.gate(flat).float().softmax(dim=-1)
+        weights, experts = scores.topk(self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        repeated = flat.repeat_interleave(self.top_k, dim=0)
+        assigned = experts.reshape(-1)
+        out = torch.empty_like(repeated, dtype=torch.float16)
+        for index, expert in enumerate(self.experts):
+            chosen = assigned == index
+            out[chosen] = expert(repeated[chosen]).to(out.dtype)
+        out = (out.view(*weights.shape, -1) * weights.unsqueeze(-1)).sum(dim=1)
+        for shared in self.shared_experts:
+            out = out + shared(flat)
+        aux = self._balance_loss(scores, experts, token_mask, batch, seq) if self.training else scores.new_zeros(())
+        return out.view(batch, seq, hidden), aux
+
+    for layer in model.moe_layers():
+        layer.forward = forward.__get__(layer)
+    return model
 
 
 def copy_of(model):

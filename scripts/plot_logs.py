@@ -1,5 +1,6 @@
 """Turn a run's CSV log into a PNG: the loss, each of the objective's metrics (CE and aux; DPO's reward accuracy;
-GRPO's reward, ...) and the learning rate against the step, and MoE expert load shares.
+GRPO's reward, ...), the held-out figures of `--eval_interval` (val_*: bits per byte, ...) and the learning rate
+against the step, and MoE expert load shares.
 
     python -m scripts.plot_logs output/pretrain_moe/pretrain_512_moe_log.csv   # writes ..._log.png beside it
 """
@@ -26,9 +27,13 @@ def plot(log: pd.DataFrame, out: Path, title: str):
     steps = log["step"]
     window = max(1, len(log) // 10)  # a rolling mean over a tenth of the run shows the trend under step noise
     for ax, column in zip(axes, metrics):
-        ax.plot(steps, log[column], alpha=0.35 if window > 1 else 1.0)
-        if window > 1:
-            ax.plot(steps, log[column].rolling(window, min_periods=1).mean(), color="tab:blue")
+        if column.startswith("val_"):  # held-out figures: only the rows where they were evaluated
+            evaluated = log[column].notna()
+            ax.plot(steps[evaluated], log[column][evaluated], marker="o", color="tab:orange")
+        else:
+            ax.plot(steps, log[column], alpha=0.35 if window > 1 else 1.0)
+            if window > 1:
+                ax.plot(steps, log[column].rolling(window, min_periods=1).mean(), color="tab:blue")
         ax.set_ylabel(column)
     axes[0].set_title(title)
     axes[len(metrics)].plot(steps, log["lr"], color="tab:gray")

@@ -9,7 +9,7 @@ import torch
 
 from dataset import DEFAULT_TOKENIZER_PATH, DataError, PretrainDataset, SFTDataset, load_tokenizer, truncate_qa
 
-from conftest import write_jsonl
+from conftest import pretrain_file, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 CHATML = (
@@ -273,3 +273,21 @@ def test_prepared_sft_data_trains_answers_only(tmp_path, tokenizer):
         trained = trained_text(tokenizer, item)
         assert "<|im_start|>" not in trained
         assert trained.endswith("<|im_end|>") or item[2][-1] == 1
+
+
+@pytest.mark.parametrize("isolated", [True, False])
+def test_packed_rows_hold_every_sample_once_with_its_own_targets(tokenizer, tmp_path, isolated):
+    from dataset import Packed
+
+    data = PretrainDataset(pretrain_file(tmp_path, copies=3), tokenizer, 40)
+    packed = Packed(data, isolated=isolated)
+    assert len(packed) < len(data) and all(length <= 39 for length in packed.lengths)
+    rows = [packed[i] for i in range(len(packed))]
+    assert torch.equal(torch.cat([row[1] for row in rows]), torch.cat([data[i][1] for i in range(len(data))]))
+    fullest = max(range(len(packed)), key=lambda i: len(packed.packs[i]))
+    ids, targets, mask, documents = rows[fullest]
+    first = data[packed.packs[fullest][0]]
+    assert torch.equal(ids[:len(first[0])], first[0]) and len(packed.packs[fullest]) > 1
+    assert documents.max() == (len(packed.packs[fullest]) if isolated else 1)
+    batch = packed.collate([rows[0], rows[fullest]])
+    assert batch.attention_mask.max() == (len(packed.packs[fullest]) if isolated else 1)

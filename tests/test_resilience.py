@@ -318,3 +318,25 @@ def test_a_checkpoint_with_flipped_bytes_is_one_line_naming_the_file_or_loads_un
         assert state.keys() == original.keys() and all(torch.equal(state[k], original[k]) for k in state), position
         unchanged += 1
     assert errors > 250
+
+
+@pytest.mark.parametrize("recipe", [["--optimizer", "muon"], ["--schedule", "wsd", "--adam_beta2", "0.99"]],
+                         ids=["muon", "wsd"])
+def test_resume_from_a_middle_state_ends_bit_identical(workdir, capsys, recipe):
+    import shutil
+
+    run = ["--max_steps", 8, "--save_interval", 4, "--keep_last", 3, *recipe]
+    assert run_in_process(capsys, *run, "--out_dir", "straight")[0] == 0
+    straight = workdir / "straight/pretrain_dense"
+    resumed = workdir / "resumed/pretrain_dense"
+    resumed.mkdir(parents=True)
+    shutil.copy(straight / "pretrain_64_resume_00000004.pt", resumed)
+    assert run_in_process(capsys, *run, "--out_dir", "resumed", "--resume")[0] == 0
+    a = torch.load(straight / "pretrain_64.pth", weights_only=True)
+    b = torch.load(resumed / "pretrain_64.pth", weights_only=True)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_muon_under_fsdp_is_refused_in_one_line(workdir, capsys):
+    code, err = run_in_process(capsys, "--optimizer", "muon", "--fsdp")
+    assert code == 2 and err[-1].startswith("error: --optimizer muon with --fsdp: Muon orthogonalises whole matrices")

@@ -40,7 +40,7 @@ def test_pretrain_sft_eval_chain_moe(tmp_path):
     assert "initialised from output/pretrain_moe/pretrain_64_moe.pth" in sft.stdout
     assert (tmp_path / "output/sft_moe/sft_64_moe.pth").is_file()
     header = (tmp_path / "output/sft_moe/sft_64_moe_log.csv").read_text().splitlines()[0].split(",")
-    assert header[:8] == ["step", "tokens", "loss", "ce", "aux", "lr", "grad_norm", "tokens_per_s"]
+    assert header[:9] == ["step", "tokens", "seconds", "loss", "ce", "aux", "lr", "grad_norm", "tokens_per_s"]
     assert {f"load_l{layer}_e{expert}" for layer in range(2) for expert in range(4)} <= set(header)
 
     chat = run_stage("3-eval.py", *MODEL, *moe, "--prompt", "你好", "--max_new_tokens", "5", "--temperature", "0",
@@ -199,6 +199,24 @@ def test_csv_log_has_a_row_per_interval(tmp_path):
     assert int(rows[1]["tokens"]) > int(rows[0]["tokens"])
 
 
+def test_eval_interval_logs_held_out_bits_per_byte_into_the_csv(tmp_path):
+    (tmp_path / "data").mkdir()
+    pretrain_file(tmp_path / "data")
+    result = run_stage("1-pretrain.py", *TINY, "--max_steps", "6", "--log_interval", "4", "--eval_interval", "3",
+                       "--val_data", "data/pretrain.jsonl", "--pack", "isolated", cwd=tmp_path)
+    with open(tmp_path / "output/pretrain_dense/pretrain_64_log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(row["step"]) for row in rows] == [0, 3, 4, 6]  # before, every 3 steps, every 4th log, the end
+    evaluated = [row for row in rows if row["val_bits_per_byte"]]
+    assert [int(row["step"]) for row in evaluated] == [0, 3, 6]
+    bits = [float(row["val_bits_per_byte"]) for row in evaluated]
+    assert bits[-1] < bits[0]  # it learns
+    final = re.search(r"held-out bits per byte after pretrain: ([\d.]+)", result.stdout)
+    assert float(final.group(1)) == pytest.approx(bits[-1], abs=1e-3)
+    seconds = [float(row["seconds"]) for row in rows]
+    assert seconds == sorted(seconds) and seconds[0] == 0
+
+
 def test_config_preset_then_flags_override(tmp_path):
     preset = tmp_path / "p.json"
     preset.write_text('{"hidden_size": 96, "batch_size": 3, "learning_rate": 0.01}')
@@ -253,3 +271,14 @@ def test_safetensors_keeps_an_untied_head(tmp_path):
     ids = torch.randint(3, 6400, (1, 8))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_learning_rate_schedules_warm_up_then_end_at_a_tenth(schedule):
+    from trainer.loop import lr_at
+
+    rates = [lr_at(step, 100, 5, 1.0, schedule) for step in range(100)]
+    assert rates[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0]) and rates[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(rates[4:], rates[5:]))  # never rises after warmup
+    if schedule == "wsd":  # flat at the peak until the last 20% of the steps, then a straight line down
+        assert rates[5:79] == [1.0] * 74 and rates[89] == pytest.approx(0.1 + 0.9 * 10 / 20)

@@ -39,7 +39,7 @@ from .flags import MODEL_FLAGS, config_with_flags, model_config
 
 # Flags a resumed run must share with the run that wrote the state, or the continuation is not the same run.
 # The batch flags must match too when the process count is the same; across process counts, the global batch.
-SAME_RUN_FLAGS = ("model_type", *MODEL_FLAGS, "max_seq_len", "seed")
+SAME_RUN_FLAGS = ("model_type", *MODEL_FLAGS, "max_seq_len", "seed", "optimizer")
 BATCH_FLAGS = ("batch_size", "accumulation_steps")
 RESUME_FLAGS = SAME_RUN_FLAGS + BATCH_FLAGS
 

@@ -79,11 +79,20 @@ def add_training_flags(parser, default_data):
     group.add_argument("--data_path", default=default_data, help="training jsonl")
     group.add_argument("--skip_bad_lines", action="store_true",
                        help="drop malformed jsonl lines and report how many, instead of stopping at the first")
+    group.add_argument("--pack", choices=("none", "isolated", "shared"), default="none",
+                       help="put samples back to back in rows of --max_seq_len instead of padding each: isolated keeps "
+                            "attention inside each sample, shared lets a row attend as one sequence")
     group.add_argument("--epochs", type=int, default=1, help="passes over the data")
     group.add_argument("--max_steps", type=int, help="train exactly this many optimizer steps (overrides --epochs)")
     group.add_argument("--batch_size", type=int, default=32, help="samples per micro-batch (per process)")
     group.add_argument("--accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
-    group.add_argument("--learning_rate", type=float, default=5e-4, help="peak learning rate; cosine decay to a tenth of it")
+    group.add_argument("--learning_rate", type=float, default=5e-4, help="peak learning rate; decays to a tenth of it")
+    group.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw",
+                       help="adamw, or muon: Muon for the matrices inside the blocks, AdamW for embedding, head, norms "
+                            "and routers")
+    group.add_argument("--adam_beta2", type=float, default=0.95, help="AdamW's second-moment decay")
+    group.add_argument("--schedule", choices=("cosine", "wsd"), default="cosine",
+                       help="after warmup: cosine decay, or warmup-stable-decay (flat, then linear over the last 20%%)")
     group.add_argument("--warmup_steps", type=int, help="linear warmup length; 2%% of the steps when not given")
     group.add_argument("--weight_decay", type=float, default=0.1, help="AdamW decay, on weight matrices only")
     group.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0: no clipping)")
@@ -92,7 +101,10 @@ def add_training_flags(parser, default_data):
     group.add_argument("--save_interval", type=int, default=500, help="save a checkpoint every N steps")
     group.add_argument("--keep_last", type=int, default=2, help="resume states kept in the run folder")
     group.add_argument("--save_format", choices=("pth", "safetensors"), default="pth")
-    group.add_argument("--val_data", help="held-out jsonl whose perplexity is reported before and after training")
+    group.add_argument("--val_data", help="held-out jsonl evaluated before and after training (pretraining and SFT: "
+                       "perplexity and bits per byte)")
+    group.add_argument("--eval_interval", type=int, help="also evaluate --val_data every N steps, into the CSV log's "
+                       "val_* columns (default: before and after only)")
     group.add_argument("--val_samples", type=int, default=256, help="held-out samples used for that perplexity")
     group.add_argument("--init_from", help="start from these weights: a .pth or .safetensors file, a Hugging Face "
                        "directory, or an owner/name Hub repo id")
@@ -254,7 +266,7 @@ def flag_takes(action):
 def validate(args):
     positive = ("hidden_size", "num_hidden_layers", "max_seq_len", "batch_size", "accumulation_steps",
                 "epochs", "max_steps", "log_interval", "save_interval", "keep_last", "val_samples", "max_new_tokens",
-                "lora_rank", "num_iterations", "yarn_original_length")
+                "lora_rank", "num_iterations", "yarn_original_length", "eval_interval")
     for name in positive:
         value = getattr(args, name, None)
         if value is not None and value < 1:
@@ -267,6 +279,11 @@ def validate(args):
     for name, value in vars(args).items():
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"--{name} {value}: must be a finite number")
+    if getattr(args, "optimizer", None) == "muon" and args.fsdp:
+        raise UserError("--optimizer muon with --fsdp: Muon orthogonalises whole matrices, which FSDP2 shards; "
+                        "train under torchrun without --fsdp (DDP)")
+    if not 0 <= getattr(args, "adam_beta2", 0.5) < 1:
+        raise UserError(f"--adam_beta2 {args.adam_beta2}: must lie in [0, 1)")
     if args.yarn_factor < 1:
         raise UserError(f"--yarn_factor {args.yarn_factor}: must be at least 1 (1 is off)")
     if getattr(args, "top_p", 1.0) is not None and not 0 < getattr(args, "top_p", 1.0) <= 1:

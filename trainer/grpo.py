@@ -108,6 +108,7 @@ class Rollouts:
 
 class GroupRelativePolicy(Objective):
     metrics = ("reward", "reward_std", "correct", "kl", "completion_len", "clipped", "gen_s", "gen_tok_s")
+    held_out = ("accuracy",)
 
     def __init__(self, reference, tokenizer, args, start):
         if args.fsdp:

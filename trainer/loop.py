@@ -25,7 +25,7 @@ from .checkpoint import (RESUME_FLAGS, check_resume_flags, read_resume_state, rn
                          write_weights)
 from .distributed import say
 from .errors import UserError
-from .metrics import CsvLog, ExpertLoadWatch, log_columns, peak_memory_bytes
+from .metrics import CsvLog, ExpertLoadWatch, held_out_column, log_columns, peak_memory_bytes
 from .objectives import Step
 from .precision import autocast_context, grad_scaler
 
@@ -38,31 +38,53 @@ class Progress:
     epoch: int = 0
     position: int = 0  # samples of this epoch's order already consumed
     tokens: int = 0  # real (non-padding) input tokens seen
+    seconds: float = 0.0  # training wall time, loading batches included, evaluation and saves left out
     skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient
 
 
-def lr_at(step, total_steps, warmup_steps, peak):
-    """Linear warmup to `peak`, then cosine decay to peak/10 at the last step."""
+def lr_at(step, total_steps, warmup_steps, peak, schedule="cosine", decay_fraction=0.2):
+    """Linear warmup to `peak`, then either cosine decay to peak/10 at the last step, or warmup-stable-decay:
+    `peak` until the last `decay_fraction` of the steps, then linear decay to peak/10."""
     if step < warmup_steps:
         return peak * (step + 1) / warmup_steps
+    if schedule == "wsd":
+        decay_steps = max(1, round(decay_fraction * total_steps))
+        left = (total_steps - 1 - step) / decay_steps  # 1 where the decay starts, 0 at the last step
+        return peak / 10 + 0.9 * peak * min(max(left, 0.0), 1.0)
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return peak / 10 + 0.9 * peak * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def make_optimizer(model, args):
-    # Weight decay on matrices only: decaying norms' gains and the like only hurts.
-    params = [p for p in model.parameters() if p.requires_grad]
+def is_hidden_matrix(name, parameter):
+    """A weight matrix inside a decoder block (attention, feed-forward, experts, their LoRA adapters), not the
+    embedding, the head or a router: what Muon orthogonalises."""
+    return parameter.dim() == 2 and ".layers." in name and not name.endswith("mlp.gate.weight")
+
+
+def make_optimizers(model, args):
+    """AdamW over everything, or (`--optimizer muon`) Muon over the hidden matrices and AdamW over the rest.
+    Weight decay on matrices only: decaying norms' gains and the like only hurts. Muon's update is scaled to
+    AdamW's RMS (`match_rms_adamw`), so one --learning_rate serves both."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    optimizers = []
+    if args.optimizer == "muon":
+        hidden = [p for name, p in named if is_hidden_matrix(name, p)]
+        optimizers.append(torch.optim.Muon(hidden, lr=args.learning_rate, weight_decay=args.weight_decay,
+                                           adjust_lr_fn="match_rms_adamw"))
+        named = [(name, p) for name, p in named if not is_hidden_matrix(name, p)]
+    params = [p for _, p in named]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     fused = args.device.startswith("cuda")
-    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.95), fused=fused or None)
+    adamw = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, args.adam_beta2), fused=fused or None)
+    return [adamw, *optimizers]
 
 
 class Trainer:
-    def __init__(self, model, dataset, objective, args, paths, write_weights=write_weights):
-        self.args, self.dataset, self.objective, self.paths = args, dataset, objective, paths
+    def __init__(self, model, dataset, objective, args, paths, write_weights=write_weights, val=None):
+        self.args, self.dataset, self.objective, self.paths, self.val = args, dataset, objective, paths, val
         self.write_weights = write_weights
         self.device = torch.device(args.device)
         self.raw_model = model.to(self.device)
@@ -73,42 +95,54 @@ class Trainer:
         self.forward = torch.compile(self.model) if args.compile else self.model
         for module in objective.frozen:
             module.to(self.device).eval().requires_grad_(False)
-        self.optimizer = make_optimizer(self.raw_model, args)
+        self.optimizers = make_optimizers(self.raw_model, args)
         self.scaler = grad_scaler(args)
         self.world_size = distributed.world_size()
         self.samples_per_step = args.batch_size * args.accumulation_steps * self.world_size
         self.total_steps = args.max_steps or args.epochs * math.ceil(len(dataset) / self.samples_per_step)
         self.warmup_steps = args.warmup_steps if args.warmup_steps is not None else max(1, self.total_steps // 50)
         self.expert_loads = ExpertLoadWatch(self.raw_model.moe_layers())
-        self.log = CsvLog(paths.log, log_columns(objective, self.expert_loads))
+        self.log = CsvLog(paths.log, log_columns(objective, self.expert_loads, val is not None))
         self.progress = Progress()
         self.bad_steps_in_a_row = 0
 
     def train(self):
         if self.args.resume:
             self.resume()
-        elif distributed.is_main():
-            self.log.path.unlink(missing_ok=True)  # a fresh run's log starts empty
+        else:
+            if distributed.is_main():
+                self.log.path.unlink(missing_ok=True)  # a fresh run's log starts empty
+            if self.val is not None:  # a resumed run's "before" was evaluated by the run it continues
+                self.write_log({}, 0.0, self.evaluate("before"))
         bar = tqdm(total=self.total_steps, initial=self.progress.step, desc=self.paths.name, dynamic_ncols=True,
                    disable=not distributed.is_main())
-        started, first_step = time.perf_counter(), self.progress.step
+        started, first_step, first_seconds = time.perf_counter(), self.progress.step, self.progress.seconds
         interval_start, interval_tokens = started, 0
+        evaluate_every = self.args.eval_interval or self.total_steps
+        since = time.perf_counter()
         with bar, distributed.StopSignals(self.device) as stop:
             while self.progress.step < self.total_steps:
                 for micro_batches in self.step_batches():
                     tokens_before = self.progress.tokens
                     stats = self.optimizer_step(micro_batches)
+                    self.progress.seconds += time.perf_counter() - since  # loading the batch included
                     interval_tokens += self.progress.tokens - tokens_before
                     step = self.progress.step
-                    if step % self.args.log_interval == 0 or step == self.total_steps:
+                    held_out = {}
+                    if self.val is not None and (step % evaluate_every == 0 or step == self.total_steps):
+                        evaluation_started = time.perf_counter()
+                        held_out = self.evaluate("after" if step == self.total_steps else f"at step {step} of")
+                        interval_start += time.perf_counter() - evaluation_started  # tokens/s counts training only
+                    if step % self.args.log_interval == 0 or step == self.total_steps or held_out:
                         tokens_per_s = interval_tokens / max(time.perf_counter() - interval_start, 1e-9)
-                        self.write_log(stats, tokens_per_s)
+                        self.write_log(stats, tokens_per_s, held_out)
                         bar.set_postfix({name: f"{value:.3g}" for name, value in stats.items()} |
                                         {"tok_s": f"{tokens_per_s:.0f}"})
                         interval_start, interval_tokens = time.perf_counter(), 0
                     bar.update(1)
                     if step % self.args.save_interval == 0 and step < self.total_steps:
                         save_run(self, self.args.keep_last)
+                    since = time.perf_counter()  # evaluation and saving are not training time
                     if stop.requested():
                         save_run(self, self.args.keep_last)
                         bar.close()
@@ -118,8 +152,9 @@ class Trainer:
                     if step >= self.total_steps:
                         break
         save_run(self, self.args.keep_last)
-        steps, seconds = self.progress.step - first_step, time.perf_counter() - started
-        say(f"trained {steps} steps in {seconds:.1f} s ({seconds / max(steps, 1):.3f} s/step, saves included); "
+        steps, seconds = self.progress.step - first_step, self.progress.seconds - first_seconds
+        say(f"trained {steps} steps in {seconds:.1f} s ({seconds / max(steps, 1):.3f} s/step; "
+            f"{time.perf_counter() - started:.1f} s with evaluation and saves); "
             f"peak memory {peak_memory_bytes(self.device) / 2**30:.2f} GiB")
         return self.progress
 
@@ -155,9 +190,10 @@ class Trainer:
 
     def optimizer_step(self, micro_batches):
         args, model, objective = self.args, self.model, self.objective
-        lr = lr_at(self.progress.step, self.total_steps, self.warmup_steps, args.learning_rate)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr = lr_at(self.progress.step, self.total_steps, self.warmup_steps, args.learning_rate, args.schedule)
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
         model.train()
         samples = sum(len(batch) for batch in micro_batches) * self.world_size
         micro_batches = objective.prepare(self.raw_model, micro_batches)
@@ -178,16 +214,19 @@ class Trainer:
         loads = self.expert_loads.take_counts(self.device)
         totals = distributed.all_reduce_sum(torch.cat([totals, loads.flatten()])).cpu()
         loss = totals[0]
-        self.scaler.unscale_(self.optimizer)
+        for optimizer in self.optimizers:
+            self.scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
         # float16's GradScaler skips inf/NaN gradients itself and lowers its scale: that is not divergence.
         if torch.isfinite(loss) and (torch.isfinite(grad_norm) or self.scaler.is_enabled()):
-            self.scaler.step(self.optimizer)
+            for optimizer in self.optimizers:
+                self.scaler.step(optimizer)
             self.bad_steps_in_a_row = 0
         else:
             self.skip_bad_step(loss, grad_norm)
         self.scaler.update()  # also after a skip: unscale_ ran, and the next step's unscale_ needs a fresh state
-        self.optimizer.zero_grad(set_to_none=True)
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
         if self.expert_loads.layers:
             counts = totals[2 + len(objective.metrics):].view(loads.shape)
             self.expert_loads.observe(counts / counts.sum(dim=1, keepdim=True).clamp(min=1))
@@ -215,11 +254,23 @@ class Trainer:
                 f"The last good checkpoint in {self.paths.dir} is kept; lower --learning_rate or use --dtype float32"
             )
 
-    def write_log(self, stats, tokens_per_s):
+    def evaluate(self, when):
+        """The objective's held-out figures on the validation data (every process computes them, FSDP needs all),
+        said ("held-out perplexity before sft: ...") and returned as val_* log columns."""
+        stage = self.paths.name.split("_")[0]
+        # The bare module: evaluation needs no gradient sync, and DDP's wrapper hides the model's config.
+        scores = self.objective.evaluate(self.raw_model, self.val, self.args)
+        for name, value in scores.items():
+            say(f"held-out {name} {when} {stage}: {value:.2f}" if name.endswith("perplexity") else
+                f"held-out {name} {when} {stage}: {value:.3f}")
+        return {held_out_column(name): value for name, value in scores.items()}
+
+    def write_log(self, stats, tokens_per_s, held_out=None):
         if not distributed.is_main():
             return
-        row = {"step": self.progress.step, "tokens": self.progress.tokens, "tokens_per_s": round(tokens_per_s, 1),
-               **{key: round(value, 6) for key, value in stats.items()}}
+        row = {"step": self.progress.step, "tokens": self.progress.tokens, "seconds": round(self.progress.seconds, 3),
+               "tokens_per_s": round(tokens_per_s, 1),
+               **{key: round(value, 6) for key, value in {**stats, **(held_out or {})}.items()}}
         shares, warnings = self.expert_loads.summary()
         for warning in warnings:
             say(f"warning: {warning}", err=True)
@@ -229,7 +280,7 @@ class Trainer:
 
     def state_dict(self):
         """Everything `--resume` needs to continue exactly. Under FSDP every process must call it."""
-        model_state, optimizer_state = distributed.full_state_dicts(self.model, self.optimizer)
+        model_state, optimizer_state = distributed.full_state_dicts(self.model, self.optimizers)
         return {
             "progress": asdict(self.progress), "model": model_state, "optimizer": optimizer_state,
             "scaler": self.scaler.state_dict(), "rng": rng_state(), "objective": self.objective.state_dict(),
@@ -238,7 +289,7 @@ class Trainer:
         }
 
     def load_state_dict(self, state):
-        distributed.load_full_state_dicts(self.model, self.optimizer, state["model"], state["optimizer"])
+        distributed.load_full_state_dicts(self.model, self.optimizers, state["model"], state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         self.objective.load_state_dict(state.get("objective", {}))

@@ -9,11 +9,20 @@ import torch
 from .checkpoint import atomic_write
 
 
-def log_columns(objective, expert_loads):
-    """The CSV header: progress, the loss and the objective's metrics, the optimizer, then MoE expert loads."""
+def log_columns(objective, expert_loads, held_out):
+    """The CSV header: progress (training seconds exclude evaluation), the loss and the objective's metrics, the
+    held-out figures when there is validation data (filled on the rows where it was evaluated), the optimizer,
+    then MoE expert loads."""
     loads = [f"load_l{layer}_e{expert}" for layer in range(len(expert_loads.layers))
              for expert in range(expert_loads.n_experts)]
-    return ["step", "tokens", "loss", *objective.metrics, "lr", "grad_norm", "tokens_per_s", *loads]
+    validation = [held_out_column(name) for name in objective.held_out] if held_out else []
+    return ["step", "tokens", "seconds", "loss", *objective.metrics, *validation, "lr", "grad_norm", "tokens_per_s",
+            *loads]
+
+
+def held_out_column(name):
+    """"bits per byte" → "val_bits_per_byte"."""
+    return "val_" + name.replace(" ", "_").replace("-", "_")
 
 
 class CsvLog:

@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from dataset import token_bytes
 from model import masked_cross_entropy
 
 from .errors import UserError
-from .evaluate import eval_batches, perplexity
+from .evaluate import eval_batches, language_model_scores
 
 
 @dataclass
@@ -57,8 +58,11 @@ class Objective:
     def __call__(self, model, batch, step: Step) -> Loss:
         raise NotImplementedError
 
+    # The names of `evaluate`'s figures, in order: the CSV log's val_* columns.
+    held_out: tuple[str, ...] = ()
+
     def evaluate(self, model, dataset, args) -> dict:
-        """Held-out figures (name → value) the stage reports before and after training."""
+        """Held-out figures (name → value) the stage reports before, during (--eval_interval) and after training."""
         raise NotImplementedError
 
     def state_dict(self):
@@ -83,6 +87,7 @@ class LanguageModeling(Objective):
     """Next-token cross-entropy over the step's trained tokens (the loss mask), plus the MoE aux loss."""
 
     metrics = ("ce", "aux")
+    held_out = ("perplexity", "bits per byte")
 
     def units(self, batch):
         return int(batch.loss_mask.sum())
@@ -94,7 +99,7 @@ class LanguageModeling(Objective):
         return Loss(ce + aux, batch.tokens, {"ce": ce.detach(), "aux": aux.detach()})
 
     def evaluate(self, model, dataset, args):
-        return {"perplexity": perplexity(model, dataset, args, args.val_samples)}
+        return language_model_scores(model, dataset, args, args.val_samples, token_bytes(dataset.tokenizer))
 
 
 def token_logprobs(logits, batch):
@@ -121,6 +126,7 @@ class DirectPreference(Objective):
     """
 
     metrics = ("accuracy", "margin", "chosen_reward", "rejected_reward")
+    held_out = ("reward accuracy", "chosen-answer perplexity")
 
     def __init__(self, reference, beta, start):
         if beta <= 0:

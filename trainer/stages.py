@@ -4,13 +4,13 @@ A stage script describes itself as a `Stage` and calls `train_stage`; everything
 """
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from dataset import DataError, load_tokenizer
+from dataset import DataError, Packed, load_tokenizer
 from model import TinyMindConfig, TinyMindForCausalLM
 
 from . import distributed
@@ -47,6 +47,7 @@ class Stage:
     add_flags: Callable = lambda parser: None  # the stage's own flags
     adapt_model: Callable = lambda model, args: model  # the module to train, made from the built model
     write_weights: Callable = write_weights  # (model, its full state dict, RunPaths): what later stages read
+    defaults: dict = field(default_factory=dict)  # the stage's own flag defaults; presets and flags override them
 
 
 def train_stage(stage: Stage, argv=None):
@@ -55,6 +56,7 @@ def train_stage(stage: Stage, argv=None):
     add_model_flags(parser)
     add_training_flags(parser, stage.default_data)
     stage.add_flags(parser)
+    parser.set_defaults(**stage.defaults)
     args = parse(parser, argv)
     if args.val_data is None and Path(stage.default_val).is_file():
         args.val_data = stage.default_val
@@ -76,26 +78,17 @@ def train(stage, args):
         raise UserError(f"the tokenizer has {len(tokenizer)} tokens but --vocab_size is {args.vocab_size}")
     with distributed.main_process_first():
         dataset = stage.dataset_class(args.data_path, tokenizer, args.max_seq_len, skip_bad_lines=args.skip_bad_lines)
+        if args.pack != "none":
+            dataset = Packed(dataset, isolated=args.pack == "isolated")
         val = stage.dataset_class(args.val_data, tokenizer, args.max_seq_len) if args.val_data else None
     for note in dataset.notes() + (val.notes() if val else []):
         say(note, err=True)
     model = stage.adapt_model(build_model(stage.name, start, args), args)
     objective = stage.make_objective(model, args, start)
-    trainer = Trainer(model, dataset, objective, args, paths, stage.write_weights)
+    trainer = Trainer(model, dataset, objective, args, paths, stage.write_weights, val)
     say(describe_run(trainer.raw_model, dataset, trainer))
-    if val is not None and not args.resume:  # a resumed run's "before" was printed by the run it continues
-        report_validation(objective, trainer, val, f"before {stage.name}")
     trainer.train()
-    if val is not None:
-        report_validation(objective, trainer, val, f"after {stage.name}")
     say(f"saved {paths.weights}")
-
-
-def report_validation(objective, trainer, val, when):
-    # The bare module: evaluation needs no gradient sync, and DDP's wrapper hides the model's config.
-    for name, value in objective.evaluate(trainer.raw_model, val, trainer.args).items():
-        say(f"held-out {name} {when}: {value:.2f}" if name.endswith("perplexity") else
-            f"held-out {name} {when}: {value:.3f}")
 
 
 def describe_run(model, dataset, trainer):
