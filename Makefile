@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DEMO := --config configs/tiny.json --out_dir output/demo
 STUDENT := --hidden_size 64 --num_hidden_layers 2 --num_attention_heads 4 --max_steps 600
 
-.PHONY: setup demo test test-browser test-llama-cpp bench bench-stages bench-serve serve clean
+.PHONY: setup demo test test-browser test-llama-cpp bench bench-learning bench-data bench-stages bench-serve serve clean
 
 setup: $(VENV)/.installed
 
@@ -50,6 +50,12 @@ test-llama-cpp: setup
 
 bench: setup
 	$(PY) -m scripts.bench
+
+bench-learning: setup
+	$(PY) -m scripts.bench_learning
+
+bench-data: setup
+	$(PY) -m scripts.bench_data --size_gb 2
 
 bench-stages: setup
 	$(PY) -m scripts.bench_stages --config configs/tiny.json --checkpoint output/demo/sft_dense/sft_128.pth

@@ -125,8 +125,10 @@ class TokenizedJsonlDataset(torch.utils.data.Dataset):
 
 
 def tokenizing_processes(path, bytes_per_process=64 * 2**20):
-    """Every core for a large file; one process for a small one, where starting workers costs more than it saves."""
-    return max(1, min(os.cpu_count() or 1, Path(path).stat().st_size // bytes_per_process))
+    """Every core for a large file; None (this process, no worker pool) for a small one, where starting workers
+    costs more than it saves and an error would have to cross a process boundary."""
+    processes = min(os.cpu_count() or 1, Path(path).stat().st_size // bytes_per_process)
+    return processes if processes > 1 else None
 
 
 def shifted(ids, is_target):

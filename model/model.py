@@ -205,10 +205,12 @@ class MoEFeedForward(nn.Module):
     def _experts(self, x, counts):
         """Each expert on its contiguous slice of the expert-sorted rows `x`.
 
-        With plain linear experts on a CPU, three grouped matmuls (`F.grouped_mm` over the stacked weights)
-        do it in one call each; otherwise (LoRA-wrapped experts, other devices) one module call per expert.
+        With plain linear experts on a CPU, two grouped matmuls (`F.grouped_mm` over the stacked weights) do it;
+        otherwise (LoRA-wrapped experts, other devices, torch.compile, which has no CPU kernel for it) one
+        module call per expert.
         """
-        if self.grouped and x.device.type == "cpu" and all(type(e.gate_proj) is nn.Linear for e in self.experts):
+        plain = all(type(e.gate_proj) is nn.Linear for e in self.experts)
+        if self.grouped and plain and x.device.type == "cpu" and not torch.compiler.is_compiling():
             ends = counts.cumsum(0).to(torch.int32)
             gate_up = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in self.experts])
             down = torch.stack([e.down_proj.weight for e in self.experts])

@@ -68,7 +68,7 @@ def test_distillation_trains_a_smaller_student_from_the_stage_and_refuses_anothe
                        cwd=tmp_path)
     assert "saved output/distill_dense/distill_64.pth" in result.stdout
     with open(tmp_path / "output/distill_dense/distill_64_log.csv") as f:
-        assert f.readline().strip().startswith("step,tokens,loss,ce,kl,aux,")
+        assert f.readline().strip().startswith("step,tokens,seconds,loss,ce,kl,aux,")
 
     refused = run_stage("7-distill.py", *TINY, "--vocab_size", 7000, "--teacher", teacher, "--max_steps", 1,
                         "--out_dir", "other", cwd=tmp_path, check=False)

