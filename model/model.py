@@ -169,8 +169,6 @@ class MoEFeedForward(nn.Module):
         self.gate = nn.Linear(config.hidden_size, self.n_experts, bias=False)
         self.experts = nn.ModuleList(FeedForward(config) for _ in range(self.n_experts))
         self.shared_experts = nn.ModuleList(FeedForward(config) for _ in range(config.n_shared_experts))
-        # grouped_mm needs rows whose byte strides are multiples of 16: widths that are multiples of 4 (float32).
-        self.grouped = config.hidden_size % 8 == 0 and config.intermediate_size % 8 == 0
         # Real-token assignments each expert received in training forwards since the trainer last read them.
         self.register_buffer("expert_counts", torch.zeros(self.n_experts), persistent=False)
 
@@ -189,9 +187,10 @@ class MoEFeedForward(nn.Module):
         assigned_expert = experts.reshape(-1)
         order = assigned_expert.argsort(stable=True)
         token_of = order // self.top_k
-        counts = torch.bincount(assigned_expert, minlength=self.n_experts)
+        counts = torch.bincount(assigned_expert, minlength=self.n_experts).tolist()
         # index_select, not flat[token_of]: its backward is an index_add, much faster on CPU than index_put.
-        routed = self._experts(flat.index_select(0, token_of), counts)
+        parts = flat.index_select(0, token_of).split(counts)
+        routed = torch.cat([expert(part) for expert, part in zip(self.experts, parts)])
         routed = routed * weights.reshape(-1)[order, None].to(routed.dtype)
         out = routed.new_zeros(flat.shape).index_add_(0, token_of, routed)
         for shared in self.shared_experts:
@@ -201,23 +200,6 @@ class MoEFeedForward(nn.Module):
         if self.training:
             aux_loss = self._balance_loss(scores, experts, token_mask, batch, seq)
         return out.view(batch, seq, hidden), aux_loss
-
-    def _experts(self, x, counts):
-        """Each expert on its contiguous slice of the expert-sorted rows `x`.
-
-        With plain linear experts on a CPU, two grouped matmuls (`F.grouped_mm` over the stacked weights) do it;
-        otherwise (LoRA-wrapped experts, other devices, torch.compile, which has no CPU kernel for it) one
-        module call per expert.
-        """
-        plain = all(type(e.gate_proj) is nn.Linear for e in self.experts)
-        if self.grouped and plain and x.device.type == "cpu" and not torch.compiler.is_compiling():
-            ends = counts.cumsum(0).to(torch.int32)
-            gate_up = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in self.experts])
-            down = torch.stack([e.down_proj.weight for e in self.experts])
-            gate, up = F.grouped_mm(x, gate_up.to(x.dtype).transpose(1, 2), offs=ends).chunk(2, dim=-1)
-            return F.grouped_mm(F.silu(gate) * up, down.to(x.dtype).transpose(1, 2), offs=ends)
-        parts = x.split(counts.tolist())
-        return torch.cat([expert(part) for expert, part in zip(self.experts, parts)])
 
     def _balance_loss(self, scores, experts, token_mask, batch, seq):
         """aux = alpha · mean over sequences of Σ_e f_e·P_e, padding left out of counts and means.

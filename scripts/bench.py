@@ -12,10 +12,9 @@ Cases (`--cases`, comma-separated; all by default):
                   `convert_hf.py export` writes (same logits; Qwen2-MoE adds a sigmoid gate on its shared
                   expert, a rounding error in time)
     dispatch      MoE training step vs a dense tinymind whose FFN does the same active FLOPs
-                  (intermediate_size = (k + n_shared) x expert width): what routing costs; with the same
-                  MoE running its experts one matmul each (instead of F.grouped_mm) and with MiniMind2's
-                  training dispatch (activations repeated k times, a boolean mask per expert, a float16
-                  output buffer, written here from its description) on the same weights
+                  (intermediate_size = (k + n_shared) x expert width): what routing costs; and the same
+                  MoE with MiniMind2's training dispatch (activations repeated k times, a boolean mask per
+                  expert, a float16 output buffer, written here from its description) on the same weights
     generate      256 new tokens (`--new_tokens`) at batch 1 with the KV cache, greedy, eos ignored:
                   tinymind's `fast_generate` vs transformers' `generate` on LlamaForCausalLM
                   (tinymind through `generate` is shown too, and the weight-read floor: the
@@ -254,10 +253,6 @@ def build_contenders(args):
             equal_flops = TinyMindForCausalLM(tinymind_config(
                 args, use_moe=False, intermediate_size=(c.num_experts_per_tok + c.n_shared_experts) * c.intermediate_size))
             add(TrainingStep("tinymind dense, MoE-active FFN", equal_flops, args, train_flops(equal_flops)))
-            per_expert = copy_of(moe)
-            for layer in per_expert.moe_layers():
-                layer.grouped = False
-            add(TrainingStep("tinymind MoE, a matmul per expert", per_expert, args, train_flops(moe)))
             add(TrainingStep("MiniMind2-style MoE dispatch", with_minimind2_dispatch(copy_of(moe)), args,
                              train_flops(moe)))
         if "generate_moe" in wanted:
@@ -468,7 +463,8 @@ CASE_PAIRS = {
 
 
 # Rows printed under a case for context, without a ratio or target of their own.
-CASE_EXTRA_ROWS = {"generate": ("tinymind HF generate", "weight-read floor, dense"),
+CASE_EXTRA_ROWS = {"dispatch": ("MiniMind2-style MoE dispatch",),
+                   "generate": ("tinymind HF generate", "weight-read floor, dense"),
                    "generate_moe": ("weight-read floor, MoE",)}
 
 
