@@ -30,9 +30,6 @@ MODEL_FLAGS = {
     "rms_norm_eps": "epsilon of every RMSNorm",
     "rope_theta": "rotary base",
     "max_position_embeddings": "longest context the rotary tables are meant for",
-    "n_routed_experts": "MoE: experts the router chooses from",
-    "num_experts_per_tok": "MoE: experts each token is sent to (top-k)",
-    "n_shared_experts": "MoE: experts every token always goes through",
     "norm_topk_prob": "MoE: divide the chosen experts' weights by their sum (at top-1: weight 1): true or false",
     "aux_loss_alpha": "MoE: weight of the load-balancing loss",
     "seq_aux": "MoE: balance each sequence (true) or the whole batch at once (false)",
@@ -51,7 +48,8 @@ def boolean(text):
 def field_type(name):
     """The flag type of a TinyMindConfig field: its annotation, without the None of an optional one."""
     annotation = TinyMindConfig.__annotations__[name]
-    kind = next(arg for arg in typing.get_args(annotation) if arg is not type(None)) if typing.get_args(annotation) else annotation
+    options = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+    kind = options[0] if options else annotation
     return boolean if kind is bool else kind
 
 

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from dataset import DataError, Packed, load_tokenizer
+from dataset import DataError, Packed, PretrainDataset, SFTDataset, load_tokenizer
 from model import TinyMindConfig, TinyMindForCausalLM
 
 from . import distributed
@@ -79,6 +79,8 @@ def train(stage, args):
     with distributed.main_process_first():
         dataset = stage.dataset_class(args.data_path, tokenizer, args.max_seq_len, skip_bad_lines=args.skip_bad_lines)
         if args.pack != "none":
+            if not isinstance(dataset, (PretrainDataset, SFTDataset)):
+                raise UserError(f"--pack {args.pack}: only pretraining and SFT samples are packed, not {stage.name}'s")
             dataset = Packed(dataset, isolated=args.pack == "isolated")
         val = stage.dataset_class(args.val_data, tokenizer, args.max_seq_len) if args.val_data else None
     for note in dataset.notes() + (val.notes() if val else []):
