@@ -70,6 +70,8 @@ class Packed(torch.utils.data.Dataset):
             used += length
         if current:
             self.packs.append(current)
+        inputs = dataset.lengths - 1
+        self.lengths = [int(inputs[pack].sum()) for pack in self.packs]  # positions per row, for the data order
         self.samples_per_row = len(dataset) / max(len(self.packs), 1)
 
     def __len__(self):
@@ -81,11 +83,6 @@ class Packed(torch.utils.data.Dataset):
         documents = torch.cat([torch.full((len(part[0]),), number if self.isolated else 1)
                                for number, part in enumerate(parts, start=1)])
         return ids, targets, mask, documents
-
-    @property
-    def lengths(self):
-        inputs = self.dataset.lengths - 1
-        return [int(sum(inputs[i] for i in pack)) for pack in self.packs]
 
     def collate(self, samples):
         return self.dataset.collate(samples)

@@ -170,33 +170,24 @@ def mixtral_config(config: TinyMindConfig) -> MixtralConfig:
     )
 
 
+def qwen_moe_fields(config: TinyMindConfig, model_type) -> dict:
+    """What Qwen2-MoE and Qwen3-MoE configs share for a tinymind MoE: every layer sparse, full attention, an untied
+    head (see the module docstring)."""
+    return {**common_hf_fields(config), **moe_hf_fields(config, model_type), "intermediate_size": config.intermediate_size,
+            "decoder_sparse_step": 1, "mlp_only_layers": [], "use_sliding_window": False, "tie_word_embeddings": False}
+
+
 def qwen2_moe_config(config: TinyMindConfig) -> Qwen2MoeConfig:
     return Qwen2MoeConfig(
-        **common_hf_fields(config),
-        **moe_hf_fields(config, "qwen2_moe"),
-        intermediate_size=config.intermediate_size,
+        **qwen_moe_fields(config, "qwen2_moe"),
         shared_expert_intermediate_size=config.intermediate_size * max(config.n_shared_experts, 1),
         norm_topk_prob=config.norm_topk_prob,
-        decoder_sparse_step=1,
-        mlp_only_layers=[],
-        use_sliding_window=False,
         qkv_bias=True,
-        tie_word_embeddings=False,
     )
 
 
 def qwen3_moe_config(config: TinyMindConfig) -> Qwen3MoeConfig:
-    return Qwen3MoeConfig(
-        **common_hf_fields(config),
-        **moe_hf_fields(config, "qwen3_moe"),
-        intermediate_size=config.intermediate_size,
-        head_dim=config.head_dim,
-        decoder_sparse_step=1,
-        mlp_only_layers=[],
-        use_sliding_window=False,
-        attention_bias=False,
-        tie_word_embeddings=False,
-    )
+    return Qwen3MoeConfig(**qwen_moe_fields(config, "qwen3_moe"), head_dim=config.head_dim, attention_bias=False)
 
 
 def with_stacked_experts(state: dict, config: TinyMindConfig) -> dict:
