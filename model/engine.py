@@ -9,6 +9,7 @@ the batch, so on a machine bound by weight reads, many requests decode for littl
 The engine speaks token ids; detokenizing, stop strings and the HTTP side are the server's.
 """
 
+import heapq
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -51,7 +52,7 @@ class Engine:
         self.max_queue = max_queue
         self.device = next(model.parameters()).device
         self.decoder = None  # built on the engine's thread at the first request
-        self.free = list(range(max_batch))
+        self.free = list(range(max_batch))  # a heap: the lowest free row first, so running rows stay consecutive
         self.running = {}  # slot → _Running
         self.waiting = deque()
         self.condition = threading.Condition()
@@ -90,7 +91,7 @@ class Engine:
                         if request.cancelled:  # gone while it waited: it never takes a slot
                             request.emit(None, "cancelled")
                         else:
-                            admitted.append((self.free.pop(), request))
+                            admitted.append((heapq.heappop(self.free), request))
                 for slot, request in admitted:
                     self._guarded(slot, request, self._prefill)
                 self._step()
@@ -118,12 +119,11 @@ class Engine:
                 self._finish(slot, "cancelled")
         if not self.running:
             return
-        slots = list(self.running)
-        rows = torch.tensor(slots, device=self.device)
+        slots = sorted(self.running)
         tokens = torch.cat([self.running[slot].last for slot in slots])
-        positions = torch.tensor([self.running[slot].position - 1 for slot in slots], device=self.device)
+        positions = [self.running[slot].position - 1 for slot in slots]
         try:
-            logits = self.decoder.decode(rows, tokens, positions)
+            logits = self.decoder.decode(slots, tokens, positions)
         except Exception as err:
             for slot in slots:
                 self._finish(slot, f"error: {type(err).__name__}: {err}")
@@ -150,5 +150,5 @@ class Engine:
         if state is None:
             return
         with self.condition:
-            self.free.append(slot)
+            heapq.heappush(self.free, slot)
         state.request.emit(None, reason)

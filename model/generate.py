@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .model import MoEFeedForward, apply_rotary
+from .model import MoEFeedForward, apply_rotary, rms_norm
 
 
 @dataclass
@@ -84,8 +84,8 @@ class PackedDecoder:
     It computes exactly what the modules compute,
     with q/k/v and gate/up packed into one matrix each (fewer, larger matmuls), rotary angles
     looked up from a table, keys and values written into a preallocated cache (attention over
-    its filled part needs no mask), and none of the forward's masks, position bookkeeping,
-    dropout or aux loss.
+    its filled part needs no mask), the norms called as functions rather than modules, and none of
+    the forward's masks, position bookkeeping, dropout or aux loss.
     """
 
     def __init__(self, model, batch, max_len):
@@ -99,7 +99,8 @@ class PackedDecoder:
             dtype = torch.get_autocast_dtype(device.type)
         self.blocks = body.layers
         self.packed = [self.pack(block, dtype) for block in body.layers]
-        self.embed_tokens, self.norm, self.lm_head = body.embed_tokens, body.norm, model.lm_head
+        self.embed_tokens, self.norm = body.embed_tokens, body.norm
+        self.head = weight_of(model.lm_head).to(dtype)
         positions = torch.arange(max_len, device=device)[None]
         # [1, 1, max_len, head_dim] in the embedding's dtype, as the modules' forward makes them
         self.cos, self.sin = body.rotary(positions, body.embed_tokens.weight.dtype)
@@ -137,17 +138,22 @@ class PackedDecoder:
         return self.run(input_ids, self.cos[:, :, start:end], self.sin[:, :, start:end], attend)
 
     def decode(self, rows, tokens, positions):
-        """[len(rows), vocab] logits of one new token for each cache row in `rows`, each at its own position:
-        sequences of different lengths decode together (continuous batching)."""
-        length = int(positions.max()) + 1
-        visible = (torch.arange(length, device=positions.device) <= positions[:, None])[:, None, None]
+        """[len(rows), vocab] logits of one new token for each cache row in `rows` (a list of ints), each at its
+        own position (`positions`, a list): sequences of different lengths decode together (continuous batching)."""
+        device = tokens.device
+        length, index = max(positions) + 1, torch.tensor(rows, device=device)
+        at = torch.tensor(positions, device=device)
+        # Consecutive rows are read as a view of the cache; any others are gathered (a copy) in every layer.
+        read = slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else index
+        # Rows at one position see all `length` cached keys: no mask (the same numbers, without its cost).
+        mask = {} if min(positions) == length - 1 else {
+            "attn_mask": (torch.arange(length, device=device) <= at[:, None])[:, None, None]}
 
         def attend(i, q, k, v):
-            self.keys[i, rows, :, positions], self.values[i, rows, :, positions] = k[:, :, 0], v[:, :, 0]
-            return self.attention(q, self.keys[i, rows, :, :length], self.values[i, rows, :, :length],
-                                  attn_mask=visible)
+            self.keys[i, index, :, at], self.values[i, index, :, at] = k[:, :, 0], v[:, :, 0]
+            return self.attention(q, self.keys[i, read, :, :length], self.values[i, read, :, :length], **mask)
 
-        cos, sin = self.cos[0, 0, positions][:, None, None], self.sin[0, 0, positions][:, None, None]
+        cos, sin = self.cos[0, 0, at][:, None, None], self.sin[0, 0, at][:, None, None]
         return self.run(tokens[:, None], cos, sin, attend)
 
     def attention(self, q, k, v, **mask):
@@ -158,20 +164,21 @@ class PackedDecoder:
     def run(self, input_ids, cos, sin, attend):
         c = self.config
         batch, seq = input_ids.shape
+        heads, n_qk = c.num_attention_heads, c.num_attention_heads + c.num_key_value_heads
         x = self.embed_tokens(input_ids)
         for i, (block, (qkv, o_proj, ffn)) in enumerate(zip(self.blocks, self.packed)):
-            h = F.linear(block.input_layernorm(x), qkv).view(batch, seq, -1, c.head_dim).transpose(1, 2)
-            n_qk = c.num_attention_heads + c.num_key_value_heads
+            h = rms_norm(x, block.input_layernorm.weight, c.rms_norm_eps)
+            h = F.linear(h, qkv).view(batch, seq, -1, c.head_dim).transpose(1, 2)
             qk = h[:, :n_qk]
             if c.qk_norm:
                 attn = block.self_attn
-                qk = torch.cat([attn.q_norm(qk[:, :c.num_attention_heads]), attn.k_norm(qk[:, c.num_attention_heads:])], 1)
+                qk = torch.cat([attn.q_norm(qk[:, :heads]), attn.k_norm(qk[:, heads:])], 1)
             qk = apply_rotary(qk, cos, sin)  # one rotation for the query and key heads together
-            y = attend(i, qk[:, :c.num_attention_heads], qk[:, c.num_attention_heads:], h[:, n_qk:])
+            y = attend(i, qk[:, :heads], qk[:, heads:], h[:, n_qk:])
             x = x + F.linear(y.transpose(1, 2).reshape(batch, seq, -1), o_proj)
-            h = block.post_attention_layernorm(x)
+            h = rms_norm(x, block.post_attention_layernorm.weight, c.rms_norm_eps)
             x = x + (self.moe(block.mlp, ffn, h) if isinstance(block.mlp, MoEFeedForward) else swiglu(h, *ffn))
-        return self.lm_head(self.norm(x[:, -1:]))[:, -1].float()
+        return F.linear(rms_norm(x[:, -1], self.norm.weight, c.rms_norm_eps), self.head).float()
 
     @staticmethod
     def moe(moe, packed, h):

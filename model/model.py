@@ -43,13 +43,17 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # Normalise in float32 even under bf16 autocast: the mean of squares loses too much in 8 bits.
-        normed = F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps)
-        # Under autocast only matmuls read the output: hand it over in their dtype, cast once here
-        # rather than in each of the q/k/v (or gate/up) linears, forward and backward.
-        if torch.is_autocast_enabled(x.device.type):
-            return normed.to(torch.get_autocast_dtype(x.device.type))
-        return normed.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x, weight, eps):
+    # Normalise in float32 even under bf16 autocast: the mean of squares loses too much in 8 bits.
+    normed = F.rms_norm(x.float(), weight.shape, weight.float(), eps)
+    # Under autocast only matmuls read the output: hand it over in their dtype, cast once here
+    # rather than in each of the q/k/v (or gate/up) linears, forward and backward.
+    if torch.is_autocast_enabled(x.device.type):
+        return normed.to(torch.get_autocast_dtype(x.device.type))
+    return normed.to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):

@@ -12,6 +12,7 @@ a bad request gets a 4xx in OpenAI's error format and the others go on.
 import asyncio
 import json
 import secrets
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -110,7 +111,7 @@ def create_app(model, tokenizer, model_name, max_batch=8, max_queue=16, context=
     engine = Engine(model, tokenizer.eos_token_id, max_batch=max_batch, max_queue=max_queue, context=context)
     context = engine.max_len
     app = FastAPI(title="tinymind", docs_url=None, redoc_url=None)
-    app.state.engine = engine
+    app.state.engine, app.state.mailbox = engine, None
 
     @app.exception_handler(APIError)
     async def api_error(request, err):
@@ -127,18 +128,7 @@ def create_app(model, tokenizer, model_name, max_batch=8, max_queue=16, context=
         return error_response(err.status_code, str(err.detail), "not_found_error" if err.status_code == 404 else
                               "invalid_request_error")
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        length = request.headers.get("content-length") or "0"
-        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
-            return error_response(413 if length.isdigit() else 400, f"request body over {MAX_BODY_BYTES} bytes"
-                                  if length.isdigit() else "the Content-Length header is not a number")
-        if api_key and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return error_response(401, "missing or wrong API key: send Authorization: Bearer KEY",
-                                      "authentication_error", code="invalid_api_key")
-        return await call_next(request)
+    app.add_middleware(Guard, api_key=api_key)
 
     async def read(request, kind):
         raw = await request.body()
@@ -175,7 +165,9 @@ def create_app(model, tokenizer, model_name, max_batch=8, max_queue=16, context=
                                 f"the model's context of {context} tokens", param="max_tokens",
                            code="context_length_exceeded")
         sampling = Sampling(request.temperature, request.top_k, request.top_p, request.repetition_penalty)
-        stream = TokenStream(tokenizer, request.stops())
+        if app.state.mailbox is None or app.state.mailbox.loop is not asyncio.get_running_loop():
+            app.state.mailbox = Mailbox(asyncio.get_running_loop())  # the loop serving this app
+        stream = TokenStream(tokenizer, request.stops(), app.state.mailbox)
         engine_request = EngineRequest(prompt_ids, max_tokens, sampling, stream.push, seed=request.seed,
                                        ignore_eos=request.ignore_eos)
         stream.engine_request = engine_request
@@ -184,7 +176,7 @@ def create_app(model, tokenizer, model_name, max_batch=8, max_queue=16, context=
                            "rate_limit_error")
         return stream
 
-    async def respond(raw, request, prompt_ids, max_tokens, chunk, whole, prefix):
+    async def respond(request, prompt_ids, max_tokens, chunk, whole, prefix):
         stream = start(request, prompt_ids, max_tokens)
         ident, created = f"{prefix}-{uuid.uuid4().hex}", int(time.time())
 
@@ -203,9 +195,7 @@ def create_app(model, tokenizer, model_name, max_batch=8, max_queue=16, context=
         async def events():
             try:
                 yield sse(chunk(ident, created, None, None, first=True))
-                async for piece, reason in stream:
-                    if await raw.is_disconnected():
-                        break
+                async for piece, reason in stream:  # Starlette cancels this when the client goes away
                     yield sse(chunk(ident, created, piece, reason))
                 if (request.stream_options or {}).get("include_usage"):
                     yield sse({**chunk(ident, created, None, None), "choices": [], "usage": usage()})
@@ -238,14 +228,14 @@ def create_app(model, tokenizer, model_name, max_batch=8, max_queue=16, context=
         messages = [message.model_dump() for message in request.messages]
         prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
-        return await respond(raw, request, prompt_ids, request.max_completion_tokens or request.max_tokens,
+        return await respond(request, prompt_ids, request.max_completion_tokens or request.max_tokens,
                              chat_chunk, chat_whole, "chatcmpl")
 
     @app.post("/v1/completions")
     async def completions(raw: Request):
         request = await read(raw, CompletionRequest)
         prompt_ids = [tokenizer.bos_token_id] + tokenizer(request.prompt, add_special_tokens=False).input_ids
-        return await respond(raw, request, prompt_ids, request.max_tokens, text_chunk, text_whole, "cmpl")
+        return await respond(request, prompt_ids, request.max_tokens, text_chunk, text_whole, "cmpl")
 
     @app.get("/v1/models")
     async def models():
@@ -262,6 +252,57 @@ def create_app(model, tokenizer, model_name, max_batch=8, max_queue=16, context=
     return app
 
 
+class Guard:
+    """Every request's first check, before its body is read: the body's size and, with --api_key, the key. Plain
+    ASGI rather than Starlette's BaseHTTPMiddleware, which would copy every streamed chunk through a task."""
+
+    def __init__(self, app, api_key=None):
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            refused = self.refusal(scope, {name.decode("latin-1"): value.decode("latin-1")
+                                           for name, value in scope["headers"]})
+            if refused is not None:
+                return await refused(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def refusal(self, scope, headers):
+        length = headers.get("content-length") or "0"
+        if not length.isdigit():
+            return error_response(400, "the Content-Length header is not a number")
+        if int(length) > MAX_BODY_BYTES:
+            return error_response(413, f"request body over {MAX_BODY_BYTES} bytes")
+        if self.api_key and scope["path"].startswith("/v1/"):
+            given = headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+                return error_response(401, "missing or wrong API key: send Authorization: Bearer KEY",
+                                      "authentication_error", code="invalid_api_key")
+        return None
+
+
+class Mailbox:
+    """Hands items from the engine's thread to the event loop with one wake-up for all that arrive together:
+    a decode step emits a token for every running request, and waking the loop costs a system call."""
+
+    def __init__(self, loop):
+        self.loop, self.items, self.lock, self.waking = loop, [], threading.Lock(), False
+
+    def post(self, queue, item):  # on the engine's thread
+        with self.lock:
+            self.items.append((queue, item))
+            if self.waking:
+                return
+            self.waking = True
+        self.loop.call_soon_threadsafe(self.deliver)
+
+    def deliver(self):  # on the event loop
+        with self.lock:
+            items, self.items, self.waking = self.items, [], False
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
 def sse(payload):
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
@@ -269,9 +310,8 @@ def sse(payload):
 class TokenStream:
     """Tokens from the engine's thread → text pieces on the event loop, cut at the first stop string."""
 
-    def __init__(self, tokenizer, stops):
-        self.tokenizer, self.stops = tokenizer, stops
-        self.loop = asyncio.get_running_loop()
+    def __init__(self, tokenizer, stops, mailbox):
+        self.tokenizer, self.stops, self.mailbox = tokenizer, stops, mailbox
         self.queue = asyncio.Queue()
         self.ids, self.sent, self.tokens, self.done = [], "", 0, False
         # The first `settled` ids spell exactly `settled_text` (whole characters), so each new token decodes only
@@ -280,7 +320,7 @@ class TokenStream:
         self.engine_request = None
 
     def push(self, token, reason):  # on the engine's thread
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, (token, reason))
+        self.mailbox.post(self.queue, (token, reason))
 
     async def __aiter__(self):
         """(new text, None) as it decodes, then (the rest, finish reason). Text that may begin a stop string is

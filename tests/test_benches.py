@@ -26,5 +26,8 @@ def test_bench_serve_reports_throughput_and_time_to_first_token(capsys):
                       "--port", free_port(), "--device", "cpu"])
     lines = capsys.readouterr().out.splitlines()
     table = lines[lines.index(next(line for line in lines if line.startswith("clients"))) + 1:]
+    *table, ceiling = table
     assert [line.split()[0] for line in table] == ["2,", "1", "2"]
     assert all(float(line.split()[-4]) > 0 for line in table)  # aggregate tokens/s
+    gain = float(ceiling.split("at most ")[1].split("x")[0])  # the decode step's own batching gain at --max_batch 8
+    assert ceiling.startswith("the decode step alone") and 0 < gain < 8 * 3
