@@ -27,7 +27,8 @@ demo: setup
 	$(PY) 3-eval.py $(DEMO) --temperature 0 --max_new_tokens 40 --prompts_file scripts/lora_prompts.txt \
 		--lora output/demo/lora_dense/lora_128
 	$(PY) 5-dpo.py $(DEMO) --learning_rate 1e-4 --max_steps 150
-	$(PY) 6-grpo.py $(DEMO) --batch_size 8 --learning_rate 3e-4 --max_steps 80 --max_new_tokens 16 --log_interval 1
+	$(PY) 6-grpo.py $(DEMO) --batch_size 8 --learning_rate 3e-5 --max_steps 80 --max_new_tokens 16 --log_interval 1 \
+		--eval_interval 20
 	$(PY) -m scripts.plot_logs output/demo/grpo_dense/grpo_128_log.csv --out docs/grpo_demo.png
 	$(PY) 7-distill.py $(DEMO) $(STUDENT) --teacher output/demo/sft_dense/sft_128.pth
 	$(PY) 7-distill.py $(DEMO) $(STUDENT) --teacher output/demo/sft_dense/sft_128.pth --alpha 0 \
