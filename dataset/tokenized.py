@@ -140,7 +140,9 @@ class _BadRecord(Exception):
     """Raised inside `map` to stop at the first bad record; turned into a DataError with its line number."""
 
     def __init__(self, index, problem):
-        super().__init__(problem)
+        # Both in `args`: raised in a tokenizing worker, it is pickled back to the parent, which rebuilds it from
+        # them (with the problem alone it could not, and the worker pool would wait forever).
+        super().__init__(index, problem)
         self.index, self.problem = index, problem
 
 

@@ -47,6 +47,7 @@ RECIPES = {
     "default": DEFAULT,  # muon + wsd
     "default_qk_norm": [*DEFAULT, "--qk_norm", "true"],
     "default_packed": [*DEFAULT, "--pack", "isolated"],
+    "default_packed_shared": [*DEFAULT, "--pack", "shared"],
     "moe_baseline": [*BASELINE, *MOE],
     "moe_default": [*DEFAULT, *MOE],
 }

@@ -291,3 +291,21 @@ def test_packed_rows_hold_every_sample_once_with_its_own_targets(tokenizer, tmp_
     assert documents.max() == (len(packed.packs[fullest]) if isolated else 1)
     batch = packed.collate([rows[0], rows[fullest]])
     assert batch.attention_mask.max() == (len(packed.packs[fullest]) if isolated else 1)
+
+
+def test_worker_processes_report_a_bad_line_and_skip_bad_lines_as_one_process_does(tmp_path, tokenizer, monkeypatch):
+    import dataset.tokenized
+
+    lines = [json.dumps({"text": f"Passage number {i}."}).encode() for i in range(40)]
+    lines[29] = b'{"txt": "typo"}'
+    path = tmp_path / "big.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    alone = PretrainDataset(path, tokenizer, max_length=64, skip_bad_lines=True)
+    monkeypatch.setattr(dataset.tokenized, "tokenizing_processes", lambda path: 2)  # as for a file over 128 MB
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "pooled_cache"))  # no cached result
+    with pytest.raises(DataError) as error:
+        PretrainDataset(path, tokenizer, max_length=64)
+    assert str(error.value).startswith(f"{path}, line 30: ") and '"text"' in str(error.value)
+    pooled = PretrainDataset(path, tokenizer, max_length=64, skip_bad_lines=True)
+    assert (len(pooled), pooled.bad_lines) == (len(alone), alone.bad_lines) == (39, 1)
+    assert all(torch.equal(a, b) for i in range(39) for a, b in zip(pooled[i], alone[i]))
