@@ -52,7 +52,7 @@ class Engine:
         self.max_queue = max_queue
         self.device = next(model.parameters()).device
         self.decoder = None  # built on the engine's thread at the first request
-        self.free = list(range(max_batch))  # a heap: the lowest free row first, so running rows stay consecutive
+        self.free = list(range(max_batch))  # a heap: the lowest free row first, so running rows tend to stay consecutive
         self.running = {}  # slot → _Running
         self.waiting = deque()
         self.condition = threading.Condition()

@@ -84,7 +84,7 @@ class PackedDecoder:
     It computes exactly what the modules compute,
     with q/k/v and gate/up packed into one matrix each (fewer, larger matmuls), rotary angles
     looked up from a table, keys and values written into a preallocated cache (attention over
-    its filled part needs no mask), the norms called as functions rather than modules, and none of
+    its filled part needs no mask), the blocks' norms called as functions rather than modules, and none of
     the forward's masks, position bookkeeping, dropout or aux loss.
     """
 

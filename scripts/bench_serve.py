@@ -109,16 +109,23 @@ def wait_until_up(url, server, seconds=300):
 
 def main(argv=None):
     args = parse_args(argv)
+    url = f"http://127.0.0.1:{args.port}"
+    try:
+        httpx2.get(f"{url}/health", timeout=1)
+        raise SystemExit(f"error: something already answers on port {args.port}; pick a free one with --port")
+    except httpx2.TransportError:
+        pass
     server = multiprocessing.get_context("spawn").Process(target=serve, args=(args,), daemon=True)
     server.start()
-    url = f"http://127.0.0.1:{args.port}"
     try:
         wait_until_up(url, server)
         asyncio.run(level(url, 1, args.tokens))  # warm-up: the first request builds the decoder
         runs = measure(args, url)
     finally:
         server.terminate()
-        server.join()
+        server.join(30)
+        if server.is_alive():
+            server.kill()
     report(args, runs, decode_ceiling(build_model(args), args.max_batch, position=args.tokens))
 
 
@@ -128,13 +135,17 @@ def decode_ceiling(model, batch, position, rounds=15, steps=10):
     at `batch` (the engine's `PackedDecoder.decode`, rows at `position`), interleaved, medians:
     (milliseconds at 1, milliseconds at `batch`, batch · t1 / t_batch)."""
     decoder = PackedDecoder(model, batch, position + 1)
+    decoder.keys.normal_(), decoder.values.normal_()  # keys and values as a prefill leaves them, not stale memory
     tokens = torch.randint(3, model.config.vocab_size, (batch,), device=decoder.keys.device)
+    sync = torch.cuda.synchronize if decoder.keys.is_cuda else (lambda: None)
     times = {1: [], batch: []}
     for _ in range(rounds):
         for rows in times:
+            sync()
             started = time.perf_counter()
             for _ in range(steps):
                 decoder.decode(list(range(rows)), tokens[:rows], [position] * rows)
+            sync()
             times[rows].append((time.perf_counter() - started) / steps * 1e3)
     one, many = statistics.median(times[1]), statistics.median(times[batch])
     return one, many, batch * one / many

@@ -22,7 +22,7 @@ import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -176,7 +176,7 @@ def create_app(model, tokenizer, model_name, max_batch=8, max_queue=16, context=
                            "rate_limit_error")
         return stream
 
-    async def respond(request, prompt_ids, max_tokens, chunk, whole, prefix):
+    async def respond(raw, request, prompt_ids, max_tokens, chunk, whole, prefix):
         stream = start(request, prompt_ids, max_tokens)
         ident, created = f"{prefix}-{uuid.uuid4().hex}", int(time.time())
 
@@ -185,17 +185,24 @@ def create_app(model, tokenizer, model_name, max_batch=8, max_queue=16, context=
                     "total_tokens": len(prompt_ids) + stream.tokens}
 
         if not request.stream:
+            answer, gone = asyncio.ensure_future(stream.collect()), asyncio.ensure_future(disconnected(raw))
             try:
-                text, reason = await stream.collect()
-            except asyncio.CancelledError:
-                engine.cancel(stream.engine_request)
-                raise
+                await asyncio.wait((answer, gone), return_when=asyncio.FIRST_COMPLETED)
+            finally:  # a client that went away (or a cancelled handler) frees the slot
+                gone.cancel()
+                if not answer.done():
+                    engine.cancel(stream.engine_request)
+                    answer.cancel()
+            if not answer.done():
+                return Response(status_code=499)  # nobody is there to read it
+            text, reason = answer.result()
             return JSONResponse({**whole(ident, created, text, reason), "usage": usage()})
 
         async def events():
             try:
                 yield sse(chunk(ident, created, None, None, first=True))
-                async for piece, reason in stream:  # Starlette cancels this when the client goes away
+                # Under ASGI 2.3 (uvicorn's) Starlette watches for the disconnect and cancels this generator.
+                async for piece, reason in stream:
                     yield sse(chunk(ident, created, piece, reason))
                 if (request.stream_options or {}).get("include_usage"):
                     yield sse({**chunk(ident, created, None, None), "choices": [], "usage": usage()})
@@ -228,14 +235,14 @@ def create_app(model, tokenizer, model_name, max_batch=8, max_queue=16, context=
         messages = [message.model_dump() for message in request.messages]
         prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
-        return await respond(request, prompt_ids, request.max_completion_tokens or request.max_tokens,
+        return await respond(raw, request, prompt_ids, request.max_completion_tokens or request.max_tokens,
                              chat_chunk, chat_whole, "chatcmpl")
 
     @app.post("/v1/completions")
     async def completions(raw: Request):
         request = await read(raw, CompletionRequest)
         prompt_ids = [tokenizer.bos_token_id] + tokenizer(request.prompt, add_special_tokens=False).input_ids
-        return await respond(request, prompt_ids, request.max_tokens, text_chunk, text_whole, "cmpl")
+        return await respond(raw, request, prompt_ids, request.max_tokens, text_chunk, text_whole, "cmpl")
 
     @app.get("/v1/models")
     async def models():
@@ -301,6 +308,12 @@ class Mailbox:
             items, self.items, self.waking = self.items, [], False
         for queue, item in items:
             queue.put_nowait(item)
+
+
+async def disconnected(raw):
+    """Returns when the client of request `raw`, whose body was read, goes away."""
+    while (await raw.receive())["type"] != "http.disconnect":
+        pass
 
 
 def sse(payload):

@@ -40,6 +40,22 @@ def test_packed_decoder_logits_equal_the_modules(use_moe, qk_norm):
         torch.testing.assert_close(logits, full[:, t], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [[0, 1, 2], [1, 2], [0, 2], [2]], ids=["all", "consecutive", "gapped", "one"])
+def test_decode_of_rows_at_their_own_positions_equals_the_modules(rows):
+    """The engine's step: cache rows of different lengths, consecutive (read as a view) or not (gathered),
+    one new token each, against each sequence run whole through the modules."""
+    model = make_model(use_moe=False)
+    lengths = [4, 7, 5]
+    sequences = [torch.randint(3, 97, (1, n + 1)) for n in lengths]
+    with torch.no_grad():
+        decoder = PackedDecoder(model, batch=3, max_len=8)
+        for row, sequence in enumerate(sequences):
+            decoder(sequence[:, :-1], 0, rows=slice(row, row + 1))
+        logits = decoder.decode(rows, torch.cat([sequences[row][:, -1] for row in rows]), [lengths[row] for row in rows])
+        for index, row in enumerate(rows):
+            torch.testing.assert_close(logits[index], model(sequences[row]).logits[0, -1], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("use_moe", [False, True])
 def test_fast_generate_equals_hf_generate_greedy(use_moe):
     model = make_model(use_moe)

@@ -133,7 +133,7 @@ def test_an_api_key_is_required_when_set(checkpoint):
         running.stop()
 
 
-def test_a_full_server_says_429_and_a_disconnect_frees_the_slot(checkpoint):
+def test_a_full_server_says_429_and_a_disconnect_frees_the_slot_streaming_or_not(checkpoint):
     _, model = checkpoint
     running = Server(model, load_tokenizer(), max_batch=1, max_queue=0, max_tokens_cap=2000)
 
@@ -153,6 +153,18 @@ def test_a_full_server_says_429_and_a_disconnect_frees_the_slot(checkpoint):
                 await asyncio.sleep(0.05)
             after = await http.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 2})
             assert after.status_code == 200, after.text
+        # a client that gives up on a long non-streaming answer frees the slot as well, long before the 2000
+        # tokens it asked for would have been decoded
+        async with httpx2.AsyncClient(base_url=running.url, timeout=60) as http:
+            with pytest.raises(asyncio.TimeoutError):
+                long = {**body, "stream": False, "ignore_eos": True}
+                await asyncio.wait_for(http.post("/v1/chat/completions", json=long), 0.5)
+        async with httpx2.AsyncClient(base_url=running.url, timeout=60) as http:
+            for _ in range(10):
+                if (await http.get("/health")).json()["running"] == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert (await http.get("/health")).json()["running"] == 0
 
     try:
         asyncio.run(scenario())
