@@ -202,8 +202,14 @@ def create_app(model, tokenizer, model_name, max_batch=8, max_queue=16, context=
             try:
                 yield sse(chunk(ident, created, None, None, first=True))
                 # Under ASGI 2.3 (uvicorn's) Starlette watches for the disconnect and cancels this generator.
-                async for piece, reason in stream:
-                    yield sse(chunk(ident, created, piece, reason))
+                try:
+                    async for piece, reason in stream:
+                        yield sse(chunk(ident, created, piece, reason))
+                except APIError as err:  # the status line went out with the first chunk: the error is an event
+                    yield sse({"error": {"message": err.message, "type": err.kind, "param": err.param,
+                                         "code": err.code}})
+                    yield "data: [DONE]\n\n"
+                    return
                 if (request.stream_options or {}).get("include_usage"):
                     yield sse({**chunk(ident, created, None, None), "choices": [], "usage": usage()})
                 yield "data: [DONE]\n\n"

@@ -182,3 +182,29 @@ def test_a_stop_string_ends_the_answer_before_it_even_across_tokens(server):
     chunks = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Tell me a story."}],
                                                  max_tokens=24, temperature=0, stop=stop, stream=True))
     assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks) == full[:full.index(stop)]
+
+
+def test_a_model_failing_mid_stream_ends_the_stream_with_an_error_event(checkpoint, monkeypatch):
+    import model.generate
+
+    decode, steps = model.generate.PackedDecoder.decode, []
+
+    def failing(self, rows, tokens, positions):
+        steps.append(len(rows))
+        if len(steps) == 3:
+            raise RuntimeError("out of memory (simulated)")
+        return decode(self, rows, tokens, positions)
+
+    monkeypatch.setattr(model.generate.PackedDecoder, "decode", failing)
+    running = Server(checkpoint[1], load_tokenizer())
+    try:
+        stream = running.client().chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=20, temperature=0,
+            stream=True, extra_body={"ignore_eos": True})
+        with pytest.raises(openai.APIError, match="the model failed on this request .RuntimeError: out of memory"):
+            for _ in stream:
+                pass
+        monkeypatch.setattr(model.generate.PackedDecoder, "decode", decode)
+        assert greedy(running.client(), "hi").choices[0].finish_reason in ("stop", "length")  # still serving
+    finally:
+        running.stop()
