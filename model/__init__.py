@@ -4,11 +4,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from .config import TinyMindConfig
 from .generate import Sampling, fast_generate, stream_tokens
-from .model import MoEFeedForward, TinyMindForCausalLM, masked_cross_entropy
+from .model import MoEFeedForward, TinyMindForCausalLM, masked_cross_entropy, cross_entropy_and_z_loss
 
 # Registering makes AutoConfig / AutoModelForCausalLM.from_pretrained work on saved tinymind directories.
 AutoConfig.register(TinyMindConfig.model_type, TinyMindConfig)
 AutoModelForCausalLM.register(TinyMindConfig, TinyMindForCausalLM)
 
-__all__ = ["TinyMindConfig", "TinyMindForCausalLM", "MoEFeedForward", "masked_cross_entropy", "Sampling",
+__all__ = ["TinyMindConfig", "TinyMindForCausalLM", "MoEFeedForward", "masked_cross_entropy", "cross_entropy_and_z_loss", "Sampling",
            "fast_generate", "stream_tokens"]

@@ -31,6 +31,20 @@ def masked_cross_entropy(logits, targets, loss_mask, num_tokens=None):
     per_token = F.cross_entropy(
         logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), reduction="none"
     )
+    return masked_mean(per_token, loss_mask, num_tokens)
+
+
+def cross_entropy_and_z_loss(logits, targets, loss_mask, num_tokens=None):
+    """masked_cross_entropy and the z-loss, the mean of log²Z over the same positions (Z: the softmax's
+    normaliser; a small multiple of it in the loss keeps the logits from drifting up, as in PaLM), from one
+    log-sum-exp over the vocabulary: computing the z-loss on its own would pass over the logits again."""
+    flat = logits.reshape(-1, logits.size(-1)).float()
+    log_z = torch.logsumexp(flat, dim=-1)
+    cross_entropy = log_z - flat.gather(1, targets.reshape(-1, 1)).squeeze(1)
+    return masked_mean(cross_entropy, loss_mask, num_tokens), masked_mean(log_z.square(), loss_mask, num_tokens)
+
+
+def masked_mean(per_token, loss_mask, num_tokens=None):
     mask = loss_mask.reshape(-1).to(per_token.dtype)
     denominator = mask.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=per_token.dtype)
     return (per_token * mask).sum() / denominator.clamp(min=1)

@@ -48,6 +48,8 @@ RECIPES = {
     "default_qk_norm": [*DEFAULT, "--qk_norm", "true"],
     "default_packed": [*DEFAULT, "--pack", "isolated"],
     "default_packed_shared": [*DEFAULT, "--pack", "shared"],
+    "default_untied": [*DEFAULT, "--tie_word_embeddings", "false"],
+    "default_z_loss": [*DEFAULT, "--z_loss", "1e-4"],
     "moe_baseline": [*BASELINE, *MOE],
     "moe_default": [*DEFAULT, *MOE],
 }

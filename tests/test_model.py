@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import MoEFeedForward, TinyMindConfig, TinyMindForCausalLM, masked_cross_entropy
+from model import MoEFeedForward, TinyMindConfig, TinyMindForCausalLM, cross_entropy_and_z_loss, masked_cross_entropy
 
 from conftest import moe_config, tiny_config
 
@@ -24,6 +24,18 @@ def test_masked_cross_entropy_equals_hand_computation_with_padding():
         expected += -torch.log_softmax(logits[b, t], dim=-1)[targets[b, t]].item()
     expected /= 3
     assert masked_cross_entropy(logits, targets, mask).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_z_loss_is_the_mean_squared_log_normaliser_over_trained_positions():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 5) * 4
+    targets = torch.tensor([[1, 4, 0], [2, 0, 0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    expected = sum(math.log(sum(math.exp(v) for v in logits[b, t].tolist())) ** 2 for b, t in [(0, 0), (0, 1), (1, 0)])
+    for num_tokens, count in ((None, 3), (6, 6)):
+        ce, z = cross_entropy_and_z_loss(logits, targets, mask, num_tokens)
+        assert z.item() == pytest.approx(expected / count, rel=1e-6)
+        assert ce.item() == pytest.approx(masked_cross_entropy(logits, targets, mask, num_tokens).item(), rel=1e-6)
 
 
 def test_masked_positions_change_nothing():

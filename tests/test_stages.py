@@ -104,14 +104,14 @@ def test_mismatched_init_from_names_the_keys(tmp_path):
     assert "mlp.gate.weight" in error and "--model_type" in error
 
 
-def one_step_loss(tmp_path, tokenizer, batch_size, accumulation_steps, *flags):
+def one_step_loss(tmp_path, tokenizer, batch_size, accumulation_steps, *flags, objective=None):
     data = pretrain_file(tmp_path, copies=1)
     args = tiny_args(tmp_path, "--batch_size", batch_size, "--accumulation_steps", accumulation_steps,
                      "--max_steps", 1, "--data_path", data, *flags)
     torch.manual_seed(0)
     model = TinyMindForCausalLM(model_config(args))
     dataset = PretrainDataset(data, tokenizer, args.max_seq_len)
-    trainer = Trainer(model, dataset, LanguageModeling(), args, run_paths("pretrain", args))
+    trainer = Trainer(model, dataset, objective or LanguageModeling(), args, run_paths("pretrain", args))
     batches = [dataset.collate([dataset[i] for i in range(j, j + batch_size)]) for j in range(0, 4, batch_size)]
     stats = trainer.optimizer_step(batches)
     return stats, model
@@ -163,6 +163,26 @@ def test_logged_loss_is_the_true_step_mean(tmp_path, tokenizer):
         total, count = total + (losses * mask).sum().item(), count + int(mask.sum())
     expected = total / count
     assert stats["ce"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_z_loss_adds_its_weight_times_the_mean_squared_log_normaliser(tmp_path, tokenizer):
+    plain, _ = one_step_loss(tmp_path / "a", tokenizer, 2, 2)
+    stats, model = one_step_loss(tmp_path / "b", tokenizer, 2, 2, objective=LanguageModeling(z_loss=1e-2))
+    dataset = PretrainDataset(tmp_path / "b" / "pretrain.jsonl", tokenizer, 48)
+    torch.manual_seed(0)
+    fresh = TinyMindForCausalLM(model.config).double()  # the trainer's model before its step, in float64
+    total, count = 0.0, 0
+    for input_ids, _, mask in (dataset[i] for i in range(4)):
+        log_z = torch.logsumexp(fresh(input_ids[None]).logits[0], dim=-1)
+        total, count = total + (log_z.square() * mask).sum().item(), count + int(mask.sum())
+    assert stats["z"] == pytest.approx(total / count, rel=1e-5)
+    assert stats["ce"] == pytest.approx(plain["ce"], rel=1e-6)
+    assert stats["loss"] == pytest.approx(stats["ce"] + 1e-2 * stats["z"], rel=1e-6)
+
+
+def test_z_loss_is_refused_where_the_objective_is_not_language_modelling(tmp_path):
+    result = run_stage("5-dpo.py", *TINY, "--z_loss", "1e-4", "--max_steps", "1", cwd=tmp_path, check=False)
+    assert result.returncode != 0 and "--z_loss: only the language-modelling stages" in result.stderr
 
 
 def test_ppl_data_reports_perplexity_and_bits_per_byte_of_the_answers(tmp_path, tokenizer):

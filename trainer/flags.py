@@ -33,6 +33,7 @@ MODEL_FLAGS = {
     "norm_topk_prob": "MoE: divide the chosen experts' weights by their sum (at top-1: weight 1): true or false",
     "aux_loss_alpha": "MoE: weight of the load-balancing loss",
     "seq_aux": "MoE: balance each sequence (true) or the whole batch at once (false)",
+    "tie_word_embeddings": "the LM head is the token embedding (true) or a matrix of its own (false)",
 }
 
 
@@ -81,6 +82,8 @@ def add_training_flags(parser, default_data):
     group.add_argument("--pack", choices=("none", "isolated", "shared"), default="none",
                        help="put samples back to back in rows of --max_seq_len instead of padding each: isolated keeps "
                             "attention inside each sample, shared lets a row attend as one sequence")
+    group.add_argument("--z_loss", type=float, default=0.0,
+                       help="weight of the z-loss, the mean squared log-normaliser of the logits (PaLM used 1e-4; 0: off)")
     group.add_argument("--epochs", type=int, default=1, help="passes over the data")
     group.add_argument("--max_steps", type=int, help="train exactly this many optimizer steps (overrides --epochs)")
     group.add_argument("--batch_size", type=int, default=32, help="samples per micro-batch (per process)")

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from dataset import token_bytes
-from model import masked_cross_entropy
+from model import cross_entropy_and_z_loss, masked_cross_entropy
 
 from .errors import UserError
 from .evaluate import eval_batches, language_model_scores
@@ -84,19 +84,26 @@ def moe_aux_share(out, step):
 
 
 class LanguageModeling(Objective):
-    """Next-token cross-entropy over the step's trained tokens (the loss mask), plus the MoE aux loss."""
+    """Next-token cross-entropy over the step's trained tokens (the loss mask), plus the MoE aux loss, plus
+    `z_loss` × the mean log²Z of the logits over the same tokens when it is not 0 (`--z_loss`)."""
 
-    metrics = ("ce", "aux")
     held_out = ("perplexity", "bits per byte")
+
+    def __init__(self, z_loss=0.0):
+        self.z_loss = z_loss
+        self.metrics = ("ce", "aux", "z") if z_loss else ("ce", "aux")
 
     def units(self, batch):
         return int(batch.loss_mask.sum())
 
     def __call__(self, model, batch, step):
         out = model(batch.input_ids, attention_mask=batch.attention_mask)
-        ce = masked_cross_entropy(out.logits, batch.targets, batch.loss_mask, num_tokens=step.units)
         aux = moe_aux_share(out, step)
-        return Loss(ce + aux, batch.tokens, {"ce": ce.detach(), "aux": aux.detach()})
+        if not self.z_loss:
+            ce = masked_cross_entropy(out.logits, batch.targets, batch.loss_mask, num_tokens=step.units)
+            return Loss(ce + aux, batch.tokens, {"ce": ce.detach(), "aux": aux.detach()})
+        ce, z = cross_entropy_and_z_loss(out.logits, batch.targets, batch.loss_mask, num_tokens=step.units)
+        return Loss(ce + aux + self.z_loss * z, batch.tokens, {"ce": ce.detach(), "aux": aux.detach(), "z": z.detach()})
 
     def evaluate(self, model, dataset, args):
         return language_model_scores(model, dataset, args, args.val_samples, token_bytes(dataset.tokenizer))

@@ -31,6 +31,11 @@ def run_cli(main):
         raise SystemExit(2) from None
 
 
+def language_modeling(model, args, start):
+    """The objective of the stages that train on text: next-token cross-entropy (plus --z_loss)."""
+    return LanguageModeling(args.z_loss)
+
+
 @dataclass
 class Stage:
     """A training stage: a dataset and an objective, where it starts from, and anything of its own."""
@@ -43,7 +48,7 @@ class Stage:
     start_from: str | None = None  # the stage whose matching checkpoint it starts from, unless --init_from
     start_required: bool = False  # True where training from random weights is pointless: missing start = error
     # (model, args, start weights or None) → the Objective the loop optimises
-    make_objective: Callable = lambda model, args, start: LanguageModeling()
+    make_objective: Callable = language_modeling
     add_flags: Callable = lambda parser: None  # the stage's own flags
     adapt_model: Callable = lambda model, args: model  # the module to train, made from the built model
     write_weights: Callable = write_weights  # (model, its full state dict, RunPaths): what later stages read
@@ -58,6 +63,8 @@ def train_stage(stage: Stage, argv=None):
     stage.add_flags(parser)
     parser.set_defaults(**stage.defaults)
     args = parse(parser, argv)
+    if args.z_loss and stage.make_objective is not language_modeling:
+        parser.error(f"--z_loss: only the language-modelling stages (pretraining, SFT, LoRA) add it, not {stage.name}")
     if args.val_data is None and Path(stage.default_val).is_file():
         args.val_data = stage.default_val
     distributed.setup(args)
