@@ -131,9 +131,11 @@ def create_app(model, tokenizer, model_name, max_batch=8, max_queue=16, context=
     app.add_middleware(Guard, api_key=api_key)
 
     async def read(request, kind):
-        raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:  # a chunked body has no Content-Length to check up front
-            raise APIError(413, f"request body over {MAX_BODY_BYTES} bytes")
+        raw = bytearray()
+        async for part in request.stream():  # a chunked body has no Content-Length to check up front
+            raw += part
+            if len(raw) > MAX_BODY_BYTES:  # stop reading here rather than hold all of it
+                raise APIError(413, f"request body over {MAX_BODY_BYTES} bytes")
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:

@@ -115,6 +115,9 @@ def test_bad_requests_get_their_status_and_error_json_while_a_good_one_succeeds(
         assert response.status_code == status, (body[:80], response.text)
         error = response.json()["error"]
         assert words in error["message"] and {"message", "type", "param", "code"} <= set(error)
+    chunked = httpx2.post(f"{server.url}/v1/chat/completions", content=(b"x" * (64 << 10) for _ in range(32)),
+                          headers={"Content-Type": "application/json"}, timeout=30)  # 2 MiB with no Content-Length
+    assert chunked.status_code == 413 and "bytes" in chunked.json()["error"]["message"]
     worker.join()
     assert good["answer"].choices[0].message.content is not None
     with pytest.raises(openai.NotFoundError):
