@@ -180,9 +180,11 @@ def test_z_loss_adds_its_weight_times_the_mean_squared_log_normaliser(tmp_path, 
     assert stats["loss"] == pytest.approx(stats["ce"] + 1e-2 * stats["z"], rel=1e-6)
 
 
-def test_z_loss_is_refused_where_the_objective_is_not_language_modelling(tmp_path):
-    result = run_stage("5-dpo.py", *TINY, "--z_loss", "1e-4", "--max_steps", "1", cwd=tmp_path, check=False)
-    assert result.returncode != 0 and "--z_loss: only the language-modelling stages" in result.stderr
+@pytest.mark.parametrize("flag, words", [(("--z_loss", "1e-4"), "--z_loss: only the language-modelling stages"),
+                                         (("--pack", "shared"), "--pack shared: only pretraining and SFT samples")])
+def test_a_shared_flag_the_stage_has_no_use_for_is_refused_before_any_data_is_read(tmp_path, flag, words):
+    result = run_stage("5-dpo.py", *TINY, *flag, "--max_steps", "1", cwd=tmp_path, check=False)  # no data here
+    assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr
 
 
 def test_ppl_data_reports_perplexity_and_bits_per_byte_of_the_answers(tmp_path, tokenizer):

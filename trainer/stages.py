@@ -63,8 +63,11 @@ def train_stage(stage: Stage, argv=None):
     stage.add_flags(parser)
     parser.set_defaults(**stage.defaults)
     args = parse(parser, argv)
+    # Shared flags some stages have no use for: refused before any data is read, not silently ignored.
     if args.z_loss and stage.make_objective is not language_modeling:
         parser.error(f"--z_loss: only the language-modelling stages (pretraining, SFT, LoRA) add it, not {stage.name}")
+    if args.pack != "none" and not issubclass(stage.dataset_class, (PretrainDataset, SFTDataset)):
+        parser.error(f"--pack {args.pack}: only pretraining and SFT samples are packed, not {stage.name}'s")
     if args.val_data is None and Path(stage.default_val).is_file():
         args.val_data = stage.default_val
     distributed.setup(args)
@@ -86,8 +89,6 @@ def train(stage, args):
     with distributed.main_process_first():
         dataset = stage.dataset_class(args.data_path, tokenizer, args.max_seq_len, skip_bad_lines=args.skip_bad_lines)
         if args.pack != "none":
-            if not isinstance(dataset, (PretrainDataset, SFTDataset)):
-                raise UserError(f"--pack {args.pack}: only pretraining and SFT samples are packed, not {stage.name}'s")
             dataset = Packed(dataset, isolated=args.pack == "isolated")
         val = stage.dataset_class(args.val_data, tokenizer, args.max_seq_len) if args.val_data else None
     for note in dataset.notes() + (val.notes() if val else []):
