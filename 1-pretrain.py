@@ -15,7 +15,9 @@ if __name__ == "__main__":
     run_cli(lambda: train_stage(Stage(
         name="pretrain",
         description=__doc__,
-        dataset_class=PretrainDataset,
+        dataset=PretrainDataset,
+        packs=True,
+        z_loss=True,
         default_data="data/pretrain.jsonl",
         default_val="data/pretrain_val.jsonl",
         defaults={"optimizer": "muon", "learning_rate": 2e-3, "schedule": "wsd"},

@@ -13,7 +13,9 @@ if __name__ == "__main__":
     run_cli(lambda: train_stage(Stage(
         name="sft",
         description=__doc__,
-        dataset_class=SFTDataset,
+        dataset=SFTDataset,
+        packs=True,
+        z_loss=True,
         default_data="data/sft.jsonl",
         default_val="data/sft_val.jsonl",
         start_from="pretrain",

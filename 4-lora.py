@@ -17,7 +17,9 @@ if __name__ == "__main__":
     run_cli(lambda: train_stage(Stage(
         name="lora",
         description=__doc__,
-        dataset_class=SFTDataset,
+        dataset=SFTDataset,
+        packs=True,
+        z_loss=True,
         default_data="data/lora.jsonl",
         default_val="data/lora_val.jsonl",
         start_from="sft",

@@ -8,18 +8,18 @@ frozen, is the reference. Loss per pair: -log sigmoid(beta * [(log p(chosen) - l
 """
 
 from dataset import PreferenceDataset
-from trainer import DirectPreference, Stage, load_model, run_cli, train_stage
+from trainer import DirectPreference, Stage, load_flagged, run_cli, train_stage
 from trainer.flags import add_dpo_flags
 
 if __name__ == "__main__":
     run_cli(lambda: train_stage(Stage(
         name="dpo",
         description=__doc__,
-        dataset_class=PreferenceDataset,
+        dataset=PreferenceDataset,
         default_data="data/dpo.jsonl",
         default_val="data/dpo_val.jsonl",
         start_from="sft",
         start_required=True,
         add_flags=add_dpo_flags,
-        make_objective=lambda model, args, start: DirectPreference(load_model(start), args.beta, start),
+        make_objective=lambda model, args, start: DirectPreference(load_flagged(start, args), args.beta, start),
     )))

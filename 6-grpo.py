@@ -10,13 +10,13 @@ group's relative advantages.
 """
 
 from dataset import PromptDataset, load_tokenizer
-from trainer import Stage, load_model, run_cli, train_stage
+from trainer import Stage, load_flagged, run_cli, train_stage
 from trainer.flags import add_grpo_flags
 from trainer.grpo import GroupRelativePolicy
 
 
 def grpo(model, args, start):
-    reference = load_model(start) if args.beta > 0 else None
+    reference = load_flagged(start, args) if args.beta > 0 else None
     return GroupRelativePolicy(reference, load_tokenizer(args.tokenizer_path), args, start)
 
 
@@ -24,7 +24,7 @@ if __name__ == "__main__":
     run_cli(lambda: train_stage(Stage(
         name="grpo",
         description=__doc__,
-        dataset_class=PromptDataset,
+        dataset=PromptDataset,
         default_data="data/grpo.jsonl",
         default_val="data/grpo_val.jsonl",
         start_from="sft",

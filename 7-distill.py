@@ -1,7 +1,7 @@
 """Stage 7: distil a teacher into a student: (1 - alpha) * CE + alpha * T^2 * KL(teacher_T || student_T).
 
 The teacher is any checkpoint 3-eval.py loads (a tinymind .pth/.safetensors or a Hugging Face directory,
-dense or MoE), frozen; it must share the student's vocabulary. The student starts from --init_from or
+dense or MoE, with its config beside it), frozen; it must share the student's vocabulary. The student starts from --init_from or
 random init with the shape the flags give. Pretrain-format jsonl trains on every token, SFT-format on
 the answers.
 
@@ -10,12 +10,12 @@ the answers.
 """
 
 from dataset import text_or_chat_dataset
-from trainer import Distillation, Stage, UserError, load_model, run_cli, train_stage
+from trainer import Distillation, Stage, UserError, load_for_use, run_cli, train_stage
 from trainer.flags import add_distill_flags
 
 
 def distillation(student, args, start):
-    teacher = load_model(args.teacher)
+    teacher, _ = load_for_use(args.teacher, tokenizer_path=args.tokenizer_path)  # the flags are the student's shape
     if teacher.config.vocab_size != student.config.vocab_size:
         raise UserError(f"--teacher {args.teacher} has a vocabulary of {teacher.config.vocab_size} tokens but the "
                         f"student has {student.config.vocab_size}: distillation needs one vocabulary (one tokenizer)")
@@ -29,7 +29,8 @@ if __name__ == "__main__":
     run_cli(lambda: train_stage(Stage(
         name="distill",
         description=__doc__,
-        dataset_class=text_or_chat_dataset,
+        dataset=text_or_chat_dataset,
+        packs=True,
         default_data="data/sft.jsonl",
         default_val="data/sft_val.jsonl",
         add_flags=add_distill_flags,

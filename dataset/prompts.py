@@ -13,7 +13,7 @@ import torch
 from datasets import Features, List, Value
 
 from .jsonl import FIX, json_type
-from .sft import SFTDataset
+from .sft import SFTDataset, turn_order_problem
 from .rewards import REWARDS
 from .tokenized import TokenizedJsonlDataset
 
@@ -52,12 +52,7 @@ class PromptDataset(TokenizedJsonlDataset):
         if record.get("reward") is not None and record["reward"] not in REWARDS:
             return f'"reward" {json.dumps(record["reward"])} is none of {", ".join(REWARDS)}; {FIX}'
         turns = record.get("conversations")
-        if not isinstance(turns, list) or not turns:
-            return SFTDataset.record_problem(record)
-        if isinstance(turns[-1], dict) and turns[-1].get("role") == "assistant":
-            return f"the conversation must end with the user turn the model is to answer, not an assistant turn; {FIX}"
-        # Checked as the conversation it becomes once answered.
-        return SFTDataset.record_problem({"conversations": [*turns, {"role": "assistant", "content": ""}]})
+        return SFTDataset.turns_problem(turns) or turn_order_problem(turns, "user")
 
     @staticmethod
     def encode(records, tokenizer, max_length):

@@ -13,7 +13,24 @@ import bisect
 from .jsonl import FIX, DataError, json_type
 from .tokenized import TokenizedJsonlDataset
 
-TURN_ORDER = "after an optional system turn, turns alternate user/assistant, starting with user and ending with assistant"
+
+
+def turn_order_problem(turns, last_role):
+    """What is wrong with the roles of `turns` (a list of turn objects), or None: after an optional system turn,
+    user and assistant alternate, starting with user and ending with `last_role`."""
+    order = f"after an optional system turn, turns alternate user/assistant, starting with user and ending with {last_role}"
+    first_dialogue_turn = 1 if turns[0].get("role") == "system" else 0
+    dialogue = turns[first_dialogue_turn:]
+    for offset, turn in enumerate(dialogue):
+        expected = ("user", "assistant")[offset % 2]
+        if turn.get("role") != expected:
+            return f"turn {first_dialogue_turn + offset + 1} has role {turn.get('role')!r} where {expected!r} belongs: {order}; {FIX}"
+    if not dialogue:
+        return f"the conversation holds only a system turn: {order}; {FIX}"
+    if dialogue[-1].get("role") != last_role:
+        wanted = "an assistant answer" if last_role == "assistant" else "the user turn the model is to answer"
+        return f"the conversation must end with {wanted}, not {dialogue[-1].get('role')!r}: {order}; {FIX}"
+    return None
 
 
 def truncate_qa(question, answer, max_length):
@@ -46,8 +63,13 @@ class SFTDataset(TokenizedJsonlDataset):
     @staticmethod
     def record_problem(record):
         turns = record.get("conversations")
+        return SFTDataset.turns_problem(turns) or turn_order_problem(turns, "assistant")
+
+    @staticmethod
+    def turns_problem(turns):
+        """What is wrong with the shape of a "conversations" value (not its roles' order), or None."""
         if turns is None:
-            return f'no "conversations" key (or it is null); SFT lines look like {{"conversations": [{{"role": "user", "content": "..."}}, ...]}}, {FIX}'
+            return f'no "conversations" key (or it is null); lines look like {{"conversations": [{{"role": "user", "content": "..."}}, ...]}}, {FIX}'
         if not isinstance(turns, list) or not turns:
             return f'"conversations" must be a non-empty list of turns, got {json_type(turns) if turns else "an empty list"}; {FIX}'
         for number, turn in enumerate(turns, start=1):
@@ -55,14 +77,6 @@ class SFTDataset(TokenizedJsonlDataset):
                 return f'turn {number} must be an object {{"role": ..., "content": ...}}, got {json_type(turn)}; {FIX}'
             if not isinstance(turn.get("content"), str):
                 return f'turn {number} needs a string "content", got {json_type(turn.get("content"))}; {FIX}'
-        first_dialogue_turn = 1 if turns[0].get("role") == "system" else 0
-        dialogue = turns[first_dialogue_turn:]
-        for offset, turn in enumerate(dialogue):
-            expected = ("user", "assistant")[offset % 2]
-            if turn.get("role") != expected:
-                return f"turn {first_dialogue_turn + offset + 1} has role {turn.get('role')!r} where {expected!r} belongs: {TURN_ORDER}; {FIX}"
-        if len(dialogue) % 2 == 1 or not dialogue:
-            return f"the conversation must end with an assistant answer: {TURN_ORDER}; {FIX}"
         return None
 
     @staticmethod

@@ -71,8 +71,8 @@ class PaddedToMaximum(PretrainDataset):
 
 
 def stage_for(recipe):
-    return Stage(name="pretrain", description="", dataset_class=PaddedToMaximum if recipe == "minimind" else
-                 PretrainDataset, default_data="data/pretrain.jsonl", default_val="data/pretrain_val.jsonl")
+    return Stage(name="pretrain", description="", dataset=PaddedToMaximum if recipe == "minimind" else PretrainDataset,
+                 default_data="data/pretrain.jsonl", default_val="data/pretrain_val.jsonl", packs=True, z_loss=True)
 
 
 def run_log(recipe, out_dir, *flags):

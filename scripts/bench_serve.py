@@ -22,10 +22,9 @@ import uvicorn
 from tqdm import tqdm
 
 from dataset import load_tokenizer
-from model import TinyMindForCausalLM
+from model import TinyMindForCausalLM, load_model
 from model.generate import PackedDecoder
 from scripts.serve import create_app
-from trainer import load_model
 from trainer.flags import add_model_flags, model_config, new_parser, parse
 
 

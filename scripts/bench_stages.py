@@ -27,10 +27,10 @@ import torch
 from tqdm import tqdm
 
 from dataset import PreferenceDataset, SFTDataset, collate, load_tokenizer
-from model import TinyMindForCausalLM
+from model import TinyMindForCausalLM, load_model
 from scripts.bench import proc_status_bytes, synchronize
-from trainer import DirectPreference, Distillation, LanguageModeling, load_model
-from trainer.checkpoint import run_paths
+from trainer import DirectPreference, Distillation, LanguageModeling
+from trainer.run_folder import run_paths
 from trainer.flags import add_lora_flags, add_model_flags, add_training_flags, model_config, new_parser, parse
 from trainer.lora import with_adapters
 from trainer.loop import Trainer

@@ -19,26 +19,22 @@ from pathlib import Path
 
 import torch
 
-from dataset import load_tokenizer
-from model import TinyMindConfig
-from model.convert import UnsupportedArchitecture, export_hf, load_hf
+from model import TinyMindConfig, atomic_write, load_model, save_weights
+from model.convert import UnsupportedArchitecture, export_hf
 from model.gguf_export import DTYPES, architecture, modelfile, write_gguf
-from trainer import UserError, load_model, run_cli, save_weights
-from trainer.checkpoint import atomic_write
+from trainer import UserError, load_for_use, run_cli
 from trainer.distributed import say
 
 
 def export(args):
-    model = load_model(args.checkpoint, read_config(args.config) if args.config else None)
-    tokenizer = load_tokenizer(args.tokenizer_path)
+    model, tokenizer = load_for_use(args.checkpoint, tokenizer_path=args.tokenizer_path, shape=read_config(args.config))
     architecture = export_hf(model, args.out, dtype=getattr(torch, args.dtype) if args.dtype else None)
     tokenizer.save_pretrained(args.out)
     say(f"wrote {args.out} ({architecture})")
 
 
 def to_gguf(args):
-    model = load_model(args.checkpoint, read_config(args.config) if args.config else None)
-    tokenizer = load_tokenizer(args.tokenizer_path)
+    model, tokenizer = load_for_use(args.checkpoint, tokenizer_path=args.tokenizer_path, shape=read_config(args.config))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -51,6 +47,8 @@ def to_gguf(args):
 
 
 def read_config(path):
+    if path is None:
+        return None
     try:
         return TinyMindConfig.from_json_file(path)
     except (OSError, ValueError) as err:
@@ -58,10 +56,7 @@ def read_config(path):
 
 
 def import_(args):
-    try:
-        model = load_hf(args.model)
-    except (UnsupportedArchitecture, OSError) as err:
-        raise UserError(" ".join(str(err).split())) from None  # one line, whatever the Hub wrote
+    model = load_model(args.model)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     save_weights(model.state_dict(), model.config, args.out)
     say(f"wrote {args.out} and {Path(args.out).with_suffix('.json')}")

@@ -13,13 +13,13 @@ import json
 import torch
 from tqdm import tqdm
 
-from dataset import SFTDataset, load_tokenizer
+from dataset import SFTDataset
 from dataset.jsonl import bad_line_error, load_jsonl
-from model import Sampling, stream_tokens
-from trainer import load_model_as_flagged, run_cli
-from trainer.checkpoint import atomic_write, run_paths
+from model import Sampling, atomic_write, stream_tokens
+from trainer import run_cli
 from trainer.distributed import say
 from trainer.flags import add_model_flags, new_parser, parse
+from trainer.loading import add_checkpoint_flags, load_checkpoint_flags
 from trainer.precision import autocast_context
 
 
@@ -27,8 +27,7 @@ def parse_args(argv=None):
     parser = new_parser(__doc__)
     add_model_flags(parser)
     group = parser.add_argument_group("sampling")
-    group.add_argument("--checkpoint", help="the model whose answers become the rejected ones "
-                                            "(default: the matching output/sft_*/sft_*.pth)")
+    add_checkpoint_flags(group, "the model whose answers become the rejected ones")
     group.add_argument("--data", default="data/sft.jsonl", help="SFT-format jsonl whose last answers are the chosen")
     group.add_argument("--out", default="data/dpo_onpolicy.jsonl", help="where the pairs go")
     group.add_argument("--limit", type=int, default=2000, help="answer at most this many conversations")
@@ -41,9 +40,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    model = load_model_as_flagged(args.checkpoint or run_paths("sft", args).existing_weights(), args)
-    model = model.to(args.device).eval()
-    tokenizer = load_tokenizer(args.tokenizer_path)
+    model, tokenizer, _ = load_checkpoint_flags(args)
     records = load_jsonl(args.data, ("conversations",), SFTDataset.record_problem)
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p)
     pairs, same = [], 0

@@ -26,15 +26,13 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dataset import load_tokenizer
 from model import Sampling
 from model.engine import Engine
 from model.engine import Request as EngineRequest
-from trainer import load_model_as_flagged, run_cli
-from trainer.checkpoint import run_paths
+from trainer import run_cli
 from trainer.distributed import say
 from trainer.flags import add_model_flags, new_parser, parse
-from trainer.lora import load_adapter
+from trainer.loading import add_checkpoint_flags, load_checkpoint_flags
 
 PAGE = Path(__file__).with_name("chat.html")
 MAX_BODY_BYTES = 1 << 20
@@ -389,9 +387,7 @@ def parse_args(argv=None):
     parser = new_parser(__doc__)
     add_model_flags(parser)
     group = parser.add_argument_group("server")
-    group.add_argument("--checkpoint", help="a .pth/.safetensors or a Hugging Face directory "
-                                            "(default: the matching output/sft_*/sft_*.pth)")
-    group.add_argument("--lora", help="a LoRA adapter folder to apply to the checkpoint")
+    add_checkpoint_flags(group, "the model to serve")
     group.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
     group.add_argument("--port", type=int, default=8000)
     group.add_argument("--api_key", help="require Authorization: Bearer KEY on every /v1 request")
@@ -405,12 +401,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    checkpoint = Path(args.checkpoint or run_paths("sft", args).existing_weights())
-    model = load_model_as_flagged(checkpoint, args).to(args.device).eval()
-    if args.lora:
-        model = load_adapter(model, args.lora).get_base_model().eval()
-    tokenizer = load_tokenizer(args.tokenizer_path)
-    name = args.model_name or checkpoint.stem
+    model, tokenizer, checkpoint = load_checkpoint_flags(args)
+    name = args.model_name or Path(checkpoint).stem
     torch.manual_seed(args.seed)
     app = create_app(model, tokenizer, name, args.max_batch, args.max_queue, args.context, args.max_tokens_cap,
                      args.api_key)

@@ -56,7 +56,7 @@ def test_kl_and_its_gradient_vanish_when_the_student_is_the_teacher(batch):
     assert max(p.grad.abs().max().item() for p in student.parameters()) < 1e-6
 
 
-def test_distillation_trains_a_smaller_student_from_the_stage_and_refuses_another_vocabulary(tmp_path):
+def test_distillation_trains_a_smaller_student_packed_or_not_and_refuses_another_vocabulary(tmp_path):
     (tmp_path / "data").mkdir()
     pretrain_file(tmp_path / "data")
     sft_file(tmp_path / "data")
@@ -76,6 +76,9 @@ def test_distillation_trains_a_smaller_student_from_the_stage_and_refuses_anothe
     assert refused.stderr.strip().splitlines()[-1] == (
         f"error: --teacher {teacher} has a vocabulary of 6400 tokens but the student has 7000: distillation needs "
         "one vocabulary (one tokenizer)")
+    packed = run_stage("7-distill.py", *TINY, "--teacher", teacher, "--pack", "isolated", "--max_steps", 1,
+                       "--out_dir", "packed", cwd=tmp_path)
+    assert "saved packed/distill_dense/distill_64.pth" in packed.stdout
     missing = run_stage("7-distill.py", *MODEL, cwd=tmp_path, check=False)
     assert missing.returncode == 2 and "--teacher" in missing.stderr.strip().splitlines()[-1]
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from trainer import load_model
+from model import load_model
 
 from conftest import CONVERSATIONS, ROOT, TINY, pretrain_file, run_stage, sft_file, write_jsonl
 

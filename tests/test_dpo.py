@@ -1,6 +1,7 @@
 """5-dpo.py: the DPO loss against a hand computation, its gradient, learning, accumulation, resume, bad lines."""
 
 import copy
+import csv
 import json
 import math
 import random
@@ -181,3 +182,27 @@ def test_on_policy_pairs_reject_the_models_own_answers(tmp_path, tokenizer):
     originals = [json.loads(line)["conversations"] for line in sft.read_text().splitlines()[:3]]
     assert [line["chosen"] for line in lines] == originals
     assert all(line["rejected"][-1]["content"] != line["chosen"][-1]["content"] for line in lines)
+
+
+MOE = ["--model_type", "moe", "--n_routed_experts", 4, "--num_experts_per_tok", 2, "--n_shared_experts", 0]
+
+
+@pytest.mark.parametrize("start", ["bare", "flagged"])
+def test_the_reference_is_the_policy_as_the_flags_load_it(tmp_path, start):
+    """A bare .pth (its shape from the flags) and a flag override (--norm_topk_prob false) reach the reference
+    as they reach the policy: the two are one model at the start, so the first step's rewards are exactly 0."""
+    (tmp_path / "data").mkdir()
+    sft_file(tmp_path / "data")
+    write_jsonl(tmp_path / "data/dpo.jsonl", rule_pairs(8, seed=0))
+    write_jsonl(tmp_path / "data/dpo_val.jsonl", rule_pairs(16, seed=1))
+    run_stage("2-sft.py", *TINY, *MOE, "--max_steps", 2, cwd=tmp_path)
+    sft = tmp_path / "output/sft_moe/sft_64_moe.pth"
+    if start == "bare":
+        (tmp_path / "bare.pth").write_bytes(sft.read_bytes())  # no .json beside it
+        flags = ["--init_from", "bare.pth"]
+    else:
+        flags = ["--norm_topk_prob", "false"]
+    run_stage("5-dpo.py", *TINY, *MOE, *flags, "--max_steps", 1, cwd=tmp_path)
+    with open(tmp_path / "output/dpo_moe/dpo_64_moe_log.csv") as f:
+        first = next(row for row in csv.DictReader(f) if row["step"] == "1")
+    assert float(first["chosen_reward"]) == float(first["rejected_reward"]) == 0.0, first

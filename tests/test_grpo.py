@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from dataset import DataError, PromptDataset
 from dataset.rewards import contains, exact_match, numeric_match
 from trainer.grpo import group_advantages, grpo_loss
 
@@ -136,3 +137,13 @@ def test_reused_rollouts_clip_and_resume_exactly_in_the_middle_of_their_reuse(tm
     run_stage("6-grpo.py", *flags, "--resume", cwd=tmp_path)
     weights = torch.load(tmp_path / "output/grpo_dense/grpo_64.pth", weights_only=True)
     assert all(torch.equal(straight[key], weights[key]) for key in straight)
+
+
+def test_a_prompt_of_only_a_system_turn_is_described_as_written(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "grpo.jsonl", [{"conversations": [{"role": "system", "content": "Be brief."}],
+                                                  "answer": "1"}])
+    with pytest.raises(DataError) as error:
+        PromptDataset(path, tokenizer, max_length=48)
+    assert str(error.value).startswith(
+        f"{path}, line 1: the conversation holds only a system turn: after an optional system turn, turns alternate "
+        "user/assistant, starting with user and ending with user;")

@@ -5,9 +5,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from model import fast_generate
+from model import fast_generate, load_model
 from model.convert import export_hf
-from trainer import load_model
 from trainer.lora import load_adapter
 
 from conftest import MODEL, TINY, pretrain_file, run_stage, sft_file

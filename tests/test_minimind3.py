@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerFast
 from conftest import CONVERSATIONS, ROOT, TEXTS, run_stage, write_jsonl
 from dataset import SFTDataset, load_tokenizer
 from model import TinyMindConfig, TinyMindForCausalLM
-from trainer import load_model_as_flagged
+from trainer import load_flagged
 from trainer.flags import add_model_flags, new_parser, parse
 
 # MiniMind-3's shape scaled down: 8 query heads over 4 key/value heads, FFN = ceil(hidden·π/64)·64, eps 1e-6.
@@ -114,7 +114,7 @@ def flagged_args(*flags):
 def test_minimind3_pth_loads_strictly_and_computes_its_architecture(moe, tmp_path):
     checkpoint = tmp_path / "minimind3.pth"
     torch.save(minimind3_state_dict(moe), checkpoint)  # a bare .pth, no config beside it: the flags give the shape
-    model = load_model_as_flagged(checkpoint, flagged_args(*FLAGS, *(MOE_FLAGS if moe else []))).eval()
+    model = load_flagged(checkpoint, flagged_args(*FLAGS, *(MOE_FLAGS if moe else []))).eval()
     assert model.config.qk_norm and (not moe or model.config.n_shared_experts == 0)
     ids = torch.randint(0, SHAPE["vocab"], (12,), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -140,8 +140,8 @@ def test_presets_have_minimind3s_shape_and_size():
 def test_yarn_factor_flag_sets_minimind3s_rope_scaling_over_a_checkpoint(tmp_path):
     checkpoint = tmp_path / "minimind3.pth"
     torch.save(minimind3_state_dict(False), checkpoint)
-    plain = load_model_as_flagged(checkpoint, flagged_args(*FLAGS)).eval()
-    scaled = load_model_as_flagged(checkpoint, flagged_args(*FLAGS, "--yarn_factor", "16")).eval()
+    plain = load_flagged(checkpoint, flagged_args(*FLAGS)).eval()
+    scaled = load_flagged(checkpoint, flagged_args(*FLAGS, "--yarn_factor", "16")).eval()
     assert scaled.config.rope_scaling == {"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 2048,
                                           "beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": 1.0}
     ids = torch.arange(40)[None] % SHAPE["vocab"]

@@ -12,14 +12,14 @@ import time
 import pytest
 import torch
 
-import trainer.checkpoint
+import model.weights as weights_io
 import trainer.objectives
 from trainer import Stage, run_cli, train_stage
 from dataset import PretrainDataset
 
 from conftest import ROOT, TINY, pretrain_file, run_stage
 
-PRETRAIN = Stage(name="pretrain", description="", dataset_class=PretrainDataset,
+PRETRAIN = Stage(name="pretrain", description="", dataset=PretrainDataset, packs=True, z_loss=True,
                  default_data="data/pretrain.jsonl", default_val="data/none.jsonl")
 
 
@@ -268,7 +268,7 @@ def test_full_disk_during_save_keeps_the_previous_checkpoint(workdir, capsys, mo
             f.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(trainer.checkpoint.torch, "save", full_disk)
+    monkeypatch.setattr(weights_io.torch, "save", full_disk)
     code, err = run_in_process(capsys, "--max_steps", 4, "--resume")
     assert code == 2
     assert err[-1] == f"error: could not write {weights.relative_to(workdir)}: No space left on device; " \
@@ -283,13 +283,13 @@ def test_a_checkpoint_cut_at_any_length_is_one_line_naming_the_file(tmp_path, su
 
     config = TinyMindConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=100)
     whole = tmp_path / f"whole.{suffix}"
-    trainer.checkpoint.save_weights(TinyMindForCausalLM(config).state_dict(), config, whole)
+    weights_io.save_weights(TinyMindForCausalLM(config).state_dict(), config, whole)
     data = whole.read_bytes()
     cut = tmp_path / f"cut.{suffix}"
     for length in sorted({*range(0, len(data), max(1, len(data) // 300)), *range(0, 64), len(data) - 1}):
         cut.write_bytes(data[:length])
-        with pytest.raises(trainer.checkpoint.UserError, match=f"^{cut}: "):
-            trainer.checkpoint.read_state_dict(cut)
+        with pytest.raises(weights_io.CheckpointError, match=f"^{cut}: "):
+            weights_io.read_state_dict(cut)
 
 
 @pytest.mark.parametrize("suffix", ["pth", "safetensors"])
@@ -300,8 +300,8 @@ def test_a_checkpoint_with_flipped_bytes_is_one_line_naming_the_file_or_loads_un
 
     config = TinyMindConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=100)
     whole = tmp_path / f"whole.{suffix}"
-    trainer.checkpoint.save_weights(TinyMindForCausalLM(config).state_dict(), config, whole)
-    original = trainer.checkpoint.read_state_dict(whole)
+    weights_io.save_weights(TinyMindForCausalLM(config).state_dict(), config, whole)
+    original = weights_io.read_state_dict(whole)
     data = whole.read_bytes()
     flipped = tmp_path / f"flipped.{suffix}"
     errors = unchanged = 0
@@ -310,8 +310,8 @@ def test_a_checkpoint_with_flipped_bytes_is_one_line_naming_the_file_or_loads_un
         damaged[position] ^= 0x10
         flipped.write_bytes(damaged)
         try:
-            state = trainer.checkpoint.read_state_dict(flipped)
-        except trainer.checkpoint.UserError as err:
+            state = weights_io.read_state_dict(flipped)
+        except weights_io.CheckpointError as err:
             assert str(err).startswith(f"{flipped}: ") and "\n" not in str(err)
             errors += 1
             continue

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from dataset import LENGTH_GROUP_STEPS, PretrainDataset, SFTDataset, epoch_order
-from model import TinyMindConfig, TinyMindForCausalLM
+from model import TinyMindConfig, TinyMindForCausalLM, load_model, save_weights
 from model import model as model_module
 from trainer.flags import add_model_flags, add_training_flags, model_config, new_parser, parse
-from trainer.checkpoint import load_model, run_paths, save_weights
 from trainer.loop import Trainer
+from trainer.run_folder import run_paths
 from trainer.objectives import LanguageModeling
 
 from conftest import MODEL, TINY, pretrain_file, run_stage, sft_file
@@ -181,7 +181,7 @@ def test_z_loss_adds_its_weight_times_the_mean_squared_log_normaliser(tmp_path, 
 
 
 @pytest.mark.parametrize("flag, words", [(("--z_loss", "1e-4"), "--z_loss: only the language-modelling stages"),
-                                         (("--pack", "shared"), "--pack shared: only pretraining and SFT samples")])
+                                         (("--pack", "shared"), "--pack shared: only text and chat samples are packed")])
 def test_a_shared_flag_the_stage_has_no_use_for_is_refused_before_any_data_is_read(tmp_path, flag, words):
     result = run_stage("5-dpo.py", *TINY, *flag, "--max_steps", "1", cwd=tmp_path, check=False)  # no data here
     assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr

@@ -1,11 +1,10 @@
-"""What the stage scripts share: flags, the loop and its objectives, checkpoints, perplexity and chat."""
+"""What the stage scripts share: flags, the loop and its objectives, the run folder, loading a model for use."""
 
 from .chat import eval_stage
-from .checkpoint import load_model, load_model_as_flagged, save_weights
 from .errors import UserError
+from .loading import load_flagged, load_for_use
 from .objectives import DirectPreference, Distillation, LanguageModeling, Loss, Objective, Step
 from .stages import Stage, run_cli, train_stage
 
-__all__ = ["eval_stage", "load_model", "load_model_as_flagged", "save_weights", "UserError", "DirectPreference", "Distillation",
-           "LanguageModeling", "Loss",
-           "Objective", "Step", "Stage", "run_cli", "train_stage"]
+__all__ = ["eval_stage", "UserError", "load_flagged", "load_for_use", "DirectPreference", "Distillation",
+           "LanguageModeling", "Loss", "Objective", "Step", "Stage", "run_cli", "train_stage"]

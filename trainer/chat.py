@@ -6,30 +6,23 @@ from pathlib import Path
 
 import torch
 
-from dataset import load_tokenizer, text_or_chat_dataset, token_bytes
+from dataset import text_or_chat_dataset, token_bytes
 from model import Sampling, stream_tokens
 
-from .checkpoint import load_model_as_flagged, run_paths
 from .distributed import say
 from .evaluate import language_model_scores
 from .flags import add_chat_flags, add_model_flags, new_parser, parse
-from .lora import load_adapter
+from .loading import add_checkpoint_flags, load_checkpoint_flags
 from .precision import autocast_context
 
 
 def eval_stage(argv=None):
     parser = new_parser("Chat with a tinymind checkpoint, or report its perplexity on a jsonl file.")
     add_model_flags(parser)
-    add_chat_flags(parser)
+    add_checkpoint_flags(add_chat_flags(parser), "the model to chat with")
     args = parse(parser, argv)
     torch.manual_seed(args.seed)
-    checkpoint = args.checkpoint or run_paths("sft", args).existing_weights()
-    model = load_model_as_flagged(checkpoint, args).to(args.device).eval()
-    tokenizer = load_tokenizer(args.tokenizer_path)
-    say(f"loaded {checkpoint} ({model.parameter_counts()[0] / 1e6:.2f}M parameters)", err=True)
-    if args.lora:
-        model = load_adapter(model, args.lora).get_base_model().eval()  # adapters in its modules, unmerged
-        say(f"with the LoRA adapter in {args.lora}", err=True)
+    model, tokenizer, _ = load_checkpoint_flags(args)
 
     if args.ppl_data:
         dataset = text_or_chat_dataset(args.ppl_data, tokenizer, args.max_seq_len)

@@ -119,9 +119,6 @@ def add_training_flags(parser, default_data):
 
 def add_chat_flags(parser):
     group = parser.add_argument_group("chat")
-    group.add_argument("--checkpoint", help="a .pth/.safetensors or a Hugging Face directory "
-                                            "(default: the matching output/sft_*/sft_*.pth)")
-    group.add_argument("--lora", help="a LoRA adapter folder (4-lora.py's) to apply to the checkpoint, unmerged")
     group.add_argument("--prompt", help="answer this once and exit")
     group.add_argument("--prompts_file", help="answer each line of this file")
     group.add_argument("--no_history", action="store_true", help="interactive chat forgets earlier turns")
@@ -132,6 +129,7 @@ def add_chat_flags(parser):
     group.add_argument("--repetition_penalty", type=float, default=1.0)
     group.add_argument("--ppl_data", help="report perplexity on this pretrain- or SFT-format jsonl instead")
     group.add_argument("--batch_size", type=int, default=8, help="batch size for --ppl_data")
+    return group
 
 
 # ---- the flags of one stage each -------------------------------------------------------------------------
@@ -322,10 +320,10 @@ def flagged_fields(args, names=None) -> dict:
     return fields
 
 
-def config_with_flags(source: TinyMindConfig, args) -> TinyMindConfig:
-    """`source` (a checkpoint's own config) with the fields of the model flags given on the command line or in
-    the preset: what the user spelled out wins, the rest stays as the weights were trained."""
-    return checked_config({**source.to_dict(), **flagged_fields(args, getattr(args, "given_flags", set()))})
+def flag_overrides(args) -> dict:
+    """The config fields of the model flags given on the command line or in the preset: applied over a
+    checkpoint's own config, what the user spelled out wins and the rest stays as the weights were trained."""
+    return flagged_fields(args, getattr(args, "given_flags", set()))
 
 
 def checked_config(fields) -> TinyMindConfig:

@@ -5,7 +5,7 @@ One optimizer step takes `accumulation_steps` micro-batches per process. The obj
 whole step, so the accumulated gradient is that of one large batch. The loop does the rest
 for every stage alike: autocast, gradient sync, clipping, the non-finite step skip, the
 learning-rate schedule, the progress bar and CSV, and the checkpoints `--resume` continues
-from bit-exactly (`state_dict` / `load_state_dict`, written by trainer/checkpoint.py).
+from bit-exactly (`state_dict` / `load_state_dict`, in the run folder of trainer/run_folder.py).
 """
 
 import contextlib
@@ -19,15 +19,15 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from dataset import LENGTH_GROUP_STEPS, epoch_order
+from model import atomic_write, save_weights
 
 from . import distributed
-from .checkpoint import (RESUME_FLAGS, check_resume_flags, read_resume_state, rng_state, save_run, set_rng_state,
-                         write_weights)
 from .distributed import say
 from .errors import UserError
 from .metrics import CsvLog, ExpertLoadWatch, held_out_column, log_columns, peak_memory_bytes
 from .objectives import Step
 from .precision import autocast_context, grad_scaler
+from .run_folder import RESUME_FLAGS, check_resume_flags, read_resume_state, rng_state, set_rng_state
 
 MAX_BAD_STEPS = 5
 
@@ -82,10 +82,16 @@ def make_optimizers(model, args):
     return [adamw, *optimizers]
 
 
+def write_model_weights(model, state, paths):
+    """The weights later stages read: the model's state dict and its config beside it."""
+    save_weights(state, model.config, paths.weights)
+
+
 class Trainer:
-    def __init__(self, model, dataset, objective, args, paths, write_weights=write_weights, val=None):
+    def __init__(self, model, dataset, objective, args, paths, write_weights=None, val=None):
+        """`write_weights(model, state_dict, paths)` writes what later stages read (default: `write_model_weights`)."""
         self.args, self.dataset, self.objective, self.paths, self.val = args, dataset, objective, paths, val
-        self.write_weights = write_weights
+        self.write_weights = write_weights or write_model_weights
         self.device = torch.device(args.device)
         self.raw_model = model.to(self.device)
         if args.grad_checkpointing:
@@ -141,17 +147,17 @@ class Trainer:
                         interval_start, interval_tokens = time.perf_counter(), 0
                     bar.update(1)
                     if step % self.args.save_interval == 0 and step < self.total_steps:
-                        save_run(self, self.args.keep_last)
+                        self.save()
                     since = time.perf_counter()  # evaluation and saving are not training time
                     if stop.requested():
-                        save_run(self, self.args.keep_last)
+                        self.save()
                         bar.close()
                         say(f"stopped by {signal.Signals(stop.signal).name} at step {step}; checkpoint saved in "
                             f"{self.paths.dir}. Resume with the same command plus --resume", err=True)
                         raise SystemExit(128 + stop.signal)
                     if step >= self.total_steps:
                         break
-        save_run(self, self.args.keep_last)
+        self.save()
         steps, seconds = self.progress.step - first_step, self.progress.seconds - first_seconds
         say(f"trained {steps} steps in {seconds:.1f} s ({seconds / max(steps, 1):.3f} s/step; "
             f"{time.perf_counter() - started:.1f} s with evaluation and saves); "
@@ -277,6 +283,20 @@ class Trainer:
         self.log.append({**row, **shares})
 
     # ---- what a checkpoint holds -------------------------------------------------------------
+
+    def save(self):
+        """The weights later stages read, then the resume state; resume states beyond --keep_last are removed.
+        Every process calls it (FSDP gathers shards); the main process writes."""
+        state = self.state_dict()
+
+        def write():
+            self.paths.dir.mkdir(parents=True, exist_ok=True)
+            self.write_weights(self.raw_model, state["model"], self.paths)
+            atomic_write(self.paths.resume_state(state["progress"]["step"]), lambda tmp: torch.save(state, tmp))
+            for old in self.paths.resume_states()[:-self.args.keep_last]:
+                old.unlink(missing_ok=True)
+
+        distributed.main_process_alone(write)
 
     def state_dict(self):
         """Everything `--resume` needs to continue exactly. Under FSDP every process must call it."""

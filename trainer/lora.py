@@ -15,7 +15,7 @@ from pathlib import Path
 
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from .checkpoint import save_weights
+from model import save_weights
 from .distributed import say
 from .errors import UserError
 from .flags import LORA_TARGETS

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import atomic_write
+from model import atomic_write
 
 
 def log_columns(objective, expert_loads, held_out):

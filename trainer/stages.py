@@ -10,23 +10,24 @@ from typing import Callable
 
 import torch
 
-from dataset import DataError, Packed, PretrainDataset, SFTDataset, load_tokenizer
-from model import TinyMindConfig, TinyMindForCausalLM
+from dataset import DataError, Packed, load_tokenizer
+from model import CheckpointError, TinyMindConfig, TinyMindForCausalLM, config_path
 
 from . import distributed
-from .checkpoint import config_path, load_model_as_flagged, prepare_run_dir, run_paths, write_weights
 from .distributed import say
 from .errors import UserError
-from .flags import add_model_flags, add_training_flags, config_with_flags, model_config, new_parser, parse
-from .loop import Trainer
+from .flags import add_model_flags, add_training_flags, flag_overrides, model_config, new_parser, parse
+from .loading import load_flagged
+from .loop import Trainer, write_model_weights
 from .objectives import LanguageModeling
+from .run_folder import prepare_run_dir, run_paths
 
 
 def run_cli(main):
     """Run a stage's main; a mistake the user can fix ends in one `error:` line and exit code 2."""
     try:
         main()
-    except (UserError, DataError) as err:
+    except (UserError, DataError, CheckpointError) as err:
         say(f"error: {err}", err=True)
         raise SystemExit(2) from None
 
@@ -42,7 +43,8 @@ class Stage:
 
     name: str  # names the run folder and files: output/{name}_{type}/{name}_{hidden}[_moe].pth
     description: str
-    dataset_class: type
+    # (path, tokenizer, max_length, skip_bad_lines=False) → the dataset of its samples
+    dataset: Callable
     default_data: str
     default_val: str
     start_from: str | None = None  # the stage whose matching checkpoint it starts from, unless --init_from
@@ -51,8 +53,11 @@ class Stage:
     make_objective: Callable = language_modeling
     add_flags: Callable = lambda parser: None  # the stage's own flags
     adapt_model: Callable = lambda model, args: model  # the module to train, made from the built model
-    write_weights: Callable = write_weights  # (model, its full state dict, RunPaths): what later stages read
+    write_weights: Callable = write_model_weights  # (model, its full state dict, RunPaths): what later stages read
     defaults: dict = field(default_factory=dict)  # the stage's own flag defaults; presets and flags override them
+    # What the stage does with the shared flags some stages have no use for (refused where it is False):
+    packs: bool = False  # its samples are token sequences that --pack may put back to back
+    z_loss: bool = False  # its objective adds --z_loss
 
 
 def train_stage(stage: Stage, argv=None):
@@ -64,10 +69,10 @@ def train_stage(stage: Stage, argv=None):
     parser.set_defaults(**stage.defaults)
     args = parse(parser, argv)
     # Shared flags some stages have no use for: refused before any data is read, not silently ignored.
-    if args.z_loss and stage.make_objective is not language_modeling:
+    if args.z_loss and not stage.z_loss:
         parser.error(f"--z_loss: only the language-modelling stages (pretraining, SFT, LoRA) add it, not {stage.name}")
-    if args.pack != "none" and not issubclass(stage.dataset_class, (PretrainDataset, SFTDataset)):
-        parser.error(f"--pack {args.pack}: only pretraining and SFT samples are packed, not {stage.name}'s")
+    if args.pack != "none" and not stage.packs:
+        parser.error(f"--pack {args.pack}: only text and chat samples are packed, not {stage.name}'s")
     if args.val_data is None and Path(stage.default_val).is_file():
         args.val_data = stage.default_val
     distributed.setup(args)
@@ -87,10 +92,10 @@ def train(stage, args):
     if len(tokenizer) > args.vocab_size:
         raise UserError(f"the tokenizer has {len(tokenizer)} tokens but --vocab_size is {args.vocab_size}")
     with distributed.main_process_first():
-        dataset = stage.dataset_class(args.data_path, tokenizer, args.max_seq_len, skip_bad_lines=args.skip_bad_lines)
+        dataset = stage.dataset(args.data_path, tokenizer, args.max_seq_len, skip_bad_lines=args.skip_bad_lines)
         if args.pack != "none":
             dataset = Packed(dataset, isolated=args.pack == "isolated")
-        val = stage.dataset_class(args.val_data, tokenizer, args.max_seq_len) if args.val_data else None
+        val = stage.dataset(args.val_data, tokenizer, args.max_seq_len) if args.val_data else None
     for note in dataset.notes() + (val.notes() if val else []):
         say(note, err=True)
     model = stage.adapt_model(build_model(stage.name, start, args), args)
@@ -117,11 +122,13 @@ def build_model(stage_name, start, args):
     config) with the model flags given applied over it; from the flags alone when it starts from random init."""
     if args.resume:
         own = config_path(run_paths(stage_name, args).existing_weights())
-        return TinyMindForCausalLM(config_with_flags(TinyMindConfig.from_json_file(own), args) if own.is_file()
-                                   else model_config(args))
+        if not own.is_file():
+            return TinyMindForCausalLM(model_config(args))
+        fields = {**TinyMindConfig.from_json_file(own).to_dict(), **flag_overrides(args)}
+        return TinyMindForCausalLM(TinyMindConfig.from_dict(fields))
     if start is None:
         return TinyMindForCausalLM(model_config(args))
-    model = load_model_as_flagged(start, args)
+    model = load_flagged(start, args)
     if args.max_seq_len > model.config.max_position_embeddings:
         raise UserError(f"--max_seq_len {args.max_seq_len} exceeds the max_position_embeddings "
                         f"{model.config.max_position_embeddings} of {start}")

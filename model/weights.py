@@ -1,0 +1,202 @@
+"""Weights on disk: atomic writes, the config beside the weights, corruption checks, and loading a model.
+
+A checkpoint is data, not code: `.pth` files are read with `weights_only=True` and
+`.safetensors` through safetensors, so a file carrying pickled objects is refused.
+Changed bytes are caught before loading: a `.pth` is a zip whose entries carry CRC-32s
+(torch.load never checks them; `zipfile` does), and the `.safetensors` written here carry a
+SHA-256 of their tensors in the header (`tinymind.sha256`).
+Every write goes to a temporary file that is renamed over the target, so a crash or a
+full disk at any instant leaves the previous complete file readable.
+
+Every mistake a user can make with a file (missing, corrupt, the wrong shape) is a `CheckpointError`
+whose message names the file and the fix; the stage scripts print it as one `error:` line.
+"""
+
+import hashlib
+import os
+import pickle
+import re
+import zipfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from .config import TinyMindConfig
+from .convert import UnsupportedArchitecture, load_hf, names_hf_model
+from .model import TinyMindForCausalLM
+
+
+class CheckpointError(Exception):
+    """A weights file that cannot be read, written or loaded into the model asked for."""
+
+
+def atomic_write(path, write):
+    """Call `write(tmp_path)` and rename the result over `path`; on failure remove the partial file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"could not write {path}: {err.strerror or err}; the previous file there is untouched"
+                              ) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def config_path(weights_path) -> Path:
+    """The model config written beside a weights file: `sft_512.pth` → `sft_512.json`."""
+    return Path(weights_path).with_suffix(".json")
+
+
+def save_weights(state_dict, config, path):
+    """Write a state dict (the layout in docs/architecture.md) to `path`, safetensors for a `.safetensors` name
+    and torch.save otherwise, plus the model config beside it."""
+    path = Path(path)
+    state = {key: value.detach().cpu().contiguous() for key, value in state_dict.items()}
+    if path.suffix == ".safetensors":
+        if config.tie_word_embeddings:
+            # safetensors refuses tensors that share memory; the tied head is rebuilt from the embedding on load.
+            state.pop("lm_head.weight", None)
+        metadata = {DIGEST_KEY: tensors_digest(state)}
+        atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+    else:
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+    atomic_write(config_path(path), lambda tmp: config.to_json_file(tmp))
+
+
+def read_state_dict(path) -> dict:
+    """Tensors from a `.pth` or `.safetensors` file; a missing, corrupt or pickled file is a CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+            check_digest(path, state)
+        else:
+            check_zip_checksums(path)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if not refused:
+            raise CheckpointError(f"{path}: truncated or corrupt checkpoint (not a readable torch file)") from None
+        raise CheckpointError(
+            f"{path}: refused, it holds pickled Python objects ({refused.group(1)}), not only tensors; "
+            "load it in a trusted session and re-save `model.state_dict()`"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, SafetensorError, ValueError, OSError, IndexError,
+            KeyError) as err:  # a download cut short fails in any of these, depending on where it was cut
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({reason})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: not a state dict of tensors (a resume state? pass the .pth weights file)")
+    return state
+
+
+DIGEST_KEY = "tinymind.sha256"
+
+
+def tensors_digest(state) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_digest(path, state):
+    with safe_open(str(path), "pt") as f:
+        expected = (f.metadata() or {}).get(DIGEST_KEY)
+    if expected is not None and tensors_digest(state) != expected:
+        raise CheckpointError(f"{path}: corrupt checkpoint (its tensors no longer match the SHA-256 written with "
+                              "them: bytes changed after it was saved); copy or download it again")
+
+
+def check_zip_checksums(path):
+    """A torch.save file is a zip: compare every entry with its stored CRC-32 (a file of the old, non-zip
+    format has none to compare)."""
+    if not zipfile.is_zipfile(path):
+        return
+    with zipfile.ZipFile(path) as archive:
+        bad = archive.testzip()
+    if bad is not None:
+        raise CheckpointError(f"{path}: corrupt checkpoint ({bad} does not match its stored CRC-32: bytes changed "
+                              "after it was saved); copy or download it again")
+
+
+def load_into(model, state, source):
+    """Strictly load `state` into `model`, or name the first mismatching keys and the flags that fix them."""
+    own = model.state_dict()
+    if model.config.tie_word_embeddings and "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
+        state = {**state, "lm_head.weight": state["model.embed_tokens.weight"]}
+    missing = [key for key in own if key not in state]
+    unexpected = [key for key in state if key not in own]
+    reshaped = [key for key in own if key in state and state[key].shape != own[key].shape]
+    if missing or unexpected or reshaped:
+        problems = []
+        if missing:
+            problems.append(f"missing {missing[:3]}")
+        if unexpected:
+            problems.append(f"unexpected {unexpected[:3]}")
+        if reshaped:
+            key = reshaped[0]
+            problems.append(f"{key} is {list(state[key].shape)} there but {list(own[key].shape)} here")
+        hint = config_path(source)
+        hint = f" (its shape is in {hint})" if hint.is_file() else ""
+        raise CheckpointError(
+            f"{source} does not fit this model: {'; '.join(problems)}. Pass the --model_type, --hidden_size, "
+            f"--num_hidden_layers and expert flags of the run that wrote it{hint}"
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def load_model(path, overrides=None, shape: TinyMindConfig | None = None) -> TinyMindForCausalLM:
+    """A ready model from a `.pth`/`.safetensors` or a Hugging Face directory or repo id (tinymind, Llama,
+    Mixtral, Qwen2/3-MoE; see convert.py), on the CPU.
+
+    Its config is the one written beside the weights (for a bare `.pth`: `shape`, else an error), with
+    `overrides` (config field → value: a YaRN stretch at inference, a MoE routing switch) applied over it;
+    the weights must still fit the result.
+    """
+    path = Path(path)
+    if names_hf_model(path):
+        try:
+            loaded = load_hf(str(path))
+        except UnsupportedArchitecture as err:
+            raise CheckpointError(f"{path}: {err}") from None
+        except OSError as err:  # a missing directory, or a repo id that cannot be fetched
+            raise CheckpointError(f"{path}: cannot load it ({' '.join(str(err).split())})") from None
+        config, state = with_overrides(loaded.config, overrides, path), None
+        if config.to_dict() == loaded.config.to_dict():
+            return loaded
+        state = loaded.state_dict()
+    else:
+        if config_path(path).is_file():
+            config = TinyMindConfig.from_json_file(config_path(path))
+        elif shape is not None:
+            config = shape
+        else:
+            raise CheckpointError(f"{path}: no {config_path(path).name} beside it; give the model shape with flags "
+                                  "or --config")
+        config, state = with_overrides(config, overrides, path), read_state_dict(path)
+    model = TinyMindForCausalLM(config)
+    load_into(model, state, path)
+    return model
+
+
+def with_overrides(config, overrides, source) -> TinyMindConfig:
+    if not overrides:
+        return config
+    try:
+        return TinyMindConfig.from_dict({**config.to_dict(), **overrides})
+    except ValueError as err:
+        raise CheckpointError(f"{source} with the model flags given: {err}") from None
