@@ -19,33 +19,33 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from .config import TinyMindConfig
 
 
+def token_cross_entropy(logits, targets, with_log_z=False):
+    """Next-token cross-entropy at every position, [rows, width] float32 from [rows, width, vocab] logits: the one
+    place the network's output meets its targets (the LM loss, the preference and RL log-probabilities, and
+    evaluation all call it). With `with_log_z`, also log Z, the log-normaliser of each position's softmax, for the
+    z-loss: CE = log Z − the target's logit, so it costs no second pass over the vocabulary."""
+    flat_logits, flat_targets = logits.reshape(-1, logits.size(-1)), targets.reshape(-1)
+    per_token = F.cross_entropy(flat_logits.float(), flat_targets, reduction="none")
+    if not with_log_z:
+        return per_token.view(targets.shape)
+    log_z = per_token + flat_logits.gather(1, flat_targets[:, None]).squeeze(1).float()
+    return per_token.view(targets.shape), log_z.view(targets.shape)
+
+
 def masked_cross_entropy(logits, targets, loss_mask, num_tokens=None):
     """Mean next-token cross-entropy over the positions where `loss_mask` is 1.
 
-    `reduction="none"` keeps one loss per position so the mask really removes padding and
-    prompt tokens (a default `reduction="mean"` would average them in). The sum is divided
-    by `num_tokens` when given (the trainer passes the trained-token count of a whole
-    optimizer step, so accumulated micro-batches add up to one large batch), else by the
-    mask's own sum. A mask of all zeros gives 0, not NaN.
+    One loss per position keeps the mask honest: padding and prompt tokens are removed, not
+    averaged in. The sum is divided by `num_tokens` when given (the trainer passes the
+    trained-token count of a whole optimizer step, so accumulated micro-batches add up to one
+    large batch), else by the mask's own sum. A mask of all zeros gives 0, not NaN.
     """
-    per_token = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), reduction="none"
-    )
-    return masked_mean(per_token, loss_mask, num_tokens)
-
-
-def cross_entropy_and_z_loss(logits, targets, loss_mask, num_tokens=None):
-    """masked_cross_entropy and the z-loss, the mean of log²Z over the same positions (Z: the softmax's
-    normaliser; a small multiple of it in the loss keeps the logits from drifting up, as in PaLM), from one
-    log-sum-exp over the vocabulary: computing the z-loss on its own would pass over the logits again."""
-    flat = logits.reshape(-1, logits.size(-1)).float()
-    log_z = torch.logsumexp(flat, dim=-1)
-    cross_entropy = log_z - flat.gather(1, targets.reshape(-1, 1)).squeeze(1)
-    return masked_mean(cross_entropy, loss_mask, num_tokens), masked_mean(log_z.square(), loss_mask, num_tokens)
+    return masked_mean(token_cross_entropy(logits, targets), loss_mask, num_tokens)
 
 
 def masked_mean(per_token, loss_mask, num_tokens=None):
-    mask = loss_mask.reshape(-1).to(per_token.dtype)
+    """Σ per_token · mask / (num_tokens, else Σ mask), both of the same shape."""
+    mask = loss_mask.to(per_token.dtype)
     denominator = mask.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=per_token.dtype)
     return (per_token * mask).sum() / denominator.clamp(min=1)
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import MoEFeedForward, TinyMindConfig, TinyMindForCausalLM, cross_entropy_and_z_loss, masked_cross_entropy
+from model import (MoEFeedForward, TinyMindConfig, TinyMindForCausalLM, masked_cross_entropy, masked_mean,
+                   token_cross_entropy)
 
 from conftest import moe_config, tiny_config
 
@@ -26,16 +27,16 @@ def test_masked_cross_entropy_equals_hand_computation_with_padding():
     assert masked_cross_entropy(logits, targets, mask).item() == pytest.approx(expected, rel=1e-6)
 
 
-def test_z_loss_is_the_mean_squared_log_normaliser_over_trained_positions():
+def test_log_z_is_the_log_normaliser_and_the_cross_entropy_is_unchanged_beside_it():
     torch.manual_seed(0)
     logits = torch.randn(2, 3, 5) * 4
     targets = torch.tensor([[1, 4, 0], [2, 0, 0]])
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
     expected = sum(math.log(sum(math.exp(v) for v in logits[b, t].tolist())) ** 2 for b, t in [(0, 0), (0, 1), (1, 0)])
+    per_token, log_z = token_cross_entropy(logits, targets, with_log_z=True)
+    assert torch.equal(per_token, token_cross_entropy(logits, targets))
     for num_tokens, count in ((None, 3), (6, 6)):
-        ce, z = cross_entropy_and_z_loss(logits, targets, mask, num_tokens)
-        assert z.item() == pytest.approx(expected / count, rel=1e-6)
-        assert ce.item() == pytest.approx(masked_cross_entropy(logits, targets, mask, num_tokens).item(), rel=1e-6)
+        assert masked_mean(log_z.square(), mask, num_tokens).item() == pytest.approx(expected / count, rel=1e-6)
 
 
 def test_masked_positions_change_nothing():

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from dataset import load_tokenizer
-from model import TinyMindForCausalLM, fast_generate
-from trainer import save_weights
+from model import TinyMindForCausalLM, fast_generate, save_weights
 
 from conftest import MODEL, Server, greedy, run_stage, tiny_config
 

@@ -12,6 +12,7 @@ from dataset import LENGTH_GROUP_STEPS, PretrainDataset, SFTDataset, epoch_order
 from model import TinyMindConfig, TinyMindForCausalLM, load_model, save_weights
 from model import model as model_module
 from trainer.flags import add_model_flags, add_training_flags, model_config, new_parser, parse
+from trainer import UserError
 from trainer.loop import Trainer
 from trainer.run_folder import run_paths
 from trainer.objectives import LanguageModeling
@@ -304,3 +305,10 @@ def test_learning_rate_schedules_warm_up_then_end_at_a_tenth(schedule):
     assert all(a >= b for a, b in zip(rates[4:], rates[5:]))  # never rises after warmup
     if schedule == "wsd":  # flat at the peak until the last 20% of the steps, then a straight line down
         assert rates[5:79] == [1.0] * 74 and rates[89] == pytest.approx(0.1 + 0.9 * 10 / 20)
+
+
+def test_dropout_is_a_model_flag_that_reaches_the_config_and_is_checked(tmp_path):
+    assert model_config(tiny_args(tmp_path, "--dropout", "0.1")).dropout == 0.1
+    assert model_config(tiny_args(tmp_path)).dropout == 0.0
+    with pytest.raises(UserError, match=r"^--dropout 1\.0: must lie in \[0, 1\)$"):
+        tiny_args(tmp_path, "--dropout", "1.0")

@@ -8,6 +8,8 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from model import token_cross_entropy
+
 from .precision import autocast_context
 
 
@@ -27,11 +29,6 @@ def eval_batches(model, dataset, args, max_samples=None):
         model.train(was_training)
 
 
-def perplexity(model, dataset, args, max_samples=None):
-    """Token-weighted: exp(Σ masked CE / Σ mask) over the first `max_samples` samples (all when None)."""
-    return language_model_scores(model, dataset, args, max_samples)["perplexity"]
-
-
 def language_model_scores(model, dataset, args, max_samples=None, token_bytes=None):
     """{"perplexity": ...} and, given `token_bytes` (the UTF-8 length of each token id, 0 for special tokens),
     "bits per byte": Σ CE / (ln 2 · Σ bytes) over the trained tokens that spell text (an end token spells none
@@ -39,7 +36,7 @@ def language_model_scores(model, dataset, args, max_samples=None, token_bytes=No
     total_ce, total_tokens, text_ce, text_bytes = 0.0, 0, 0.0, 0
     for batch in eval_batches(model, dataset, args, max_samples):
         logits = model(batch.input_ids, attention_mask=batch.attention_mask).logits
-        per_token = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), batch.targets, reduction="none")
+        per_token = token_cross_entropy(logits, batch.targets)
         trained = batch.loss_mask.bool()
         total_ce += float(per_token[trained].sum())
         total_tokens += int(trained.sum())

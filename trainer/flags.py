@@ -34,6 +34,7 @@ MODEL_FLAGS = {
     "aux_loss_alpha": "MoE: weight of the load-balancing loss",
     "seq_aux": "MoE: balance each sequence (true) or the whole batch at once (false)",
     "tie_word_embeddings": "the LM head is the token embedding (true) or a matrix of its own (false)",
+    "dropout": "dropout probability on the embeddings, the attention weights and each block's outputs while training",
 }
 
 
@@ -288,6 +289,8 @@ def validate(args):
         args.optimizer = "adamw"
         say("note: --fsdp: AdamW instead of the default Muon (Muon orthogonalises whole matrices, which FSDP2 "
             "shards)", err=True)
+    if not 0 <= args.dropout < 1:
+        raise UserError(f"--dropout {args.dropout}: must lie in [0, 1)")
     if not 0 <= getattr(args, "adam_beta2", 0.5) < 1:
         raise UserError(f"--adam_beta2 {args.adam_beta2}: must lie in [0, 1)")
     if args.yarn_factor < 1:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from dataset import token_bytes
-from model import cross_entropy_and_z_loss, masked_cross_entropy
+from model import masked_cross_entropy, masked_mean, token_cross_entropy
 
 from .errors import UserError
 from .evaluate import eval_batches, language_model_scores
@@ -102,7 +102,9 @@ class LanguageModeling(Objective):
         if not self.z_loss:
             ce = masked_cross_entropy(out.logits, batch.targets, batch.loss_mask, num_tokens=step.units)
             return Loss(ce + aux, batch.tokens, {"ce": ce.detach(), "aux": aux.detach()})
-        ce, z = cross_entropy_and_z_loss(out.logits, batch.targets, batch.loss_mask, num_tokens=step.units)
+        per_token, log_z = token_cross_entropy(out.logits, batch.targets, with_log_z=True)
+        ce = masked_mean(per_token, batch.loss_mask, step.units)
+        z = masked_mean(log_z.square(), batch.loss_mask, step.units)
         return Loss(ce + aux + self.z_loss * z, batch.tokens, {"ce": ce.detach(), "aux": aux.detach(), "z": z.detach()})
 
     def evaluate(self, model, dataset, args):
@@ -111,7 +113,7 @@ class LanguageModeling(Objective):
 
 def token_logprobs(logits, batch):
     """[rows, width] log-probability of each target token, in float32 (padding included: mask it)."""
-    return -F.cross_entropy(logits.float().transpose(1, 2), batch.targets, reduction="none")
+    return -token_cross_entropy(logits, batch.targets)
 
 
 def answer_logprobs(logits, batch):
