@@ -17,7 +17,7 @@ from trainer.loop import Trainer
 from trainer.run_folder import run_paths
 from trainer.objectives import LanguageModeling
 
-from conftest import MODEL, TINY, pretrain_file, run_stage, sft_file
+from conftest import MODEL, ROOT, TINY, pretrain_file, run_stage, sft_file
 
 
 def tiny_args(tmp_path, *extra):
@@ -312,3 +312,32 @@ def test_dropout_is_a_model_flag_that_reaches_the_config_and_is_checked(tmp_path
     assert model_config(tiny_args(tmp_path)).dropout == 0.0
     with pytest.raises(UserError, match=r"^--dropout 1\.0: must lie in \[0, 1\)$"):
         tiny_args(tmp_path, "--dropout", "1.0")
+
+
+def pretrain_args(*argv):
+    """The flags as 1-pretrain.py parses them: its own defaults (Muon at 2e-3), then a preset, then the command line."""
+    parser = new_parser("test")
+    add_model_flags(parser)
+    add_training_flags(parser, default_data="data/pretrain.jsonl")
+    parser.set_defaults(optimizer="muon", learning_rate=2e-3, schedule="wsd")
+    return parse(parser, ["--device", "cpu", *argv])
+
+
+@pytest.mark.parametrize("preset", ["small", "moe", "minimind2_768", "minimind3_moe_768"])
+def test_a_shape_preset_keeps_the_pretraining_recipe(preset):
+    args = pretrain_args("--config", ROOT / f"configs/{preset}.json")
+    assert (args.optimizer, args.learning_rate) == ("muon", 2e-3)
+
+
+def test_fsdp_falls_back_to_adamw_at_adamws_rate_unless_a_rate_is_given(capsys):
+    assert (pretrain_args("--fsdp").optimizer, pretrain_args("--fsdp").learning_rate) == ("adamw", 5e-4)
+    assert "AdamW at lr 0.0005 instead of the default Muon" in capsys.readouterr().err
+    assert pretrain_args("--fsdp", "--learning_rate", "1e-3").learning_rate == 1e-3
+
+
+def test_a_run_says_its_optimizer_and_rate_first(tmp_path):
+    (tmp_path / "data").mkdir()
+    pretrain_file(tmp_path / "data")
+    result = run_stage("1-pretrain.py", *TINY, "--max_steps", "1", cwd=tmp_path)
+    assert ("optimizer: Muon on the blocks' matrices, AdamW on the rest, peak lr 0.002, 1 warmup step, "
+            "warmup-stable-decay to lr/10") in result.stdout.splitlines()[:3]

@@ -38,6 +38,9 @@ MODEL_FLAGS = {
 }
 
 
+ADAMW_LEARNING_RATE = 5e-4  # AdamW's peak rate when a stage sets none (Muon's, where pretraining defaults to it: 2e-3)
+
+
 def boolean(text):
     """A flag's true/false value as JSON and most people spell it."""
     if text.lower() in ("true", "1", "yes"):
@@ -89,7 +92,8 @@ def add_training_flags(parser, default_data):
     group.add_argument("--max_steps", type=int, help="train exactly this many optimizer steps (overrides --epochs)")
     group.add_argument("--batch_size", type=int, default=32, help="samples per micro-batch (per process)")
     group.add_argument("--accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
-    group.add_argument("--learning_rate", type=float, default=5e-4, help="peak learning rate; decays to a tenth of it")
+    group.add_argument("--learning_rate", type=float, default=ADAMW_LEARNING_RATE,
+                       help="peak learning rate; decays to a tenth of it")
     group.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw",
                        help="adamw, or muon: Muon for the matrices inside the blocks, AdamW for embedding, head, norms "
                             "and routers")
@@ -287,8 +291,10 @@ def validate(args):
             raise UserError("--optimizer muon with --fsdp: Muon orthogonalises whole matrices, which FSDP2 shards; "
                             "train under torchrun without --fsdp (DDP)")
         args.optimizer = "adamw"
-        say("note: --fsdp: AdamW instead of the default Muon (Muon orthogonalises whole matrices, which FSDP2 "
-            "shards)", err=True)
+        if "learning_rate" not in args.given_flags:
+            args.learning_rate = ADAMW_LEARNING_RATE
+        say(f"note: --fsdp: AdamW at lr {args.learning_rate:g} instead of the default Muon (Muon orthogonalises "
+            "whole matrices, which FSDP2 shards)", err=True)
     if not 0 <= args.dropout < 1:
         raise UserError(f"--dropout {args.dropout}: must lie in [0, 1)")
     if not 0 <= getattr(args, "adam_beta2", 0.5) < 1:

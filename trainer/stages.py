@@ -102,6 +102,7 @@ def train(stage, args):
     objective = stage.make_objective(model, args, start)
     trainer = Trainer(model, dataset, objective, args, paths, stage.write_weights, val)
     say(describe_run(trainer.raw_model, dataset, trainer))
+    say(describe_optimizer(trainer))
     trainer.train()
     say(f"saved {paths.weights}")
 
@@ -115,6 +116,14 @@ def describe_run(model, dataset, trainer):
         f"data: {len(dataset):,} samples from {Path(args.data_path)} | plan: {trainer.total_steps:,} steps × "
         f"{trainer.samples_per_step} samples × {args.max_seq_len - 1} tokens = {planned / 1e6:.1f}M token slots"
     )
+
+
+def describe_optimizer(trainer):
+    args = trainer.args
+    which = "Muon on the blocks' matrices, AdamW on the rest" if args.optimizer == "muon" else "AdamW"
+    schedule = "warmup-stable-decay" if args.schedule == "wsd" else "cosine"
+    steps = trainer.warmup_steps
+    return f"optimizer: {which}, peak lr {args.learning_rate:g}, {steps} warmup step{'s' * (steps != 1)}, {schedule} to lr/10"
 
 
 def build_model(stage_name, start, args):
