@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .model import MoEFeedForward, apply_rotary, rms_norm
+from .model import MoEFeedForward, attend, rms_norm, swiglu
 
 
 @dataclass
@@ -81,11 +81,12 @@ def fast_generate(model, input_ids, max_new_tokens, sampling=Sampling(), eos_tok
 class PackedDecoder:
     """The network as the token stream runs it: inference only, built from the model once per call.
 
-    It computes exactly what the modules compute,
-    with q/k/v and gate/up packed into one matrix each (fewer, larger matmuls), rotary angles
-    looked up from a table, keys and values written into a preallocated cache (attention over
-    its filled part needs no mask), the blocks' norms called as functions rather than modules, and none of
-    the forward's masks, position bookkeeping, dropout or aux loss.
+    It runs the model's own pieces (model.py's norm, the attention's q/k norm and rotary, the attention core,
+    the feed-forward activation, the MoE router) in the block's order, so it computes exactly what the modules
+    compute, with: q/k/v and gate/up packed into one matrix each (fewer, larger matmuls; copies of the
+    parameters in the compute dtype, made once per decoder), rotary angles looked up from a table, keys and
+    values written into a preallocated cache (attention over its filled part needs no mask), the norms called
+    as functions rather than modules, and none of the forward's masks, position bookkeeping, dropout or aux loss.
     """
 
     def __init__(self, model, batch, max_len):
@@ -97,7 +98,7 @@ class PackedDecoder:
         dtype = body.embed_tokens.weight.dtype
         if torch.is_autocast_enabled(device.type):
             dtype = torch.get_autocast_dtype(device.type)
-        self.blocks = body.layers
+        self.head_split = (config.num_attention_heads, config.num_key_value_heads, config.num_key_value_heads)
         self.packed = [self.pack(block, dtype) for block in body.layers]
         self.embed_tokens, self.norm = body.embed_tokens, body.norm
         self.head = weight_of(model.lm_head).to(dtype)
@@ -110,19 +111,23 @@ class PackedDecoder:
 
     @staticmethod
     def pack(block, dtype):
+        """(first norm's weight, q/k norm + rotary, packed q|k|v, o, second norm's weight, the MoE module or None,
+        the packed feed-forward: gate|up and down, or for a MoE ([experts'], [shared experts']))."""
         def cast(weight):
             return weight.to(dtype)
 
-        def swiglu(ffn):
+        def packed_ffn(ffn):
             return cast(torch.cat([weight_of(ffn.gate_proj), weight_of(ffn.up_proj)])), cast(weight_of(ffn.down_proj))
 
         attn, mlp = block.self_attn, block.mlp
         qkv = cast(torch.cat([weight_of(attn.q_proj), weight_of(attn.k_proj), weight_of(attn.v_proj)]))
-        if isinstance(mlp, MoEFeedForward):
-            ffn = ([swiglu(expert) for expert in mlp.experts], [swiglu(shared) for shared in mlp.shared_experts])
+        moe = mlp if isinstance(mlp, MoEFeedForward) else None
+        if moe is not None:
+            ffn = ([packed_ffn(expert) for expert in mlp.experts], [packed_ffn(shared) for shared in mlp.shared_experts])
         else:
-            ffn = swiglu(mlp)
-        return qkv, cast(weight_of(attn.o_proj)), ffn
+            ffn = packed_ffn(mlp)
+        return (block.input_layernorm.weight, attn.position, qkv, cast(weight_of(attn.o_proj)),
+                block.post_attention_layernorm.weight, moe, ffn)
 
     def __call__(self, input_ids, start, rows=slice(None)):
         """Logits of the last position of `input_ids`, which sit at positions start, start+1, ... of the cache
@@ -131,11 +136,11 @@ class PackedDecoder:
         end = start + seq
         assert start == 0 or seq == 1, "a prompt, then one token at a time"
 
-        def attend(i, q, k, v):
+        def cached_attention(i, q, k, v):
             self.keys[i, rows, :, start:end], self.values[i, rows, :, start:end] = k, v
-            return self.attention(q, self.keys[i, rows, :, :end], self.values[i, rows, :, :end], is_causal=seq > 1)
+            return attend(q, self.keys[i, rows, :, :end], self.values[i, rows, :, :end], causal=seq > 1)
 
-        return self.run(input_ids, self.cos[:, :, start:end], self.sin[:, :, start:end], attend)
+        return self.run(input_ids, self.cos[:, :, start:end], self.sin[:, :, start:end], cached_attention)
 
     def decode(self, rows, tokens, positions):
         """[len(rows), vocab] logits of one new token for each cache row in `rows` (a list of ints), each at its
@@ -146,39 +151,30 @@ class PackedDecoder:
         # Consecutive rows are read as a view of the cache; any others are gathered (a copy) in every layer.
         read = slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else index
         # Rows at one position see all `length` cached keys: no mask (the same numbers, without its cost).
-        mask = {} if min(positions) == length - 1 else {
-            "attn_mask": (torch.arange(length, device=device) <= at[:, None])[:, None, None]}
+        mask = None if min(positions) == length - 1 else (torch.arange(length, device=device) <= at[:, None])[:, None, None]
 
-        def attend(i, q, k, v):
+        def cached_attention(i, q, k, v):
             self.keys[i, index, :, at], self.values[i, index, :, at] = k[:, :, 0], v[:, :, 0]
-            return self.attention(q, self.keys[i, read, :, :length], self.values[i, read, :, :length], **mask)
+            return attend(q, self.keys[i, read, :, :length], self.values[i, read, :, :length], mask)
 
         cos, sin = self.cos[0, 0, at][:, None, None], self.sin[0, 0, at][:, None, None]
-        return self.run(tokens[:, None], cos, sin, attend)
+        return self.run(tokens[:, None], cos, sin, cached_attention)
 
-    def attention(self, q, k, v, **mask):
-        c = self.config
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=c.num_key_value_heads != c.num_attention_heads,
-                                              **mask)
-
-    def run(self, input_ids, cos, sin, attend):
+    def run(self, input_ids, cos, sin, cached_attention):
+        """The blocks' forward (model.Block) over the packed weights; `cached_attention(layer, q, k, v)` writes
+        the new keys and values into the cache and attends over it."""
         c = self.config
         batch, seq = input_ids.shape
-        heads, n_qk = c.num_attention_heads, c.num_attention_heads + c.num_key_value_heads
         x = self.embed_tokens(input_ids)
-        for i, (block, (qkv, o_proj, ffn)) in enumerate(zip(self.blocks, self.packed)):
-            h = rms_norm(x, block.input_layernorm.weight, c.rms_norm_eps)
-            h = F.linear(h, qkv).view(batch, seq, -1, c.head_dim).transpose(1, 2)
-            qk = h[:, :n_qk]
-            if c.qk_norm:
-                attn = block.self_attn
-                qk = torch.cat([attn.q_norm(qk[:, :heads]), attn.k_norm(qk[:, heads:])], 1)
-            qk = apply_rotary(qk, cos, sin)  # one rotation for the query and key heads together
-            y = attend(i, qk[:, :heads], qk[:, heads:], h[:, n_qk:])
+        eps, head_dim = c.rms_norm_eps, c.head_dim
+        for i, (norm_1, position, qkv, o_proj, norm_2, moe, ffn) in enumerate(self.packed):
+            h = rms_norm(x, norm_1, eps)
+            q, k, v = F.linear(h, qkv).view(batch, seq, -1, head_dim).transpose(1, 2).split(self.head_split, 1)
+            y = cached_attention(i, *position(q, k, cos, sin), v)
             x = x + F.linear(y.transpose(1, 2).reshape(batch, seq, -1), o_proj)
-            h = rms_norm(x, block.post_attention_layernorm.weight, c.rms_norm_eps)
-            x = x + (self.moe(block.mlp, ffn, h) if isinstance(block.mlp, MoEFeedForward) else swiglu(h, *ffn))
-        return F.linear(rms_norm(x[:, -1], self.norm.weight, c.rms_norm_eps), self.head).float()
+            h = rms_norm(x, norm_2, eps)
+            x = x + (feed_forward(h, *ffn) if moe is None else self.moe(moe, ffn, h))
+        return F.linear(rms_norm(x[:, -1], self.norm.weight, eps), self.head).float()
 
     @staticmethod
     def moe(moe, packed, h):
@@ -186,12 +182,10 @@ class PackedDecoder:
         if h.shape[0] * h.shape[1] > 1:
             return moe(h, h.new_ones(h.shape[:2]))[0]
         experts, shared = packed
-        weights, chosen = moe.gate(h).float().softmax(dim=-1).topk(moe.top_k, dim=-1)
-        if moe.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        out = sum(swiglu(h, *expert) for expert in shared) if shared else torch.zeros_like(h)
+        _, weights, chosen = moe.route(h.view(1, -1))
+        out = sum(feed_forward(h, *expert) for expert in shared) if shared else torch.zeros_like(h)
         for weight, index in zip(weights.view(-1).tolist(), chosen.view(-1).tolist()):
-            out = out + weight * swiglu(h, *experts[index])
+            out = out + weight * feed_forward(h, *experts[index])
         return out
 
 
@@ -203,6 +197,6 @@ def weight_of(linear):
     return linear.weight
 
 
-def swiglu(x, gate_up, down):
-    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, down)
+def feed_forward(x, gate_up, down):
+    """model.FeedForward over its packed gate/up matrix."""
+    return F.linear(swiglu(*F.linear(x, gate_up).chunk(2, dim=-1)), down)

@@ -99,21 +99,28 @@ class RotaryEmbedding(nn.Module):
         return inv_freq * (1 - ramp) + inv_freq / factor * ramp
 
     def forward(self, position_ids, dtype):
-        freqs = position_ids[..., None].float() * self.inv_freq
-        angles = torch.cat([freqs, freqs], dim=-1)[:, None]  # [batch, 1, seq, head_dim]
-        cos, sin = angles.cos(), angles.sin()
+        """(cos, signed sin), each [batch, 1, seq, head_dim], as `apply_rotary` takes them."""
+        freqs = position_ids[..., None].float() * self.inv_freq  # [batch, seq, head_dim / 2]
+        cos, sin = freqs.cos(), freqs.sin()
         if self.attention_factor != 1.0:
             cos, sin = cos * self.attention_factor, sin * self.attention_factor
-        return cos.to(dtype), sin.to(dtype)
+        cos, signed_sin = torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
+        return cos[:, None].to(dtype), signed_sin[:, None].to(dtype)
 
 
-def rotate_half(x):
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat([-second, first], dim=-1)
+def apply_rotary(x, cos, signed_sin):
+    """Rotate each head's pairs (x_i, x_{i + d/2}) by the position's angles: the Llama (rotate-half) convention,
+    x·cos + rotate_half(x)·sin, with rotate_half's sign kept in the second table (`signed_sin`: −sin, then sin),
+    so it is a swap of the halves and one multiply-add: fewer, cheaper operations on the decode path."""
+    return torch.addcmul(x * cos, x.roll(x.size(-1) // 2, dims=-1), signed_sin)
 
 
-def apply_rotary(x, cos, sin):
-    return x * cos + rotate_half(x) * sin
+def attend(q, k, v, mask=None, causal=False, dropout=0.0):
+    """The attention core of training, `generate` and the fast decoder alike: scaled dot-product attention of
+    [batch, heads, seq, head_dim] queries over keys and values, grouped-query when there are fewer key/value
+    heads. `mask`: boolean, True where a query may look; `causal`: SDPA's own causal mask instead (fastest)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout,
+                                          enable_gqa=k.size(1) != q.size(1))
 
 
 class Attention(nn.Module):
@@ -130,6 +137,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+        self.qk_norm = config.qk_norm
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -138,21 +146,21 @@ class Attention(nn.Module):
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
         v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = self.position(q, k, cos, sin)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
-        y = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=attn_mask,
-            # Without a mask the only case left is a fresh causal prefix, where SDPA's causal kernel is fastest.
-            is_causal=attn_mask is None and seq > 1,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )
+        # Without a mask the only case left is a fresh causal prefix, where SDPA's causal kernel is fastest.
+        y = attend(q, k, v, attn_mask, causal=attn_mask is None and seq > 1,
+                   dropout=self.dropout if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(batch, seq, -1))
+
+    def position(self, q, k, cos, sin):
+        """Queries and keys made position-aware: the q/k norm where the model has one (MiniMind-3, Qwen3), then
+        the rotary."""
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
 
 class FeedForward(nn.Module):
@@ -165,7 +173,12 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def swiglu(gate, up):
+    """The feed-forward's activation, of its gate and up projections."""
+    return F.silu(gate) * up
 
 
 class MoEFeedForward(nn.Module):
@@ -197,10 +210,7 @@ class MoEFeedForward(nn.Module):
         if torch.is_autocast_enabled(x.device.type):
             # Cast once here rather than in every expert's linears (each token meets k + n_shared of them).
             flat = flat.to(torch.get_autocast_dtype(x.device.type))
-        scores = self.gate(flat).float().softmax(dim=-1)  # [tokens, experts]
-        weights, experts = scores.topk(self.top_k, dim=-1)  # [tokens, k]
-        if self.norm_topk_prob:  # at top-1 the chosen expert's weight is exactly 1, as in Qwen3-MoE and MiniMind-3
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        scores, weights, experts = self.route(flat)
 
         assigned_expert = experts.reshape(-1)
         order = assigned_expert.argsort(stable=True)
@@ -218,6 +228,15 @@ class MoEFeedForward(nn.Module):
         if self.training:
             aux_loss = self._balance_loss(scores, experts, token_mask, batch, seq)
         return out.view(batch, seq, hidden), aux_loss
+
+    def route(self, flat):
+        """The router's choice for [tokens, hidden] inputs: (softmax scores [tokens, experts], the chosen experts'
+        weights [tokens, k], their indices [tokens, k])."""
+        scores = self.gate(flat).float().softmax(dim=-1)
+        weights, experts = scores.topk(self.top_k, dim=-1)
+        if self.norm_topk_prob:  # at top-1 the chosen expert's weight is exactly 1, as in Qwen3-MoE and MiniMind-3
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return scores, weights, experts
 
     def _balance_loss(self, scores, experts, token_mask, batch, seq):
         """aux = alpha · mean over sequences of Σ_e f_e·P_e, padding left out of counts and means.
