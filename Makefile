@@ -1,11 +1,12 @@
-# tinymind: `make demo` runs the whole pipeline on a CPU in minutes, `make test` runs the test suite.
+# tinymind: `make demo` runs the whole pipeline on a CPU in minutes, `make test` runs the test suite
+# (`make test-fast` its unit tests).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DEMO := --config configs/tiny.json --out_dir output/demo
 STUDENT := --hidden_size 64 --num_hidden_layers 2 --num_attention_heads 4 --max_steps 600
 
-.PHONY: setup demo test test-browser test-llama-cpp bench bench-learning bench-data bench-stages bench-serve serve clean
+.PHONY: setup demo test test-fast test-browser test-llama-cpp bench bench-learning bench-data bench-stages bench-serve serve clean
 
 setup: $(VENV)/.installed
 
@@ -36,6 +37,10 @@ demo: setup
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+
+# The unit tests alone (about a minute): every test that runs no stage script, torchrun or server.
+test-fast: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests -m "not slow"
 
 # The chat page's test in a real headless browser: Debian's chromium and its driver, selenium from PyPI.
 test-browser: setup

@@ -1,6 +1,7 @@
 """What the tests share: tiny model configs, tiny data files, the tokenizer, and a runner for the stage
 scripts as a user runs them (subprocesses). Test files import the helpers with `from conftest import ...`."""
 
+import inspect
 import json
 import os
 import socket
@@ -88,6 +89,40 @@ def moe_config(**overrides):
 def make_model(use_moe, seed=0):
     torch.manual_seed(seed)
     return TinyMindForCausalLM(moe_config() if use_moe else tiny_config()).eval()
+
+
+# ---- `make test-fast`: the unit tests, without the ones that run whole programs --------------------------
+
+WHOLE_PROGRAMS = {"run_stage", "subprocess", "Server", "torchrun"}
+
+
+def runs_whole_programs(function, module_globals, seen=None):
+    """Whether `function`, or a helper of its module it calls, starts a stage script, torchrun or a server."""
+    seen = set() if seen is None else seen
+    code = getattr(function, "__code__", None)
+    if code is None or code in seen:
+        return False
+    seen.add(code)
+    names = set(code.co_names) | {name for const in code.co_consts if inspect.iscode(const) for name in const.co_names}
+    if names & WHOLE_PROGRAMS:
+        return True
+    return any(runs_whole_programs(module_globals[name], module_globals, seen)
+               for name in names if inspect.isfunction(module_globals.get(name)))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: runs a stage script, torchrun or a server (left out by make test-fast)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        function = getattr(item, "function", None)
+        fixtures = getattr(item, "fixturenames", ())
+        fixture_functions = [definition.func for name in fixtures
+                             for definition in item._fixtureinfo.name2fixturedefs.get(name, ())]
+        if function is not None and any(runs_whole_programs(f, f.__globals__)
+                                        for f in (function, *fixture_functions)):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
