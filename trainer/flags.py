@@ -203,17 +203,22 @@ def parse(parser, argv=None):
 
 
 def given_on_command_line(parser, argv):
-    """The destinations of the flags `argv` spells out (parsed again with every default suppressed)."""
-    defaults, parser_defaults = {action: action.default for action in parser._actions}, parser._defaults
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
-    parser._defaults = {}  # set_defaults' values (a stage's, a preset's) would be added back from here
-    try:
-        return set(vars(parser.parse_known_args(argv)[0]))
-    finally:
-        parser._defaults = parser_defaults
-        for action, default in defaults.items():
-            action.default = default
+    """The destinations of the flags `argv` spells out: `argv` parsed again by a parser of the same flags
+    whose every default is "absent"."""
+    probe = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    for action in parser.flags:
+        probe.add_argument(*action.option_strings, dest=action.dest, **value_spec(action))
+    return set(vars(probe.parse_known_args(argv)[0]))
+
+
+def is_switch(action):
+    """A flag that takes no value (store_true)."""
+    return action.nargs == 0
+
+
+def value_spec(action):
+    """How `action` reads its value, as add_argument's keywords."""
+    return {"action": "store_true"} if is_switch(action) else {"type": action.type, "choices": action.choices}
 
 
 def load_preset(path, parser):
@@ -229,8 +234,8 @@ def load_preset(path, parser):
     for add_flags in FLAG_GROUPS:
         every_stage = new_parser("", add_help=False)
         add_flags(every_stage)
-        known |= {action.dest for action in every_stage._actions} - {"config"}
-    actions = {action.dest: action for action in parser._actions}
+        known |= {action.dest for action in every_stage.flags} - {"config"}
+    actions = {action.dest: action for action in parser.flags}
     values = {}
     for key, value in preset.items():
         if key not in known:
@@ -243,7 +248,7 @@ def load_preset(path, parser):
 def preset_value(path, action, value, parser):
     """`value` as `--{key} value` on the command line would give it; null means "not given" where the flag
     allows that. A value the flag refuses is one line naming the key and what the flag takes."""
-    if isinstance(action, argparse._StoreTrueAction):
+    if is_switch(action):
         ok, argv = isinstance(value, bool), [action.option_strings[0]] if value is True else []
     elif value is None:
         ok, argv = action.default is None, []
@@ -253,7 +258,7 @@ def preset_value(path, action, value, parser):
         ok, argv = not isinstance(value, (bool, list, dict)), [action.option_strings[0], str(value)]
     if ok:
         alone = new_parser("", add_help=False)  # this flag alone: no other flag's requirement can interfere
-        alone._add_action(action)
+        alone.add_argument(*action.option_strings, dest=action.dest, default=action.default, **value_spec(action))
         try:
             return getattr(alone.parse_args(argv, argparse.Namespace()), action.dest, value)
         except UserError:
@@ -263,7 +268,7 @@ def preset_value(path, action, value, parser):
 
 
 def flag_takes(action):
-    if isinstance(action, argparse._StoreTrueAction) or action.type is boolean:
+    if is_switch(action) or action.type is boolean:
         return "true or false"
     if action.choices is not None:
         return " or ".join(map(json.dumps, action.choices))
@@ -353,7 +358,30 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """A bad flag is a UserError: one `error:` line and exit code 2, like every other mistake."""
+    """A bad flag is a UserError: one `error:` line and exit code 2, like every other mistake. It keeps the
+    flags it was given (`flags`: their actions, groups' too) for the presets' checks."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.flags = []
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        if action.option_strings and action.dest != "help":
+            self.flags.append(action)
+        return action
+
+    def add_argument_group(self, *args, **kwargs):
+        group = super().add_argument_group(*args, **kwargs)
+        add_to_group = group.add_argument
+
+        def add_argument(*flag_args, **flag_kwargs):
+            action = add_to_group(*flag_args, **flag_kwargs)
+            self.flags.append(action)
+            return action
+
+        group.add_argument = add_argument
+        return group
 
     def error(self, message):
         raise UserError(message)
