@@ -341,3 +341,12 @@ def test_a_run_says_its_optimizer_and_rate_first(tmp_path):
     result = run_stage("1-pretrain.py", *TINY, "--max_steps", "1", cwd=tmp_path)
     assert ("optimizer: Muon on the blocks' matrices, AdamW on the rest, peak lr 0.002, 1 warmup step, "
             "warmup-stable-decay to lr/10") in result.stdout.splitlines()[:3]
+
+
+def test_a_stages_own_flag_may_stand_in_a_preset(tmp_path):
+    preset = tmp_path / "preset.json"
+    preset.write_text('{"hidden_size": 64, "my_flag": 0.5}')
+    parser = new_parser("test")
+    add_model_flags(parser)
+    parser.add_argument("--my_flag", type=float, default=0.1)
+    assert parse(parser, ["--device", "cpu", "--config", preset]).my_flag == 0.5

@@ -230,12 +230,12 @@ def load_preset(path, parser):
         raise UserError(f"--config {path}: no such file (presets live in configs/)") from None
     except json.JSONDecodeError as err:
         raise UserError(f"--config {path}: not valid JSON ({err})") from None
-    known = set()
+    actions = {action.dest: action for action in parser.flags}
+    known = set(actions) - {"config"}  # this program's flags, a stage's own included, and every stage's below
     for add_flags in FLAG_GROUPS:
         every_stage = new_parser("", add_help=False)
         add_flags(every_stage)
         known |= {action.dest for action in every_stage.flags} - {"config"}
-    actions = {action.dest: action for action in parser.flags}
     values = {}
     for key, value in preset.items():
         if key not in known:
