@@ -83,7 +83,7 @@ def test_two_process_checkpoint_resumes_in_one_process(workdir):
 
 def test_fsdp_trains_and_saves_a_loadable_full_checkpoint(workdir):
     result = torchrun(*with_batch(2), *MOE, *STEPS, "--fsdp", "--out_dir", "fsdp", cwd=workdir)
-    assert "AdamW instead of the default Muon" in result.stdout + result.stderr
+    assert "AdamW at lr 0.0005 instead of the default Muon" in result.stdout + result.stderr
     weights = workdir / "fsdp/pretrain_moe/pretrain_64_moe.pth"
     model = load_model(weights)
     assert model.model.layers[1].mlp.experts[3].down_proj.weight.shape == (64, 192)
