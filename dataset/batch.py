@@ -10,30 +10,45 @@ attention inside each document and restarts positions at each one, so the same `
 carries packed and padded rows alike.
 """
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
 
 @dataclass
 class Batch:
-    """[rows, width] tensors; `targets[r, t]` is the token after `input_ids[r, t]`, trained where `loss_mask` is 1."""
+    """[rows, width] tensors; `targets[r, t]` is the token after `input_ids[r, t]`, trained where `loss_mask` is 1.
+
+    What the loop and the model need to know of its shape is counted on the host by `collate`, so reading it
+    never waits for the device: `tokens`, the real (non-padding) input tokens, `trained`, the positions the loss
+    mask trains, and `one_document_per_row`, true when no row holds more than one document and padding only ends
+    rows (then the causal kernel alone masks right, and the model builds no mask)."""
 
     input_ids: torch.Tensor
     targets: torch.Tensor
     loss_mask: torch.Tensor
     attention_mask: torch.Tensor
+    tokens: int = 0
+    trained: int = 0
+    one_document_per_row: bool = True
 
     def __len__(self):
         return self.input_ids.size(0)
 
-    def to(self, device):
-        return Batch(*(getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)))
+    def tensors(self):
+        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
 
-    @property
-    def tokens(self):
-        """Real (non-padding) input tokens."""
-        return int((self.attention_mask > 0).sum())
+    def to(self, device):
+        """On `device`; from pinned memory the copies do not wait for the device."""
+        return replace(self, **{name: t.to(device, non_blocking=True) for name, t in self.tensors().items()})
+
+    def pin_memory(self):
+        """In page-locked memory (the DataLoader's `pin_memory=True` calls it in its own thread on CUDA)."""
+        return replace(self, **{name: t.pin_memory() for name, t in self.tensors().items()})
+
+    def model_inputs(self):
+        """The keyword arguments of the model's forward for these rows."""
+        return {"attention_mask": self.attention_mask, "one_document_per_row": self.one_document_per_row}
 
 
 def collate(samples, pad_id):
@@ -44,12 +59,15 @@ def collate(samples, pad_id):
     targets = torch.full_like(input_ids, pad_id)
     loss_mask = torch.zeros_like(input_ids)
     attention_mask = torch.zeros_like(input_ids)
+    one_document_per_row = True
     for row, (ids, target, mask, *documents) in enumerate(samples):
         input_ids[row, : len(ids)] = ids
         targets[row, : len(ids)] = target
         loss_mask[row, : len(ids)] = mask
         attention_mask[row, : len(ids)] = documents[0] if documents else 1
-    return Batch(input_ids, targets, loss_mask, attention_mask)
+        one_document_per_row = one_document_per_row and (not documents or bool((documents[0] == 1).all()))
+    return Batch(input_ids, targets, loss_mask, attention_mask, tokens=sum(len(sample[0]) for sample in samples),
+                 trained=int(loss_mask.sum()), one_document_per_row=one_document_per_row)
 
 
 class Packed(torch.utils.data.Dataset):

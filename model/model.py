@@ -187,8 +187,13 @@ class MoEFeedForward(nn.Module):
     Dispatch is one path for training and inference: sort the token→expert assignments by
     expert, run every expert once on its contiguous slice (an empty slice still runs, so an
     expert that got no token has a zero gradient rather than none, and DDP never waits on
-    it), weight, and add back per token with `index_add_`.
+    it), weight, and add back per token with `index_add_`. The slices run one expert at a time
+    (`dispatch = "per_expert"`: their sizes read back to the host, fastest on a CPU) or all
+    together in two grouped matmuls whose slice ends stay on the device (`"grouped"`: no host
+    read, so a compiled model is one graph; the default on CUDA).
     """
+
+    DISPATCHES = ("auto", "per_expert", "grouped")
 
     def __init__(self, config: TinyMindConfig):
         super().__init__()
@@ -202,6 +207,9 @@ class MoEFeedForward(nn.Module):
         self.shared_experts = nn.ModuleList(FeedForward(config) for _ in range(config.n_shared_experts))
         # Real-token assignments each expert received in training forwards since the trainer last read them.
         self.register_buffer("expert_counts", torch.zeros(self.n_experts), persistent=False)
+        self.dispatch = "auto"  # one of DISPATCHES; auto: grouped on CUDA, per expert elsewhere
+        # grouped_mm needs rows whose byte strides are multiples of 16: widths that are multiples of 8 (bfloat16).
+        self.groupable = config.hidden_size % 8 == 0 and config.intermediate_size % 8 == 0
 
     def forward(self, x, token_mask):
         """x: [batch, seq, hidden]; token_mask: [batch, seq], 1 for real tokens. Returns (output, aux_loss)."""
@@ -215,10 +223,14 @@ class MoEFeedForward(nn.Module):
         assigned_expert = experts.reshape(-1)
         order = assigned_expert.argsort(stable=True)
         token_of = order // self.top_k
-        counts = torch.bincount(assigned_expert, minlength=self.n_experts).tolist()
+        # Counted into a tensor of static shape (bincount's depends on the values: a graph break when compiled).
+        counts = assigned_expert.new_zeros(self.n_experts).scatter_add_(0, assigned_expert, torch.ones_like(assigned_expert))
         # index_select, not flat[token_of]: its backward is an index_add, much faster on CPU than index_put.
-        parts = flat.index_select(0, token_of).split(counts)
-        routed = torch.cat([expert(part) for expert, part in zip(self.experts, parts)])
+        sorted_inputs = flat.index_select(0, token_of)
+        if self.grouped(flat):
+            routed = self.grouped_experts(sorted_inputs, counts)
+        else:
+            routed = torch.cat([expert(part) for expert, part in zip(self.experts, sorted_inputs.split(counts.tolist()))])
         routed = routed * weights.reshape(-1)[order, None].to(routed.dtype)
         out = routed.new_zeros(flat.shape).index_add_(0, token_of, routed)
         for shared in self.shared_experts:
@@ -228,6 +240,23 @@ class MoEFeedForward(nn.Module):
         if self.training:
             aux_loss = self._balance_loss(scores, experts, token_mask, batch, seq)
         return out.view(batch, seq, hidden), aux_loss
+
+    def grouped(self, x):
+        """Whether this forward runs the grouped dispatch: asked for (or auto on CUDA), with widths grouped_mm
+        takes and plain linear experts (a LoRA-wrapped expert runs as a module)."""
+        wanted = self.dispatch == "grouped" or (self.dispatch == "auto" and x.is_cuda)
+        return wanted and self.groupable and all(type(expert.gate_proj) is nn.Linear for expert in self.experts)
+
+    def grouped_experts(self, x, counts):
+        """Every expert on its slice of the expert-sorted rows `x` (`counts` rows each, a device tensor), in two
+        `grouped_mm`s over the stacked weights. grouped_mm ignores autocast and compiles only in bfloat16, so on
+        CUDA and under torch.compile both sides are cast to it; eager elsewhere keeps the input's dtype."""
+        ends = counts.cumsum(0).to(torch.int32)
+        dtype = torch.bfloat16 if x.is_cuda or torch.compiler.is_compiling() else x.dtype
+        gate_up = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in self.experts])
+        down = torch.stack([e.down_proj.weight for e in self.experts])
+        gate, up = F.grouped_mm(x.to(dtype), gate_up.to(dtype).transpose(1, 2), offs=ends).chunk(2, dim=-1)
+        return F.grouped_mm(swiglu(gate, up), down.to(dtype).transpose(1, 2), offs=ends).to(x.dtype)
 
     def route(self, flat):
         """The router's choice for [tokens, hidden] inputs: (softmax scores [tokens, experts], the chosen experts'
@@ -292,13 +321,21 @@ class TinyMindModel(nn.Module):
         self.rotary = RotaryEmbedding(config)
         self.gradient_checkpointing = False
 
-    def forward(self, input_ids, attention_mask, position_ids, past_key_values):
-        """`attention_mask` numbers each position's document (0: padding), as `dataset.Batch` describes."""
+    def forward(self, input_ids, attention_mask, position_ids, past_key_values, one_document_per_row=False):
+        """`attention_mask` numbers each position's document (0: padding), as `dataset.Batch` describes.
+        `one_document_per_row`: the caller knows (as `collate` does, on the host) that no row holds two documents
+        and padding only ends rows, so positions count from 0 and SDPA's causal kernel masks right, without a
+        look at the mask's values: the training forward then never waits for the device."""
         batch, seq = input_ids.shape
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if position_ids is None:
-            position_ids = document_positions(attention_mask, past, seq, input_ids.device).expand(batch, -1)
-        attn_mask = causal_mask(attention_mask, batch, seq, past, input_ids.device)
+        if one_document_per_row and past == 0:
+            attn_mask = None
+            if position_ids is None:
+                position_ids = torch.arange(seq, device=input_ids.device)[None].expand(batch, -1)
+        else:
+            if position_ids is None:
+                position_ids = document_positions(attention_mask, past, seq, input_ids.device).expand(batch, -1)
+            attn_mask = causal_mask(attention_mask, batch, seq, past, input_ids.device)
         token_mask = attention_mask[:, -seq:] > 0 if attention_mask is not None else input_ids.new_ones(batch, seq)
 
         x = self.dropout(self.embed_tokens(input_ids))
@@ -374,12 +411,14 @@ class TinyMindForCausalLM(PreTrainedModel, GenerationMixin):
         labels=None,
         position_ids=None,
         logits_to_keep=0,
+        one_document_per_row=False,
         **kwargs,
     ):
-        """Logits, the summed MoE aux loss, the KV cache and, given HF-style `labels`, `.loss` = masked CE + aux."""
+        """Logits, the summed MoE aux loss, the KV cache and, given HF-style `labels`, `.loss` = masked CE + aux.
+        `one_document_per_row`: see TinyMindModel.forward (`dataset.Batch.model_inputs()` passes it)."""
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache()
-        hidden, aux_loss = self.model(input_ids, attention_mask, position_ids, past_key_values)
+        hidden, aux_loss = self.model(input_ids, attention_mask, position_ids, past_key_values, one_document_per_row)
         # Generation only needs the last position's logits; skipping the rest saves the vocab matmul.
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
 
@@ -409,6 +448,11 @@ class TinyMindForCausalLM(PreTrainedModel, GenerationMixin):
 
     def moe_layers(self):
         return [block.mlp for block in self.model.layers if isinstance(block.mlp, MoEFeedForward)]
+
+    def set_moe_dispatch(self, dispatch):
+        """How every MoE layer runs its experts: one of MoEFeedForward.DISPATCHES."""
+        for moe in self.moe_layers():
+            moe.dispatch = dispatch
 
     def parameter_counts(self):
         """(total, active per token): tied weights counted once; only k of the routed experts are active."""

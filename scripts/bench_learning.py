@@ -21,6 +21,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib
@@ -31,7 +32,7 @@ import pandas as pd  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from dataset import PretrainDataset  # noqa: E402
-from dataset.batch import Batch, collate  # noqa: E402
+from dataset.batch import collate  # noqa: E402
 from trainer import Stage, run_cli, train_stage  # noqa: E402
 
 MODEL = ["--hidden_size", "128", "--num_hidden_layers", "4", "--num_attention_heads", "4", "--num_key_value_heads", "2",
@@ -66,8 +67,9 @@ class PaddedToMaximum(PretrainDataset):
     def collate(self, samples):
         batch = collate(samples, self.pad_id)
         extra = self.max_length - 1 - batch.input_ids.shape[1]  # a sample's inputs are at most max_length - 1
-        return Batch(F.pad(batch.input_ids, (0, extra), value=self.pad_id), F.pad(batch.targets, (0, extra), value=self.pad_id),
-                     F.pad(batch.loss_mask, (0, extra)), F.pad(batch.attention_mask, (0, extra)))
+        return replace(batch, input_ids=F.pad(batch.input_ids, (0, extra), value=self.pad_id),
+                       targets=F.pad(batch.targets, (0, extra), value=self.pad_id),
+                       loss_mask=F.pad(batch.loss_mask, (0, extra)), attention_mask=F.pad(batch.attention_mask, (0, extra)))
 
 
 def stage_for(recipe):

@@ -12,6 +12,7 @@ import sys
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -59,6 +60,11 @@ def all_reduce_sum(tensor):
     if dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def whole(tensor):
+    """A plain tensor of the whole value (FSDP2's gradient norm is a DTensor)."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def main_process_alone(work):
@@ -136,10 +142,10 @@ def load_full_state_dicts(model, optimizer, model_state, optimizer_state):
 
 class StopSignals:
     """Within the block, Ctrl-C / SIGTERM ask the loop to stop after the current step (a second one exits at
-    once). `requested()` tells every process whether any got one, so all stop at the same step to save."""
+    once). Under torchrun every process adds `local()` to the step's all-reduce and hands the sum to `agree`,
+    so all stop at the same step to save; `requested()` then tells."""
 
-    def __init__(self, device):
-        self.device = device
+    def __init__(self):
         self.signal = None
 
     def __enter__(self):
@@ -156,8 +162,13 @@ class StopSignals:
         self.signal = sig
         say(f"{signal.Signals(sig).name}: saving a checkpoint after this step ...", err=True)
 
-    def requested(self):
-        stop = all_reduce_sum(torch.tensor(float(self.signal is not None), device=self.device))
-        if stop.item() and self.signal is None:
+    def local(self) -> float:
+        return float(self.signal is not None)
+
+    def agree(self, processes_stopping):
+        """Another process got a signal: stop here too."""
+        if processes_stopping and self.signal is None:
             self.signal = signal.SIGTERM
+
+    def requested(self):
         return self.signal is not None

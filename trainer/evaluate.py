@@ -35,7 +35,7 @@ def language_model_scores(model, dataset, args, max_samples=None, token_bytes=No
     and is left out of both sums, as nanochat counts)."""
     total_ce, total_tokens, text_ce, text_bytes = 0.0, 0, 0.0, 0
     for batch in eval_batches(model, dataset, args, max_samples):
-        logits = model(batch.input_ids, attention_mask=batch.attention_mask).logits
+        logits = model(batch.input_ids, **batch.model_inputs()).logits
         per_token = token_cross_entropy(logits, batch.targets)
         trained = batch.loss_mask.bool()
         total_ce += float(per_token[trained].sum())

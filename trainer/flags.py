@@ -118,6 +118,10 @@ def add_training_flags(parser, default_data):
     group.add_argument("--resume", action="store_true", help="continue the run in the run folder")
     group.add_argument("--fsdp", action="store_true", help="under torchrun: shard each block with FSDP2")
     group.add_argument("--compile", action="store_true", help="torch.compile the training forward and backward")
+    group.add_argument("--moe_dispatch", choices=("auto", "per_expert", "grouped"), default="auto",
+                       help="how MoE layers run their experts: per_expert (one matmul each; their token counts read "
+                            "back to the host), grouped (two grouped matmuls, nothing read back: one compiled graph), "
+                            "auto (grouped on CUDA, per_expert elsewhere, where it measures faster)")
     group.add_argument("--grad_checkpointing", action="store_true",
                        help="recompute each block's activations in backward: less memory, about a third more time")
 

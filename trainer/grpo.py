@@ -187,7 +187,7 @@ class GroupRelativePolicy(Objective):
         if self.iterations > 1:  # the policy moves between the steps that reuse these: keep today's log-probs
             with torch.no_grad(), autocast_context(self.args):
                 on_device = sequences.to(device)
-                old_logp = token_logprobs(model(on_device.input_ids, attention_mask=on_device.attention_mask).logits,
+                old_logp = token_logprobs(model(on_device.input_ids, **on_device.model_inputs()).logits,
                                           on_device).cpu()
         return Rollouts(sequences, advantages, rewards, len(batch), time.perf_counter() - started, old_logp)
 
@@ -206,11 +206,11 @@ class GroupRelativePolicy(Objective):
 
     def __call__(self, model, rollouts, step):
         batch = rollouts.sequences
-        out = model(batch.input_ids, attention_mask=batch.attention_mask)
+        out = model(batch.input_ids, **batch.model_inputs())
         logp = token_logprobs(out.logits, batch)
         if self.beta > 0:
             with torch.no_grad():
-                ref_logp = token_logprobs(self.reference(batch.input_ids, attention_mask=batch.attention_mask).logits,
+                ref_logp = token_logprobs(self.reference(batch.input_ids, **batch.model_inputs()).logits,
                                           batch)
         else:
             ref_logp = logp.detach()

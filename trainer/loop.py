@@ -87,6 +87,12 @@ def write_model_weights(model, state, paths):
     save_weights(state, model.config, paths.weights)
 
 
+def host_to_device(values, device):
+    """Host numbers as a float32 tensor on `device`, copied without waiting for the device (from pinned memory)."""
+    tensor = torch.tensor(values, dtype=torch.float32)
+    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
+
+
 class Trainer:
     def __init__(self, model, dataset, objective, args, paths, write_weights=None, val=None):
         """`write_weights(model, state_dict, paths)` writes what later stages read (default: `write_model_weights`)."""
@@ -94,6 +100,7 @@ class Trainer:
         self.write_weights = write_weights or write_model_weights
         self.device = torch.device(args.device)
         self.raw_model = model.to(self.device)
+        self.raw_model.set_moe_dispatch(args.moe_dispatch)
         if args.grad_checkpointing:
             self.raw_model.gradient_checkpointing_enable()
         self.model = distributed.wrap(self.raw_model, args)
@@ -111,6 +118,7 @@ class Trainer:
         self.log = CsvLog(paths.log, log_columns(objective, self.expert_loads, val is not None))
         self.progress = Progress()
         self.bad_steps_in_a_row = 0
+        self.stop = distributed.StopSignals()
 
     def train(self):
         if self.args.resume:
@@ -126,7 +134,7 @@ class Trainer:
         interval_start, interval_tokens = started, 0
         evaluate_every = self.args.eval_interval or self.total_steps
         since = time.perf_counter()
-        with bar, distributed.StopSignals(self.device) as stop:
+        with bar, self.stop as stop:
             while self.progress.step < self.total_steps:
                 for micro_batches in self.step_batches():
                     tokens_before = self.progress.tokens
@@ -195,6 +203,11 @@ class Trainer:
         self.progress.position = 0
 
     def optimizer_step(self, micro_batches):
+        """One optimizer step over the micro-batches; its stats (host numbers) for the log.
+
+        It waits for the device once, to read the loss and gradient norm (whether to skip the step) with the
+        metrics in the same transfer: the token counts come from the host-side batches, the normaliser of the
+        loss stays a device tensor under torchrun, and the stop signal rides on the step's one all-reduce."""
         args, model, objective = self.args, self.model, self.objective
         lr = lr_at(self.progress.step, self.total_steps, self.warmup_steps, args.learning_rate, args.schedule)
         for optimizer in self.optimizers:
@@ -203,10 +216,12 @@ class Trainer:
         model.train()
         samples = sum(len(batch) for batch in micro_batches) * self.world_size
         micro_batches = objective.prepare(self.raw_model, micro_batches)
-        units = distributed.all_reduce_sum(torch.tensor(sum(objective.units(b) for b in micro_batches),
-                                                         device=self.device))
-        step = Step(int(units), len(micro_batches), self.world_size)
-        totals = torch.zeros(2 + len(objective.metrics), device=self.device)  # loss, tokens, metrics...
+        units = sum(objective.units(b) for b in micro_batches)
+        if self.world_size > 1:  # the objectives divide by it as a tensor: no process reads it back
+            units = distributed.all_reduce_sum(host_to_device([units], self.device))[0]
+        step = Step(units, len(micro_batches), self.world_size)
+        totals = torch.zeros(1 + len(objective.metrics), device=self.device)  # loss, metrics...
+        tokens = 0
         for index, batch in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
             with autocast_context(args), self.gradient_sync(last):
@@ -214,17 +229,27 @@ class Trainer:
                 # DDP and FSDP average gradients over processes; each share is of the global step, so
                 # scaling by world_size turns that average back into the sum.
                 self.scaler.scale(result.loss * self.world_size).backward()
-            totals += torch.stack([result.loss.detach().float(), torch.tensor(float(result.tokens), device=self.device),
-                                   *(result.metrics[name].float() for name in objective.metrics)])
-        # One all-reduce for everything the processes must agree on: loss, tokens, metrics, expert loads.
+            totals += torch.stack([result.loss.detach().float(), *(result.metrics[name].float()
+                                                                   for name in objective.metrics)])
+            tokens += result.tokens
         loads = self.expert_loads.take_counts(self.device)
-        totals = distributed.all_reduce_sum(torch.cat([totals, loads.flatten()])).cpu()
-        loss = totals[0]
+        agreed = totals.new_zeros(0)  # under torchrun: the step's tokens and stop signals over every process
+        if self.world_size > 1:  # one all-reduce for all the processes must agree on
+            shared = torch.cat([totals, host_to_device([tokens, self.stop.local()], self.device), loads.flatten()])
+            totals, agreed, flat_loads = distributed.all_reduce_sum(shared).split([len(totals), 2, loads.numel()])
+            loads = flat_loads.view(loads.shape)
         for optimizer in self.optimizers:
             self.scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+        # The step's one wait for the device: whether to skip it, and the figures of its log row, in one transfer.
+        grad_norm = distributed.whole(grad_norm).detach().float().reshape(1)
+        read = torch.cat([totals, grad_norm, agreed]).tolist()
+        loss, metrics, grad_norm = read[0], read[1:len(totals)], read[len(totals)]
+        if self.world_size > 1:
+            tokens = read[-2]
+            self.stop.agree(read[-1])
         # float16's GradScaler skips inf/NaN gradients itself and lowers its scale: that is not divergence.
-        if torch.isfinite(loss) and (torch.isfinite(grad_norm) or self.scaler.is_enabled()):
+        if math.isfinite(loss) and (math.isfinite(grad_norm) or self.scaler.is_enabled()):
             for optimizer in self.optimizers:
                 self.scaler.step(optimizer)
             self.bad_steps_in_a_row = 0
@@ -234,13 +259,11 @@ class Trainer:
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
         if self.expert_loads.layers:
-            counts = totals[2 + len(objective.metrics):].view(loads.shape)
-            self.expert_loads.observe(counts / counts.sum(dim=1, keepdim=True).clamp(min=1))
+            self.expert_loads.observe(loads / loads.sum(dim=1, keepdim=True).clamp(min=1))
         self.progress.step += 1
         self.progress.position += samples
-        self.progress.tokens += int(totals[1])
-        metrics = dict(zip(objective.metrics, totals[2:2 + len(objective.metrics)].tolist()))
-        return {"loss": loss.item(), **metrics, "lr": lr, "grad_norm": grad_norm.item()}
+        self.progress.tokens += int(tokens)
+        return {"loss": loss, **dict(zip(objective.metrics, metrics)), "lr": lr, "grad_norm": grad_norm}
 
     def gradient_sync(self, last_micro_batch):
         """DDP all-reduces gradients on every backward; skipping it until the last micro-batch saves the traffic."""
@@ -252,8 +275,8 @@ class Trainer:
         """A non-finite loss or gradient skips the update; several in a row stop the run, keeping the last save."""
         self.progress.skipped_steps += 1
         self.bad_steps_in_a_row += 1
-        say(f"step {self.progress.step + 1}: non-finite loss {loss.item()} or gradient norm "
-            f"{grad_norm.item()}; update skipped ({self.progress.skipped_steps} so far)", err=True)
+        say(f"step {self.progress.step + 1}: non-finite loss {loss} or gradient norm "
+            f"{grad_norm}; update skipped ({self.progress.skipped_steps} so far)", err=True)
         if self.bad_steps_in_a_row >= MAX_BAD_STEPS:
             raise UserError(
                 f"{MAX_BAD_STEPS} non-finite steps in a row at step {self.progress.step + 1}: training diverged. "

@@ -94,10 +94,10 @@ class LanguageModeling(Objective):
         self.metrics = ("ce", "aux", "z") if z_loss else ("ce", "aux")
 
     def units(self, batch):
-        return int(batch.loss_mask.sum())
+        return batch.trained
 
     def __call__(self, model, batch, step):
-        out = model(batch.input_ids, attention_mask=batch.attention_mask)
+        out = model(batch.input_ids, **batch.model_inputs())
         aux = moe_aux_share(out, step)
         if not self.z_loss:
             ce = masked_cross_entropy(out.logits, batch.targets, batch.loss_mask, num_tokens=step.units)
@@ -155,10 +155,10 @@ class DirectPreference(Objective):
     def rewards(self, model, batch):
         """(chosen rewards, rejected rewards, policy log-probabilities, the policy's output)."""
         both, pairs = batch.both, len(batch)
-        out = model(both.input_ids, attention_mask=both.attention_mask)
+        out = model(both.input_ids, **both.model_inputs())
         policy = answer_logprobs(out.logits, both)
         with torch.no_grad():
-            reference = answer_logprobs(self.reference(both.input_ids, attention_mask=both.attention_mask).logits, both)
+            reference = answer_logprobs(self.reference(both.input_ids, **both.model_inputs()).logits, both)
         rewards = self.beta * (policy - reference)
         return rewards[:pairs], rewards[pairs:], policy, out
 
@@ -201,9 +201,9 @@ class Distillation(LanguageModeling):
         check_same_source("teacher", "--teacher", state.get("teacher", self.source), self.source)
 
     def __call__(self, model, batch, step):
-        out = model(batch.input_ids, attention_mask=batch.attention_mask)
+        out = model(batch.input_ids, **batch.model_inputs())
         with torch.no_grad():
-            teacher_logits = self.teacher(batch.input_ids, attention_mask=batch.attention_mask).logits
+            teacher_logits = self.teacher(batch.input_ids, **batch.model_inputs()).logits
         ce = masked_cross_entropy(out.logits, batch.targets, batch.loss_mask, num_tokens=step.units)
         kl = (soft_kl(teacher_logits, out.logits, self.temperature) * batch.loss_mask).sum() / step.units
         aux = moe_aux_share(out, step)

@@ -1,0 +1,140 @@
+"""GPU habits, held on the CPU: the training forward is one graph, a step reads the device once, and the MoE
+dispatch CUDA uses (grouped matmuls, nothing read back) computes what the per-expert one does."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dataset import PretrainDataset, collate
+from model import TinyMindForCausalLM, masked_cross_entropy
+from trainer.flags import add_model_flags, add_training_flags, model_config, new_parser, parse
+from trainer.loop import Trainer
+from trainer.objectives import LanguageModeling
+from trainer.run_folder import run_paths
+
+from conftest import TINY, pretrain_file, tiny_config
+
+VARIANTS = {
+    "dense": {},
+    "dense_qk_norm": {"qk_norm": True},
+    "moe_top2_shared": {"use_moe": True, "n_routed_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": 1},
+    "moe_top1_qk_norm": {"use_moe": True, "n_routed_experts": 4, "num_experts_per_tok": 1, "n_shared_experts": 0,
+                         "qk_norm": True},
+}
+
+
+def padded_batch(seed=0):
+    """Two rows of unequal length, right-padded as collate pads them."""
+    generator = torch.Generator().manual_seed(seed)
+    samples = []
+    for length in (16, 11):
+        ids = torch.randint(1, 97, (length,), generator=generator)
+        samples.append((ids[:-1], ids[1:], torch.ones(length - 1, dtype=torch.long)))
+    return collate(samples, pad_id=0)
+
+
+def training_loss(model, batch):
+    out = model(batch.input_ids, **batch.model_inputs())
+    return masked_cross_entropy(out.logits, batch.targets, batch.loss_mask) + out.aux_loss
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_training_forward_is_one_graph(variant):
+    torch.manual_seed(0)
+    model = TinyMindForCausalLM(tiny_config(**VARIANTS[variant])).train()
+    model.set_moe_dispatch("grouped")
+    batch = padded_batch()
+    explained = torch._dynamo.explain(lambda: training_loss(model, batch))()
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+@pytest.mark.parametrize("variant", ["moe_top2_shared", "moe_top1_qk_norm"])
+def test_grouped_dispatch_equals_the_per_expert_one_with_gradients(variant):
+    torch.manual_seed(0)
+    per_expert = TinyMindForCausalLM(tiny_config(**VARIANTS[variant])).train()
+    grouped = TinyMindForCausalLM(per_expert.config).train()
+    grouped.load_state_dict(per_expert.state_dict())
+    per_expert.set_moe_dispatch("per_expert")
+    grouped.set_moe_dispatch("grouped")
+    batch = padded_batch()
+    losses = [training_loss(model, batch) for model in (per_expert, grouped)]
+    for loss in losses:
+        loss.backward()
+    assert losses[1].item() == pytest.approx(losses[0].item(), rel=1e-6)
+    gradients = dict(per_expert.named_parameters())
+    for name, parameter in grouped.named_parameters():
+        torch.testing.assert_close(parameter.grad, gradients[name].grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the operations that hand a tensor's value to Python (`.item()`, `bool()`, `int()` and the like all
+    dispatch `_local_scalar_dense`); `.tolist()` is counted where it is called."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("variant", ["dense", "moe_top2_shared"])
+def test_an_optimizer_step_reads_the_device_once(tmp_path, tokenizer, monkeypatch, variant):
+    moe = ["--model_type", "moe", "--n_routed_experts", "4", "--num_experts_per_tok", "2",
+           "--moe_dispatch", "grouped"] if variant.startswith("moe") else []
+    data = pretrain_file(tmp_path, copies=5)
+    parser = new_parser("test")
+    add_model_flags(parser)
+    add_training_flags(parser, default_data=str(data))
+    args = parse(parser, [*TINY, *moe, "--device", "cpu", "--out_dir", str(tmp_path / "output"), "--max_steps", "10",
+                          "--optimizer", "muon"])
+    torch.manual_seed(0)
+    dataset = PretrainDataset(data, tokenizer, args.max_seq_len)
+    trainer = Trainer(TinyMindForCausalLM(model_config(args)), dataset, LanguageModeling(), args,
+                      run_paths("pretrain", args))
+    steps = [[dataset.collate([dataset[i] for i in range(j, j + 4)])] for j in range(0, 40, 4)]
+    reads = HostReads()
+    tolist = torch.Tensor.tolist
+
+    def counted_tolist(tensor):
+        reads.count += 1
+        return tolist(tensor)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
+    for optimizer in trainer.optimizers:
+        # An optimizer's step counters live on the host on every device (reading them waits for nothing);
+        # only what the step itself reads is counted.
+        monkeypatch.setattr(optimizer, "step", paused(reads, optimizer.step))
+    with reads:
+        for micro_batches in steps:
+            trainer.optimizer_step(micro_batches)
+    assert reads.count <= len(steps), f"{reads.count} host reads in {len(steps)} steps"
+
+
+def paused(mode, function):
+    def call(*args, **kwargs):
+        with torch._C._DisablePythonDispatcher(), torch.utils._python_dispatch._disable_current_modes():
+            return function(*args, **kwargs)
+    return call
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["dense_qk_norm", "moe_top2_shared"])
+def test_the_model_compiles_whole_for_forward_and_backward(variant):
+    torch.manual_seed(0)
+    eager = TinyMindForCausalLM(tiny_config(**VARIANTS[variant])).train()
+    eager.set_moe_dispatch("grouped")
+    compiled_model = TinyMindForCausalLM(eager.config).train()
+    compiled_model.load_state_dict(eager.state_dict())
+    compiled_model.set_moe_dispatch("grouped")
+    compiled = torch.compile(compiled_model, fullgraph=True)
+    batch = padded_batch()
+    expected = training_loss(eager, batch)
+    loss = training_loss(compiled, batch)
+    expected.backward()
+    loss.backward()
+    # The grouped matmuls run in bfloat16 once compiled (grouped_mm compiles only in it): close, not equal.
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-2)
+    assert all(parameter.grad is not None for parameter in compiled_model.parameters())
