@@ -13,6 +13,7 @@ carries packed and padded rows alike.
 from dataclasses import dataclass, fields, replace
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -34,6 +35,16 @@ class Batch:
 
     def __len__(self):
         return self.input_ids.size(0)
+
+    @property
+    def width(self):
+        return self.input_ids.size(1)
+
+    def padded_to(self, width):
+        """The same rows padded on the right to `width` positions, padding being neither trained nor attended."""
+        if width <= self.width:
+            return self
+        return replace(self, **{name: F.pad(t, (0, width - self.width)) for name, t in self.tensors().items()})
 
     def tensors(self):
         return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}

@@ -26,6 +26,13 @@ class PairBatch:
     def __len__(self):
         return len(self.both) // 2
 
+    @property
+    def width(self):
+        return self.both.width
+
+    def padded_to(self, width):
+        return PairBatch(self.both.padded_to(width))
+
     def to(self, device):
         return PairBatch(self.both.to(device))
 

@@ -138,3 +138,49 @@ def test_the_model_compiles_whole_for_forward_and_backward(variant):
     # The grouped matmuls run in bfloat16 once compiled (grouped_mm compiles only in it): close, not equal.
     assert loss.item() == pytest.approx(expected.item(), rel=1e-2)
     assert all(parameter.grad is not None for parameter in compiled_model.parameters())
+
+
+def training_run(tmp_path, tokenizer, *flags):
+    data = pretrain_file(tmp_path, copies=5)
+    parser = new_parser("test")
+    add_model_flags(parser)
+    add_training_flags(parser, default_data=str(data))
+    args = parse(parser, [*TINY, "--device", "cpu", "--out_dir", str(tmp_path / "output"), *flags])
+    torch.manual_seed(0)
+    dataset = PretrainDataset(data, tokenizer, args.max_seq_len)
+    run_paths("pretrain", args).dir.mkdir(parents=True)
+    return Trainer(TinyMindForCausalLM(model_config(args)), dataset, LanguageModeling(), args,
+                   run_paths("pretrain", args))
+
+
+def test_a_compiled_run_compiles_once_per_width_bucket(tmp_path, tokenizer, monkeypatch):
+    compiled_shapes = []
+
+    def counting_backend(graph, example_inputs):
+        compiled_shapes.append(tuple(example_inputs[0].shape))
+        return graph.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module, **options: real_compile(
+        module, **{**options, "backend": counting_backend}))
+    trainer = training_run(tmp_path, tokenizer, "--compile", "true", "--max_steps", 20, "--batch_size", 2)
+    widths = {len(trainer.dataset[i][0]) for i in range(len(trainer.dataset))}
+    trainer.train()
+    assert len(widths) > 4  # the samples' own lengths would compile this many shapes
+    assert trainer.widths == [16, 24, 40, 47] and 1 <= len(compiled_shapes) <= len(trainer.widths)
+
+
+def test_a_compile_that_fails_says_so_once_and_training_goes_on(tmp_path, tokenizer, monkeypatch, capsys):
+    def failing_compile(module, **options):
+        def call(*args, **kwargs):
+            raise torch._dynamo.exc.BackendCompilerFailed(lambda *a: None, RuntimeError("no C++ compiler"), None)
+        return call
+
+    eager = training_run(tmp_path / "eager", tokenizer, "--max_steps", 2)
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    fallback = training_run(tmp_path / "fallback", tokenizer, "--compile", "true", "--max_steps", 2)
+    batches = [fallback.dataset.collate([fallback.dataset[i] for i in range(4)])]
+    assert fallback.optimizer_step(batches)["loss"] == pytest.approx(eager.optimizer_step(batches)["loss"], rel=1e-6)
+    fallback.optimizer_step(batches)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "torch.compile failed" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: torch.compile failed (BackendCompilerFailed")

@@ -135,7 +135,7 @@ def counting(calls, function):
     return counted
 
 
-@pytest.mark.parametrize("flag", ["--grad_checkpointing", "--compile"])
+@pytest.mark.parametrize("flag", ["--grad_checkpointing", "--compile true"])
 def test_memory_and_speed_flags_train_the_same_step(flag, tmp_path, tokenizer, monkeypatch):
     plain, plain_model = one_step_loss(tmp_path / "a", tokenizer, 2, 2, "--model_type", "moe")
     calls = []  # the flag's path ran: blocks through torch.utils.checkpoint, or forwards through the compiled model
@@ -143,8 +143,8 @@ def test_memory_and_speed_flags_train_the_same_step(flag, tmp_path, tokenizer, m
         monkeypatch.setattr(model_module, "checkpoint", counting(calls, model_module.checkpoint))
     else:
         real_compile = torch.compile
-        monkeypatch.setattr(torch, "compile", lambda module: counting(calls, real_compile(module)))
-    other, other_model = one_step_loss(tmp_path / "b", tokenizer, 2, 2, "--model_type", "moe", flag)
+        monkeypatch.setattr(torch, "compile", lambda module, **options: counting(calls, real_compile(module, **options)))
+    other, other_model = one_step_loss(tmp_path / "b", tokenizer, 2, 2, "--model_type", "moe", *flag.split())
     assert len(calls) == (2 * other_model.config.num_hidden_layers if flag == "--grad_checkpointing" else 2)
     assert other["loss"] == pytest.approx(plain["loss"], rel=1e-5)
     assert other["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-4)

@@ -117,7 +117,10 @@ def add_training_flags(parser, default_data):
                        "directory, or an owner/name Hub repo id")
     group.add_argument("--resume", action="store_true", help="continue the run in the run folder")
     group.add_argument("--fsdp", action="store_true", help="under torchrun: shard each block with FSDP2")
-    group.add_argument("--compile", action="store_true", help="torch.compile the training forward and backward")
+    group.add_argument("--compile", type=boolean,
+                       help="torch.compile the training forward and backward, batches padded to four widths so it "
+                            "compiles at most once for each: true or false (default: true on CUDA, false elsewhere; a "
+                            "compile that fails says so in one line and training goes on without it)")
     group.add_argument("--moe_dispatch", choices=("auto", "per_expert", "grouped"), default="auto",
                        help="how MoE layers run their experts: per_expert (one matmul each; their token counts read "
                             "back to the host), grouped (two grouped matmuls, nothing read back: one compiled graph), "
@@ -202,6 +205,8 @@ def parse(parser, argv=None):
     if args.dtype is None:
         cuda_bf16 = args.device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         args.dtype = "bfloat16" if cuda_bf16 else "float32"
+    if getattr(args, "compile", False) is None:
+        args.compile = args.device.startswith("cuda")
     validate(args)
     return args
 

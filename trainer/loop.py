@@ -10,6 +10,7 @@ from bit-exactly (`state_dict` / `load_state_dict`, in the run folder of trainer
 
 import contextlib
 import math
+from functools import partial
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -87,6 +88,40 @@ def write_model_weights(model, state, paths):
     save_weights(state, model.config, paths.weights)
 
 
+def width_buckets(max_seq_len, count=4):
+    """The batch widths a compiled run pads to: `count` steps up to the longest input (`max_seq_len - 1`), each
+    rounded up to a multiple of 8, so a run compiles at most `count` shapes however its batches' lengths vary."""
+    longest = max_seq_len - 1
+    return sorted({min(longest, 8 * math.ceil(longest * k / count / 8)) for k in range(1, count + 1)})
+
+
+def bucketed(collate, widths, samples):
+    """`collate(samples)` padded on the right to the smallest of `widths` that holds it (GRPO's prompts stay as
+    they are: the sequences it trains on are made by its sampling)."""
+    batch = collate(samples)
+    if not hasattr(batch, "padded_to"):
+        return batch
+    return batch.padded_to(next(width for width in widths if width >= batch.width))
+
+
+class CompiledOrEager:
+    """`torch.compile(module)` with static shapes; if compiling fails, one warning and the module itself from then on."""
+
+    def __init__(self, module):
+        self.module, self.compiled = module, torch.compile(module, dynamic=False)
+
+    def __call__(self, *args, **kwargs):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args, **kwargs)
+            except torch._dynamo.exc.TorchDynamoException as err:
+                reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                say(f"warning: torch.compile failed ({type(err).__name__}: {reason}); training goes on without it",
+                    err=True)
+                self.compiled = None
+        return self.module(*args, **kwargs)
+
+
 def host_to_device(values, device):
     """Host numbers as a float32 tensor on `device`, copied without waiting for the device (from pinned memory)."""
     tensor = torch.tensor(values, dtype=torch.float32)
@@ -105,7 +140,8 @@ class Trainer:
             self.raw_model.gradient_checkpointing_enable()
         self.model = distributed.wrap(self.raw_model, args)
         # Only the training forward is compiled; state dicts and DDP's no_sync keep using the module itself.
-        self.forward = torch.compile(self.model) if args.compile else self.model
+        self.forward = CompiledOrEager(self.model) if args.compile else self.model
+        self.widths = width_buckets(args.max_seq_len) if args.compile else None
         for module in objective.frozen:
             module.to(self.device).eval().requires_grad_(False)
         self.optimizers = make_optimizers(self.raw_model, args)
@@ -185,7 +221,7 @@ class Trainer:
         loader = DataLoader(
             Subset(self.dataset, remaining[distributed.rank()::self.world_size]),
             batch_size=self.args.batch_size,
-            collate_fn=self.dataset.collate,
+            collate_fn=self.dataset.collate if self.widths is None else partial(bucketed, self.dataset.collate, self.widths),
             num_workers=self.args.num_workers,
             # Its own generator: seeding workers must not draw from the global RNG a resumed run restores.
             generator=torch.Generator().manual_seed(self.args.seed),
