@@ -184,3 +184,12 @@ def test_a_compile_that_fails_says_so_once_and_training_goes_on(tmp_path, tokeni
     fallback.optimizer_step(batches)
     warnings = [line for line in capsys.readouterr().err.splitlines() if "torch.compile failed" in line]
     assert len(warnings) == 1 and warnings[0].startswith("warning: torch.compile failed (BackendCompilerFailed")
+
+
+def test_a_batch_pins_and_moves_every_tensor_and_keeps_its_host_counts(monkeypatch):
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda tensor: pinned.append(tensor.shape) or tensor.clone())
+    batch = padded_batch()
+    moved = batch.pin_memory().to("cpu")
+    assert len(pinned) == 4 and (moved.tokens, moved.trained, moved.one_document_per_row) == (25, 25, True)
+    assert all(torch.equal(a, b) for a, b in zip(moved.tensors().values(), batch.tensors().values()))

@@ -8,6 +8,7 @@ import contextlib
 import os
 import signal
 import sys
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -21,14 +22,25 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+# A collective that waits longer than this is a hung job: the training steps' all-reduces and gathers.
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)
+# While the main process works alone (tokenizing a large corpus, writing a checkpoint) the others wait this long.
+WAIT_FOR_MAIN_TIMEOUT = timedelta(hours=12)
+_waiting_group = None  # a Gloo group for those waits, so no NCCL watchdog ends them
+
+
 def setup(args):
     """Join the process group torchrun describes; on CUDA each process takes its LOCAL_RANK device."""
+    global _waiting_group
     if not launched_by_torchrun() or dist.is_initialized():
         return
-    if args.device.startswith("cuda"):
+    cuda = args.device.startswith("cuda")
+    if cuda:
         args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(args.device)
-    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=COLLECTIVE_TIMEOUT,
+                            device_id=torch.device(args.device) if cuda else None)
+    _waiting_group = dist.new_group(backend="gloo", timeout=WAIT_FOR_MAIN_TIMEOUT)
 
 
 def shutdown():
@@ -105,7 +117,7 @@ def main_process_first():
 def _main_outcome(ok=None):
     """Whether the main process's step succeeded, sent from it to every process (which wait for it here)."""
     outcome = [ok]
-    dist.broadcast_object_list(outcome, src=0)
+    dist.broadcast_object_list(outcome, src=0, group=_waiting_group)
     return outcome[0]
 
 
@@ -118,11 +130,15 @@ def wrap(model, args):
     if not dist.is_initialized():
         return model
     if getattr(args, "fsdp", False):
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        # Under bf16 the gathered weights and the gradients' reduce-scatter move in bf16 rather than fp32 (half the
+        # traffic), the reduction summing in fp32; the sharded master weights and the optimizer stay fp32.
+        policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                  if args.dtype == "bfloat16" else MixedPrecisionPolicy())
         for block in model.model.layers:
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
         return model
     device_ids = [torch.device(args.device).index] if args.device.startswith("cuda") else None
     return DistributedDataParallel(model, device_ids=device_ids)

@@ -302,9 +302,12 @@ class Trainer:
         return {"loss": loss, **dict(zip(objective.metrics, metrics)), "lr": lr, "grad_norm": grad_norm}
 
     def gradient_sync(self, last_micro_batch):
-        """DDP all-reduces gradients on every backward; skipping it until the last micro-batch saves the traffic."""
+        """DDP all-reduces (FSDP reduce-scatters) gradients on every backward; skipping it until the last
+        micro-batch saves the traffic."""
         if isinstance(self.model, torch.nn.parallel.DistributedDataParallel) and not last_micro_batch:
             return self.model.no_sync()
+        if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2
+            self.model.set_requires_gradient_sync(last_micro_batch)
         return contextlib.nullcontext()
 
     def skip_bad_step(self, loss, grad_norm):
