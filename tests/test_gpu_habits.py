@@ -1,12 +1,15 @@
-"""GPU habits, held on the CPU: the training forward is one graph, a step reads the device once, and the MoE
-dispatch CUDA uses (grouped matmuls, nothing read back) computes what the per-expert one does."""
+"""GPU habits, held on the CPU: the training forward is one graph, a step reads the device once, the MoE
+dispatch CUDA uses (grouped matmuls, nothing read back) computes what the per-expert one does, a compiled run
+compiles once per width bucket, and the loss never holds a float32 copy of every position's logits."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dataset import PretrainDataset, collate
-from model import TinyMindForCausalLM, masked_cross_entropy
+from model import TinyMindForCausalLM, masked_cross_entropy, token_cross_entropy
+from model.model import ChunkedCrossEntropy
 from trainer.flags import add_model_flags, add_training_flags, model_config, new_parser, parse
 from trainer.loop import Trainer
 from trainer.objectives import LanguageModeling
@@ -193,3 +196,26 @@ def test_a_batch_pins_and_moves_every_tensor_and_keeps_its_host_counts(monkeypat
     moved = batch.pin_memory().to("cpu")
     assert len(pinned) == 4 and (moved.tokens, moved.trained, moved.one_document_per_row) == (25, 25, True)
     assert all(torch.equal(a, b) for a, b in zip(moved.tensors().values(), batch.tensors().values()))
+
+
+@pytest.mark.parametrize("chunk_rows", [7, 1000])
+def test_the_chunked_loss_equals_the_whole_vocabulary_one_with_its_gradients(monkeypatch, chunk_rows):
+    vocab = 1000
+    monkeypatch.setattr(ChunkedCrossEntropy, "CHUNK_ELEMENTS", chunk_rows * vocab)  # 22 chunks, or one
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 50, vocab) * 3).requires_grad_()
+    targets = torch.randint(0, vocab, (3, 50))
+    weights = torch.rand(2, 3, 50)
+    flat = logits.reshape(-1, vocab)
+    expected = F.cross_entropy(flat, targets.reshape(-1), reduction="none").view(3, 50)
+    expected_log_z = torch.logsumexp(logits, dim=-1)
+    expected_grad, = torch.autograd.grad((expected * weights[0] + expected_log_z * weights[1]).sum(), logits)
+    per_token, log_z = token_cross_entropy(logits, targets, with_log_z=True)
+    grad, = torch.autograd.grad((per_token * weights[0] + log_z * weights[1]).sum(), logits)
+    torch.testing.assert_close(per_token, expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(log_z, expected_log_z, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-5)
+    alone, = torch.autograd.grad((token_cross_entropy(logits, targets) * weights[0]).sum(), logits)
+    expected = F.cross_entropy(flat, targets.reshape(-1), reduction="none").view(3, 50)
+    torch.testing.assert_close(alone, torch.autograd.grad((expected * weights[0]).sum(), logits)[0], atol=1e-5,
+                               rtol=1e-5)
