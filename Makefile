@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DEMO := --config configs/tiny.json --out_dir output/demo
 STUDENT := --hidden_size 64 --num_hidden_layers 2 --num_attention_heads 4 --max_steps 600
 
-.PHONY: setup demo test test-fast test-browser test-llama-cpp bench bench-learning bench-data bench-stages bench-serve serve clean
+.PHONY: setup demo test test-fast gpu-check test-browser test-llama-cpp bench bench-learning bench-data bench-stages bench-serve serve clean
 
 setup: $(VENV)/.installed
 
@@ -53,6 +53,10 @@ test-browser: setup
 test-llama-cpp: setup
 	$(PY) -m pip install --quiet llama-cpp-python==0.3.36
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests/test_gguf.py
+
+# On a machine with a GPU: the training, loss and decoding figures of scripts/gpu_check.py in one table.
+gpu-check: setup
+	$(PY) -m scripts.gpu_check
 
 bench: setup
 	$(PY) -m scripts.bench

@@ -21,6 +21,8 @@ Cases (`--cases`, comma-separated; all by default):
                   matrix-vector products alone, every weight matrix a token meets times one vector in
                   the benchmark's dtype, a bound for batch-1 decoding of those weights on this machine)
     generate_moe  the same, tinymind MoE vs Qwen2MoeForCausalLM (floor: the k routed experts only)
+    muon          tinymind dense's whole training step with Muon (1-pretrain.py's default: model/muon.py on
+                  the blocks' matrices, AdamW on the rest) against the same step with AdamW alone
 
 A training step is forward, masked CE (+ the MoE aux loss), backward, AdamW step, zero_grad. Every
 contender the asked-for cases need is timed in this one process, round-robin (A B C A B C ...) after
@@ -59,7 +61,7 @@ from trainer.loop import make_optimizers
 from trainer.precision import autocast_context
 
 ROOT = Path(__file__).resolve().parent.parent
-CASES = ("dense", "moe", "dispatch", "generate", "generate_moe")
+CASES = ("dense", "moe", "dispatch", "generate", "generate_moe", "muon")
 PROMPT_TOKENS = 32
 
 
@@ -148,11 +150,11 @@ def flops_per_generated_token(config, active_params, context):
 class TrainingStep:
     """One contender's full training step on a fixed random batch."""
 
-    def __init__(self, name, model, args, flops_per_token, aux_coef=None):
+    def __init__(self, name, model, args, flops_per_token, aux_coef=None, optimizer="adamw"):
         self.name = name
         self.model = model.to(args.device).train()
         self.optimizers = make_optimizers(self.model, SimpleNamespace(
-            optimizer="adamw", adam_beta2=0.95, weight_decay=0.1, learning_rate=args.learning_rate, device=args.device))
+            optimizer=optimizer, adam_beta2=0.95, weight_decay=0.1, learning_rate=args.learning_rate, device=args.device))
         self.forward = torch.compile(self.model) if args.compile else self.model
         self.autocast = autocast_context(args)
         self.aux_coef = aux_coef  # None: the model returns its aux loss ready to add (tinymind, or none)
@@ -168,7 +170,11 @@ class TrainingStep:
 
     def run(self):
         with self.autocast:
-            if self.aux_coef is None:
+            if isinstance(self.model, TinyMindForCausalLM):  # as a training batch reaches it: unpadded rows
+                out = self.forward(self.input_ids, attention_mask=torch.ones_like(self.input_ids),
+                                   one_document_per_row=True)
+                aux = out.aux_loss
+            elif self.aux_coef is None:
                 out = self.forward(self.input_ids, attention_mask=torch.ones_like(self.input_ids))
                 aux = getattr(out, "aux_loss", None)  # Llama has none
             else:
@@ -231,10 +237,12 @@ def build_contenders(args):
     def gen_flops(model):
         return flops_per_generated_token(model.config, model.parameter_counts()[1], PROMPT_TOKENS + args.new_tokens // 2)
 
-    if wanted & {"dense", "generate"}:
+    if wanted & {"dense", "generate", "muon"}:
         dense = TinyMindForCausalLM(tinymind_config(args, use_moe=False))
-        if "dense" in wanted:
+        if wanted & {"dense", "muon"}:
             add(TrainingStep("tinymind dense", dense, args, train_flops(dense)))
+        if "muon" in wanted:
+            add(TrainingStep("tinymind dense, Muon", copy_of(dense), args, train_flops(dense), optimizer="muon"))
             add(TrainingStep("transformers Llama", llama_twin(dense), args, train_flops(dense)))
         if "generate" in wanted:
             add(Generation("tinymind fast_generate", copy_of(dense), args, gen_flops(dense), fast=True))
@@ -459,6 +467,7 @@ CASE_PAIRS = {
     "dispatch": ("tinymind MoE", "tinymind dense, MoE-active FFN", "time ratio", 1.10, 1.10),
     "generate": ("tinymind fast_generate", "transformers Llama generate", "speed-up", 2.0, 2.0),
     "generate_moe": ("tinymind MoE fast_generate", "transformers Qwen2-MoE generate", "speed-up", 2.0, 2.0),
+    "muon": ("tinymind dense, Muon", "tinymind dense", "time ratio", 1.10, 1.10),
 }
 
 

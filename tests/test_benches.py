@@ -1,4 +1,8 @@
-"""The stage and serving benchmarks run end to end on tiny settings and report every contender."""
+"""The stage and serving benchmarks and the GPU check run end to end on tiny settings and report every contender."""
+
+import json
+
+import pytest
 
 from conftest import CONVERSATIONS, MODEL, free_port, sft_file, write_jsonl
 
@@ -31,3 +35,18 @@ def test_bench_serve_reports_throughput_and_time_to_first_token(capsys):
     assert all(float(line.split()[-4]) > 0 for line in table)  # aggregate tokens/s
     gain = float(ceiling.split("at most ")[1].split("x")[0])  # the decode step's own batching gain at --max_batch 8
     assert ceiling.startswith("the decode step alone") and 0 < gain < 8 * 3
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_end_to_end_on_a_cpu(tmp_path, capsys):
+    from scripts import gpu_check
+
+    gpu_check.main(["--quick", "--device", "cpu", "--json", str(tmp_path / "rows.json")])
+    rows = {row["check"]: row for row in json.loads((tmp_path / "rows.json").read_text())}
+    trained = [f"train {kind} {mode} {optimizer}" for kind in ("dense", "moe") for mode in ("eager", "compiled")
+               for optimizer in ("adamw", "muon")]
+    assert all(rows[name]["tokens/s"] > 0 and rows[name]["MFU %"] >= 0 for name in trained)
+    assert "flash_attention" in rows["SDPA kernel, training shapes"]["note"]
+    assert all("same tokens: True" in rows[f"decode batch {batch}, 16 tokens"]["note"] for batch in (1, 8))
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert len(table) == len(rows) + 1  # a header and a line per row

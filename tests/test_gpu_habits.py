@@ -12,6 +12,7 @@ from model import TinyMindForCausalLM, masked_cross_entropy, token_cross_entropy
 from model.model import ChunkedCrossEntropy
 from trainer.flags import add_model_flags, add_training_flags, model_config, new_parser, parse
 from trainer.loop import Trainer
+from model.muon import BatchedMuon
 from trainer.objectives import LanguageModeling
 from trainer.run_folder import run_paths
 
@@ -219,3 +220,26 @@ def test_the_chunked_loss_equals_the_whole_vocabulary_one_with_its_gradients(mon
     expected = F.cross_entropy(flat, targets.reshape(-1), reduction="none").view(3, 50)
     torch.testing.assert_close(alone, torch.autograd.grad((expected * weights[0]).sum(), logits)[0], atol=1e-5,
                                rtol=1e-5)
+
+
+def test_batched_muon_makes_torch_muons_update_and_shares_its_state():
+    torch.manual_seed(0)
+    shapes = [(64, 64)] * 3 + [(96, 64)] * 2 + [(64, 96), (48, 200)]  # square, tall and wide stacks
+    reference = [torch.nn.Parameter(torch.randn(shape)) for shape in shapes]
+    batched = [torch.nn.Parameter(p.detach().clone()) for p in reference]
+    options = {"lr": 2e-3, "weight_decay": 0.1, "adjust_lr_fn": "match_rms_adamw"}
+    optimizers = torch.optim.Muon(reference, **options), BatchedMuon(batched, **options)
+    for _ in range(3):
+        for p, q in zip(reference, batched):
+            p.grad = torch.randn(p.shape)
+            q.grad = p.grad.clone()
+        before = [p.detach().clone() for p in reference]
+        for optimizer in optimizers:
+            optimizer.step()
+        for p, q, start in zip(reference, batched, before):
+            # Newton-Schulz runs in bfloat16: equal within its rounding (on this CPU, bit for bit)
+            torch.testing.assert_close(q - start, p - start, atol=1e-3 * (p - start).abs().max().item(), rtol=1e-2)
+    fresh = BatchedMuon([torch.nn.Parameter(p.detach().clone()) for p in reference], **options)
+    fresh.load_state_dict(optimizers[0].state_dict())  # a resume state written with torch.optim.Muon
+    assert all(torch.equal(fresh.state[p]["momentum_buffer"], optimizers[0].state[q]["momentum_buffer"])
+               for p, q in zip(fresh.param_groups[0]["params"], reference))

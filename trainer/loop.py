@@ -10,10 +10,10 @@ from bit-exactly (`state_dict` / `load_state_dict`, in the run folder of trainer
 
 import contextlib
 import math
-from functools import partial
 import signal
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 from torch.utils.data import DataLoader, Subset
@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from dataset import LENGTH_GROUP_STEPS, epoch_order
 from model import atomic_write, save_weights
+from model.muon import BatchedMuon, is_hidden_matrix
 
 from . import distributed
 from .distributed import say
@@ -56,22 +57,17 @@ def lr_at(step, total_steps, warmup_steps, peak, schedule="cosine", decay_fracti
     return peak / 10 + 0.9 * peak * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def is_hidden_matrix(name, parameter):
-    """A weight matrix inside a decoder block (attention, feed-forward, experts, their LoRA adapters), not the
-    embedding, the head or a router: what Muon orthogonalises."""
-    return parameter.dim() == 2 and ".layers." in name and not name.endswith("mlp.gate.weight")
-
-
 def make_optimizers(model, args):
-    """AdamW over everything, or (`--optimizer muon`) Muon over the hidden matrices and AdamW over the rest.
+    """AdamW over everything, or (`--optimizer muon`) Muon (model/muon.py: torch.optim.Muon's update, batched by
+    shape) over the hidden matrices and AdamW over the rest.
     Weight decay on matrices only: decaying norms' gains and the like only hurts. Muon's update is scaled to
     AdamW's RMS (`match_rms_adamw`), so one --learning_rate serves both."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     optimizers = []
     if args.optimizer == "muon":
         hidden = [p for name, p in named if is_hidden_matrix(name, p)]
-        optimizers.append(torch.optim.Muon(hidden, lr=args.learning_rate, weight_decay=args.weight_decay,
-                                           adjust_lr_fn="match_rms_adamw"))
+        optimizers.append(BatchedMuon(hidden, lr=args.learning_rate, weight_decay=args.weight_decay,
+                                      adjust_lr_fn="match_rms_adamw"))
         named = [(name, p) for name, p in named if not is_hidden_matrix(name, p)]
     params = [p for _, p in named]
     groups = [

@@ -1,0 +1,87 @@
+"""Muon, batched: `torch.optim.Muon`'s update, with every matrix of one shape orthogonalised together.
+
+torch.optim.Muon runs Newton-Schulz one matrix at a time, some twenty small kernels each: on a GPU a model of
+a few dozen matrices spends its optimizer step launching kernels, and under DDP every process orthogonalises
+every matrix. Here the matrices of one shape (a model has a handful of shapes) are stacked and go through one
+batched iteration (compiled on CUDA), and under torchrun each process orthogonalises its share of every stack
+and all-gathers the rest, as nanochat and modded-nanogpt do. The state (`momentum_buffer` per parameter) and
+the hyperparameters are torch.optim.Muon's, so a resume state of either loads into the other.
+"""
+
+import torch
+import torch.distributed as dist
+from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, DEFAULT_NS_STEPS, EPS, _adjust_lr
+
+
+def newton_schulz(stack, coefficients, steps, eps):
+    """The orthogonalised [n, rows, cols] matrices, in bfloat16: torch.optim.Muon's quintic iteration, batched."""
+    a, b, c = coefficients
+    x = stack.bfloat16()
+    tall = stack.size(1) > stack.size(2)
+    if tall:
+        x = x.transpose(1, 2)
+    x = x / x.norm(dim=(1, 2), keepdim=True).clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.transpose(1, 2)
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.transpose(1, 2) if tall else x
+
+
+def is_hidden_matrix(name, parameter):
+    """A weight matrix inside a decoder block (attention, feed-forward, experts, their LoRA adapters), not the
+    embedding, the head or a router: what Muon orthogonalises."""
+    return parameter.dim() == 2 and ".layers." in name and not name.endswith("mlp.gate.weight")
+
+
+class BatchedMuon(torch.optim.Optimizer):
+    def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
+                 ns_coefficients=(DEFAULT_A, DEFAULT_B, DEFAULT_C), eps=EPS, ns_steps=DEFAULT_NS_STEPS,
+                 adjust_lr_fn=None):
+        defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "nesterov": nesterov,
+                    "ns_coefficients": ns_coefficients, "eps": eps, "ns_steps": ns_steps, "adjust_lr_fn": adjust_lr_fn}
+        super().__init__(params, defaults)
+        if any(p.ndim != 2 for group in self.param_groups for p in group["params"]):
+            raise ValueError("Muon orthogonalises matrices: every parameter must be 2-D")
+        self.orthogonalise = newton_schulz
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            stacks = {}
+            for p in group["params"]:
+                if p.grad is not None:
+                    stacks.setdefault((p.shape, p.dtype, p.device), []).append(p)
+            for (shape, _, device), params in stacks.items():
+                if device.type == "cuda" and self.orthogonalise is newton_schulz:
+                    self.orthogonalise = torch.compile(newton_schulz)
+                self.update(group, params, shape)
+
+    def update(self, group, params, shape):
+        """One stack of same-shape parameters: momentum, orthogonalisation (shared out under torchrun), step."""
+        momentum, lr = group["momentum"], group["lr"]
+        grads = [p.grad for p in params]
+        buffers = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+            buffers.append(state["momentum_buffer"])
+        torch._foreach_lerp_(buffers, grads, 1 - momentum)
+        updates = torch._foreach_lerp(grads, buffers, momentum) if group["nesterov"] else buffers
+        orthogonal = self.orthogonalised(torch.stack(updates), group)
+        torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+        torch._foreach_add_(params, list(orthogonal.unbind(0)), alpha=-_adjust_lr(lr, group["adjust_lr_fn"], shape))
+
+    def orthogonalised(self, stack, group):
+        """Newton-Schulz over the stack; under torchrun each process takes an equal slice (the stack padded with
+        zero matrices, which stay zero) and gathers the others' results."""
+        arguments = (group["ns_coefficients"], group["ns_steps"], group["eps"])
+        processes = dist.get_world_size() if dist.is_initialized() else 1
+        if processes == 1:
+            return self.orthogonalise(stack, *arguments)
+        share = -(-len(stack) // processes)
+        padded = torch.cat([stack, stack.new_zeros(share * processes - len(stack), *stack.shape[1:])])
+        mine = self.orthogonalise(padded[dist.get_rank() * share:(dist.get_rank() + 1) * share], *arguments)
+        gathered = mine.new_empty(share * processes, *mine.shape[1:])
+        dist.all_gather_into_tensor(gathered, mine.contiguous())
+        return gathered[:len(stack)]

@@ -1,0 +1,252 @@
+"""One prepared check of tinymind on a GPU: what a user's `1-pretrain.py` and chat get from it, in one table.
+
+    python -m scripts.gpu_check                      # make gpu-check: one GPU, a few minutes
+    python -m scripts.gpu_check --quick --device cpu # the same code end to end in seconds (the tests run it)
+
+Rows: the device and torch; the bf16 matmul peak it measures (MFU is against it); which SDPA kernel the
+training shapes run; training steps of configs/small.json (dense) and configs/moe.json, eager and compiled,
+AdamW and Muon, as tokens/s, MFU, host syncs per step (CUDA's sync debug mode, over the timed steps) and peak
+memory; the peak memory of the loss over a 151,936-token vocabulary (Qwen3's) at 32 × 512 positions, chunked
+(tinymind's) and as one float32 cross-entropy; decoding tokens/s at batch 1 and 8, tinymind's fast decoder
+against transformers' `generate` on the same weights as a stock Llama, greedy, equal tokens.
+
+It needs torch and transformers only (the tinymind packages it imports need nothing else), so it runs on a
+machine that lacks `datasets`, `fastapi` or `openai`. The training step here is the loop's step reduced to its
+device work (forward, loss, backward, clipping, optimizer, the one read of loss and gradient norm).
+"""
+
+import argparse
+import json
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import LlamaForCausalLM
+
+from model import TinyMindConfig, TinyMindForCausalLM, fast_generate, masked_cross_entropy, token_cross_entropy
+from model.convert import llama_config
+from model.muon import BatchedMuon, is_hidden_matrix
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
+              "n_routed_experts", "num_experts_per_tok", "n_shared_experts")
+QWEN3_VOCAB = 151_936
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes and few steps: checks the code, not the speed")
+    parser.add_argument("--json", help="also write the rows to this file")
+    return parser.parse_args(argv)
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(function, device, repeats):
+    """Median seconds of `function()` over `repeats` calls, after one untimed call."""
+    function()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        function()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_peak(device, quick):
+    """bf16 matmul FLOP/s this device reaches on large square matrices: the denominator of MFU."""
+    size = 512 if quick else 8192
+    a, b = (torch.randn(size, size, device=device, dtype=torch.bfloat16) for _ in range(2))
+    return 2 * size**3 / timed(lambda: a @ b, device, 3 if quick else 20)
+
+
+def sdpa_kernel(device, config, seq):
+    """The attention kernel SDPA picks for the training shapes (causal, bf16 under autocast on CUDA)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    q = torch.randn(2, config.num_attention_heads, seq, config.head_dim, device=device, dtype=dtype)
+    k, v = (torch.randn(2, config.num_key_value_heads, seq, config.head_dim, device=device, dtype=dtype)
+            for _ in range(2))
+    with torch.profiler.profile() as profile:
+        F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    names = [event.name for event in profile.events() if "attention" in event.name or "_sdpa" in event.name]
+    kernels = [name for name in names if name != "aten::scaled_dot_product_attention"]
+    return kernels[0].replace("aten::", "") if kernels else "math (unfused)"
+
+
+def model_shapes(quick):
+    if quick:
+        tiny = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "vocab_size": 6400}
+        return {"dense": tiny, "moe": {**tiny, "use_moe": True, "n_routed_experts": 4, "num_experts_per_tok": 2,
+                                       "n_shared_experts": 1}}
+    shapes = {}
+    for kind, preset in (("dense", "small"), ("moe", "moe")):
+        fields = json.loads((ROOT / "configs" / f"{preset}.json").read_text())
+        shapes[kind] = {key: fields[key] for key in SHAPE_KEYS if key in fields} | {"use_moe": kind == "moe"}
+    return shapes
+
+
+class Step:
+    """A training step of `model` on random tokens: autocast forward, chunked loss, backward, clipping, the
+    optimizer, and one read of loss and gradient norm, as trainer/loop.py does it."""
+
+    def __init__(self, model, forward, optimizer_name, batch, seq, device):
+        self.model, self.forward, self.device = model, forward, device
+        named = [(name, p) for name, p in model.named_parameters()]
+        matrices = [p for name, p in named if is_hidden_matrix(name, p)] if optimizer_name == "muon" else []
+        rest = [p for name, p in named if not (optimizer_name == "muon" and is_hidden_matrix(name, p))]
+        self.optimizers = [torch.optim.AdamW(rest, lr=1e-5, fused=device.type == "cuda" or None)]
+        if matrices:
+            self.optimizers.append(BatchedMuon(matrices, lr=1e-5, adjust_lr_fn="match_rms_adamw"))
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, model.config.vocab_size, (batch, seq + 1), generator=generator).to(device)
+        self.inputs, self.targets = ids[:, :-1], ids[:, 1:]
+        self.mask = torch.ones_like(self.targets)
+
+    def __call__(self):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            out = self.forward(self.inputs, attention_mask=self.mask, one_document_per_row=True)
+            loss = masked_cross_entropy(out.logits, self.targets, self.mask) + out.aux_loss
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        for optimizer in self.optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return torch.stack([loss.detach().float(), grad_norm.float()]).tolist()
+
+
+def count_syncs(function, device, steps):
+    """Host synchronisations CUDA's sync debug mode reports over `steps` calls (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(steps):
+                function()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(warning.message) for warning in caught) / steps
+
+
+def training_rows(shapes, device, quick, peak):
+    batch, seq = (2, 64) if quick else (32, 512)
+    rows = []
+    for kind, fields in shapes.items():
+        torch.manual_seed(0)
+        model = TinyMindForCausalLM(TinyMindConfig(**fields)).to(device).train()
+        active = model.parameter_counts()[1]
+        config = model.config
+        flops_per_token = 6 * active + 6 * config.num_hidden_layers * config.hidden_size * seq  # causal attention
+        for compiled in (False, True):
+            compile_seconds = 0.0
+            forward = model
+            if compiled:
+                forward = torch.compile(model, dynamic=False)
+            for optimizer_name in ("adamw", "muon"):
+                step = Step(model, forward, optimizer_name, batch, seq, device)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                started = time.perf_counter()
+                step()  # compiles, the first time
+                compile_seconds = time.perf_counter() - started if compiled and optimizer_name == "adamw" else compile_seconds
+                seconds = timed(step, device, 2 if quick else 10)
+                tokens_per_s = batch * seq / seconds
+                rows.append({
+                    "check": f"train {kind} {'compiled' if compiled else 'eager'} {optimizer_name}",
+                    "tokens/s": round(tokens_per_s),
+                    "MFU %": round(100 * flops_per_token * tokens_per_s / peak, 1),
+                    "syncs/step": count_syncs(step, device, 2 if quick else 5),
+                    "peak GiB": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
+                    "note": f"compile {compile_seconds:.0f} s" if compiled and optimizer_name == "adamw" else "",
+                })
+    return rows
+
+
+def loss_memory_rows(device, quick):
+    """Peak memory of the loss, forward and backward, over Qwen3's vocabulary: chunked against one float32 copy."""
+    positions = 2 * 64 if quick else 32 * 512
+    rows = []
+    for name, loss in (("chunked (tinymind)", lambda logits, targets: token_cross_entropy(logits, targets)),
+                       ("float32 F.cross_entropy", lambda logits, targets: F.cross_entropy(
+                           logits.float(), targets, reduction="none"))):
+        logits = torch.randn(positions, QWEN3_VOCAB, device=device, dtype=torch.bfloat16, requires_grad=True)
+        targets = torch.randint(0, QWEN3_VOCAB, (positions,), device=device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+        loss(logits, targets).mean().backward()
+        peak = (torch.cuda.max_memory_allocated(device) - before) / 2**30 if device.type == "cuda" else None
+        rows.append({"check": f"loss over {QWEN3_VOCAB:,} tokens × {positions:,} positions, {name}",
+                     "peak GiB": None if peak is None else round(peak, 2),
+                     "note": "the logits and their gradient (bf16) included" if peak is not None else "memory: CUDA only"})
+        del logits
+    return rows
+
+
+def decode_rows(fields, device, quick):
+    new_tokens = 16 if quick else 256
+    torch.manual_seed(0)
+    model = TinyMindForCausalLM(TinyMindConfig(**fields)).to(device).eval()
+    twin = LlamaForCausalLM._from_config(llama_config(model.config), attn_implementation="sdpa")
+    twin.load_state_dict(model.state_dict(), strict=True)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model, twin = model.to(dtype), twin.to(device, dtype).eval()
+    twin.generation_config.eos_token_id = None
+    rows = []
+    for batch in (1, 8):
+        prompt = torch.randint(0, model.config.vocab_size, (batch, 32), device=device)
+        ours = fast_generate(model, prompt, new_tokens)
+        theirs = twin.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                               min_new_tokens=new_tokens, do_sample=False)
+        ours_s = timed(lambda: fast_generate(model, prompt, new_tokens), device, 2 if quick else 5)
+        theirs_s = timed(lambda: twin.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                                               min_new_tokens=new_tokens, do_sample=False), device, 2 if quick else 5)
+        rows.append({"check": f"decode batch {batch}, {new_tokens} tokens", "tokens/s": round(batch * new_tokens / ours_s),
+                     "note": f"transformers generate {batch * new_tokens / theirs_s:.0f} tokens/s: "
+                             f"{theirs_s / ours_s:.2f}x; same tokens: {torch.equal(ours, theirs)}"})
+    return rows
+
+
+def print_table(rows):
+    columns = ["check", "tokens/s", "MFU %", "syncs/step", "peak GiB", "note"]
+    cells = [[("" if row.get(column) is None else str(row.get(column))) for column in columns] for row in rows]
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "|".join("---" for _ in columns) + "|")
+    for line in cells:
+        print("| " + " | ".join(line) + " |")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    peak = matmul_peak(device, args.quick)
+    shapes = model_shapes(args.quick)
+    dense = TinyMindConfig(**shapes["dense"])
+    rows = [{"check": f"device: {name}", "note": f"torch {torch.__version__}"},
+            {"check": "bf16 matmul peak (measured)", "note": f"{peak / 1e12:.1f} TFLOP/s"},
+            {"check": "SDPA kernel, training shapes", "note": sdpa_kernel(device, dense, 64 if args.quick else 512)}]
+    rows += training_rows(shapes, device, args.quick, peak)
+    rows += loss_memory_rows(device, args.quick)
+    rows += decode_rows(shapes["dense"], device, args.quick)
+    print_table(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
