@@ -12,7 +12,7 @@ The engine speaks token ids; detokenizing, stop strings and the HTTP side are th
 import heapq
 import threading
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from typing import Callable
 
 import torch
@@ -111,7 +111,8 @@ class Engine:
         if request.seed is not None:
             state.generator = torch.Generator(device=self.device).manual_seed(request.seed)
         logits = self.decoder(state.seen, 0, rows=slice(slot, slot + 1))
-        self._emit(slot, state, logits)
+        token = next_tokens(logits, state.seen, request.sampling, state.generator)
+        self._advance(slot, state, token, int(token))
 
     def _step(self):
         for slot, state in list(self.running.items()):
@@ -128,20 +129,47 @@ class Engine:
             for slot in slots:
                 self._finish(slot, f"error: {type(err).__name__}: {err}")
             return
-        for index, slot in enumerate(slots):
-            self._guarded(slot, self.running[slot].request,
-                          lambda slot, request, index=index: self._emit(slot, self.running[slot], logits[index:index + 1]))
+        states = [self.running[slot] for slot in slots]
+        try:
+            tokens = self._sample(logits, states)
+        except Exception as err:
+            for slot in slots:
+                self._finish(slot, f"error: {type(err).__name__}: {err}")
+            return
+        for slot, state, token, value in zip(slots, states, tokens, tokens.view(-1).tolist()):  # one transfer
+            self._guarded(slot, state.request,
+                          lambda slot, request, state=state, token=token, value=value: self._advance(
+                              slot, state, token[None], value))
 
-    def _emit(self, slot, state, logits):
-        """Choose the next token from `logits` [1, vocab], hand it over, and finish the request if it is done."""
+    @staticmethod
+    def _sample(logits, states):
+        """[rows, 1] next tokens for a step's rows, each by its request's sampling: the rows that share their
+        settings (and no seeded generator of their own) in one call, their `seen` ids padded with a repeat of
+        their own last id (which the repetition penalty treats the same)."""
+        tokens = torch.empty(len(states), 1, dtype=torch.long, device=logits.device)
+        groups = {}
+        for row, state in enumerate(states):
+            key = (astuple(state.request.sampling), id(state.generator) if state.generator is not None else None)
+            groups.setdefault(key, []).append(row)
+        for rows in groups.values():
+            seen = [states[row].seen[0] for row in rows]
+            width = max(len(ids) for ids in seen)
+            padded = torch.stack([torch.cat([ids, ids[-1:].expand(width - len(ids))]) for ids in seen])
+            first = states[rows[0]]
+            index = torch.tensor(rows, device=logits.device)
+            tokens[index] = next_tokens(logits[index], padded, first.request.sampling, first.generator)
+        return tokens
+
+    def _advance(self, slot, state, token, value):
+        """Hand over the request's next token (`token` [1, 1], `value` its id) and finish the request if it is
+        done."""
         request = state.request
-        token = next_tokens(logits, state.seen, request.sampling, state.generator)
         state.seen = torch.cat([state.seen, token], dim=1)
         state.last, state.position, state.generated = token[0], state.position + 1, state.generated + 1
-        if int(token) == self.eos and not request.ignore_eos:
+        if value == self.eos and not request.ignore_eos:
             self._finish(slot, "stop")
             return
-        request.emit(int(token), None)
+        request.emit(value, None)
         if state.generated >= request.max_tokens or state.position >= self.max_len:
             self._finish(slot, "length")
 

@@ -192,3 +192,26 @@ def test_bench_smoke(tmp_path):
     assert report["cases"]["generate"]["same_tokens"]
     for row in report["contenders"].values():
         assert row["tokens_per_s"] > 0 and row["mfu"] > 0
+
+
+def test_the_engine_samples_a_steps_rows_together_as_each_would_alone():
+    from types import SimpleNamespace
+
+    from model.engine import Engine
+
+    torch.manual_seed(0)
+    logits = torch.randn(5, 97)
+    settings = [Sampling(repetition_penalty=1.3), Sampling(repetition_penalty=1.3), Sampling(),
+                Sampling(temperature=0.8, top_p=0.9, repetition_penalty=1.2), Sampling(temperature=1.0, top_k=5)]
+    seen = [torch.randint(0, 97, (1, length)) for length in (3, 9, 4, 6, 2)]
+    seeds = [None, None, None, 7, 11]
+
+    def states():
+        return [SimpleNamespace(request=SimpleNamespace(sampling=sampling), seen=ids,
+                                generator=None if seed is None else torch.Generator().manual_seed(seed))
+                for sampling, ids, seed in zip(settings, seen, seeds)]
+
+    together = Engine._sample(logits, states())
+    alone = [next_tokens(logits[row:row + 1], state.seen, state.request.sampling, state.generator)
+             for row, state in enumerate(states())]
+    assert torch.equal(together, torch.cat(alone))
