@@ -49,6 +49,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def chunks(rows, vocab):
+        """Slices of rows holding at most CHUNK_ELEMENTS logits each (shared by every chunked loss)."""
         size = max(1, ChunkedCrossEntropy.CHUNK_ELEMENTS // vocab)
         return [slice(start, min(start + size, rows)) for start in range(0, rows, size)]
 

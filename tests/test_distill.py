@@ -96,3 +96,22 @@ def test_a_moe_teacher_from_a_hugging_face_directory_distils_on_pretraining_text
     with open(tmp_path / "output/distill_dense/distill_64_log.csv") as f:
         rows = f.read().splitlines()
     assert len(rows) == 3 and float(rows[1].split(",")[4]) > 0  # the kl column: the teacher's targets took part
+
+
+def test_the_chunked_kl_equals_the_whole_vocabulary_one_with_its_gradient(monkeypatch):
+    import torch.nn.functional as F
+
+    from model.model import ChunkedCrossEntropy
+    from trainer.objectives import soft_kl
+
+    monkeypatch.setattr(ChunkedCrossEntropy, "CHUNK_ELEMENTS", 7 * 300)  # 7 positions a chunk
+    torch.manual_seed(0)
+    teacher, student = torch.randn(3, 20, 300) * 3, (torch.randn(3, 20, 300) * 3).requires_grad_()
+    weights = torch.rand(3, 20)
+    expected = F.kl_div((student / 2.0).log_softmax(-1), (teacher / 2.0).log_softmax(-1), log_target=True,
+                        reduction="none").sum(-1)
+    expected_grad, = torch.autograd.grad((expected * weights).sum(), student)
+    kl = soft_kl(teacher, student, 2.0)
+    grad, = torch.autograd.grad((kl * weights).sum(), student)
+    torch.testing.assert_close(kl, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-6, rtol=1e-5)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from dataset import token_bytes
 from model import masked_cross_entropy, masked_mean, token_cross_entropy
+from model.model import ChunkedCrossEntropy
 
 from .errors import UserError
 from .evaluate import eval_batches, language_model_scores
@@ -212,7 +213,34 @@ class Distillation(LanguageModeling):
 
 
 def soft_kl(teacher_logits, student_logits, temperature):
-    """KL(teacher ‖ student) per position between the temperature-softened distributions, in float32."""
-    teacher = (teacher_logits.float() / temperature).log_softmax(dim=-1)
-    student = (student_logits.float() / temperature).log_softmax(dim=-1)
-    return F.kl_div(student, teacher, log_target=True, reduction="none").sum(dim=-1)
+    """KL(teacher ‖ student) per position between the temperature-softened distributions, in float32, a chunk of
+    positions at a time like the cross-entropy (no float32 copy of either model's whole logits)."""
+    vocab = student_logits.size(-1)
+    kl = ChunkedSoftKL.apply(teacher_logits.reshape(-1, vocab), student_logits.reshape(-1, vocab), temperature)
+    return kl.view(student_logits.shape[:-1])
+
+
+class ChunkedSoftKL(torch.autograd.Function):
+    """KL(softmax(t/T) ‖ softmax(s/T)) per row; the gradient reaches the student only: (p_s − p_t) / T."""
+
+    @staticmethod
+    def forward(ctx, teacher, student, temperature):
+        kl = student.new_empty(student.size(0), dtype=torch.float32)
+        for rows in ChunkedCrossEntropy.chunks(*student.shape):
+            log_p = (teacher[rows].float() / temperature).log_softmax(dim=-1)
+            log_q = (student[rows].float() / temperature).log_softmax(dim=-1)
+            kl[rows] = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+        ctx.save_for_backward(teacher, student)
+        ctx.temperature = temperature
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        teacher, student = ctx.saved_tensors
+        temperature = ctx.temperature
+        grad = torch.empty_like(student)
+        for rows in ChunkedCrossEntropy.chunks(*student.shape):
+            p = (teacher[rows].float() / temperature).softmax(dim=-1)
+            q = (student[rows].float() / temperature).softmax(dim=-1)
+            grad[rows] = q.sub_(p).mul_(grad_kl[rows, None] / temperature)
+        return None, grad, None
