@@ -31,4 +31,5 @@ if __name__ == "__main__":
         start_required=True,
         add_flags=add_grpo_flags,
         make_objective=grpo,
+        compiles_by_default=False,
     )))

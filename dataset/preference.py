@@ -33,6 +33,9 @@ class PairBatch:
     def padded_to(self, width):
         return PairBatch(self.both.padded_to(width))
 
+    def pin_memory(self):
+        return PairBatch(self.both.pin_memory())
+
     def to(self, device):
         return PairBatch(self.both.to(device))
 

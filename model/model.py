@@ -22,13 +22,14 @@ from .config import TinyMindConfig
 def token_cross_entropy(logits, targets, with_log_z=False):
     """Next-token cross-entropy at every position, [rows, width] float32 from [rows, width, vocab] logits: the one
     place the network's output meets its targets (the LM loss, the preference and RL log-probabilities, and
-    evaluation all call it). With `with_log_z`, also log Z, the log-normaliser of each position's softmax, for the
+    evaluation all call it; distillation's soft KL is chunked the same way). With `with_log_z`, also log Z, the log-normaliser of each position's softmax, for the
     z-loss (CE = log Z − the target's logit: no second pass over the vocabulary).
 
     It works through the positions a chunk at a time (`ChunkedCrossEntropy`), so the float32 copy of the logits
     that an exact softmax needs exists for one chunk at once, never for the whole batch: with a 151,936-token
-    vocabulary that copy is 20 GB at 32 × 1024 positions. Compiled, the loss is left to the compiler, which fuses
-    it into the graph's kernels instead."""
+    vocabulary that copy is 20 GB at 32 × 1024 positions. Inside a compiled function (the trainer compiles the
+    model alone, but a caller may compile the loss with it) the plain formula is traced instead, for the compiler
+    to fuse."""
     flat_logits, flat_targets = logits.reshape(-1, logits.size(-1)), targets.reshape(-1)
     if torch.compiler.is_compiling():  # inductor fuses the loss into kernels that keep no float32 copy
         log_z = torch.logsumexp(flat_logits.float(), dim=-1)
@@ -130,6 +131,13 @@ class RotaryEmbedding(nn.Module):
         self.scaling = config.rope_scaling
         self.attention_factor = 1.0 if self.scaling is None else self.scaling.get("attention_factor", 1.0)
         self.register_buffer("inv_freq", self.frequencies(), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        """Moved or cast (`model.to(torch.bfloat16)` to serve in bf16), the frequencies stay float32: rounded to
+        8 bits their angles would drift by up to a radian within a few hundred positions."""
+        super()._apply(fn, recurse)
+        self.inv_freq = self.frequencies().to(self.inv_freq.device)
+        return self
 
     def frequencies(self):
         inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.dim, 2, dtype=torch.float32) / self.dim))
@@ -291,10 +299,15 @@ class MoEFeedForward(nn.Module):
         return out.view(batch, seq, hidden), aux_loss
 
     def grouped(self, x):
-        """Whether this forward runs the grouped dispatch: asked for (or auto on CUDA), with widths grouped_mm
-        takes and plain linear experts (a LoRA-wrapped expert runs as a module)."""
-        wanted = self.dispatch == "grouped" or (self.dispatch == "auto" and x.is_cuda)
-        return wanted and self.groupable and all(type(expert.gate_proj) is nn.Linear for expert in self.experts)
+        """Whether this forward runs the grouped dispatch: asked for, or auto where it pays and computes in the
+        run's own precision (bf16 on a CUDA GPU of compute capability 8 or more, which grouped_mm needs); with
+        widths grouped_mm takes and plain linear experts (an expert with LoRA adapters runs as modules)."""
+        wanted = self.dispatch == "grouped" or (
+            self.dispatch == "auto" and x.is_cuda and x.dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(x.device)[0] >= 8)
+        plain = all(type(getattr(expert, name)) is nn.Linear
+                    for expert in self.experts for name in ("gate_proj", "up_proj", "down_proj"))
+        return wanted and self.groupable and plain
 
     def grouped_experts(self, x, counts):
         """Every expert on its slice of the expert-sorted rows `x` (`counts` rows each, a device tensor), in two

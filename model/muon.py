@@ -8,6 +8,8 @@ and all-gathers the rest, as nanochat and modded-nanogpt do. The state (`momentu
 the hyperparameters are torch.optim.Muon's, so a resume state of either loads into the other.
 """
 
+import warnings
+
 import torch
 import torch.distributed as dist
 from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, DEFAULT_NS_STEPS, EPS, _adjust_lr
@@ -36,12 +38,15 @@ def is_hidden_matrix(name, parameter):
 class BatchedMuon(torch.optim.Optimizer):
     def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
                  ns_coefficients=(DEFAULT_A, DEFAULT_B, DEFAULT_C), eps=EPS, ns_steps=DEFAULT_NS_STEPS,
-                 adjust_lr_fn=None):
+                 adjust_lr_fn=None, compile=False):
+        """`compile`: orthogonalise through torch.compile on CUDA (one fused graph per stack shape); a compile that
+        fails warns once and the iteration runs eagerly."""
         defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "nesterov": nesterov,
                     "ns_coefficients": ns_coefficients, "eps": eps, "ns_steps": ns_steps, "adjust_lr_fn": adjust_lr_fn}
         super().__init__(params, defaults)
         if any(p.ndim != 2 for group in self.param_groups for p in group["params"]):
             raise ValueError("Muon orthogonalises matrices: every parameter must be 2-D")
+        self.compile = compile
         self.orthogonalise = newton_schulz
 
     @torch.no_grad()
@@ -52,7 +57,7 @@ class BatchedMuon(torch.optim.Optimizer):
                 if p.grad is not None:
                     stacks.setdefault((p.shape, p.dtype, p.device), []).append(p)
             for (shape, _, device), params in stacks.items():
-                if device.type == "cuda" and self.orthogonalise is newton_schulz:
+                if self.compile and device.type == "cuda" and self.orthogonalise is newton_schulz:
                     self.orthogonalise = torch.compile(newton_schulz)
                 self.update(group, params, shape)
 
@@ -78,10 +83,18 @@ class BatchedMuon(torch.optim.Optimizer):
         arguments = (group["ns_coefficients"], group["ns_steps"], group["eps"])
         processes = dist.get_world_size() if dist.is_initialized() else 1
         if processes == 1:
-            return self.orthogonalise(stack, *arguments)
+            return self.newton_schulz(stack, arguments)
         share = -(-len(stack) // processes)
         padded = torch.cat([stack, stack.new_zeros(share * processes - len(stack), *stack.shape[1:])])
-        mine = self.orthogonalise(padded[dist.get_rank() * share:(dist.get_rank() + 1) * share], *arguments)
+        mine = self.newton_schulz(padded[dist.get_rank() * share:(dist.get_rank() + 1) * share], arguments)
         gathered = mine.new_empty(share * processes, *mine.shape[1:])
         dist.all_gather_into_tensor(gathered, mine.contiguous())
         return gathered[:len(stack)]
+
+    def newton_schulz(self, stack, arguments):
+        try:
+            return self.orthogonalise(stack, *arguments)
+        except torch._dynamo.exc.TorchDynamoException as err:
+            warnings.warn(f"torch.compile of Muon's Newton-Schulz failed ({type(err).__name__}); it runs eagerly")
+            self.orthogonalise, self.compile = newton_schulz, False
+            return newton_schulz(stack, *arguments)

@@ -335,3 +335,9 @@ def test_parameter_counts_of_the_presets():
 def test_default_intermediate_size():
     assert TinyMindConfig(hidden_size=512).intermediate_size == 1408
     assert TinyMindConfig(hidden_size=768, num_attention_heads=8).intermediate_size == 2048
+
+
+def test_the_rotary_frequencies_stay_float32_when_the_model_is_cast():
+    model = TinyMindForCausalLM(tiny_config(rope_theta=1e6)).to(torch.bfloat16)
+    rotary = model.model.rotary
+    assert rotary.inv_freq.dtype == torch.float32 and torch.equal(rotary.inv_freq, rotary.frequencies())

@@ -350,3 +350,9 @@ def test_a_stages_own_flag_may_stand_in_a_preset(tmp_path):
     add_model_flags(parser)
     parser.add_argument("--my_flag", type=float, default=0.1)
     assert parse(parser, ["--device", "cpu", "--config", preset]).my_flag == 0.5
+
+
+def test_compile_alone_means_true_and_takes_a_value(tmp_path):
+    assert tiny_args(tmp_path, "--compile").compile is True
+    assert tiny_args(tmp_path, "--compile", "false").compile is False
+    assert tiny_args(tmp_path).compile is False  # on a CPU

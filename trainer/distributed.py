@@ -158,11 +158,13 @@ def load_full_state_dicts(model, optimizer, model_state, optimizer_state):
 
 class StopSignals:
     """Within the block, Ctrl-C / SIGTERM ask the loop to stop after the current step (a second one exits at
-    once). Under torchrun every process adds `local()` to the step's all-reduce and hands the sum to `agree`,
-    so all stop at the same step to save; `requested()` then tells."""
+    once). A signal is only pending until the processes agree: every process adds `local()` to the step's
+    all-reduce and hands the sum to `agree` (one process: its own value), so all stop at the same step to save,
+    whenever between two all-reduces each got its signal; `requested()` then tells."""
 
     def __init__(self):
-        self.signal = None
+        self.pending = None  # the signal this process got, not yet agreed on
+        self.signal = None  # the agreed one: stop after this step
 
     def __enter__(self):
         self.previous = {sig: signal.signal(sig, self.request) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -173,18 +175,18 @@ class StopSignals:
             signal.signal(sig, handler)
 
     def request(self, sig, frame):
-        if self.signal is not None:
+        if self.pending is not None:
             raise KeyboardInterrupt
-        self.signal = sig
+        self.pending = sig
         say(f"{signal.Signals(sig).name}: saving a checkpoint after this step ...", err=True)
 
     def local(self) -> float:
-        return float(self.signal is not None)
+        return float(self.pending is not None)
 
     def agree(self, processes_stopping):
-        """Another process got a signal: stop here too."""
+        """`processes_stopping`: the sum of `local()` over the processes, taken in the same step by all."""
         if processes_stopping and self.signal is None:
-            self.signal = signal.SIGTERM
+            self.signal = self.pending or signal.SIGTERM
 
     def requested(self):
         return self.signal is not None

@@ -119,10 +119,11 @@ def add_training_flags(parser, default_data):
                        "directory, or an owner/name Hub repo id")
     group.add_argument("--resume", action="store_true", help="continue the run in the run folder")
     group.add_argument("--fsdp", action="store_true", help="under torchrun: shard each block with FSDP2")
-    group.add_argument("--compile", type=boolean,
+    group.add_argument("--compile", type=boolean, nargs="?", const=True,
                        help="torch.compile the training forward and backward, batches padded to four widths so it "
-                            "compiles at most once for each: true or false (default: true on CUDA, false elsewhere; a "
-                            "compile that fails says so in one line and training goes on without it)")
+                            "compiles once for each: true or false, alone true (default: true on CUDA, false "
+                            "elsewhere and for GRPO; a forward that fails to compile says so in one line and training "
+                            "goes on without it)")
     group.add_argument("--moe_dispatch", choices=("auto", "per_expert", "grouped"), default="auto",
                        help="how MoE layers run their experts: per_expert (one matmul each; their token counts read "
                             "back to the host), grouped (two grouped matmuls, nothing read back: one compiled graph), "
@@ -232,7 +233,9 @@ def is_switch(action):
 
 def value_spec(action):
     """How `action` reads its value, as add_argument's keywords."""
-    return {"action": "store_true"} if is_switch(action) else {"type": action.type, "choices": action.choices}
+    if is_switch(action):
+        return {"action": "store_true"}
+    return {"type": action.type, "choices": action.choices, "nargs": action.nargs, "const": action.const}
 
 
 def load_preset(path, parser):

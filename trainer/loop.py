@@ -67,7 +67,7 @@ def make_optimizers(model, args):
     if args.optimizer == "muon":
         hidden = [p for name, p in named if is_hidden_matrix(name, p)]
         optimizers.append(BatchedMuon(hidden, lr=args.learning_rate, weight_decay=args.weight_decay,
-                                      adjust_lr_fn="match_rms_adamw"))
+                                      adjust_lr_fn="match_rms_adamw", compile=getattr(args, "compile", False)))
         named = [(name, p) for name, p in named if not is_hidden_matrix(name, p)]
     params = [p for _, p in named]
     groups = [
@@ -280,6 +280,8 @@ class Trainer:
         if self.world_size > 1:
             tokens = read[-2]
             self.stop.agree(read[-1])
+        else:
+            self.stop.agree(self.stop.local())
         # float16's GradScaler skips inf/NaN gradients itself and lowers its scale: that is not divergence.
         if math.isfinite(loss) and (math.isfinite(grad_norm) or self.scaler.is_enabled()):
             for optimizer in self.optimizers:
@@ -361,7 +363,7 @@ class Trainer:
         model_state, optimizer_state = distributed.full_state_dicts(self.model, self.optimizers)
         return {
             "progress": asdict(self.progress), "model": model_state, "optimizer": optimizer_state,
-            "scaler": self.scaler.state_dict(), "rng": rng_state(), "objective": self.objective.state_dict(),
+            "scaler": self.scaler.state_dict(), "rng": rng_state(self.device), "objective": self.objective.state_dict(),
             "flags": {name: getattr(self.args, name) for name in RESUME_FLAGS},
             "world_size": self.world_size, "data_order": LENGTH_GROUP_STEPS, "log_rows": self.log.rows(),
         }
@@ -369,7 +371,7 @@ class Trainer:
     def load_state_dict(self, state):
         distributed.load_full_state_dicts(self.model, self.optimizers, state["model"], state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng"], self.device)
         self.objective.load_state_dict(state.get("objective", {}))
         self.progress = Progress(**state["progress"])
         if distributed.is_main():

@@ -97,16 +97,16 @@ class ExpertLoadWatch:
         """(columns → mean share, warnings) for the interval, then starts a new interval."""
         if not self.layers or self.sum is None:
             return {}, []
-        mean = self.sum / self.steps
+        mean, most = (self.sum / self.steps).cpu(), self.max.cpu()  # one read of the device per log row
         shares = {
             f"load_l{layer}_e{expert}": round(mean[layer, expert].item(), 4)
             for layer in range(mean.shape[0]) for expert in range(mean.shape[1])
         }
         warnings = [
             f"expert {expert} of MoE layer {layer} got under {self.threshold:.3f} of the tokens at every step "
-            f"of the last {self.steps} (max {self.max[layer, expert].item():.3f}): it is collapsing; "
+            f"of the last {self.steps} (max {most[layer, expert].item():.3f}): it is collapsing; "
             "raise --aux_loss_alpha or lower --learning_rate"
-            for layer, expert in (self.max < self.threshold).nonzero().tolist()
+            for layer, expert in (most < self.threshold).nonzero().tolist()
         ]
         self.reset()
         return shares, warnings

@@ -32,7 +32,8 @@ from .evaluate import eval_batches, language_model_scores
 class Step:
     """What an objective knows about the optimizer step a micro-batch belongs to."""
 
-    units: int  # the step's units (see Objective.units) over every micro-batch and process
+    units: int | torch.Tensor  # the step's units (see Objective.units) over every micro-batch and process: a
+    # 0-dim tensor under torchrun, where it is all-reduced on the device and never read back
     micro_batches: int  # per process
     processes: int
 

@@ -121,22 +121,25 @@ def check_resume_flags(state, args, world_size, paths):
         )
 
 
-def rng_state():
-    """This process's random states. CUDA's is the state of this process's own device only, so a run resumes
+def rng_state(device):
+    """This process's random states. CUDA's is the state of this process's own `device` only, so a run resumes
     whatever number of devices is visible."""
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
-def set_rng_state(state):
+def set_rng_state(state, device):
     torch.set_rng_state(state["torch"])
     random.setstate(_as_tuple(state["python"]))
     cuda = state.get("cuda")
+    if device.type != "cuda" or cuda is None:
+        return
     if isinstance(cuda, list):  # a state written when every visible device's was kept: this device's, if there
-        cuda = cuda[torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.current_device() < len(
-            cuda) else None
-    if cuda is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(cuda)
+        index = device.index or 0
+        if index >= len(cuda):
+            return
+        cuda = cuda[index]
+    torch.cuda.set_rng_state(cuda, device)
 
 
 def _as_tuple(value):

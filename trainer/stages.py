@@ -16,7 +16,8 @@ from model import CheckpointError, TinyMindConfig, TinyMindForCausalLM, config_p
 from . import distributed
 from .distributed import say
 from .errors import UserError
-from .flags import add_model_flags, add_training_flags, flag_overrides, model_config, new_parser, parse
+from .flags import (add_model_flags, add_training_flags, checked_config, flag_overrides, model_config, new_parser,
+                    parse)
 from .loading import load_flagged
 from .loop import Trainer, write_model_weights
 from .objectives import LanguageModeling
@@ -58,6 +59,9 @@ class Stage:
     # What the stage does with the shared flags some stages have no use for (refused where it is False):
     packs: bool = False  # its samples are token sequences that --pack may put back to back
     z_loss: bool = False  # its objective adds --z_loss
+    # --compile on CUDA unless turned off; False where the batches' widths cannot be bucketed (GRPO's sampled
+    # completions), so a compiled model would recompile for every new width
+    compiles_by_default: bool = True
 
 
 def train_stage(stage: Stage, argv=None):
@@ -73,6 +77,8 @@ def train_stage(stage: Stage, argv=None):
         parser.error(f"--z_loss: only the language-modelling stages (pretraining, SFT, LoRA) add it, not {stage.name}")
     if args.pack != "none" and not stage.packs:
         parser.error(f"--pack {args.pack}: only text and chat samples are packed, not {stage.name}'s")
+    if not stage.compiles_by_default and "compile" not in args.given_flags:
+        args.compile = False
     if args.val_data is None and Path(stage.default_val).is_file():
         args.val_data = stage.default_val
     distributed.setup(args)
@@ -133,8 +139,7 @@ def build_model(stage_name, start, args):
         own = config_path(run_paths(stage_name, args).existing_weights())
         if not own.is_file():
             return TinyMindForCausalLM(model_config(args))
-        fields = {**TinyMindConfig.from_json_file(own).to_dict(), **flag_overrides(args)}
-        return TinyMindForCausalLM(TinyMindConfig.from_dict(fields))
+        return TinyMindForCausalLM(checked_config({**TinyMindConfig.from_json_file(own).to_dict(), **flag_overrides(args)}))
     if start is None:
         return TinyMindForCausalLM(model_config(args))
     model = load_flagged(start, args)
