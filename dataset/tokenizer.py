@@ -1,5 +1,10 @@
-"""Load the project's tokenizer (byte-level BPE in model/tokenizer, made by scripts/train_tokenizer.py)."""
+"""Tokenizers: the project's (byte-level BPE in model/tokenizer, made by scripts/train_tokenizer.py), or the one
+that travels with a checkpoint: every training run saves the tokenizer it trained with in its run folder, as
+`tokenizer/` beside the weights, and whatever reads those weights later takes it from there unless told
+otherwise (a Hugging Face directory carries its own)."""
 
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -21,6 +26,29 @@ def load_tokenizer(path=None):
     except (OSError, ValueError, TypeError) as error:
         reason = " ".join(str(error).split())  # one line, whatever the library wrote
         raise DataError(f"the tokenizer at {path} cannot be loaded ({reason}); {fix}") from None
+
+
+def tokenizer_beside(weights) -> Path | None:
+    """The tokenizer saved with the weights at `weights`: the `tokenizer/` folder beside a weights file, or a
+    Hugging Face directory's own files; None when there is none."""
+    weights = Path(weights)
+    for directory in (weights, weights.parent / "tokenizer") if weights.is_dir() else (weights.parent / "tokenizer",):
+        if (directory / "tokenizer.json").is_file():
+            return directory
+    return None
+
+
+def save_tokenizer(tokenizer, directory):
+    """`tokenizer.save_pretrained` into a temporary folder swapped in for `directory`: a crash leaves the previous
+    one whole."""
+    directory = Path(directory)
+    tmp, old = directory.with_name(f".{directory.name}.tmp"), directory.with_name(f".{directory.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer.save_pretrained(str(tmp))
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def token_bytes(tokenizer):

@@ -241,9 +241,10 @@ def build_contenders(args):
         dense = TinyMindForCausalLM(tinymind_config(args, use_moe=False))
         if wanted & {"dense", "muon"}:
             add(TrainingStep("tinymind dense", dense, args, train_flops(dense)))
+        if "dense" in wanted:
+            add(TrainingStep("transformers Llama", llama_twin(dense), args, train_flops(dense)))
         if "muon" in wanted:
             add(TrainingStep("tinymind dense, Muon", copy_of(dense), args, train_flops(dense), optimizer="muon"))
-            add(TrainingStep("transformers Llama", llama_twin(dense), args, train_flops(dense)))
         if "generate" in wanted:
             add(Generation("tinymind fast_generate", copy_of(dense), args, gen_flops(dense), fast=True))
             add(Generation("tinymind HF generate", copy_of(dense), args, gen_flops(dense)))

@@ -38,7 +38,7 @@ def to_gguf(args):
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        atomic_write(out, lambda tmp: write_gguf(model, tokenizer, args.tokenizer_path, tmp, args.dtype))
+        atomic_write(out, lambda tmp: write_gguf(model, tokenizer, tokenizer.name_or_path, tmp, args.dtype))
     except UnsupportedArchitecture as err:
         raise UserError(f"{args.checkpoint}: {err}") from None
     recipe = out.with_name("Modelfile")
@@ -70,7 +70,8 @@ def main(argv=None):
     to_hf.add_argument("--checkpoint", required=True, help=".pth or .safetensors weights")
     to_hf.add_argument("--out", required=True, help="directory to write")
     to_hf.add_argument("--config", help="model config JSON, for a checkpoint without one beside it")
-    to_hf.add_argument("--tokenizer_path", default="model/tokenizer", help="tokenizer directory copied alongside")
+    to_hf.add_argument("--tokenizer_path", help="tokenizer directory copied alongside (default: the one saved with "
+                                                "the checkpoint, else model/tokenizer)")
     to_hf.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                        help="weight dtype written (default: the checkpoint's)")
     to_hf.set_defaults(run=export)
@@ -84,7 +85,8 @@ def main(argv=None):
     to_gguf_file.add_argument("--checkpoint", required=True, help=".pth or .safetensors weights")
     to_gguf_file.add_argument("--out", required=True, help="the .gguf to write (a Modelfile goes beside it)")
     to_gguf_file.add_argument("--config", help="model config JSON, for a checkpoint without one beside it")
-    to_gguf_file.add_argument("--tokenizer_path", default="model/tokenizer", help="tokenizer directory embedded")
+    to_gguf_file.add_argument("--tokenizer_path", help="tokenizer directory embedded (default: the one saved with "
+                                                       "the checkpoint, else model/tokenizer)")
     to_gguf_file.add_argument("--dtype", choices=tuple(DTYPES), default="f16",
                               help="weight type: f32, f16, or q8_0 (8-bit blocks); norms and routers stay f32")
     to_gguf_file.set_defaults(run=to_gguf)

@@ -206,3 +206,30 @@ def test_minimind3_checkpoint_chats_and_fine_tunes_with_its_tokenizer(minimind3_
               "--max_steps", "3", "--log_interval", "1", "--out_dir", tmp_path / "out", cwd=tmp_path)
     written = json.loads((tmp_path / "out" / "sft_moe" / "sft_64_moe.json").read_text())
     assert written["qk_norm"] and written["num_experts_per_tok"] == 1 and written["n_shared_experts"] == 0
+
+
+def test_the_tokenizer_a_run_trained_with_travels_with_its_checkpoints(minimind3_tokenizer, tmp_path):
+    """Given once to pretraining, the tokenizer is saved in each run folder and taken from there by SFT, the
+    chat, --resume and the Hugging Face export, without --tokenizer_path."""
+    write_jsonl(tmp_path / "data/pretrain.jsonl", [{"text": text} for text in TEXTS * 4])
+    write_jsonl(tmp_path / "data/sft.jsonl", [{"conversations": c} for c in CONVERSATIONS * 4])
+    tiny = [*FLAGS, "--batch_size", "4", "--max_steps", "2"]
+    pre = run_stage("1-pretrain.py", *tiny, "--tokenizer_path", minimind3_tokenizer, cwd=tmp_path)
+    assert f"tokenizer: {minimind3_tokenizer} (" in pre.stdout
+    ours = json.loads((minimind3_tokenizer / "tokenizer.json").read_text())["model"]["vocab"]
+    assert json.loads((tmp_path / "output/pretrain_dense/tokenizer/tokenizer.json").read_text())["model"]["vocab"] == ours
+
+    sft = run_stage("2-sft.py", *tiny, cwd=tmp_path)
+    assert "tokenizer: output/pretrain_dense/tokenizer (" in sft.stdout
+    resumed = run_stage("2-sft.py", *tiny[:-1], "3", "--resume", cwd=tmp_path)  # one step more
+    assert "tokenizer: output/sft_dense/tokenizer (" in resumed.stdout
+
+    chat = run_stage("3-eval.py", *FLAGS, "--prompt", "你好", "--temperature", "0", "--max_new_tokens", "4",
+                     cwd=tmp_path)
+    assert "tokenizer output/sft_dense/tokenizer" in chat.stderr and "> 你好" in chat.stdout
+    run_stage("-m", "scripts.convert_hf", "export", "--checkpoint", "output/sft_dense/sft_64.pth", "--out", "hf",
+              cwd=tmp_path)
+    assert json.loads((tmp_path / "hf/tokenizer.json").read_text())["model"]["vocab"] == ours
+    other = run_stage("3-eval.py", *FLAGS, "--tokenizer_path", ROOT / "model/tokenizer", "--prompt", "你好",
+                      cwd=tmp_path, check=False)  # the project's 6,400 tokens do not fit a 320-token model
+    assert other.returncode == 2 and "has a vocabulary of 320 tokens but the tokenizer has 6400" in other.stderr

@@ -1,7 +1,7 @@
 """One way to load a model for use (chat, serving, sampling, a frozen reference or teacher, a stage's start):
 a path, config overrides, an optional LoRA adapter and a device give back the model and its tokenizer."""
 
-from dataset import load_tokenizer
+from dataset import load_tokenizer, tokenizer_beside
 from model import load_model
 
 from .distributed import say
@@ -14,9 +14,10 @@ from .run_folder import run_paths
 def load_for_use(path, overrides=None, adapter=None, device="cpu", tokenizer_path=None, shape=None):
     """(model in eval mode on `device`, tokenizer): the weights at `path` (see model.load_model for `overrides`
     and `shape`), with the LoRA adapter folder `adapter` applied unmerged, and the tokenizer at
-    `tokenizer_path` (default: the project's), which must fit the model's vocabulary."""
+    `tokenizer_path` (default: the one saved with the weights, else the project's), which must fit the model's
+    vocabulary."""
     model = load_model(path, overrides, shape)
-    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path or tokenizer_beside(path))
     if len(tokenizer) > model.config.vocab_size:
         raise UserError(f"{path} has a vocabulary of {model.config.vocab_size} tokens but the tokenizer has "
                         f"{len(tokenizer)}; pass the --tokenizer_path it was trained with")
@@ -44,5 +45,6 @@ def load_checkpoint_flags(args):
     model, tokenizer = load_for_use(path, flag_overrides(args), args.lora, args.device, args.tokenizer_path,
                                     shape=model_config(args))
     say(f"loaded {path} ({model.parameter_counts()[0] / 1e6:.2f}M parameters)"
-        + (f" with the LoRA adapter in {args.lora}" if args.lora else ""), err=True)
+        + (f" with the LoRA adapter in {args.lora}" if args.lora else "")
+        + f"; tokenizer {tokenizer.name_or_path}", err=True)
     return model, tokenizer, path

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from dataset import DataError, Packed, load_tokenizer
+from dataset import DataError, Packed, load_tokenizer, save_tokenizer, tokenizer_beside
 from model import CheckpointError, TinyMindConfig, TinyMindForCausalLM, config_path
 
 from . import distributed
@@ -94,9 +94,14 @@ def train(stage, args):
     distributed.main_process_alone(lambda: prepare_run_dir(paths, args))
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    tokenizer = load_tokenizer(args.tokenizer_path)
+    # --tokenizer_path, else the run's own (resumed), else the one saved with the starting weights, else the project's
+    tokenizer = load_tokenizer(args.tokenizer_path or (tokenizer_beside(paths.weights) if args.resume else None)
+                               or (tokenizer_beside(start) if start else None))
     if len(tokenizer) > args.vocab_size:
-        raise UserError(f"the tokenizer has {len(tokenizer)} tokens but --vocab_size is {args.vocab_size}")
+        raise UserError(f"the tokenizer {tokenizer.name_or_path} has {len(tokenizer)} tokens but --vocab_size is "
+                        f"{args.vocab_size}")
+    distributed.main_process_alone(lambda: save_tokenizer(tokenizer, paths.dir / "tokenizer"))
+    say(f"tokenizer: {tokenizer.name_or_path} ({len(tokenizer):,} tokens), saved with the run in {paths.dir / 'tokenizer'}")
     with distributed.main_process_first():
         dataset = stage.dataset(args.data_path, tokenizer, args.max_seq_len, skip_bad_lines=args.skip_bad_lines)
         if args.pack != "none":
