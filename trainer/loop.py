@@ -273,8 +273,8 @@ class Trainer:
         for optimizer in self.optimizers:
             self.scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
-        # The step's one wait for the device: whether to skip it, and the figures of its log row, in one transfer.
         grad_norm = distributed.whole(grad_norm).detach().float().reshape(1)
+        # The step's one wait for the device: whether to skip it, and the figures of its log row, in one transfer.
         read = torch.cat([totals, grad_norm, agreed]).tolist()
         loss, metrics, grad_norm = read[0], read[1:len(totals)], read[len(totals)]
         if self.world_size > 1:

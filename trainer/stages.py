@@ -94,14 +94,7 @@ def train(stage, args):
     distributed.main_process_alone(lambda: prepare_run_dir(paths, args))
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    # --tokenizer_path, else the run's own (resumed), else the one saved with the starting weights, else the project's
-    tokenizer = load_tokenizer(args.tokenizer_path or (tokenizer_beside(paths.weights) if args.resume else None)
-                               or (tokenizer_beside(start) if start else None))
-    if len(tokenizer) > args.vocab_size:
-        raise UserError(f"the tokenizer {tokenizer.name_or_path} has {len(tokenizer)} tokens but --vocab_size is "
-                        f"{args.vocab_size}")
-    distributed.main_process_alone(lambda: save_tokenizer(tokenizer, paths.dir / "tokenizer"))
-    say(f"tokenizer: {tokenizer.name_or_path} ({len(tokenizer):,} tokens), saved with the run in {paths.dir / 'tokenizer'}")
+    tokenizer = run_tokenizer(args, paths, start)
     with distributed.main_process_first():
         dataset = stage.dataset(args.data_path, tokenizer, args.max_seq_len, skip_bad_lines=args.skip_bad_lines)
         if args.pack != "none":
@@ -116,6 +109,20 @@ def train(stage, args):
     say(describe_optimizer(trainer))
     trainer.train()
     say(f"saved {paths.weights}")
+
+
+def run_tokenizer(args, paths, start):
+    """--tokenizer_path, else the run's own (resumed), else the one saved with the starting weights, else the
+    project's; saved in the run folder, so it travels with the run's checkpoints."""
+    tokenizer = load_tokenizer(args.tokenizer_path or (tokenizer_beside(paths.weights) if args.resume else None)
+                               or (tokenizer_beside(start) if start else None))
+    if len(tokenizer) > args.vocab_size:
+        raise UserError(f"the tokenizer {tokenizer.name_or_path} has {len(tokenizer)} tokens but --vocab_size is "
+                        f"{args.vocab_size}")
+    saved = paths.dir / "tokenizer"
+    distributed.main_process_alone(lambda: save_tokenizer(tokenizer, saved))
+    say(f"tokenizer: {tokenizer.name_or_path} ({len(tokenizer):,} tokens), saved with the run in {saved}")
+    return tokenizer
 
 
 def describe_run(model, dataset, trainer):
