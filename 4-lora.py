@@ -10,8 +10,7 @@ with peft.PeftModel.from_pretrained) and the merged model output/lora_{type}/lor
 
 from dataset import SFTDataset
 from trainer import Stage, run_cli, train_stage
-from trainer.flags import add_lora_flags
-from trainer.lora import with_adapters, write_lora
+from trainer.lora import add_lora_flags, check_lora_flags, with_adapters, write_lora
 
 if __name__ == "__main__":
     run_cli(lambda: train_stage(Stage(
@@ -25,6 +24,7 @@ if __name__ == "__main__":
         start_from="sft",
         start_required=True,
         add_flags=add_lora_flags,
+        check_flags=check_lora_flags,
         adapt_model=with_adapters,
         write_weights=write_lora,
     )))

@@ -9,7 +9,7 @@ frozen, is the reference. Loss per pair: -log sigmoid(beta * [(log p(chosen) - l
 
 from dataset import PreferenceDataset
 from trainer import DirectPreference, Stage, load_flagged, run_cli, train_stage
-from trainer.flags import add_dpo_flags
+from trainer.objectives import add_dpo_flags
 
 if __name__ == "__main__":
     run_cli(lambda: train_stage(Stage(

@@ -11,8 +11,7 @@ group's relative advantages.
 
 from dataset import PromptDataset, load_tokenizer
 from trainer import Stage, load_flagged, run_cli, train_stage
-from trainer.flags import add_grpo_flags
-from trainer.grpo import GroupRelativePolicy
+from trainer.grpo import GroupRelativePolicy, add_grpo_flags, check_grpo_flags
 
 
 def grpo(model, args, start):
@@ -30,6 +29,7 @@ if __name__ == "__main__":
         start_from="sft",
         start_required=True,
         add_flags=add_grpo_flags,
+        check_flags=check_grpo_flags,
         make_objective=grpo,
         compiles_by_default=False,
     )))

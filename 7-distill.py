@@ -11,7 +11,7 @@ the answers.
 
 from dataset import text_or_chat_dataset
 from trainer import Distillation, Stage, UserError, load_for_use, run_cli, train_stage
-from trainer.flags import add_distill_flags
+from trainer.objectives import add_distill_flags, check_distill_flags
 
 
 def distillation(student, args, start):
@@ -19,9 +19,6 @@ def distillation(student, args, start):
     if teacher.config.vocab_size != student.config.vocab_size:
         raise UserError(f"--teacher {args.teacher} has a vocabulary of {teacher.config.vocab_size} tokens but the "
                         f"student has {student.config.vocab_size}: distillation needs one vocabulary (one tokenizer)")
-    if not 0 <= args.alpha <= 1 or args.distill_temperature <= 0:
-        raise UserError(f"--alpha {args.alpha} must lie in [0, 1] and --distill_temperature "
-                        f"{args.distill_temperature} be positive")
     return Distillation(teacher, args.alpha, args.distill_temperature, args.teacher)
 
 
@@ -34,5 +31,6 @@ if __name__ == "__main__":
         default_data="data/sft.jsonl",
         default_val="data/sft_val.jsonl",
         add_flags=add_distill_flags,
+        check_flags=check_distill_flags,
         make_objective=distillation,
     )))

@@ -31,7 +31,8 @@ from model import TinyMindForCausalLM, load_model
 from scripts.bench import proc_status_bytes, synchronize
 from trainer import DirectPreference, Distillation, LanguageModeling
 from trainer.run_folder import run_paths
-from trainer.flags import add_lora_flags, add_model_flags, add_training_flags, model_config, new_parser, parse
+from trainer.flags import add_model_flags, add_training_flags, model_config, new_parser, parse
+from trainer.lora import add_lora_flags
 from trainer.lora import with_adapters
 from trainer.loop import Trainer
 

@@ -356,3 +356,13 @@ def test_compile_alone_means_true_and_takes_a_value(tmp_path):
     assert tiny_args(tmp_path, "--compile").compile is True
     assert tiny_args(tmp_path, "--compile", "false").compile is False
     assert tiny_args(tmp_path).compile is False  # on a CPU
+
+
+@pytest.mark.parametrize("script, flags, words", [
+    ("4-lora.py", ["--lora_rank", "0"], "error: --lora_rank 0: must be at least 1"),
+    ("6-grpo.py", ["--num_iterations", "0"], "error: --num_iterations 0: must be at least 1"),
+    ("7-distill.py", ["--teacher", "none.pth", "--alpha", "2"], "error: --alpha 2.0 must lie in [0, 1]"),
+])
+def test_a_stage_checks_its_own_flags_before_anything_is_read(tmp_path, script, flags, words):
+    result = run_stage(script, *TINY, *flags, cwd=tmp_path, check=False)  # no data, no checkpoint here
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(words)

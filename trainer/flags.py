@@ -147,54 +147,15 @@ def add_chat_flags(parser):
     return group
 
 
-# ---- the flags of one stage each -------------------------------------------------------------------------
+def every_flag_group():
+    """Every flag group a program may have, the stages' own (each in its stage's module) included: a preset may
+    hold keys of any of them."""
+    from .grpo import add_grpo_flags
+    from .lora import add_lora_flags
+    from .objectives import add_distill_flags, add_dpo_flags
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def add_lora_flags(parser):
-    group = parser.add_argument_group("LoRA")
-    group.add_argument("--lora_rank", type=int, default=8, help="rank r of each adapter")
-    group.add_argument("--lora_alpha", type=float, default=16, help="adapters are scaled by alpha / rank")
-    group.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the adapters' input")
-    group.add_argument("--lora_targets", default=",".join(LORA_TARGETS),
-                       help="comma-separated module names (the last part of a module's path) that get adapters: "
-                            "every projection of attention and feed-forward, routed and shared experts included")
-
-
-def add_dpo_flags(parser):
-    parser.add_argument_group("DPO").add_argument(
-        "--beta", type=float, default=0.1, help="strength of the pull toward the reference: higher stays closer")
-
-
-def add_grpo_flags(parser):
-    group = parser.add_argument_group("GRPO")
-    group.add_argument("--reward", choices=("exact", "numeric", "contains"), default="numeric",
-                       help="for lines without their own \"reward\": exact (the normalised final answer equals the "
-                            "answer), numeric (the last number does) or contains (the answer appears)")
-    group.add_argument("--reward_fn", help="path.py:function, your own reward(completion, answer) -> float")
-    group.add_argument("--num_generations", type=int, default=8, help="completions sampled per prompt (a group)")
-    group.add_argument("--max_new_tokens", type=int, default=64, help="longest completion")
-    group.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the completions")
-    group.add_argument("--top_p", type=float, default=1.0)
-    group.add_argument("--num_iterations", type=int, default=1,
-                       help="optimizer steps each batch of rollouts trains (μ); the prompts of the steps between "
-                            "are skipped")
-    group.add_argument("--clip_eps", type=float, default=0.2,
-                       help="the ratio to the sampling policy is clipped to [1 - eps, 1 + eps] (with μ > 1)")
-    group.add_argument("--beta", type=float, default=0.0, help="weight of the per-token KL to the reference")
-
-
-def add_distill_flags(parser):
-    group = parser.add_argument_group("distillation")
-    group.add_argument("--teacher", required=True, help="the teacher checkpoint or Hugging Face directory")
-    group.add_argument("--alpha", type=float, default=0.5, help="weight of the teacher's soft targets; 0 is plain CE")
-    group.add_argument("--distill_temperature", type=float, default=2.0, help="softens both distributions")
-
-
-# Every flag group a stage can have: a preset may hold keys of any of them.
-FLAG_GROUPS = (add_model_flags, lambda parser: add_training_flags(parser, default_data=""), add_chat_flags,
-               add_lora_flags, add_dpo_flags, add_grpo_flags, add_distill_flags)
+    return (add_model_flags, lambda parser: add_training_flags(parser, default_data=""), add_chat_flags,
+            add_lora_flags, add_dpo_flags, add_grpo_flags, add_distill_flags)
 
 
 def parse(parser, argv=None):
@@ -249,7 +210,7 @@ def load_preset(path, parser):
         raise UserError(f"--config {path}: not valid JSON ({err})") from None
     actions = {action.dest: action for action in parser.flags}
     known = set(actions) - {"config"}  # this program's flags, a stage's own included, and every stage's below
-    for add_flags in FLAG_GROUPS:
+    for add_flags in every_flag_group():
         every_stage = new_parser("", add_help=False)
         add_flags(every_stage)
         known |= {action.dest for action in every_stage.flags} - {"config"}
@@ -295,13 +256,12 @@ def flag_takes(action):
 def validate(args):
     positive = ("hidden_size", "num_hidden_layers", "max_seq_len", "batch_size", "accumulation_steps",
                 "epochs", "max_steps", "log_interval", "save_interval", "keep_last", "val_samples", "max_new_tokens",
-                "lora_rank", "num_iterations", "yarn_original_length", "eval_interval")
+                "yarn_original_length", "eval_interval")
     for name in positive:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise UserError(f"--{name} {value}: must be at least 1")
-    for name in ("learning_rate", "weight_decay", "grad_clip", "warmup_steps", "num_workers", "beta", "clip_eps",
-                 "temperature", "lora_dropout", "lora_alpha"):
+    for name in ("learning_rate", "weight_decay", "grad_clip", "warmup_steps", "num_workers", "temperature"):
         value = getattr(args, name, None)
         if value is not None and value < 0:
             raise UserError(f"--{name} {value}: must not be negative")

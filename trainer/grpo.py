@@ -41,6 +41,32 @@ from .objectives import Loss, Objective, check_same_source, moe_aux_share, token
 from .precision import autocast_context
 
 
+def add_grpo_flags(parser):
+    group = parser.add_argument_group("GRPO")
+    group.add_argument("--reward", choices=("exact", "numeric", "contains"), default="numeric",
+                       help="for lines without their own \"reward\": exact (the normalised final answer equals the "
+                            "answer), numeric (the last number does) or contains (the answer appears)")
+    group.add_argument("--reward_fn", help="path.py:function, your own reward(completion, answer) -> float")
+    group.add_argument("--num_generations", type=int, default=8, help="completions sampled per prompt (a group)")
+    group.add_argument("--max_new_tokens", type=int, default=64, help="longest completion")
+    group.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the completions")
+    group.add_argument("--top_p", type=float, default=1.0)
+    group.add_argument("--num_iterations", type=int, default=1,
+                       help="optimizer steps each batch of rollouts trains (μ); the prompts of the steps between "
+                            "are skipped")
+    group.add_argument("--clip_eps", type=float, default=0.2,
+                       help="the ratio to the sampling policy is clipped to [1 - eps, 1 + eps] (with μ > 1)")
+    group.add_argument("--beta", type=float, default=0.0, help="weight of the per-token KL to the reference")
+
+
+def check_grpo_flags(args):
+    if args.num_iterations < 1:
+        raise UserError(f"--num_iterations {args.num_iterations}: must be at least 1")
+    for name in ("clip_eps", "beta"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name} {getattr(args, name)}: must not be negative")
+
+
 # ---- rewards ---------------------------------------------------------------------------------------------
 
 

@@ -16,9 +16,30 @@ from pathlib import Path
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from model import save_weights
+
 from .distributed import say
 from .errors import UserError
-from .flags import LORA_TARGETS
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def add_lora_flags(parser):
+    group = parser.add_argument_group("LoRA")
+    group.add_argument("--lora_rank", type=int, default=8, help="rank r of each adapter")
+    group.add_argument("--lora_alpha", type=float, default=16, help="adapters are scaled by alpha / rank")
+    group.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the adapters' input")
+    group.add_argument("--lora_targets", default=",".join(LORA_TARGETS),
+                       help="comma-separated module names (the last part of a module's path) that get adapters: "
+                            "every projection of attention and feed-forward, routed and shared experts included")
+
+
+def check_lora_flags(args):
+    if args.lora_rank < 1:
+        raise UserError(f"--lora_rank {args.lora_rank}: must be at least 1")
+    for name in ("lora_alpha", "lora_dropout"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name} {getattr(args, name)}: must not be negative")
+
 
 def with_adapters(model, args):
     """`model` frozen, with fresh adapters on the target modules (peft initialises B to zero: no change yet)."""

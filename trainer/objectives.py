@@ -127,6 +127,11 @@ def ranked_right(chosen, rejected):
     return (chosen > rejected).float() + 0.5 * (chosen == rejected).float()
 
 
+def add_dpo_flags(parser):
+    parser.add_argument_group("DPO").add_argument(
+        "--beta", type=float, default=0.1, help="strength of the pull toward the reference: higher stays closer")
+
+
 class DirectPreference(Objective):
     """DPO: per pair −log σ(β·[(log π(c) − log π_ref(c)) − (log π(r) − log π_ref(r))]), each log-probability
     summed over that answer's tokens, averaged over the step's pairs; plus the MoE aux loss.
@@ -183,6 +188,19 @@ class DirectPreference(Objective):
             chosen_tokens += int(batch.both.loss_mask[:len(batch)].sum())
         return {"reward accuracy": correct / pairs,
                 "chosen-answer perplexity": float(torch.exp(torch.tensor(-chosen_logprob / max(chosen_tokens, 1))))}
+
+
+def add_distill_flags(parser):
+    group = parser.add_argument_group("distillation")
+    group.add_argument("--teacher", required=True, help="the teacher checkpoint or Hugging Face directory")
+    group.add_argument("--alpha", type=float, default=0.5, help="weight of the teacher's soft targets; 0 is plain CE")
+    group.add_argument("--distill_temperature", type=float, default=2.0, help="softens both distributions")
+
+
+def check_distill_flags(args):
+    if not 0 <= args.alpha <= 1 or args.distill_temperature <= 0:
+        raise UserError(f"--alpha {args.alpha} must lie in [0, 1] and --distill_temperature "
+                        f"{args.distill_temperature} be positive")
 
 
 class Distillation(LanguageModeling):

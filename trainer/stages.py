@@ -53,6 +53,7 @@ class Stage:
     # (model, args, start weights or None) → the Objective the loop optimises
     make_objective: Callable = language_modeling
     add_flags: Callable = lambda parser: None  # the stage's own flags
+    check_flags: Callable = lambda args: None  # and their checks (a value no run can use: a UserError)
     adapt_model: Callable = lambda model, args: model  # the module to train, made from the built model
     write_weights: Callable = write_model_weights  # (model, its full state dict, RunPaths): what later stages read
     defaults: dict = field(default_factory=dict)  # the stage's own flag defaults; presets and flags override them
@@ -72,6 +73,7 @@ def train_stage(stage: Stage, argv=None):
     stage.add_flags(parser)
     parser.set_defaults(**stage.defaults)
     args = parse(parser, argv)
+    stage.check_flags(args)
     # Shared flags some stages have no use for: refused before any data is read, not silently ignored.
     if args.z_loss and not stage.z_loss:
         parser.error(f"--z_loss: only the language-modelling stages (pretraining, SFT, LoRA) add it, not {stage.name}")
