@@ -253,18 +253,23 @@ def flag_takes(action):
     return {int: "a whole number", float: "a number"}.get(action.type, "a string")
 
 
+def check_ranges(args, at_least_one=(), not_negative=()):
+    """The flags named (those this program has and were set) hold a whole count of at least 1, or a value not
+    below 0; else one line naming the flag. Shared by `validate` and the stages' own checks."""
+    for names, lowest, words in ((at_least_one, 1, "must be at least 1"), (not_negative, 0, "must not be negative")):
+        for name in names:
+            value = getattr(args, name, None)
+            if value is not None and value < lowest:
+                raise UserError(f"--{name} {value}: {words}")
+
+
 def validate(args):
-    positive = ("hidden_size", "num_hidden_layers", "max_seq_len", "batch_size", "accumulation_steps",
-                "epochs", "max_steps", "log_interval", "save_interval", "keep_last", "val_samples", "max_new_tokens",
-                "yarn_original_length", "eval_interval")
-    for name in positive:
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            raise UserError(f"--{name} {value}: must be at least 1")
-    for name in ("learning_rate", "weight_decay", "grad_clip", "warmup_steps", "num_workers", "temperature"):
-        value = getattr(args, name, None)
-        if value is not None and value < 0:
-            raise UserError(f"--{name} {value}: must not be negative")
+    check_ranges(args, at_least_one=("hidden_size", "num_hidden_layers", "max_seq_len", "batch_size",
+                                     "accumulation_steps", "epochs", "max_steps", "log_interval", "save_interval",
+                                     "keep_last", "val_samples", "max_new_tokens", "yarn_original_length",
+                                     "eval_interval"),
+                 not_negative=("learning_rate", "weight_decay", "grad_clip", "warmup_steps", "num_workers",
+                               "temperature"))
     for name, value in vars(args).items():
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"--{name} {value}: must be a finite number")

@@ -37,6 +37,7 @@ from model import Sampling, stream_tokens
 from . import distributed
 from .errors import UserError
 from .evaluate import eval_batches
+from .flags import check_ranges
 from .objectives import Loss, Objective, check_same_source, moe_aux_share, token_logprobs
 from .precision import autocast_context
 
@@ -60,11 +61,7 @@ def add_grpo_flags(parser):
 
 
 def check_grpo_flags(args):
-    if args.num_iterations < 1:
-        raise UserError(f"--num_iterations {args.num_iterations}: must be at least 1")
-    for name in ("clip_eps", "beta"):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name} {getattr(args, name)}: must not be negative")
+    check_ranges(args, at_least_one=("num_iterations",), not_negative=("clip_eps", "beta"))
 
 
 # ---- rewards ---------------------------------------------------------------------------------------------

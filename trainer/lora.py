@@ -19,6 +19,7 @@ from model import save_weights
 
 from .distributed import say
 from .errors import UserError
+from .flags import check_ranges
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -34,11 +35,7 @@ def add_lora_flags(parser):
 
 
 def check_lora_flags(args):
-    if args.lora_rank < 1:
-        raise UserError(f"--lora_rank {args.lora_rank}: must be at least 1")
-    for name in ("lora_alpha", "lora_dropout"):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name} {getattr(args, name)}: must not be negative")
+    check_ranges(args, at_least_one=("lora_rank",), not_negative=("lora_alpha", "lora_dropout"))
 
 
 def with_adapters(model, args):
