@@ -43,8 +43,15 @@ def setup(args):
     _waiting_group = dist.new_group(backend="gloo", timeout=WAIT_FOR_MAIN_TIMEOUT)
 
 
-def shutdown():
+def shutdown(finished=True):
+    """Leave the process groups: after a run every process finished, together (none tears its groups down while
+    another still talks to it); after an error at once, so that torchrun ends the others."""
+    global _waiting_group
     if dist.is_initialized():
+        if finished:
+            dist.barrier(group=_waiting_group)
+        dist.destroy_process_group(_waiting_group)
+        _waiting_group = None
         dist.destroy_process_group()
 
 

@@ -86,8 +86,10 @@ def train_stage(stage: Stage, argv=None):
     distributed.setup(args)
     try:
         train(stage, args)
-    finally:
-        distributed.shutdown()
+    except BaseException:
+        distributed.shutdown(finished=False)
+        raise
+    distributed.shutdown()
 
 
 def train(stage, args):
