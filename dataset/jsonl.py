@@ -25,8 +25,12 @@ class DataError(ValueError):
     """A problem with the user's data or tokenizer, stated in one line with the fix."""
 
 
-def load_jsonl(path, columns, record_problem, skip_bad_lines=False, optional=()):
+def load_jsonl(path, columns, record_problem, skip_bad_lines=False, optional=(), nested=False):
     """The records of `path` as an Arrow-backed `datasets.Dataset` holding at most `columns`.
+
+    `nested`: the columns hold JSON whose shape varies from line to line (chats with tool calls, whose arguments
+    are any object): each value is kept exactly as written, where Arrow's reader would merge every line's keys
+    into one struct (or give up on a key that is a string on one line and an object on another).
 
     `record_problem(record)` returns None for a usable record, else a sentence saying
     what is wrong and how to fix it; here it only serves to find the first bad line.
@@ -40,6 +44,11 @@ def load_jsonl(path, columns, record_problem, skip_bad_lines=False, optional=())
     if not path.is_file():
         what = "is a directory, not a jsonl file" if path.is_dir() else "does not exist"
         raise DataError(f"{path} {what}; pass --data_path with a jsonl file (scripts/prepare_data.py makes them)")
+    if nested:
+        records = _records_by_line(path, columns)
+        if len(records) == 0:
+            raise bad_line_error(path, record_problem, "no records")
+        return records
     try:
         with _quiet_logger("datasets.packaged_modules.json.json"):  # it logs the Arrow error we are about to explain
             # parse_agent_traces=False: a user's jsonl is read as it is, never reinterpreted as agent logs.
@@ -49,12 +58,7 @@ def load_jsonl(path, columns, record_problem, skip_bad_lines=False, optional=())
     except (datasets.exceptions.DatasetGenerationError, pyarrow.ArrowException, ValueError, StopIteration) as error:
         if not skip_bad_lines:
             raise bad_line_error(path, record_problem, f"could not be read as jsonl ({' '.join(str(error).split())})") from None
-        records = datasets.Dataset.from_generator(
-            _readable_records,
-            # mtime and size make an edited file miss the cache instead of reusing stale rows
-            gen_kwargs={"path": str(path), "columns": columns, "version": (path.stat().st_mtime_ns, path.stat().st_size)},
-            features=datasets.Features({column: datasets.Json() for column in columns}),
-        )
+        records = _records_by_line(path, columns)
     for column in optional:  # a key no line has is a column of nulls
         if column not in records.column_names:
             records = records.add_column(column, [None] * len(records))
@@ -62,6 +66,16 @@ def load_jsonl(path, columns, record_problem, skip_bad_lines=False, optional=())
     if len(records) == 0 or missing:
         raise bad_line_error(path, record_problem, f"no record has the key {missing}")
     return records.select_columns(list(columns))
+
+
+def _records_by_line(path, columns):
+    """Every line parsed in Python, each column kept as the JSON it holds; an unreadable line is all nulls."""
+    return datasets.Dataset.from_generator(
+        _readable_records,
+        # mtime and size make an edited file miss the cache instead of reusing stale rows
+        gen_kwargs={"path": str(path), "columns": columns, "version": (path.stat().st_mtime_ns, path.stat().st_size)},
+        features=datasets.Features({column: datasets.Json() for column in columns}),
+    )
 
 
 @contextlib.contextmanager
@@ -99,7 +113,8 @@ def line_number(path, record_index):
 def _readable_records(path, columns, version):
     """Every non-blank line as a record restricted to `columns`; an unreadable line as all nulls."""
     for _, record, problem in _parse_lines(path):
-        yield {column: None if problem else record.get(column) for column in columns}
+        # As JSON text: a Json column stores a string as it comes and parses it back, so "391" would read as 391.
+        yield {column: json.dumps(None if problem else record.get(column), ensure_ascii=False) for column in columns}
 
 
 def _parse_lines(path):

@@ -1,7 +1,8 @@
 """Preference pairs for DPO: {"chosen": [messages], "rejected": [messages]} → two samples per pair.
 
 Both sides are conversations in the SFT format that share every turn but the last and end
-with different assistant answers (MiniMind's `dpo.jsonl` layout). Each side goes through the
+with different assistant answers (MiniMind's `dpo.jsonl` layout); a "tools" key beside them lists the tools both
+may call. Each side goes through the
 SFT chat template and truncation; its loss mask keeps only the final answer (and its end
 token), the tokens whose log-probability DPO compares.
 """
@@ -43,7 +44,9 @@ class PairBatch:
 class PreferenceDataset(TokenizedJsonlDataset):
     """Each item is (chosen sample, rejected sample), each an SFT-style (input_ids, targets, loss_mask)."""
 
-    columns = ("chosen", "rejected")
+    columns = ("chosen", "rejected", "tools")
+    optional = ("tools",)
+    nested = True
     # The chosen ids, then the rejected ones from `rejected_start`; loss_spans holds one span for each.
     features = Features({**ENCODED_FEATURES, "rejected_start": Value("int32")})
 
@@ -53,11 +56,11 @@ class PreferenceDataset(TokenizedJsonlDataset):
 
     @staticmethod
     def record_problem(record):
-        for side in PreferenceDataset.columns:
+        for side in ("chosen", "rejected"):
             if record.get(side) is None:
                 return (f'no "{side}" key (or it is null); preference lines look like {{"chosen": [messages], '
                         f'"rejected": [messages]}}, {FIX}')
-            problem = SFTDataset.record_problem({"conversations": record[side]})
+            problem = SFTDataset.record_problem({"conversations": record[side], "tools": record.get("tools")})
             if problem:
                 return problem.replace('"conversations"', f'"{side}"') if '"conversations"' in problem \
                     else f'"{side}": {problem}'
@@ -68,8 +71,9 @@ class PreferenceDataset(TokenizedJsonlDataset):
 
     @staticmethod
     def encode(records, tokenizer, max_length):
-        sides = [SFTDataset.encode([{"conversations": record[side]} for record in records], tokenizer, max_length)
-                 for side in PreferenceDataset.columns]
+        sides = [SFTDataset.encode([{"conversations": record[side], "tools": record.get("tools")} for record in records],
+                                   tokenizer, max_length)
+                 for side in ("chosen", "rejected")]
         encoded = {"input_ids": [], "loss_spans": [], "rejected_start": []}
         for chosen, chosen_spans, rejected, rejected_spans in zip(*sides[0].values(), *sides[1].values()):
             kept = bool(chosen_spans) and bool(rejected_spans)  # a pair that lost either answer is skipped

@@ -1,7 +1,7 @@
 """Prompts for reinforcement learning: {"conversations": [... ending with a user turn], "answer": "..."}.
 
-Each prompt is the chat template of its turns with the generation prompt appended, so the model
-continues as the assistant; `answer` is what the reward function checks a completion against, and
+Each prompt is the chat template of its turns (and of the "tools" beside them, when the line has that key) with the
+generation prompt appended, so the model continues as the assistant; `answer` is what the reward function checks a completion against, and
 an optional `reward` names the registry function for this line (else the run's --reward).
 """
 
@@ -13,7 +13,8 @@ import torch
 from datasets import Features, List, Value
 
 from .jsonl import FIX, json_type
-from .sft import SFTDataset, turn_order_problem
+from .chat import chat_messages, chat_problem, render_chat
+from .sft import SFTDataset
 from .rewards import REWARDS
 from .tokenized import TokenizedJsonlDataset
 
@@ -36,10 +37,11 @@ class PromptDataset(TokenizedJsonlDataset):
     """Each item is (prompt ids, answer, reward name or None, record index); a prompt keeps its last
     `max_length` tokens."""
 
-    columns = ("conversations", "answer", "reward")
+    columns = ("conversations", "answer", "reward", "tools")
     features = Features({"input_ids": List(Value("int32")), "loss_spans": List(Value("int32")),
                          "answer": Value("string"), "reward": Value("string"), "index": Value("int64")})
-    optional = ("reward",)
+    optional = ("reward", "tools")
+    nested = True
 
     def __init__(self, path, tokenizer, max_length, skip_bad_lines=False):
         SFTDataset.check_tokenizer(tokenizer)
@@ -51,13 +53,13 @@ class PromptDataset(TokenizedJsonlDataset):
             return f'needs a string "answer" (what the reward checks), got {json_type(record.get("answer"))}; {FIX}'
         if record.get("reward") is not None and record["reward"] not in REWARDS:
             return f'"reward" {json.dumps(record["reward"])} is none of {", ".join(REWARDS)}; {FIX}'
-        turns = record.get("conversations")
-        return SFTDataset.turns_problem(turns) or turn_order_problem(turns, "user")
+        problem = chat_problem(record.get("conversations"), record.get("tools"), ending="user")
+        return problem and f"{problem}; {FIX}"
 
     @staticmethod
     def encode(records, tokenizer, max_length):
-        rendered = [tokenizer.apply_chat_template(record["conversations"], tokenize=False, add_generation_prompt=True)
-                    for record in records]
+        rendered = [render_chat(tokenizer, *chat_messages(record["conversations"], record.get("tools")),
+                                add_generation_prompt=True) for record in records]
         ids = [row[-max_length:] for row in tokenizer(rendered, add_special_tokens=False)["input_ids"]]
         return {"input_ids": ids, "loss_spans": [[] for _ in ids], "answer": [record["answer"] for record in records],
                 "reward": [record.get("reward") for record in records], "index": [record["_index"] for record in records]}

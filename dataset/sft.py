@@ -1,46 +1,37 @@
 """Supervised fine-tuning data: chat conversations → chat-template token ids + a loss mask on the answers.
 
-Each jsonl line is {"conversations": [{"role": ..., "content": ...}, ...]}: an optional
-system turn, then user/assistant turns alternating, starting with user and ending with
-assistant. The ids are exactly what the tokenizer gives for the rendered chat template,
-so training sees the same framing as `3-eval.py` and `model.generate` do. The model
-learns only the assistant answers, each with its closing <|im_end|> (so it learns to
-stop); everything else, the `<|im_start|>assistant\\n` header included, is context.
+Each jsonl line is {"conversations": [messages], "tools": [function schemas]} ("tools" optional), in the format
+`dataset/chat.py` describes: OpenAI-style messages with tool calls, tool results and thinking, or MiniMind-3's
+layout of the same. The ids are exactly what the tokenizer gives for the rendered chat template, so training sees
+the same framing as `3-eval.py`, the server and `model.generate` do. The model learns only what the assistant
+writes: its thinking, text and tool calls, each answer with its closing <|im_end|> (so it learns to stop);
+everything else (the system turn, the tool list, the user's turns, the tool results and the
+`<|im_start|>assistant\n` headers) is context.
 """
 
 import bisect
 
-from .jsonl import FIX, DataError, json_type
+from .chat import chat_messages, chat_problem, render_chat
+from .jsonl import FIX, DataError
 from .tokenized import TokenizedJsonlDataset
 
 
+def truncate_turns(messages, max_length):
+    """Each user and assistant text (and thinking) cut to `max_length // 2` characters.
 
-def turn_order_problem(turns, last_role):
-    """What is wrong with the roles of `turns` (a list of turn objects), or None: after an optional system turn,
-    user and assistant alternate, starting with user and ending with `last_role`."""
-    order = f"after an optional system turn, turns alternate user/assistant, starting with user and ending with {last_role}"
-    first_dialogue_turn = 1 if turns[0].get("role") == "system" else 0
-    dialogue = turns[first_dialogue_turn:]
-    for offset, turn in enumerate(dialogue):
-        expected = ("user", "assistant")[offset % 2]
-        if turn.get("role") != expected:
-            return f"turn {first_dialogue_turn + offset + 1} has role {turn.get('role')!r} where {expected!r} belongs: {order}; {FIX}"
-    if not dialogue:
-        return f"the conversation holds only a system turn: {order}; {FIX}"
-    if dialogue[-1].get("role") != last_role:
-        wanted = "an assistant answer" if last_role == "assistant" else "the user turn the model is to answer"
-        return f"the conversation must end with {wanted}, not {dialogue[-1].get('role')!r}: {order}; {FIX}"
-    return None
-
-
-def truncate_qa(question, answer, max_length):
-    """Cut question and answer to `max_length // 2` characters each.
-
-    Characters are a cheap stand-in for tokens that bounds the work before tokenizing;
-    the exact token cap is enforced afterwards, on the rendered template.
+    Characters are a cheap stand-in for tokens that bounds the work before tokenizing; the exact token cap is
+    enforced afterwards, on the rendered template. System turns, tool calls and tool results are never cut here: a
+    cut would leave a broken JSON object in the prompt.
     """
     limit = max_length // 2
-    return question[:limit], answer[:limit]
+    cut = []
+    for message in messages:
+        if message["role"] in ("user", "assistant"):
+            message = {**message, "content": message["content"][:limit]}
+            if "reasoning_content" in message:
+                message["reasoning_content"] = message["reasoning_content"][:limit]
+        cut.append(message)
+    return cut
 
 
 class SFTDataset(TokenizedJsonlDataset):
@@ -49,7 +40,9 @@ class SFTDataset(TokenizedJsonlDataset):
     A conversation that keeps no answer token after truncation is skipped and counted in `skipped`.
     """
 
-    columns = ("conversations",)
+    columns = ("conversations", "tools")
+    optional = ("tools",)
+    nested = True
 
     def __init__(self, path, tokenizer, max_length, skip_bad_lines=False):
         self.check_tokenizer(tokenizer)
@@ -62,71 +55,60 @@ class SFTDataset(TokenizedJsonlDataset):
 
     @staticmethod
     def record_problem(record):
-        turns = record.get("conversations")
-        return SFTDataset.turns_problem(turns) or turn_order_problem(turns, "assistant")
-
-    @staticmethod
-    def turns_problem(turns):
-        """What is wrong with the shape of a "conversations" value (not its roles' order), or None."""
-        if turns is None:
-            return f'no "conversations" key (or it is null); lines look like {{"conversations": [{{"role": "user", "content": "..."}}, ...]}}, {FIX}'
-        if not isinstance(turns, list) or not turns:
-            return f'"conversations" must be a non-empty list of turns, got {json_type(turns) if turns else "an empty list"}; {FIX}'
-        for number, turn in enumerate(turns, start=1):
-            if not isinstance(turn, dict):
-                return f'turn {number} must be an object {{"role": ..., "content": ...}}, got {json_type(turn)}; {FIX}'
-            if not isinstance(turn.get("content"), str):
-                return f'turn {number} needs a string "content", got {json_type(turn.get("content"))}; {FIX}'
-        return None
+        problem = chat_problem(record.get("conversations"), record.get("tools"), ending="assistant")
+        return problem and f"{problem}; {FIX}"
 
     @staticmethod
     def encode(records, tokenizer, max_length):
-        chats = [_truncated_chat(record["conversations"], max_length) for record in records]
+        chats = [_exchanges(*chat_messages(record["conversations"], record.get("tools")), max_length) for record in records]
         encoded = {"input_ids": [], "loss_spans": []}
-        for (system, pairs), (ids, spans) in zip(chats, _tokenize_chats([_messages(*chat) for chat in chats], tokenizer)):
+        for (system, exchanges, tools), (ids, spans) in zip(chats, _tokenize_chats([_chat(*chat) for chat in chats], tokenizer)):
             # Older exchanges matter least for learning the last answer, so they go first.
-            while len(ids) > max_length and len(pairs) > 1:
-                pairs = pairs[1:]
-                [(ids, spans)] = _tokenize_chats([_messages(system, pairs)], tokenizer)
+            while len(ids) > max_length and len(exchanges) > 1:
+                exchanges = exchanges[1:]
+                [(ids, spans)] = _tokenize_chats([_chat(system, exchanges, tools)], tokenizer)
             ids, spans = _cut_tail(ids, spans, max_length)
             encoded["input_ids"].append(ids)
             encoded["loss_spans"].append(spans)
         return encoded
 
 
-def _truncated_chat(turns, max_length):
-    """(system turns, [(question, answer), ...]) with every question and answer cut by `truncate_qa`."""
-    system = [{"role": "system", "content": turns[0]["content"]}] if turns[0]["role"] == "system" else []
-    dialogue = turns[len(system):]
-    pairs = [truncate_qa(question["content"], answer["content"], max_length) for question, answer in zip(dialogue[0::2], dialogue[1::2])]
-    return system, pairs
+def _exchanges(messages, tools, max_length):
+    """(system turns, [exchange, ...], tools): the truncated turns, split where each user turn begins an exchange."""
+    messages = truncate_turns(messages, max_length)
+    system = messages[:1] if messages[0]["role"] == "system" else []
+    exchanges = []
+    for message in messages[len(system):]:
+        if message["role"] == "user" or not exchanges:
+            exchanges.append([])
+        exchanges[-1].append(message)
+    return system, exchanges, tools
 
 
-def _messages(system, pairs):
-    exchanges = [[{"role": "user", "content": question}, {"role": "assistant", "content": answer}] for question, answer in pairs]
-    return system + [message for exchange in exchanges for message in exchange]
+def _chat(system, exchanges, tools):
+    return system + [message for exchange in exchanges for message in exchange], tools
 
 
 def _tokenize_chats(chats, tokenizer):
-    """[(ids, loss_spans)] for each message list: the ids of its rendered template, spans over its answers.
+    """[(ids, loss_spans)] for each (messages, tools): the ids of its rendered template, spans over its answers.
 
-    An answer's tokens are found from character positions: each answer starts where the
-    template's generation prompt for the conversation so far ends, and the offset mapping
-    tells which tokens cover those characters. This follows whatever the template does
-    rather than re-implementing its framing here.
+    An answer's tokens are found from character positions: each answer starts where the template's generation
+    prompt for the conversation so far ends and closes with the eos token that ends its turn; the offset mapping
+    tells which tokens cover those characters. This follows whatever the template does rather than
+    re-implementing its framing here.
     """
-    rendered = [tokenizer.apply_chat_template(messages, tokenize=False) for messages in chats]
+    rendered = [render_chat(tokenizer, messages, tools) for messages, tools in chats]
     encoded = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
     results = []
-    for messages, text, ids, offsets in zip(chats, rendered, encoded["input_ids"], encoded["offset_mapping"]):
+    for (messages, tools), text, ids, offsets in zip(chats, rendered, encoded["input_ids"], encoded["offset_mapping"]):
         token_starts = [start for start, _ in offsets]
         token_ends = [end for _, end in offsets]
         spans = []
-        for answer_start, answer_end in _answer_char_spans(messages, text, tokenizer):
+        for answer_start, eos_at in _answer_char_spans(messages, tools, text, tokenizer):
             # A token straddling the header/answer boundary counts as answer: better one
             # header byte learned than one answer byte lost.
             first = bisect.bisect_right(token_ends, answer_start)
-            closing = bisect.bisect_left(token_starts, answer_end)
+            closing = bisect.bisect_left(token_starts, eos_at)
             if closing == len(ids) or ids[closing] != tokenizer.eos_token_id:
                 raise DataError(f"the chat template of tokenizer {tokenizer.name_or_path} does not close answers with its eos token; use the project's tokenizer (--tokenizer_path model/tokenizer)")
             spans += [first, closing + 1]
@@ -134,22 +116,29 @@ def _tokenize_chats(chats, tokenizer):
     return results
 
 
-def _answer_char_spans(messages, rendered, tokenizer):
+def _answer_char_spans(messages, tools, rendered, tokenizer):
+    """(start, position of the closing eos token) in `rendered` for each assistant turn."""
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start = len(tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True))
-        end = start + len(message["content"])
-        if rendered[start:end] != message["content"]:
-            raise DataError(f"the chat template of tokenizer {tokenizer.name_or_path} does not put answers right after its generation prompt; use the project's tokenizer (--tokenizer_path model/tokenizer)")
-        yield start, end
+        prompt = render_chat(tokenizer, messages[:index], tools, add_generation_prompt=True)
+        turn = render_chat(tokenizer, messages[:index + 1], tools)
+        eos_at = turn.rfind(tokenizer.eos_token)
+        if not (rendered.startswith(turn) and turn.startswith(prompt) and eos_at >= len(prompt)):
+            raise DataError(f"the chat template of tokenizer {tokenizer.name_or_path} does not render each answer after its generation prompt, closed by {tokenizer.eos_token}; use the project's tokenizer (--tokenizer_path model/tokenizer)")
+        yield len(prompt), eos_at
 
 
 def _cut_tail(ids, spans, max_length):
-    """Cut the ids of a single remaining exchange to `max_length`; its answer keeps its start or the sample keeps nothing."""
+    """Cut the ids of the exchange that remains to `max_length` tokens. Answers that start inside keep their start;
+    what follows the last of them is context for nothing and goes too, so no tool result is left cut in half."""
     if len(ids) <= max_length:
         return ids, spans
-    [answer_start, answer_end] = spans
-    if answer_start >= max_length:
+    kept = []
+    for start, end in zip(spans[0::2], spans[1::2]):
+        if start >= max_length:
+            break
+        kept += [start, min(end, max_length)]
+    if not kept:
         return ids[:max_length], []
-    return ids[:max_length], [answer_start, min(answer_end, max_length)]
+    return ids[:kept[-1]], kept

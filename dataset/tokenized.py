@@ -32,6 +32,7 @@ class TokenizedJsonlDataset(torch.utils.data.Dataset):
     columns = ()  # the jsonl keys each record needs
     features = ENCODED_FEATURES  # what `encode` returns per record, as stored in Arrow
     optional = ()  # columns a file may leave out (they read as null)
+    nested = False  # the columns hold JSON whose shape varies by line (see `load_jsonl`)
 
     @staticmethod
     def record_problem(record):
@@ -50,7 +51,7 @@ class TokenizedJsonlDataset(torch.utils.data.Dataset):
             if getattr(tokenizer, token) is None:
                 raise DataError(f"tokenizer {tokenizer.name_or_path} has no {token[:-3]}; use the project's tokenizer (--tokenizer_path model/tokenizer)")
         self.max_length, self.pad_id, self.tokenizer = max_length, tokenizer.pad_token_id, tokenizer
-        records = load_jsonl(path, self.columns, self.record_problem, skip_bad_lines, self.optional)
+        records = load_jsonl(path, self.columns, self.record_problem, skip_bad_lines, self.optional, self.nested)
         try:
             encoded = records.map(
                 _encode_batch,

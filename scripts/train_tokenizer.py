@@ -29,12 +29,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from scripts.data.pipeline import cjk_share
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
+# The project's chat template (ChatML, with tools and thinking in Qwen3's convention): a refitted tokenizer keeps it.
+CHAT_TEMPLATE = (Path(__file__).resolve().parent.parent / "model" / "tokenizer" / "chat_template.jinja").read_text()
 
 
 def read_texts(path: Path) -> list[str]:

@@ -7,15 +7,11 @@ import datasets
 import pytest
 import torch
 
-from dataset import DEFAULT_TOKENIZER_PATH, DataError, PretrainDataset, SFTDataset, load_tokenizer, truncate_qa
+from dataset import DEFAULT_TOKENIZER_PATH, DataError, PretrainDataset, SFTDataset, load_tokenizer, truncate_turns
 
 from conftest import pretrain_file, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
-CHATML = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
 MULTI_TURN = [
     {"role": "system", "content": "You are a concise assistant. 回答要简短。"},
     {"role": "user", "content": "What is the capital of France?"},
@@ -62,7 +58,9 @@ def test_committed_tokenizer_round_trips_mixed_text_and_has_the_project_specials
     assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 1, 2)
     assert tokenizer.convert_ids_to_tokens([0, 1, 2]) == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     assert tokenizer("abc")["input_ids"] == tokenizer("abc", add_special_tokens=False)["input_ids"]
-    assert tokenizer.chat_template == CHATML
+    # A chat without tools or thinking renders as plain ChatML.
+    chatml = "".join(f"<|im_start|>{turn['role']}\n{turn['content']}<|im_end|>\n" for turn in MULTI_TURN)
+    assert tokenizer.apply_chat_template(MULTI_TURN, tokenize=False, add_generation_prompt=True) == chatml + "<|im_start|>assistant\n"
 
 
 def test_load_tokenizer_names_missing_path_and_flag(tmp_path):
@@ -115,8 +113,18 @@ def test_pretrain_frames_shifts_and_collates_with_an_attention_mask_from_the_len
         ("short", "text", 100, ("short", "text")),
     ],
 )
-def test_truncate_qa_cuts_each_side_to_half_max_length_characters(question, answer, max_length, expected):
-    assert truncate_qa(question, answer, max_length) == expected
+def test_truncate_turns_cuts_each_question_and_answer_to_half_max_length_characters(question, answer, max_length, expected):
+    turns = [{"role": "user", "content": question}, {"role": "assistant", "content": answer, "reasoning_content": answer}]
+    cut = truncate_turns(turns, max_length)
+    assert (cut[0]["content"], cut[1]["content"]) == expected and cut[1]["reasoning_content"] == expected[1]
+
+
+def test_truncate_turns_never_cuts_system_turns_tool_calls_or_tool_results():
+    result = json.dumps({"rows": list(range(50))})
+    call = {"type": "function", "function": {"name": "lookup", "arguments": {"query": "x" * 80}}}
+    turns = [{"role": "system", "content": "s" * 80}, {"role": "user", "content": "q"},
+             {"role": "assistant", "content": "", "tool_calls": [call]}, {"role": "tool", "content": result}]
+    assert truncate_turns(turns, 16) == turns
 
 
 def test_sft_ids_follow_the_template_and_mask_only_answers_with_their_end_token(tmp_path, tokenizer):

@@ -144,6 +144,6 @@ def test_a_prompt_of_only_a_system_turn_is_described_as_written(tmp_path, tokeni
                                                   "answer": "1"}])
     with pytest.raises(DataError) as error:
         PromptDataset(path, tokenizer, max_length=48)
-    assert str(error.value).startswith(
-        f"{path}, line 1: the conversation holds only a system turn: after an optional system turn, turns alternate "
-        "user/assistant, starting with user and ending with user;")
+    message = str(error.value)
+    assert message.startswith(f"{path}, line 1: the conversation holds only a system turn: after an optional system "
+                              "turn: user, then the assistant;") and "ending with user or tool;" in message
