@@ -5,7 +5,10 @@
 
 Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET / (chat page).
 Requests take max_tokens (or max_completion_tokens), temperature, top_p, stop, seed, stream, and
-tinymind's top_k, repetition_penalty and ignore_eos. Every active request decodes in one batch (model/engine.py);
+tinymind's top_k, repetition_penalty and ignore_eos. Chats may carry tools, tool_choice (auto, none, required or a
+named function), assistant tool_calls and role "tool" results, and chat_template_kwargs {"enable_thinking": false};
+replies give the thinking as reasoning_content and the calls as tool_calls (finish_reason "tool_calls"), streamed as
+OpenAI streams them; a call the model writes malformed comes back as text. Every active request decodes in one batch (model/engine.py);
 a bad request gets a 4xx in OpenAI's error format and the others go on.
 """
 
@@ -26,6 +29,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from dataset.chat import ReplyReader, chat_messages, chat_problem, read_reply, render_chat
 from model import Sampling
 from model.engine import Engine
 from model.engine import Request as EngineRequest
@@ -53,8 +57,12 @@ def error_response(status, message, kind="invalid_request_error", param=None, co
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[dict] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
 
 
 class Sampled(BaseModel):
@@ -84,17 +92,36 @@ class Sampled(BaseModel):
 class ChatRequest(Sampled):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    tools: list[dict] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict | None = None
+    parallel_tool_calls: bool | None = None  # accepted; the model may write several calls either way
+    chat_template_kwargs: dict | None = None  # {"enable_thinking": false}, as vLLM and SGLang take it
 
     @model_validator(mode="after")
     def turns_in_order(self):
-        dialogue = self.messages[1:] if self.messages[0].role == "system" else self.messages
-        for index, message in enumerate(dialogue):
-            if message.role != ("user", "assistant")[index % 2]:
-                raise ValueError("messages: after an optional system message, user and assistant messages "
-                                 "alternate, starting with user")
-        if not dialogue or dialogue[-1].role != "user":
-            raise ValueError("messages: the last message must be the user's")
+        problem = chat_problem([message.model_dump(exclude_none=True) for message in self.messages], self.tools,
+                               ending="user")
+        if problem:
+            raise ValueError(f"messages: {problem}" if problem.startswith(("turn", "the conversation")) else problem)
+        if self.tool_choice is not None and not self.tools and self.tool_choice != "none":
+            raise ValueError("tool_choice: set only with tools")
+        if isinstance(self.tool_choice, dict):
+            name = (self.tool_choice.get("function") or {}).get("name")
+            if name not in {(tool.get("function") or tool).get("name") for tool in self.tools}:
+                raise ValueError(f"tool_choice: {name!r} is none of the tools' names")
         return self
+
+    def thinking(self):
+        switch = (self.chat_template_kwargs or {}).get("enable_thinking")
+        return None if switch is None else bool(switch)
+
+    def forced(self):
+        """The text the answer must start with: the opening of a call, when tool_choice demands one."""
+        if self.tool_choice == "required":
+            return '<tool_call>\n{"name": "'
+        if isinstance(self.tool_choice, dict):
+            return f'<tool_call>\n{{"name": "{self.tool_choice["function"]["name"]}", "arguments": '
+        return ""
 
 
 class CompletionRequest(Sampled):
@@ -176,9 +203,8 @@ def create_app(model, tokenizer, model_name, max_batch=8, max_queue=16, context=
                            "rate_limit_error")
         return stream
 
-    async def respond(raw, request, prompt_ids, max_tokens, chunk, whole, prefix):
+    async def respond(raw, request, prompt_ids, max_tokens, reply):
         stream = start(request, prompt_ids, max_tokens)
-        ident, created = f"{prefix}-{uuid.uuid4().hex}", int(time.time())
 
         def usage():
             return {"prompt_tokens": len(prompt_ids), "completion_tokens": stream.tokens,
@@ -195,60 +221,44 @@ def create_app(model, tokenizer, model_name, max_batch=8, max_queue=16, context=
                     answer.cancel()
             if not answer.done():
                 return Response(status_code=499)  # nobody is there to read it
-            text, reason = answer.result()
-            return JSONResponse({**whole(ident, created, text, reason), "usage": usage()})
+            return JSONResponse({**reply.whole(*answer.result()), "usage": usage()})
 
         async def events():
             try:
-                yield sse(chunk(ident, created, None, None, first=True))
+                yield sse(reply.first())
                 # Under ASGI 2.3 (uvicorn's) Starlette watches for the disconnect and cancels this generator.
                 try:
                     async for piece, reason in stream:
-                        yield sse(chunk(ident, created, piece, reason))
+                        for chunk in reply.chunks(piece, reason):
+                            yield sse(chunk)
                 except APIError as err:  # the status line went out with the first chunk: the error is an event
                     yield sse({"error": {"message": err.message, "type": err.kind, "param": err.param,
                                          "code": err.code}})
                     yield "data: [DONE]\n\n"
                     return
                 if (request.stream_options or {}).get("include_usage"):
-                    yield sse({**chunk(ident, created, None, None), "choices": [], "usage": usage()})
+                    yield sse({**reply.envelope(reply.chunk_kind), "choices": [], "usage": usage()})
                 yield "data: [DONE]\n\n"
             finally:  # a client that went away frees its slot
                 engine.cancel(stream.engine_request)
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    def chat_chunk(ident, created, piece, reason, first=False):
-        delta = {"role": "assistant", "content": ""} if first else ({"content": piece} if piece else {})
-        return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
-
-    def chat_whole(ident, created, text, reason):
-        return {"id": ident, "object": "chat.completion", "created": created, "model": model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}]}
-
-    def text_chunk(ident, created, piece, reason, first=False):
-        return {"id": ident, "object": "text_completion", "created": created, "model": model_name,
-                "choices": [{"index": 0, "text": piece or "", "finish_reason": reason}]}
-
-    def text_whole(ident, created, text, reason):
-        return {"id": ident, "object": "text_completion", "created": created, "model": model_name,
-                "choices": [{"index": 0, "text": text, "finish_reason": reason}]}
-
     @app.post("/v1/chat/completions")
     async def chat_completions(raw: Request):
         request = await read(raw, ChatRequest)
-        messages = [message.model_dump() for message in request.messages]
-        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        offered = request.tools if request.tool_choice != "none" else None
+        messages, tools = chat_messages([message.model_dump(exclude_none=True) for message in request.messages], offered)
+        prompt = render_chat(tokenizer, messages, tools, add_generation_prompt=True, thinking=request.thinking())
+        prompt_ids = tokenizer(prompt + request.forced(), add_special_tokens=False).input_ids
         return await respond(raw, request, prompt_ids, request.max_completion_tokens or request.max_tokens,
-                             chat_chunk, chat_whole, "chatcmpl")
+                             ChatReply(model_name, bool(tools), request.forced()))
 
     @app.post("/v1/completions")
     async def completions(raw: Request):
         request = await read(raw, CompletionRequest)
         prompt_ids = [tokenizer.bos_token_id] + tokenizer(request.prompt, add_special_tokens=False).input_ids
-        return await respond(raw, request, prompt_ids, request.max_tokens, text_chunk, text_whole, "cmpl")
+        return await respond(raw, request, prompt_ids, request.max_tokens, TextReply(model_name))
 
     @app.get("/v1/models")
     async def models():
@@ -320,6 +330,72 @@ async def disconnected(raw):
     """Returns when the client of request `raw`, whose body was read, goes away."""
     while (await raw.receive())["type"] != "http.disconnect":
         pass
+
+
+class TextReply:
+    """A text completion as it goes out: whole, or as chunks of text."""
+
+    kind, chunk_kind, prefix = "text_completion", "text_completion", "cmpl"
+
+    def __init__(self, model_name):
+        self.model_name, self.ident, self.created = model_name, f"{self.prefix}-{uuid.uuid4().hex}", int(time.time())
+
+    def envelope(self, kind=None):
+        return {"id": self.ident, "object": kind or self.kind, "created": self.created, "model": self.model_name}
+
+    def first(self):
+        return self._chunk("", None)
+
+    def chunks(self, piece, reason):
+        return [self._chunk(piece, reason)]
+
+    def _chunk(self, piece, reason):
+        return {**self.envelope(), "choices": [{"index": 0, "text": piece or "", "finish_reason": reason}]}
+
+    def whole(self, text, reason):
+        return {**self.envelope(), "choices": [{"index": 0, "text": text, "finish_reason": reason}]}
+
+
+class ChatReply(TextReply):
+    """A chat completion as it goes out: the thinking as `reasoning_content`, the text as `content`, the calls the
+    model wrote as `tool_calls` (finish_reason "tool_calls"), whole or as deltas the way OpenAI streams them."""
+
+    kind, chunk_kind, prefix = "chat.completion", "chat.completion.chunk", "chatcmpl"
+
+    def __init__(self, model_name, tools_on, forced=""):
+        super().__init__(model_name)
+        self.tools_on, self.forced = tools_on, forced
+        self.reader, self.text, self.calls = ReplyReader(tools_on, forced), "", 0
+
+    def first(self):
+        return self._delta({"role": "assistant", "content": ""}, None)
+
+    def chunks(self, piece, reason):
+        self.text += piece or ""
+        events = self.reader.feed(self.text) if reason is None else self.reader.finish(self.text)
+        chunks = [self._delta(self._event_delta(kind, value), None) for kind, value in events]
+        if reason is not None:
+            chunks.append(self._delta({}, "tool_calls" if self.calls and reason == "stop" else reason))
+        return chunks
+
+    def _event_delta(self, kind, value):
+        if kind == "reasoning":
+            return {"reasoning_content": value}
+        if kind == "content":
+            return {"content": value}
+        self.calls += 1
+        return {"tool_calls": [{"index": self.calls - 1, **value}]}
+
+    def _delta(self, delta, reason):
+        return {**self.envelope(self.chunk_kind), "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
+
+    def whole(self, text, reason):
+        reply = read_reply(text, self.tools_on, self.forced)
+        message = {"role": "assistant", "content": reply["content"] or (None if reply["tool_calls"] else ""),
+                   **({"reasoning_content": reply["reasoning_content"]} if reply["reasoning_content"] is not None else {}),
+                   **({"tool_calls": reply["tool_calls"]} if reply["tool_calls"] else {})}
+        reason = "tool_calls" if reply["tool_calls"] and reason == "stop" else reason
+        return {**self.envelope(), "choices": [{"index": 0, "message": message, "finish_reason": reason}]}
 
 
 def sse(payload):

@@ -89,9 +89,9 @@ def test_raw_completions_and_models_and_health(server):
 BAD = [
     (b"{not json", 400, "not valid JSON"),
     (json.dumps({"model": "tiny"}).encode(), 400, "messages"),
-    (json.dumps({"model": "tiny", "messages": [{"role": "assistant", "content": "hi"}]}).encode(), 400, "alternate"),
+    (json.dumps({"model": "tiny", "messages": [{"role": "assistant", "content": "hi"}]}).encode(), 400, "where 'user' belongs"),
     (json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}).encode(),
-     400, "alternate"),
+     400, "where 'assistant' belongs"),
     (json.dumps({"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}).encode(), 404, "gpt-9"),
     (json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": -1}).encode(),
      400, "temperature"),

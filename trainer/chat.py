@@ -1,4 +1,9 @@
-"""Stage 3: chat with a checkpoint (interactive, one prompt, a file of prompts) or measure its perplexity."""
+"""Stage 3: chat with a checkpoint (interactive, one prompt, a file of prompts) or measure its perplexity.
+
+With `--tools` the model may call tools: each call it writes is run, its result goes back as a tool turn, and the
+model goes on until it answers (at most `--max_tool_calls` rounds). `--think` / `--no-think` ask for an answer with
+or without thinking; the thinking is shown dimmed, each call and result on its own line.
+"""
 
 import sys
 import time
@@ -7,6 +12,7 @@ from pathlib import Path
 import torch
 
 from dataset import text_or_chat_dataset, token_bytes
+from dataset.chat import ReplyReader, read_reply, render_chat
 from model import Sampling, stream_tokens
 
 from .distributed import say
@@ -14,6 +20,7 @@ from .evaluate import language_model_scores
 from .flags import add_chat_flags, add_model_flags, new_parser, parse
 from .loading import add_checkpoint_flags, load_checkpoint_flags
 from .precision import autocast_context
+from .tools import load_tools
 
 
 def eval_stage(argv=None):
@@ -22,6 +29,7 @@ def eval_stage(argv=None):
     add_checkpoint_flags(add_chat_flags(parser), "the model to chat with")
     args = parse(parser, argv)
     torch.manual_seed(args.seed)
+    tools = load_tools(args.tools)
     model, tokenizer, _ = load_checkpoint_flags(args)
 
     if args.ppl_data:
@@ -35,37 +43,84 @@ def eval_stage(argv=None):
     elif args.prompts_file:
         prompts = [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
     else:
-        interactive_chat(model, tokenizer, args)
+        interactive_chat(model, tokenizer, args, tools)
         return
     for prompt in prompts:
         say(f"> {prompt}")
-        answer(model, tokenizer, [{"role": "user", "content": prompt}], args)
+        converse(model, tokenizer, [{"role": "user", "content": prompt}], args, tools)
 
 
-def answer(model, tokenizer, messages, args):
-    """Stream the model's reply to `messages` as it is decoded, print tokens/s, and return the reply text."""
-    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    input_ids = tokenizer(prompt, return_tensors="pt").input_ids[:, -args.max_seq_len:].to(args.device)
+def converse(model, tokenizer, messages, args, tools):
+    """Answer `messages`, running the tools the model calls, showing it all as it comes; the new turns."""
+    new, transcript = [], Transcript()
+    for _ in range(args.max_tool_calls + 1):
+        prompt = render_chat(tokenizer, messages + new, tools.schemas, add_generation_prompt=True, thinking=args.think)
+        reply = answer(model, tokenizer, prompt, args, transcript, bool(tools))
+        new.append({"role": "assistant", **{key: value for key, value in reply.items() if value}, "content": reply["content"]})
+        if not reply["tool_calls"]:
+            break
+        for call in reply["tool_calls"]:
+            result = tools.run(call)
+            transcript.show("result", result)
+            new.append({"role": "tool", "tool_call_id": call["id"], "name": call["function"]["name"], "content": result})
+    transcript.end_line()
+    return new
+
+
+def answer(model, tokenizer, prompt, args, transcript, tools_on=False):
+    """Stream the model's reply to the rendered `prompt` as it is decoded, print tokens/s, return the reply read
+    back: {"reasoning_content", "content", "tool_calls"}."""
+    input_ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids[:, -args.max_seq_len:]
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
-    started = time.perf_counter()
-    new_tokens, shown = [], ""
+    reader, started, new_tokens, text = ReplyReader(tools_on), time.perf_counter(), [], ""
     with autocast_context(args):
-        for token in stream_tokens(model, input_ids, args.max_new_tokens, sampling, tokenizer.eos_token_id):
+        for token in stream_tokens(model, input_ids.to(args.device), args.max_new_tokens, sampling, tokenizer.eos_token_id):
             if int(token) == tokenizer.eos_token_id:
                 break
             new_tokens.append(int(token))
             text = tokenizer.decode(new_tokens, skip_special_tokens=True)
             if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                sys.stdout.write(text[len(shown):])
-                sys.stdout.flush()
-                shown = text
-    sys.stdout.write("\n")
+                for kind, value in reader.feed(text):
+                    transcript.show(kind, value)
+    for kind, value in reader.finish(text):
+        transcript.show(kind, value)
+    transcript.end_line()
     seconds = time.perf_counter() - started
     say(f"[{len(new_tokens)} tokens, {len(new_tokens) / max(seconds, 1e-9):.1f} tokens/s]", err=True)
-    return tokenizer.decode(new_tokens, skip_special_tokens=True)
+    return read_reply(text, tools_on)
 
 
-def interactive_chat(model, tokenizer, args):
+class Transcript:
+    """Prints a conversation as it comes: the thinking dimmed (on a terminal), the answer on a line of its own
+    after it, each tool call and result on a line of its own."""
+
+    def __init__(self):
+        self.kind, self.at_line_start = None, True
+
+    def show(self, kind, value):
+        if kind != self.kind or kind in ("tool_call", "result"):
+            self.end_line()
+        if kind == "reasoning":
+            value = f"\033[2m{value}\033[0m" if sys.stdout.isatty() else value
+        elif kind == "tool_call":
+            value = f"→ {value['function']['name']}({value['function']['arguments']})\n"
+        elif kind == "result":
+            value = f"← {value}\n"
+        self.write(value)
+        self.kind = kind
+
+    def end_line(self):
+        if not self.at_line_start:
+            self.write("\n")
+
+    def write(self, text):
+        if text:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            self.at_line_start = text.endswith("\n")
+
+
+def interactive_chat(model, tokenizer, args, tools):
     say("chat with the model: /reset clears the history, Ctrl-D exits", err=True)
     history = []
     while True:
@@ -80,5 +135,4 @@ def interactive_chat(model, tokenizer, args):
         if not text:
             continue
         messages = ([] if args.no_history else history) + [{"role": "user", "content": text}]
-        reply = answer(model, tokenizer, messages, args)
-        history = messages + [{"role": "assistant", "content": reply}]
+        history = messages + converse(model, tokenizer, messages, args, tools)

@@ -142,6 +142,11 @@ def add_chat_flags(parser):
     group.add_argument("--top_p", type=float, default=0.85)
     group.add_argument("--top_k", type=int, default=0, help="0 means no top-k cut")
     group.add_argument("--repetition_penalty", type=float, default=1.0)
+    group.add_argument("--tools", help="tools the model may call: built-in names (calculator) and Python files of "
+                       "functions, comma-separated")
+    group.add_argument("--max_tool_calls", type=int, default=4, help="rounds of tool calls before the model must answer")
+    group.add_argument("--think", action=argparse.BooleanOptionalAction, default=None,
+                       help="ask for thinking before the answer (--no-think: answer at once); default: the model's choice")
     group.add_argument("--ppl_data", help="report perplexity on this pretrain- or SFT-format jsonl instead")
     group.add_argument("--batch_size", type=int, default=8, help="batch size for --ppl_data")
     return group
