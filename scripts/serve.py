@@ -3,7 +3,8 @@
     python -m scripts.serve --config configs/tiny.json --checkpoint output/sft_dense/sft_128.pth
     # then: http://127.0.0.1:8000/ in a browser, or any OpenAI client with base_url http://127.0.0.1:8000/v1
 
-Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET / (chat page).
+Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET / (chat page), and for
+the page's tools (--tools) GET /v1/tinymind/tools and POST /v1/tinymind/tools/call.
 Requests take max_tokens (or max_completion_tokens), temperature, top_p, stop, seed, stream, and
 tinymind's top_k, repetition_penalty and ignore_eos. Chats may carry tools, tool_choice (auto, none, required or a
 named function), assistant tool_calls and role "tool" results, and chat_template_kwargs {"enable_thinking": false};
@@ -37,6 +38,7 @@ from trainer import run_cli
 from trainer.distributed import say
 from trainer.flags import add_model_flags, new_parser, parse
 from trainer.loading import add_checkpoint_flags, load_checkpoint_flags
+from trainer.tools import load_tools
 
 PAGE = Path(__file__).with_name("chat.html")
 MAX_BODY_BYTES = 1 << 20
@@ -128,11 +130,18 @@ class CompletionRequest(Sampled):
     prompt: str
 
 
+class ToolCall(BaseModel):
+    """A call the chat page asks the server to run: {"function": {"name": ..., "arguments": "{...}"}}."""
+
+    model_config = ConfigDict(extra="ignore")
+    function: dict
+
+
 # ---- the app ------------------------------------------------------------------------------------------
 
 
 def create_app(model, tokenizer, model_name, max_batch=8, max_queue=16, context=2048, max_tokens_cap=1024,
-               api_key=None):
+               api_key=None, tools=None):
     engine = Engine(model, tokenizer.eos_token_id, max_batch=max_batch, max_queue=max_queue, context=context)
     context = engine.max_len
     app = FastAPI(title="tinymind", docs_url=None, redoc_url=None)
@@ -155,7 +164,7 @@ def create_app(model, tokenizer, model_name, max_batch=8, max_queue=16, context=
 
     app.add_middleware(Guard, api_key=api_key)
 
-    async def read(request, kind):
+    async def read(request, kind, check_model=True):
         raw = bytearray()
         async for part in request.stream():  # a chunked body has no Content-Length to check up front
             raw += part
@@ -174,7 +183,7 @@ def create_app(model, tokenizer, model_name, max_batch=8, max_queue=16, context=
             where = ".".join(str(part) for part in first.get("loc", ())) or "body"
             raise APIError(400, f"{where}: {first.get('msg', 'invalid')}".replace("Value error, ", ""),
                            param=where) from None
-        if parsed.model != model_name:
+        if check_model and parsed.model != model_name:
             raise APIError(404, f"the model '{parsed.model}' does not exist; this server serves '{model_name}'",
                            param="model", code="model_not_found")
         return parsed
@@ -263,6 +272,17 @@ def create_app(model, tokenizer, model_name, max_batch=8, max_queue=16, context=
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "tinymind"}]}
+
+    @app.get("/v1/tinymind/tools")
+    async def offered_tools():  # for the chat page, which runs the calls through the next endpoint
+        return {"tools": tools.schemas if tools else []}
+
+    @app.post("/v1/tinymind/tools/call")
+    async def run_tool(raw: Request):
+        call = await read(raw, ToolCall, check_model=False)
+        if not tools:
+            raise APIError(404, "this server offers no tools (start it with --tools)", "not_found_error")
+        return {"content": await asyncio.to_thread(tools.run, call.model_dump())}
 
     @app.get("/health")
     async def health():
@@ -472,11 +492,14 @@ def parse_args(argv=None):
     group.add_argument("--context", type=int, default=2048, help="longest prompt + completion (the KV cache size)")
     group.add_argument("--max_tokens_cap", type=int, default=1024, help="the most tokens one request may ask for")
     group.add_argument("--model_name", help="the model id clients send (default: the checkpoint's file stem)")
+    group.add_argument("--tools", help="tools the chat page offers the model and runs here (as 3-eval.py --tools): "
+                       "built-in names (calculator) and Python files of functions, comma-separated")
     return parse(parser, argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    tools = load_tools(args.tools)
     model, tokenizer, checkpoint = load_checkpoint_flags(args)
     if args.dtype != "float32":  # bf16 on GPUs that have it (the --dtype default there): half the weight reads
         model = model.to(getattr(torch, args.dtype))
@@ -485,7 +508,7 @@ def main(argv=None):
     name = args.model_name or Path(checkpoint).stem
     torch.manual_seed(args.seed)
     app = create_app(model, tokenizer, name, args.max_batch, args.max_queue, args.context, args.max_tokens_cap,
-                     args.api_key)
+                     args.api_key, tools)
     say(f"serving {checkpoint} as '{name}' on http://{args.host}:{args.port}/ (OpenAI API under /v1)", err=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 

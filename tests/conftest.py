@@ -16,9 +16,10 @@ import pytest
 import torch
 import uvicorn
 
-from dataset import load_tokenizer
-from model import TinyMindConfig, TinyMindForCausalLM
+from dataset import SFTDataset, load_tokenizer
+from model import TinyMindConfig, TinyMindForCausalLM, save_weights
 from scripts.serve import create_app
+from trainer.tools import load_tools
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ["--hidden_size", "64", "--num_hidden_layers", "2", "--num_attention_heads", "4",
@@ -128,6 +129,43 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tokenizer():
     return load_tokenizer()
+
+
+# ---- a tiny model that calls a tool ------------------------------------------------------------------
+
+QUESTION = "What is 17*23?"
+TOOL_CHAT = [{"role": "user", "content": QUESTION},
+        {"role": "assistant", "content": None, "reasoning_content": "Use the calculator.",
+         "tool_calls": [{"type": "function", "function": {"name": "calculator", "arguments": {"expression": "17*23"}}}]},
+        {"role": "tool", "content": "391"},
+        {"role": "assistant", "content": "17*23 = 391."}]
+GREETING = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+
+
+@pytest.fixture(scope="session")
+def tool_caller(tmp_path_factory):
+    """A tiny model trained until it says TOOL_CHAT's turns (with the calculator offered) and GREETING's word for word."""
+    directory = tmp_path_factory.mktemp("tool_caller")
+    tokenizer, tools = load_tokenizer(), load_tools("calculator")
+    data = SFTDataset(write_jsonl(directory / "sft.jsonl", [{"conversations": TOOL_CHAT, "tools": tools.schemas},
+                                                            {"conversations": GREETING}]), tokenizer, 1024)
+    batch = data.collate([data[0], data[1]])
+    torch.manual_seed(0)
+    model = TinyMindForCausalLM(tiny_config(vocab_size=6400))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    learned = batch.loss_mask.bool()
+    for _ in range(600):
+        loss = torch.nn.functional.cross_entropy(model(batch.input_ids).logits[learned], batch.targets[learned])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if loss.item() < 0.002:
+            break
+    model.eval()
+    path = directory / "tool_caller.pth"
+    save_weights(model.state_dict(), model.config, path)
+    return path, model
+
 
 
 # ---- a server of scripts/serve.py's app -------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The chat page at / in a real headless Chromium: a typed question streams back the greedy answer.
+"""The chat page at / in a real headless Chromium: a typed question streams back the greedy answer; with the
+server's tools, the thinking folds away and each call and its result show in the conversation.
 
 Needs Debian's chromium and chromium-driver and PyPI's selenium: `make test-browser` installs them and
 runs this file; without them it is skipped.
@@ -12,7 +13,8 @@ import torch
 from dataset import load_tokenizer
 from model import TinyMindForCausalLM
 
-from conftest import Server, greedy, tiny_config
+from conftest import QUESTION, Server, greedy, tiny_config
+from trainer.tools import load_tools
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (make test-browser)")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -21,36 +23,69 @@ pytestmark = pytest.mark.skipif(not (CHROMEDRIVER and CHROMIUM),
                                 reason="no chromium/chromedriver installed (make test-browser installs them)")
 
 
-def test_the_page_streams_the_greedy_answer_and_keeps_the_conversation():
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    torch.manual_seed(0)
-    model = TinyMindForCausalLM(tiny_config(vocab_size=6400, initializer_range=0.1)).eval()
-    server = Server(model, load_tokenizer())
+def browse(server):
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage"):
         options.add_argument(flag)
     browser = webdriver.Chrome(service=webdriver.ChromeService(CHROMEDRIVER), options=options)
+    browser.get(server.url + "/")
+    return browser
+
+
+def ask(browser, text, replies):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    for field, value in (("temperature", "0"), ("max_tokens", "200")):
+        box = browser.find_element(By.ID, field)
+        box.clear()
+        box.send_keys(value)
+    browser.find_element(By.ID, "input").send_keys(text, Keys.ENTER)
+    WebDriverWait(browser, 60).until(
+        lambda b: len(b.find_elements(By.CSS_SELECTOR, ".assistant[data-done='true']")) == replies
+        and not b.find_element(By.ID, "send").get_attribute("disabled"))
+
+
+def test_the_page_streams_the_greedy_answer_and_keeps_the_conversation():
+    from selenium.webdriver.common.by import By
+
+    torch.manual_seed(0)
+    model = TinyMindForCausalLM(tiny_config(vocab_size=6400, initializer_range=0.1)).eval()
+    server = Server(model, load_tokenizer())
+    browser = browse(server)
     try:
-        browser.get(server.url + "/")
-        for field, value in (("temperature", "0"), ("max_tokens", "16")):
-            box = browser.find_element(By.ID, field)
-            box.clear()
-            box.send_keys(value)
-        expected = greedy(server.client(), "你好", 16).choices[0].message.content
+        expected = greedy(server.client(), "你好", 200).choices[0].message.content
         for turn in (1, 2):
-            browser.find_element(By.ID, "input").send_keys("你好", Keys.ENTER)
-            WebDriverWait(browser, 60).until(
-                lambda b: len(b.find_elements(By.CSS_SELECTOR, ".assistant[data-done='true']")) == turn)
+            ask(browser, "你好", turn)
         replies = [element.text for element in browser.find_elements(By.CSS_SELECTOR, ".assistant")]
         assert replies[0] == expected.strip()
         assert len(browser.find_elements(By.CSS_SELECTOR, ".user")) == 2  # the conversation is kept
         assert "tokens/s" in browser.find_element(By.ID, "speed").text
+        assert not browser.find_element(By.ID, "use_tools").is_displayed()  # this server offers no tools
         browser.find_element(By.ID, "new").click()
         assert browser.find_elements(By.CSS_SELECTOR, ".msg") == []
+    finally:
+        browser.quit()
+        server.stop()
+
+
+def test_the_page_folds_the_thinking_and_shows_each_call_and_result(tool_caller):
+    from selenium.webdriver.common.by import By
+
+    _, model = tool_caller
+    server = Server(model, load_tokenizer(), context=1024, tools=load_tools("calculator"))
+    browser = browse(server)
+    try:
+        ask(browser, QUESTION, 2)  # the call, then the answer to its result
+        calling, answering = browser.find_elements(By.CSS_SELECTOR, ".assistant")
+        thinking = calling.find_element(By.CSS_SELECTOR, "details.thinking")
+        assert thinking.is_displayed() and thinking.get_attribute("open") is None  # folded
+        assert thinking.get_attribute("textContent") == "thinkingUse the calculator."
+        assert [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".call, .result")] == [
+            '→ calculator({"expression": "17*23"})', "← 391"]
+        assert answering.text == "17*23 = 391."
     finally:
         browser.quit()
         server.stop()

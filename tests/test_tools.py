@@ -5,47 +5,11 @@ import json
 from argparse import Namespace
 
 import pytest
-import torch
 
-from conftest import MODEL, Server, run_stage, tiny_config, write_jsonl
-from dataset import DataError, SFTDataset, load_tokenizer
-from model import TinyMindForCausalLM, save_weights
+from conftest import GREETING, MODEL, QUESTION, Server, run_stage
+from dataset import DataError, load_tokenizer
 from trainer.chat import converse
 from trainer.tools import calculator, load_tools
-
-QUESTION = "What is 17*23?"
-CHAT = [{"role": "user", "content": QUESTION},
-        {"role": "assistant", "content": None, "reasoning_content": "Use the calculator.",
-         "tool_calls": [{"type": "function", "function": {"name": "calculator", "arguments": {"expression": "17*23"}}}]},
-        {"role": "tool", "content": "391"},
-        {"role": "assistant", "content": "17*23 = 391."}]
-GREETING = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
-
-
-@pytest.fixture(scope="module")
-def tool_caller(tmp_path_factory):
-    """A tiny model trained until it says CHAT's turns (with the calculator offered) and GREETING's word for word."""
-    directory = tmp_path_factory.mktemp("tool_caller")
-    tokenizer, tools = load_tokenizer(), load_tools("calculator")
-    data = SFTDataset(write_jsonl(directory / "sft.jsonl", [{"conversations": CHAT, "tools": tools.schemas},
-                                                            {"conversations": GREETING}]), tokenizer, 1024)
-    batch = data.collate([data[0], data[1]])
-    torch.manual_seed(0)
-    model = TinyMindForCausalLM(tiny_config(vocab_size=6400))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    learned = batch.loss_mask.bool()
-    for _ in range(600):
-        loss = torch.nn.functional.cross_entropy(model(batch.input_ids).logits[learned], batch.targets[learned])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if loss.item() < 0.002:
-            break
-    model.eval()
-    path = directory / "tool_caller.pth"
-    save_weights(model.state_dict(), model.config, path)
-    return path, model
-
 
 def chat_args(**overrides):
     return Namespace(**{"max_tool_calls": 4, "think": None, "max_seq_len": 2048, "max_new_tokens": 200, "temperature": 0,
