@@ -9,9 +9,11 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
-from conftest import ROOT, run_stage
+from conftest import ROOT, TOOL_CHAT, run_stage
 from dataset import load_tokenizer
 from model import TinyMindConfig, TinyMindForCausalLM, fast_generate
+from trainer.tools import load_tools
+from dataset.chat import chat_messages, render_chat
 from model.gguf_export import architecture, gguf_tensors, write_gguf
 
 TOKENIZER = ROOT / "model" / "tokenizer"
@@ -180,3 +182,14 @@ def test_llama_cpp_q8_0_keeps_most_greedy_tokens(tokenizer, tmp_path):
             matched, total = matched + same, total + len(ours)
     print(f"q8_0: {matched}/{total} greedy tokens equal before the first difference")
     assert matched >= total // 2
+
+
+def test_llama_cpp_tokenizes_a_tool_using_chat_as_tinymind_does(tokenizer, tmp_path):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: `make test-llama-cpp` builds it")
+    path = tmp_path / "model.gguf"
+    write_gguf(tiny_model(), tokenizer, TOKENIZER, path, "f32")
+    messages, tools = chat_messages(TOOL_CHAT, load_tools("calculator").schemas)
+    text = render_chat(tokenizer, messages, tools)
+    assert "<tool_call>" in text and "<tool_response>" in text and "<think>" in text
+    _, their_ids = llama_cpp_greedy(path, tokenizer("x").input_ids, 0, text)
+    assert their_ids == tokenizer(text).input_ids
