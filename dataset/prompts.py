@@ -25,21 +25,24 @@ class PromptBatch:
     answers: list  # strings
     rewards: list  # each line's reward name, or None for the run's
     indices: list  # each prompt's record index in the file, to name its line
+    chats: list  # each prompt's (messages, tools or None), for rollouts that go on after a tool's result
 
     def __len__(self):
         return len(self.prompts)
 
     def to(self, device):
-        return PromptBatch([prompt.to(device) for prompt in self.prompts], self.answers, self.rewards, self.indices)
+        return PromptBatch([prompt.to(device) for prompt in self.prompts], self.answers, self.rewards, self.indices,
+                           self.chats)
 
 
 class PromptDataset(TokenizedJsonlDataset):
-    """Each item is (prompt ids, answer, reward name or None, record index); a prompt keeps its last
-    `max_length` tokens."""
+    """Each item is (prompt ids, answer, reward name or None, record index, (messages, tools or None)); a prompt
+    keeps its last `max_length` tokens."""
 
     columns = ("conversations", "answer", "reward", "tools")
     features = Features({"input_ids": List(Value("int32")), "loss_spans": List(Value("int32")),
-                         "answer": Value("string"), "reward": Value("string"), "index": Value("int64")})
+                         "answer": Value("string"), "reward": Value("string"), "index": Value("int64"),
+                         "chat": Value("string")})
     optional = ("reward", "tools")
     nested = True
 
@@ -58,11 +61,12 @@ class PromptDataset(TokenizedJsonlDataset):
 
     @staticmethod
     def encode(records, tokenizer, max_length):
-        rendered = [render_chat(tokenizer, *chat_messages(record["conversations"], record.get("tools")),
-                                add_generation_prompt=True) for record in records]
+        chats = [chat_messages(record["conversations"], record.get("tools")) for record in records]
+        rendered = [render_chat(tokenizer, *chat, add_generation_prompt=True) for chat in chats]
         ids = [row[-max_length:] for row in tokenizer(rendered, add_special_tokens=False)["input_ids"]]
         return {"input_ids": ids, "loss_spans": [[] for _ in ids], "answer": [record["answer"] for record in records],
-                "reward": [record.get("reward") for record in records], "index": [record["_index"] for record in records]}
+                "reward": [record.get("reward") for record in records], "index": [record["_index"] for record in records],
+                "chat": [json.dumps(chat, ensure_ascii=False) for chat in chats]}
 
     @staticmethod
     def usable(encoded):
@@ -71,8 +75,9 @@ class PromptDataset(TokenizedJsonlDataset):
     def __getitem__(self, index):
         row = int(self.rows[index])
         ids = torch.from_numpy(self.samples.data.column("input_ids")[row].values.to_numpy().astype(np.int64))
-        columns = (self.samples.data.column(name)[row].as_py() for name in ("answer", "reward", "index"))
-        return ids, *columns
+        answer, reward, index, chat = (self.samples.data.column(name)[row].as_py()
+                                       for name in ("answer", "reward", "index", "chat"))
+        return ids, answer, reward, index, tuple(json.loads(chat))
 
     def collate(self, samples):
         return PromptBatch(*(list(column) for column in zip(*samples)))

@@ -147,3 +147,62 @@ def test_a_prompt_of_only_a_system_turn_is_described_as_written(tmp_path, tokeni
     message = str(error.value)
     assert message.startswith(f"{path}, line 1: the conversation holds only a system turn: after an optional system "
                               "turn: user, then the assistant;") and "ending with user or tool;" in message
+
+
+# ---- agentic rollouts: the model calls tools while it answers ---------------------------------------------
+
+
+def agent_args(**overrides):
+    from argparse import Namespace
+
+    return Namespace(**{"fsdp": False, "num_generations": 2, "temperature": 1.0, "data_path": "grpo.jsonl",
+                        "reward_fn": None, "reward": "numeric", "beta": 0.0, "max_new_tokens": 100, "top_p": 1.0,
+                        "clip_eps": 0.2, "num_iterations": 1, "device": "cpu", "dtype": "float32", "seed": 0,
+                        "tools": "calculator", "max_tool_calls": 2, "max_seq_len": 1024, **overrides})
+
+
+def test_a_rollout_runs_the_call_and_trains_only_the_models_own_tokens(tool_caller, tokenizer):
+    from conftest import QUESTION
+
+    from dataset.prompts import PromptBatch
+    from model import Sampling
+    from trainer.grpo import GroupRelativePolicy
+
+    _, model = tool_caller
+    policy = GroupRelativePolicy(None, tokenizer, agent_args(), "start")
+    chat = ([{"role": "user", "content": QUESTION}], None)
+    [(ids, trained, text)] = policy.converse(model, None, chat, 1, Sampling())
+    assert text == "17*23 = 391."
+    learned = tokenizer.decode([t for t, m in zip(ids, trained) if m])
+    assert learned == ('<think>\nUse the calculator.\n</think>\n\n<tool_call>\n{"name": "calculator", "arguments": '
+                       '{"expression": "17*23"}}\n</tool_call><|im_end|>17*23 = 391.<|im_end|>')
+    context = tokenizer.decode([t for t, m in zip(ids, trained) if not m])
+    assert context.endswith("<|im_start|>user\n<tool_response>\n391\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
+    assert "# Tools" in context  # the run's tools are offered in the prompt
+    prompt = torch.tensor(tokenizer("unused").input_ids)
+    policy.sampling, _ = Sampling(temperature=0.3), policy.generator.manual_seed(0)
+    rollouts = policy.roll_out(model, PromptBatch([prompt], ["391"], [None], [0], [chat]))
+    assert rollouts.rewards.tolist() == [1.0, 1.0]  # both sampled conversations end in the right answer
+
+
+def test_agentic_grpo_resumes_exactly_with_multi_turn_rollouts_pending(tool_caller, tmp_path):
+    from conftest import MODEL, QUESTION
+
+    path, _ = tool_caller
+    write_jsonl(tmp_path / "data/grpo.jsonl", [{"conversations": [{"role": "user", "content": QUESTION}],
+                                                "answer": "391", "reward": "numeric"}] * 8)
+    flags = [*MODEL, "--max_seq_len", 1024, "--init_from", path, "--tools", "calculator", "--num_generations", 2,
+             "--max_new_tokens", 120, "--batch_size", 1, "--max_steps", 4, "--save_interval", 1, "--keep_last", 4,
+             "--num_iterations", 2, "--learning_rate", 1e-4, "--log_interval", 1, "--temperature", 0.3]
+    run_stage("6-grpo.py", *flags, cwd=tmp_path)
+    log = tmp_path / "output/grpo_dense/grpo_64_log.csv"
+    with open(log) as f:
+        rows = list(csv.DictReader(f))
+    assert sum(float(row["reward"]) for row in rows) / len(rows) >= 0.75  # the taught conversation scores
+    assert float(rows[0]["completion_len"]) > 60  # a call, and an answer after its result
+    straight = torch.load(tmp_path / "output/grpo_dense/grpo_64.pth", weights_only=True)
+    for step in (4, 3, 2):  # back to step 1: its rollouts' second use still pending
+        (tmp_path / f"output/grpo_dense/grpo_64_resume_{step:08d}.pt").unlink()
+    run_stage("6-grpo.py", *flags, "--resume", cwd=tmp_path)
+    weights = torch.load(tmp_path / "output/grpo_dense/grpo_64.pth", weights_only=True)
+    assert all(torch.equal(straight[key], weights[key]) for key in straight)

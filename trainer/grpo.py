@@ -19,6 +19,11 @@ so the "old" log-probabilities are the current ones, detached: the ratio is 1 an
 the policy gradient. With μ > 1 the rollouts of one sampling step train μ optimizer steps against
 the log-probabilities they had when sampled, and the clipping (and its logged share) engages as the
 policy moves away from them; the prompts the data order has for the μ − 1 steps between are skipped.
+
+With `--tools` a rollout is a conversation: the model answers; while its answer calls tools (up to
+`--max_tool_calls` rounds) the calls run, their results are appended as the chat template frames them, and
+the model goes on. The sequence trained is the prompt, every answer and every result, with the loss mask on
+the model's own tokens only; the reward reads the final answer's text (its thinking and calls left out).
 """
 
 import importlib.util
@@ -30,6 +35,7 @@ from pathlib import Path
 import torch
 
 from dataset import Batch, collate
+from dataset.chat import read_reply, render_chat
 from dataset.jsonl import line_number
 from dataset.rewards import REWARDS
 from model import Sampling, stream_tokens
@@ -40,6 +46,7 @@ from .evaluate import eval_batches
 from .flags import check_ranges
 from .objectives import Loss, Objective, check_same_source, moe_aux_share, token_logprobs
 from .precision import autocast_context
+from .tools import load_tools
 
 
 def add_grpo_flags(parser):
@@ -58,10 +65,14 @@ def add_grpo_flags(parser):
     group.add_argument("--clip_eps", type=float, default=0.2,
                        help="the ratio to the sampling policy is clipped to [1 - eps, 1 + eps] (with μ > 1)")
     group.add_argument("--beta", type=float, default=0.0, help="weight of the per-token KL to the reference")
+    group.add_argument("--tools", help="tools the model may call while it answers (as 3-eval.py --tools): each call "
+                       "runs, its result joins the conversation and the model goes on; the reward checks the final "
+                       "answer, and only the model's own tokens are trained")
+    group.add_argument("--max_tool_calls", type=int, default=3, help="rounds of tool calls in one rollout")
 
 
 def check_grpo_flags(args):
-    check_ranges(args, at_least_one=("num_iterations",), not_negative=("clip_eps", "beta"))
+    check_ranges(args, at_least_one=("num_iterations",), not_negative=("clip_eps", "beta", "max_tool_calls"))
 
 
 # ---- rewards ---------------------------------------------------------------------------------------------
@@ -151,6 +162,8 @@ class GroupRelativePolicy(Objective):
         self.sampling = Sampling(temperature=args.temperature, top_p=args.top_p)
         self.clip_eps, self.beta, self.iterations, self.args = args.clip_eps, args.beta, args.num_iterations, args
         self.generator = torch.Generator(device=args.device)
+        self.tools, self.max_tool_calls = load_tools(args.tools), args.max_tool_calls
+        self.context = 4 * args.max_seq_len  # a rollout stops growing here (tool results can be long)
         self.sampled_steps, self.reuses_left, self.rollouts = 0, 0, []
 
     def units(self, rollouts):
@@ -186,33 +199,80 @@ class GroupRelativePolicy(Objective):
         return rollouts
 
     def roll_out(self, model, batch):
-        device = next(model.parameters()).device
         started = time.perf_counter()
         samples, rewards = [], []
         with autocast_context(self.args):
-            for prompt, answer, reward, index in zip(batch.prompts, batch.answers, batch.rewards, batch.indices):
-                prompt = prompt.to(device)
-                steps = list(stream_tokens(model, prompt.repeat(self.generations, 1), self.max_new_tokens,
-                                           self.sampling, self.tokenizer.eos_token_id, self.generator))
-                completions = torch.stack(steps, dim=1).cpu() if steps else torch.zeros(self.generations, 0, dtype=torch.long)
-                for completion in completions:
-                    ended = (completion == self.tokenizer.eos_token_id).nonzero()
-                    completion = completion[: int(ended[0]) + 1] if len(ended) else completion  # keep its eos
-                    text = self.tokenizer.decode(completion, skip_special_tokens=True)
+            for prompt, answer, reward, index, chat in zip(batch.prompts, batch.answers, batch.rewards, batch.indices,
+                                                           batch.chats):
+                for ids, trained, text in self.converse(model, prompt, chat, self.generations, self.sampling,
+                                                        self.generator):
                     rewards.append(self.score(text, answer, reward, index, self.data_path))
-                    sequence = torch.cat([prompt.cpu(), completion])
-                    trained = torch.cat([torch.zeros(len(prompt) - 1, dtype=torch.long), torch.ones(len(completion))])
-                    samples.append((sequence[:-1], sequence[1:], trained.long()))
+                    ids, trained = torch.tensor(ids), torch.tensor(trained)
+                    samples.append((ids[:-1], ids[1:], trained[1:]))
         rewards = torch.tensor(rewards, dtype=torch.float32)
         advantages = group_advantages(rewards.view(-1, self.generations)).flatten()
         sequences = collate(samples, self.tokenizer.pad_token_id)
         old_logp = None
         if self.iterations > 1:  # the policy moves between the steps that reuse these: keep today's log-probs
+            device = next(model.parameters()).device
             with torch.no_grad(), autocast_context(self.args):
                 on_device = sequences.to(device)
                 old_logp = token_logprobs(model(on_device.input_ids, **on_device.model_inputs()).logits,
                                           on_device).cpu()
         return Rollouts(sequences, advantages, rewards, len(batch), time.perf_counter() - started, old_logp)
+
+    def converse(self, model, prompt, chat, rows, sampling, generator=None):
+        """`rows` rollouts of one prompt: [(token ids, 1 where the model wrote the token, the text to reward)].
+
+        Without tools each row is one sampled answer (its eos kept), rewarded on its whole text. With tools, rows
+        whose answer calls tools get the results and answer again; rows that have the same tokens so far decode
+        together (all of them in the first round).
+        """
+        device, eos = next(model.parameters()).device, self.tokenizer.eos_token_id
+        if self.tools:  # the prompt offers the run's tools when its line names none
+            messages, tools = chat[0], chat[1] or self.tools.schemas
+            prompt = torch.tensor(self.tokenizer(render_chat(self.tokenizer, messages, tools, add_generation_prompt=True),
+                                                 add_special_tokens=False).input_ids)
+        rollouts = [_Rollout(prompt.tolist(), [0] * len(prompt), list(chat[0])) for _ in range(rows)]
+        for round_ in range(self.max_tool_calls + 1 if self.tools else 1):
+            waiting = [r for r in rollouts if not r.done]
+            same = {}
+            for rollout in waiting:
+                same.setdefault(tuple(rollout.ids), []).append(rollout)
+            for ids, group in same.items():
+                room = min(self.max_new_tokens, self.context - len(ids))
+                steps = list(stream_tokens(model, torch.tensor([ids], device=device).repeat(len(group), 1), room,
+                                           sampling, eos, generator)) if room > 0 else []
+                answers = torch.stack(steps, dim=1).cpu() if steps else torch.zeros(len(group), 0, dtype=torch.long)
+                for rollout, answer in zip(group, answers):
+                    ended = (answer == eos).nonzero()
+                    answer = answer[: int(ended[0]) + 1] if len(ended) else answer  # keep its eos
+                    rollout.ids += answer.tolist()
+                    rollout.trained += [1] * len(answer)
+                    text = self.tokenizer.decode(answer, skip_special_tokens=True)
+                    if not self.tools:
+                        rollout.done, rollout.text = True, text
+                        continue
+                    reply = read_reply(text)
+                    rollout.text = reply["content"]
+                    rollout.done = not (reply["tool_calls"] and len(ended)) or round_ == self.max_tool_calls
+                    if not rollout.done:
+                        self.run_calls(rollout, reply, chat[1] or self.tools.schemas)
+        return [(r.ids, r.trained, r.text) for r in rollouts]
+
+    def run_calls(self, rollout, reply, tools):
+        """Append the calls' results to a rollout, framed as the chat template frames them after the answer."""
+        answer = {"role": "assistant", "content": reply["content"], "tool_calls": reply["tool_calls"]}
+        results = [{"role": "tool", "content": self.tools.run(call)} for call in reply["tool_calls"]]
+        before = render_chat(self.tokenizer, rollout.messages + [answer], tools)
+        after = render_chat(self.tokenizer, rollout.messages + [answer] + results, tools, add_generation_prompt=True)
+        eos = self.tokenizer.eos_token
+        # What the template writes after the answer's end token: the results' turn and the next answer's header.
+        framing = before[before.rfind(eos) + len(eos):] + after[len(before):]
+        ids = self.tokenizer(framing, add_special_tokens=False).input_ids
+        rollout.ids += ids
+        rollout.trained += [0] * len(ids)
+        rollout.messages += [answer, *results]
 
     def score(self, completion, answer, reward, index, path):
         """The reward of one completion; a reward function that fails is one line naming the prompt's line."""
@@ -259,13 +319,22 @@ class GroupRelativePolicy(Objective):
 
     @torch.no_grad()
     def evaluate(self, model, dataset, args):
-        """Held-out accuracy: the share of prompts whose greedy completion gets a reward of at least 1."""
+        """Held-out accuracy: the share of prompts whose greedy completion (conversation, with tools) gets a reward
+        of at least 1."""
         greedy, correct, total = Sampling(), 0, 0
         for batch in eval_batches(model, dataset, args, args.val_samples):
-            for prompt, answer, reward, index in zip(batch.prompts, batch.answers, batch.rewards, batch.indices):
-                tokens = [int(t) for t in stream_tokens(model, prompt[None], self.max_new_tokens, greedy,
-                                                       self.tokenizer.eos_token_id)]
-                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            for prompt, answer, reward, index, chat in zip(batch.prompts, batch.answers, batch.rewards, batch.indices,
+                                                           batch.chats):
+                [(_, _, text)] = self.converse(model, prompt, chat, 1, greedy)
                 correct += self.score(text, answer, reward, index, dataset.path) >= 1
                 total += 1
         return {"accuracy": correct / max(total, 1)}
+
+
+@dataclass
+class _Rollout:
+    ids: list  # prompt, answers and tool results so far
+    trained: list  # 1 on the tokens the model wrote
+    messages: list  # the conversation so far, for the template to frame the next results
+    done: bool = False
+    text: str = ""  # what the reward reads: the last answer
