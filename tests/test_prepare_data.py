@@ -9,6 +9,7 @@ import pytest
 
 import scripts.prepare_data as prep
 from scripts import train_tokenizer
+from conftest import write_jsonl
 from scripts.data import DataError, pipeline, sources
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,7 +114,8 @@ def write_fake_packages(cache: Path) -> None:
 def test_run_writes_jsonl_from_the_cache(tmp_path, capsys):
     write_fake_packages(tmp_path / "cache")
     args = argparse.Namespace(sources="shakespeare,chatterbot", out_dir=str(tmp_path),
-                              max_chars=None, max_sft=None, max_lora=100, max_dpo=100, max_grpo=50, seed=0)
+                              max_chars=None, max_sft=None, max_lora=100, max_dpo=100, max_grpo=50, max_agent=40,
+                              seed=0)
     prep.run(args)
 
     texts = [json.loads(line)["text"] for name in ("pretrain.jsonl", "pretrain_val.jsonl")
@@ -122,11 +124,19 @@ def test_run_writes_jsonl_from_the_cache(tmp_path, capsys):
     assert not any("Folio" in t or "Licence" in t or "START OF" in t for t in texts)
     assert "Hence, vain deluding joys." in texts
 
-    conversations = [json.loads(line)["conversations"] for name in ("sft.jsonl", "sft_val.jsonl")
-                     for line in open(tmp_path / name, encoding="utf-8")]
+    lines = [json.loads(line) for name in ("sft.jsonl", "sft_val.jsonl") for line in open(tmp_path / name, encoding="utf-8")]
+    conversations = [line["conversations"] for line in lines if "tools" not in line]
     for conversation in conversations:
         turns = [t for t in conversation if t["role"] != "system"]
         assert [t["role"] for t in turns] == ["user", "assistant"]  # the unanswered "How are you?" is dropped
+    tool_lines = [line for line in lines if "tools" in line]
+    assert tool_lines and all(line["tools"][0]["function"]["name"] == "calculator" for line in tool_lines)
+    for line in tool_lines:  # the question, the call, its true result, the worked equation
+        _, call, result, answer = line["conversations"]
+        expression = call["tool_calls"][0]["function"]["arguments"]["expression"]
+        a, op, b = expression.split()
+        assert int(result["content"]) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+        assert answer["content"] == f"{expression} = {result['content']}"
     assert "chatterbot" in capsys.readouterr().out
     assert any(re.fullmatch(r"\d \+ \d = \d+|\d - \d = -?\d", c[-1]["content"]) for c in conversations)
 
@@ -136,6 +146,8 @@ def test_run_writes_jsonl_from_the_cache(tmp_path, capsys):
         a, op, b = re.search(r"(\d) ([+-]) (\d)", prompt["conversations"][0]["content"]).groups()
         assert int(prompt["answer"]) == (int(a) + int(b) if op == "+" else int(a) - int(b))
     assert not (tmp_path / "dpo.jsonl").exists()  # the preference pairs come from the dict source
+    agent = [json.loads(line) for name in ("agent.jsonl", "agent_val.jsonl") for line in open(tmp_path / name)]
+    assert len(agent) == 40 and {p["reward"] for p in agent} == {"numeric"} and not any("tools" in p for p in agent)
 
 
 def test_unknown_source_is_one_clear_error(tmp_path):
@@ -154,3 +166,31 @@ def test_committed_tokenizer_meets_the_contract():
     tokenizer_dir = ROOT / "model" / "tokenizer"
     train_tokenizer.check(tokenizer_dir)
     assert len(json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]) == 6400
+
+
+def test_minimind3_files_read_in_their_layouts_and_their_tool_chats_train(tmp_path, tokenizer):
+    from dataset import SFTDataset
+    from scripts.data.fetch import MINIMIND_FILES
+    from scripts.data.sources import minimind_conversations, minimind_preferences, minimind_texts
+
+    calculator = {"name": "calculator", "description": "计算", "parameters": {"type": "object", "properties": {}}}
+    tool_chat = [{"role": "system", "content": "你是助手。", "functions": json.dumps([calculator], ensure_ascii=False)},
+                 {"role": "user", "content": "12*12=?"},
+                 {"role": "assistant", "content": "<think>\n算一下。\n</think>\n\n<tool_call>\n{\"name\": \"calculator\", "
+                                                  "\"arguments\": {\"expression\": \"12*12\"}}\n</tool_call>"},
+                 {"role": "tool", "content": "144"}, {"role": "assistant", "content": "144。"}]
+    lines = {"pretrain_t2t_mini.jsonl": [{"text": "<|im_start|>第一篇。<|im_end|><|im_start|>第二篇。<|im_end|>"}],
+             "sft_t2t_mini.jsonl": [{"conversations": tool_chat}],
+             "dpo.jsonl": [{"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                            "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]}]}
+    assert set(lines) == set(MINIMIND_FILES)
+    for name, records in lines.items():
+        write_jsonl(tmp_path / name, records)
+    assert [t for t in minimind_texts(tmp_path) if t] == ["第一篇。", "第二篇。"]
+    assert len(minimind_preferences(tmp_path)) == 1
+    [conversation] = minimind_conversations(tmp_path)
+    data = SFTDataset(write_jsonl(tmp_path / "sft.jsonl", [{"conversations": conversation}]), tokenizer, 512)
+    _, targets, mask = data[0]
+    assert tokenizer.decode(targets[mask.bool()]) == (
+        '<think>\n算一下。\n</think>\n\n<tool_call>\n{"name": "calculator", "arguments": {"expression": "12*12"}}\n'
+        "</tool_call><|im_end|>144。<|im_end|>")

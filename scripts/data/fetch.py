@@ -23,7 +23,9 @@ class Package:
         return re.sub(r"[^\w.-]+", "-", self.spec)
 
 
-MINIMIND_FILES = ("pretrain_hq.jsonl", "sft_mini_512.jsonl", "dpo.jsonl")  # what fetch_hub takes from the dataset repo
+# What fetch_hub takes from MiniMind-3's dataset repo: the mini pretraining and SFT sets (the SFT one with tool calls
+# and thinking, in MiniMind-3's layout), the preference pairs.
+MINIMIND_FILES = ("pretrain_t2t_mini.jsonl", "sft_t2t_mini.jsonl", "dpo.jsonl")
 
 
 def download_command(package: Package, dest: Path) -> list[str]:

@@ -112,6 +112,9 @@ def add_system_turns(corpus: dict[str, list], seed: int) -> dict[str, list]:
     for name, conversations in corpus.items():
         result[name] = []
         for conversation in conversations:
+            if isinstance(conversation, dict):  # a line of its own ({"conversations", "tools"}): kept as it is
+                result[name].append(conversation)
+                continue
             if rng.random() < SYSTEM_TURN_SHARE and conversation[0]["role"] != "system":
                 language = "zh" if cjk_share(conversation[0]["content"]) > 0.3 else "en"
                 conversation = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS[language])}] + conversation
@@ -143,13 +146,13 @@ def write_splits(corpus: dict[str, list], out_dir: Path, stem: str, field: str |
             open(out_dir / f"{stem}_val.jsonl", "w", encoding="utf-8") as val:
         for name, record in tqdm(records, desc=f"writing {stem}"):
             split = "val" if is_validation(record) else "train"
-            line = record if field is None else {field: record}
+            line = record if field is None or isinstance(record, dict) else {field: record}
             (val if split == "val" else train).write(json.dumps(line, ensure_ascii=False) + "\n")
             if isinstance(record, dict):
                 turns = [*record["chosen"], record["rejected"][-1]] if "chosen" in record else record["conversations"]
             else:
                 turns = record
-            chars = len(record) if isinstance(record, str) else sum(len(t["content"]) for t in turns)
+            chars = len(record) if isinstance(record, str) else sum(len(t["content"] or "") for t in turns)
             turns = 1 if isinstance(record, str) else len(turns)
             rows.append((name, split, chars, turns))
     return pd.DataFrame(rows, columns=["source", "split", "chars", "turns"])

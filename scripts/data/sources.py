@@ -397,12 +397,12 @@ def read_jsonl(path: Path, key: str) -> list:
 
 def minimind_texts(root: Path) -> list[str]:
     # Its lines pack several documents, each wrapped in the chat markers; the dataset adds them itself.
-    texts = read_jsonl(root / "pretrain_hq.jsonl", "text")
+    texts = read_jsonl(root / "pretrain_t2t_mini.jsonl", "text")
     return [doc.strip() for text in texts for doc in text.replace("<|im_start|>", "").split("<|im_end|>")]
 
 
 def minimind_conversations(root: Path) -> list[list[dict]]:
-    return read_jsonl(root / "sft_mini_512.jsonl", "conversations")
+    return read_jsonl(root / "sft_t2t_mini.jsonl", "conversations")
 
 
 def minimind_preferences(root: Path) -> list[dict]:
@@ -439,6 +439,45 @@ def arithmetic_prompts(count: int, seed: int) -> list[dict]:
     """GRPO prompts a program checks with the `numeric` reward."""
     return [{"conversations": [{"role": "user", "content": question}], "answer": str(answer), "reward": "numeric"}
             for question, answer, _ in arithmetic_problems(count, f"{seed}:arithmetic")]
+
+
+TOOL_OPERATIONS = {"+": (lambda a, b: a + b, 100, 999), "-": (lambda a, b: a - b, 100, 999),
+                   "*": (lambda a, b: a * b, 12, 99)}
+
+
+def tool_arithmetic_problems(count: int, seed: str) -> list[tuple[str, int, str, str]]:
+    """(question, answer, expression, the worked equation) for sums and differences of three-digit numbers and
+    products of two-digit ones: beyond what a demo-sized model can compute, within what it can copy into a
+    calculator call and back out."""
+    rng = random.Random(seed)
+    problems = []
+    for _ in range(count):
+        op = rng.choice(list(TOOL_OPERATIONS))
+        function, low, high = TOOL_OPERATIONS[op]
+        a, b = rng.randint(low, high), rng.randint(low, high)
+        expression = f"{a} {op} {b}"
+        result = function(a, b)
+        problems.append((rng.choice(ARITHMETIC_QUESTIONS).format(a=a, op=op, b=b), result, expression,
+                         f"{expression} = {result}"))
+    return problems
+
+
+def tool_arithmetic_conversations(count: int, seed: int, tools: list[dict]) -> list[dict]:
+    """SFT examples that answer arithmetic by calling the calculator: the question (with `tools` offered), the
+    call, its result, then the worked equation."""
+    conversations = []
+    for question, answer, expression, equation in tool_arithmetic_problems(count, f"{seed}:tool-arithmetic-sft"):
+        call = {"type": "function", "function": {"name": "calculator", "arguments": {"expression": expression}}}
+        conversations.append({"conversations": [
+            {"role": "user", "content": question}, {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "content": str(answer)}, {"role": "assistant", "content": equation}], "tools": tools})
+    return conversations
+
+
+def tool_arithmetic_prompts(count: int, seed: int) -> list[dict]:
+    """Agentic GRPO prompts (6-grpo.py --tools calculator offers the tool): arithmetic the `numeric` reward checks."""
+    return [{"conversations": [{"role": "user", "content": question}], "answer": str(answer), "reward": "numeric"}
+            for question, answer, _, _ in tool_arithmetic_problems(count, f"{seed}:tool-arithmetic")]
 
 
 # --------------------------------------------------------------------------- the registry
