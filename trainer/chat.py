@@ -1,4 +1,5 @@
-"""Stage 3: chat with a checkpoint (interactive, one prompt, a file of prompts) or measure its perplexity.
+"""Stage 3: chat with a checkpoint (interactive, one prompt, a file of prompts), measure its perplexity, or score it
+on lm-eval tasks (`--tasks`, trainer/benchmarks.py).
 
 With `--tools` the model may call tools: each call it writes is run, its result goes back as a tool turn, and the
 model goes on until it answers (at most `--max_tool_calls` rounds). `--think` / `--no-think` ask for an answer with
@@ -17,21 +18,28 @@ from model import Sampling, stream_tokens
 
 from .distributed import say
 from .evaluate import language_model_scores
-from .flags import add_chat_flags, add_model_flags, new_parser, parse
+from .flags import add_benchmark_flags, add_chat_flags, add_model_flags, new_parser, parse
 from .loading import add_checkpoint_flags, load_checkpoint_flags
 from .precision import autocast_context
 from .tools import load_tools
 
 
 def eval_stage(argv=None):
-    parser = new_parser("Chat with a tinymind checkpoint, or report its perplexity on a jsonl file.")
+    parser = new_parser("Chat with a tinymind checkpoint, report its perplexity on a jsonl file, or score it on "
+                        "lm-eval tasks.")
     add_model_flags(parser)
     add_checkpoint_flags(add_chat_flags(parser), "the model to chat with")
+    add_benchmark_flags(parser)
     args = parse(parser, argv)
     torch.manual_seed(args.seed)
     tools = load_tools(args.tools)
-    model, tokenizer, _ = load_checkpoint_flags(args)
+    model, tokenizer, checkpoint = load_checkpoint_flags(args)
 
+    if args.tasks:
+        from .benchmarks import run_benchmarks  # lm-eval loads only for this
+
+        run_benchmarks(model, tokenizer, args, checkpoint)
+        return
     if args.ppl_data:
         dataset = text_or_chat_dataset(args.ppl_data, tokenizer, args.max_seq_len)
         scores = language_model_scores(model, dataset, args, token_bytes=token_bytes(tokenizer))

@@ -152,6 +152,19 @@ def add_chat_flags(parser):
     return group
 
 
+def add_benchmark_flags(parser):
+    group = parser.add_argument_group("benchmarks (lm-eval)")
+    group.add_argument("--tasks", help="score the model on these lm-eval tasks, comma-separated (arc_easy, "
+                       "ceval-valid, ... or tinymind's own: tinymind, or tinymind_idiom_meaning, ...)")
+    group.add_argument("--num_fewshot", type=int, help="examples shown before each question (default: the task's)")
+    group.add_argument("--limit", type=float, help="score at most this many examples per task (a fraction under 1)")
+    group.add_argument("--include_path", help="a folder of your own task YAML files (tinymind's tasks/ always is)")
+    group.add_argument("--chat_template", action="store_true",
+                       help="wrap each question in the chat template (for chat models; lm-eval's apply_chat_template)")
+    group.add_argument("--results", help="write lm-eval's results JSON here (default: beside the checkpoint)")
+    return group
+
+
 def every_flag_group():
     """Every flag group a program may have, the stages' own (each in its stage's module) included: a preset may
     hold keys of any of them."""
@@ -160,6 +173,7 @@ def every_flag_group():
     from .objectives import add_distill_flags, add_dpo_flags
 
     return (add_model_flags, lambda parser: add_training_flags(parser, default_data=""), add_chat_flags,
+            add_benchmark_flags,
             add_lora_flags, add_dpo_flags, add_grpo_flags, add_distill_flags)
 
 

@@ -1,0 +1,173 @@
+"""Benchmark accuracy through lm-eval: any tinymind checkpoint as an lm-eval model (`3-eval.py --tasks ...`).
+
+`TinyMindLM` is lm-eval's `TemplateLM` over tinymind's own model and decoder, so a task is tokenised exactly as
+lm-eval's stock `hf` model tokenises it (the same base class splits context from continuation) and scored the same
+way: a continuation's log-likelihood is the sum of its tokens' log-probabilities after the context, and it "is
+greedy" when each of its tokens is the argmax. Requests are sorted longest first and scored a batch at a time,
+one forward per batch (the choices of a multiple-choice question are requests of their own, so several questions'
+choices share a forward). `generate_until` decodes greedily (or samples, when a task asks) with the KV cache and
+stops at the task's stop strings or the end token.
+
+Tasks are lm-eval's: its registry by name (they download their data from the Hugging Face Hub), or YAML files in
+`--include_path` folders; tinymind's own held-out tasks live in `tasks/` and read the files `prepare_data` writes.
+"""
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from lm_eval import simple_evaluate
+from lm_eval.api.model import TemplateLM
+from lm_eval.tasks import TaskManager
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, make_table
+from tqdm import tqdm
+
+from dataset.chat import render_chat
+from model import Sampling, stream_tokens
+from model.weights import atomic_write
+
+from .distributed import say
+from .errors import UserError
+from .precision import autocast_context
+
+OWN_TASKS = Path(__file__).resolve().parent.parent / "tasks"
+
+
+class TinyMindLM(TemplateLM):
+    """A tinymind model and its tokenizer as an lm-eval model."""
+
+    def __init__(self, model, tokenizer, batch_size=8, dtype_args=None, max_length=None):
+        super().__init__()
+        self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
+        self.dtype_args = dtype_args or SimpleNamespace(dtype="float32", device="cpu")  # autocast_context reads these
+        self.max_length = max_length or model.config.max_position_embeddings
+        self.backend = "causal"
+
+    @property
+    def eot_token_id(self):
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self):  # what an empty context is scored after, as lm-eval's hf model does
+        return self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.eot_token_id
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    @property
+    def tokenizer_name(self):
+        return str(self.tokenizer.name_or_path).replace("/", "__")
+
+    def chat_template(self, chat_template=False):
+        return self.tokenizer.chat_template
+
+    def apply_chat_template(self, chat_history, add_generation_prompt=True):
+        return render_chat(self.tokenizer, chat_history, add_generation_prompt=add_generation_prompt)
+
+    def tok_encode(self, string, add_special_tokens=None, left_truncate_len=None, **kwargs):
+        ids = self.tokenizer.encode(string, add_special_tokens=False)
+        return ids[-left_truncate_len:] if left_truncate_len else ids
+
+    def tok_decode(self, tokens):
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    @torch.no_grad()
+    def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
+        """[(log-probability, is greedy)] of each request's continuation tokens after its context tokens."""
+        rows = []  # (request index, input ids, continuation ids)
+        for index, (_, context, continuation) in enumerate(requests):
+            whole = (context + continuation)[-(self.max_length + 1):]
+            rows.append((index, whole[:-1], continuation))
+        rows.sort(key=lambda row: -len(row[1]))  # longest first: a batch pads little, and memory peaks first
+        results = [None] * len(rows)
+        batches = range(0, len(rows), self.batch_size)
+        for start in tqdm(batches, desc="scoring", disable=disable_tqdm or len(batches) < 2):
+            batch = rows[start:start + self.batch_size]
+            width = len(batch[0][1])
+            # Right padding: a causal model's earlier positions never see the pad after them.
+            inputs = torch.full((len(batch), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+            for row, (_, ids, _) in enumerate(batch):
+                inputs[row, :len(ids)] = torch.tensor(ids)
+            with autocast_context(self.dtype_args):
+                logits = self.model(inputs.to(self.device)).logits
+            for row, (index, ids, continuation) in enumerate(batch):
+                # Only the continuation's positions go to float32 log-probabilities, not the whole vocabulary
+                # of every position.
+                positions = logits[row, len(ids) - len(continuation):len(ids)].float()
+                logprobs = F.log_softmax(positions, dim=-1)
+                wanted = torch.tensor(continuation, device=logprobs.device)
+                answer = (float(logprobs.gather(1, wanted[:, None]).sum()),
+                          bool((logprobs.argmax(dim=-1) == wanted).all()))
+                results[index] = answer
+                self.cache_hook.add_partial("loglikelihood", requests[index][0], answer)
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm=False):
+        """Each text's whole log-likelihood, in windows of the model's length, each window scored once."""
+        scores = []
+        for request in tqdm(requests, desc="rolling log-likelihood", disable=disable_tqdm):
+            windows = [make_disjoint_window(window) for window in get_rolling_token_windows(
+                token_list=self.tok_encode(request.args[0]), prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length, context_len=1)]
+            parts = self._loglikelihood_tokens([(None, context, continuation) for context, continuation in windows],
+                                               disable_tqdm=True)
+            total = sum(logprob for logprob, _ in parts)
+            scores.append(total)
+            self.cache_hook.add_partial("loglikelihood_rolling", (request.args[0],), total)
+        return scores
+
+    @torch.no_grad()
+    def generate_until(self, requests, disable_tqdm=False):
+        """Each context's continuation, decoded until a stop string of the task or the end token."""
+        answers = []
+        for request in tqdm(requests, desc="generating", disable=disable_tqdm):
+            context, options = request.args
+            until = options.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            new_tokens = int(options.get("max_gen_toks", 256))
+            sampling = Sampling(float(options.get("temperature", 0.0)) if options.get("do_sample") else 0.0,
+                                int(options.get("top_k", 0) or 0), float(options.get("top_p", 1.0) or 1.0))
+            ids = self.tok_encode(context, left_truncate_len=max(self.max_length - new_tokens, 1))
+            tokens, text = [], ""
+            with autocast_context(self.dtype_args):
+                for token in stream_tokens(self.model, torch.tensor([ids], device=self.device), new_tokens,
+                                           sampling, self.eot_token_id):
+                    if int(token) == self.eot_token_id:
+                        break
+                    tokens.append(int(token))
+                    text = self.tok_decode(tokens)
+                    if any(stop in text for stop in until):
+                        break
+            for stop in until:
+                text = text.split(stop)[0]
+            answers.append(text)
+            self.cache_hook.add_partial("generate_until", request.args, text)
+        return answers
+
+
+
+def run_benchmarks(model, tokenizer, args, checkpoint):
+    """Score `model` on `args.tasks` with lm-eval, print its table and write its results JSON."""
+    include = [str(OWN_TASKS)] + ([args.include_path] if args.include_path else [])
+    manager = TaskManager(include_path=include)
+    tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
+    unknown = [task for task in tasks if task not in manager.all_tasks]
+    if unknown:
+        raise UserError(f"--tasks: no task named {', '.join(unknown)} (lm-eval's registry, tinymind's tasks/ and "
+                        f"--include_path hold {len(manager.all_tasks)} tasks; `lm-eval ls tasks` lists them)")
+    limit = int(args.limit) if args.limit and args.limit >= 1 else args.limit
+    results = simple_evaluate(model=TinyMindLM(model, tokenizer, args.batch_size, args), tasks=tasks,
+                              num_fewshot=args.num_fewshot, limit=limit, task_manager=manager,
+                              apply_chat_template=args.chat_template, log_samples=False,
+                              random_seed=args.seed, numpy_random_seed=args.seed, torch_random_seed=args.seed,
+                              fewshot_random_seed=args.seed)
+    print(make_table(results))
+    if results.get("groups"):
+        print(make_table(results, "groups"))
+    path = Path(args.results or Path(checkpoint).with_name(f"{Path(checkpoint).stem}_lm_eval.json"))
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False, default=str)))
+    say(f"lm-eval results: {path}", err=True)
+    return results
