@@ -217,6 +217,19 @@ def render_chat(tokenizer, messages, tools=None, add_generation_prompt=False, th
                                          add_generation_prompt=add_generation_prompt, **switches)
 
 
+def results_framing(tokenizer, answer, results):
+    """The text the chat template writes after an answer's end token that called tools: the results' turn and the
+    next answer's header. Rendered on a stand-in conversation, since the framing depends only on these turns."""
+    question = [{"role": "user", "content": "?"}]
+    before = render_chat(tokenizer, question + [answer])
+    after = render_chat(tokenizer, question + [answer] + results, add_generation_prompt=True)
+    if not after.startswith(before):
+        raise ValueError(f"the chat template of tokenizer {tokenizer.name_or_path} renders a conversation "
+                         "differently once tool results follow it")
+    eos = tokenizer.eos_token
+    return before[before.rfind(eos) + len(eos):] + after[len(before):]
+
+
 # ---- reading a reply -------------------------------------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ validation (chosen by a hash of the document, so the split is stable across runs
     <out_dir>/dpo.jsonl, dpo_val.jsonl             {"chosen": [...], "rejected": [...]} (5-dpo.py)
     <out_dir>/grpo.jsonl, grpo_val.jsonl           {"conversations": [...], "answer": ..., "reward": ...} (6-grpo.py)
     <out_dir>/agent.jsonl, agent_val.jsonl         the same, arithmetic for 6-grpo.py --tools calculator
+    <out_dir>/tasks/*.jsonl                        held-out tasks that tasks/*.yaml score through lm-eval
 
 Sources (pick with --sources; all registry sources by default):
     poetry       npm chinese-poetry: Tang/Song poems, ci, qu, the classics (simplified with OpenCC)
@@ -41,12 +42,15 @@ import pandas as pd
 
 from scripts.data import DataError
 from scripts.data.pipeline import add_system_turns, deduplicate, sample_evenly, summary, write_splits
-from scripts.data.sources import (DEFAULT_SOURCES, SOURCES, arithmetic_conversations, arithmetic_prompts, build,
-                                  tool_arithmetic_conversations, tool_arithmetic_prompts)
+from scripts.data.sources import (DEFAULT_SOURCES, SOURCES, arithmetic_conversations, arithmetic_problems,
+                                  arithmetic_prompts, build, tool_arithmetic_conversations, tool_arithmetic_problems,
+                                  tool_arithmetic_prompts)
+from scripts.data.tasks import build_tasks, write_tasks
 from trainer.tools import load_tools
 
 ARITHMETIC_SFT = 3000  # generated SFT examples of the arithmetic answer form, beside the corpora
 TOOL_ARITHMETIC_SFT = 3000  # and of harder arithmetic answered by calling the calculator
+TASK_ARITHMETIC = 200  # questions in each arithmetic task of tasks/
 
 
 def parse_args() -> argparse.Namespace:
@@ -81,7 +85,12 @@ def run(args: argparse.Namespace) -> None:
     cache.mkdir(parents=True, exist_ok=True)
 
     pretrain = deduplicate(build(names, cache, "pretrain"))
-    sft = {**build(names, cache, "sft"), "arithmetic": arithmetic_conversations(ARITHMETIC_SFT, args.seed),
+    pools = build(names, cache, "sft")
+    tasks = build_tasks(pools, [(equation.split(" = ")[0], answer) for _, answer, equation in
+                                arithmetic_problems(TASK_ARITHMETIC, f"{args.seed}:arithmetic-task")],
+                        [(expression, answer) for _, answer, expression, _ in
+                         tool_arithmetic_problems(TASK_ARITHMETIC, f"{args.seed}:tool-arithmetic-task")], args.seed)
+    sft = {**pools, "arithmetic": arithmetic_conversations(ARITHMETIC_SFT, args.seed),
            "calculator": tool_arithmetic_conversations(TOOL_ARITHMETIC_SFT, args.seed, load_tools("calculator").schemas)}
     full_chars = sum(len(t) for texts in pretrain.values() for t in texts)
     max_sft = args.max_sft
@@ -111,6 +120,8 @@ def run(args: argparse.Namespace) -> None:
     tables["grpo"] = summary(write_splits(grpo, out_dir, "grpo", None, args.seed))
     agent = {"calculator": tool_arithmetic_prompts(args.max_agent, args.seed)}
     tables["agent"] = summary(write_splits(agent, out_dir, "agent", None, args.seed))
+    counts = write_tasks(tasks, out_dir)
+    print(f"\n{out_dir / 'tasks'}/: held-out task lines " + ", ".join(f"{name} {n}" for name, n in counts.items()))
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         for stem, table in tables.items():
             print(f"\n{out_dir / stem}.jsonl (+ _val): chars per record by source\n{table}")

@@ -141,3 +141,81 @@ def test_3_eval_tasks_prints_the_table_and_writes_the_json(checkpoint, tmp_path)
     assert set(results["results"]) == {"tiny_mc", "tiny_gen"}
     bad = run_stage("3-eval.py", *MODEL, "--checkpoint", path, "--tasks", "no_such_task", cwd=tmp_path, check=False)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --tasks: no task named no_such_task")
+
+
+def test_own_tasks_come_from_held_out_sft_and_report_accuracy_centred_on_chance(checkpoint, tmp_path, monkeypatch):
+    import scripts.data.tasks as own
+
+    monkeypatch.setattr(own, "is_validation", lambda conversation: True)  # as if every line were held out
+    chat = lambda q, a: [{"role": "user", "content": q}, {"role": "assistant", "content": a}]  # noqa: E731
+    pool = {"dict": [chat(f"成语“{w}”是什么意思？", f"{w}（pīn yīn）：{m}\n出处：某书") for w, m in
+                     [("画蛇添足", "比喻做了多余的事。"), ("守株待兔", "比喻死守经验。"), ("亡羊补牢", "比喻出了问题及时补救。"),
+                      ("对牛弹琴", "比喻对不懂的人讲道理。"), ("井底之蛙", "比喻见识狭窄的人。")]]
+                    + [chat(f"“{c}”这个字是什么意思？", f"“{c}”读作{p}，部首是口，共3画。\n释义") for c, p in
+                       [("口", "kǒu"), ("日", "rì"), ("月", "yuè"), ("山", "shān")]],
+            "poetry": [chat(f"“{a}”的下一句是什么？", f"下一句是“{b}”，出自某人的《某诗》。") for a, b in
+                       [("床前明月光", "疑是地上霜"), ("举头望明月", "低头思故乡"), ("春眠不觉晓", "处处闻啼鸟"),
+                        ("夜来风雨声", "花落知多少")]]}
+    tasks = own.build_tasks(pool, [("3 + 4", 7), ("9 - 2", 7)], [("348 + 719", 1067)], seed=0)
+    assert {name: len(lines) for name, lines in tasks.items()} == {
+        "tinymind_idiom_meaning": 5, "tinymind_next_line": 4, "tinymind_char_reading": 4, "tinymind_arithmetic": 2,
+        "tinymind_calculator": 1}
+    first = tasks["tinymind_idiom_meaning"][0]
+    assert first["question"] == "成语“画蛇添足”的意思是：" and first["choices"][first["answer"]] == "比喻做了多余的事。"
+    assert len(set(first["choices"])) == 4
+    assert tasks["tinymind_next_line"][0]["question"] == "“床前明月光”的下一句是："
+    assert tasks["tinymind_char_reading"][0]["choices"][tasks["tinymind_char_reading"][0]["answer"]] == "kǒu"
+    own.write_tasks(tasks, tmp_path / "data")
+    path, _ = checkpoint
+    shell = run_stage("3-eval.py", *MODEL, "--checkpoint", path, "--tasks", "tinymind", "--results",
+                      tmp_path / "scores.json", cwd=tmp_path)
+    results = json.loads((tmp_path / "scores.json").read_text())
+    assert set(results["tinymind"]["centred"]) == set(tasks)
+    for task, centred in results["tinymind"]["centred"].items():
+        accuracy = next(v for k, v in results["results"][task].items() if k.split(",")[0] in ("acc", "exact_match"))
+        chance = 0.25 if task in ("tinymind_idiom_meaning", "tinymind_next_line", "tinymind_char_reading") else 0.0
+        assert centred == pytest.approx((accuracy - chance) / (1 - chance))
+    assert f"headline (their mean): {results['tinymind']['headline']:+.3f}" in shell.stdout
+
+
+def test_generation_with_tools_runs_the_calls_and_scores_the_final_answer(tool_caller, tmp_path):
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from conftest import QUESTION
+    from trainer.benchmarks import TinyMindLM
+    from trainer.tools import load_tools
+
+    _, model = tool_caller
+    data = write_jsonl(tmp_path / "ask.jsonl", [{"question": QUESTION, "answer": "391"}])
+    (tmp_path / "ask.yaml").write_text(textwrap.dedent(f"""\
+        task: ask
+        dataset_path: json
+        dataset_kwargs:
+          data_files:
+            test: {data}
+        test_split: test
+        output_type: generate_until
+        doc_to_text: "{{{{question}}}}"
+        doc_to_target: "{{{{answer}}}}"
+        generation_kwargs:
+          until: ["\\n"]
+          max_gen_toks: 120
+        filter_list:
+          - name: last_number
+            filter:
+              - function: regex
+                regex_pattern: "(-?\\\\d+)(?!.*\\\\d)"
+              - function: take_first
+        metric_list:
+          - metric: exact_match
+        """))
+    manager = TaskManager(include_path=str(tmp_path))
+    scored = {}
+    for tools in (load_tools("calculator"), None):
+        results = simple_evaluate(model=TinyMindLM(model, load_tokenizer(), tools=tools), tasks=["ask"],
+                                  task_manager=manager, apply_chat_template=True)
+        [sample] = results["samples"]["ask"]
+        scored[bool(tools)] = (results["results"]["ask"]["exact_match,last_number"], sample["resps"][0][0])
+    assert scored[True] == (1.0, "17*23 = 391.")  # called the calculator, then answered from its result
+    assert scored[False][0] == 0.0  # offered no tool, this model has nothing right to say

@@ -24,7 +24,7 @@ from lm_eval.tasks import TaskManager
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, make_table
 from tqdm import tqdm
 
-from dataset.chat import render_chat
+from dataset.chat import read_reply, render_chat, results_framing
 from model import Sampling, stream_tokens
 from model.weights import atomic_write
 
@@ -38,9 +38,10 @@ OWN_TASKS = Path(__file__).resolve().parent.parent / "tasks"
 class TinyMindLM(TemplateLM):
     """A tinymind model and its tokenizer as an lm-eval model."""
 
-    def __init__(self, model, tokenizer, batch_size=8, dtype_args=None, max_length=None):
+    def __init__(self, model, tokenizer, batch_size=8, dtype_args=None, max_length=None, tools=None, max_tool_calls=4):
         super().__init__()
         self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
+        self.tools, self.max_tool_calls = tools, max_tool_calls  # offered in the chat template, run in generate_until
         self.dtype_args = dtype_args or SimpleNamespace(dtype="float32", device="cpu")  # autocast_context reads these
         self.max_length = max_length or model.config.max_position_embeddings
         self.backend = "causal"
@@ -65,7 +66,8 @@ class TinyMindLM(TemplateLM):
         return self.tokenizer.chat_template
 
     def apply_chat_template(self, chat_history, add_generation_prompt=True):
-        return render_chat(self.tokenizer, chat_history, add_generation_prompt=add_generation_prompt)
+        return render_chat(self.tokenizer, chat_history, self.tools.schemas if self.tools else None,
+                           add_generation_prompt=add_generation_prompt)
 
     def tok_encode(self, string, add_special_tokens=None, left_truncate_len=None, **kwargs):
         ids = self.tokenizer.encode(string, add_special_tokens=False)
@@ -121,7 +123,8 @@ class TinyMindLM(TemplateLM):
 
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm=False):
-        """Each context's continuation, decoded until a stop string of the task or the end token."""
+        """Each context's continuation, decoded until a stop string of the task or the end token. With tools, the
+        model's calls run and it answers again (up to `max_tool_calls` rounds); the stop strings cut its last answer."""
         answers = []
         for request in tqdm(requests, desc="generating", disable=disable_tqdm):
             context, options = request.args
@@ -131,25 +134,39 @@ class TinyMindLM(TemplateLM):
             sampling = Sampling(float(options.get("temperature", 0.0)) if options.get("do_sample") else 0.0,
                                 int(options.get("top_k", 0) or 0), float(options.get("top_p", 1.0) or 1.0))
             ids = self.tok_encode(context, left_truncate_len=max(self.max_length - new_tokens, 1))
-            tokens, text = [], ""
-            with autocast_context(self.dtype_args):
-                for token in stream_tokens(self.model, torch.tensor([ids], device=self.device), new_tokens,
-                                           sampling, self.eot_token_id):
-                    if int(token) == self.eot_token_id:
-                        break
-                    tokens.append(int(token))
-                    text = self.tok_decode(tokens)
-                    if any(stop in text for stop in until):
-                        break
+            for round_ in range(self.max_tool_calls + 1 if self.tools else 1):
+                tokens, text, ended = self.reply(ids, new_tokens, sampling, [] if self.tools else until)
+                if not self.tools:
+                    break
+                reply = read_reply(text)
+                text = reply["content"]
+                if not (reply["tool_calls"] and ended) or round_ == self.max_tool_calls:
+                    break
+                answer = {"role": "assistant", "content": reply["content"], "tool_calls": reply["tool_calls"]}
+                results = [{"role": "tool", "content": self.tools.run(call)} for call in reply["tool_calls"]]
+                ids = ids + tokens + [self.eot_token_id] + self.tok_encode(results_framing(self.tokenizer, answer, results))
             for stop in until:
                 text = text.split(stop)[0]
             answers.append(text)
             self.cache_hook.add_partial("generate_until", request.args, text)
         return answers
 
+    def reply(self, ids, new_tokens, sampling, until):
+        """(tokens, text, whether it ended with the end token) of one reply after `ids`, cut at a stop string."""
+        tokens, text = [], ""
+        with autocast_context(self.dtype_args):
+            for token in stream_tokens(self.model, torch.tensor([ids], device=self.device), new_tokens, sampling,
+                                       self.eot_token_id):
+                if int(token) == self.eot_token_id:
+                    return tokens, text, True
+                tokens.append(int(token))
+                text = self.tok_decode(tokens)
+                if any(stop in text for stop in until):
+                    break
+        return tokens, text, False
 
 
-def run_benchmarks(model, tokenizer, args, checkpoint):
+def run_benchmarks(model, tokenizer, args, checkpoint, tools=None):
     """Score `model` on `args.tasks` with lm-eval, print its table and write its results JSON."""
     include = [str(OWN_TASKS)] + ([args.include_path] if args.include_path else [])
     manager = TaskManager(include_path=include)
@@ -159,7 +176,8 @@ def run_benchmarks(model, tokenizer, args, checkpoint):
         raise UserError(f"--tasks: no task named {', '.join(unknown)} (lm-eval's registry, tinymind's tasks/ and "
                         f"--include_path hold {len(manager.all_tasks)} tasks; `lm-eval ls tasks` lists them)")
     limit = int(args.limit) if args.limit and args.limit >= 1 else args.limit
-    results = simple_evaluate(model=TinyMindLM(model, tokenizer, args.batch_size, args), tasks=tasks,
+    lm = TinyMindLM(model, tokenizer, args.batch_size, args, tools=tools, max_tool_calls=args.max_tool_calls)
+    results = simple_evaluate(model=lm, tasks=tasks,
                               num_fewshot=args.num_fewshot, limit=limit, task_manager=manager,
                               apply_chat_template=args.chat_template, log_samples=False,
                               random_seed=args.seed, numpy_random_seed=args.seed, torch_random_seed=args.seed,
@@ -167,7 +185,27 @@ def run_benchmarks(model, tokenizer, args, checkpoint):
     print(make_table(results))
     if results.get("groups"):
         print(make_table(results, "groups"))
+    scores = centred_scores(results)
+    if scores:
+        results["tinymind"] = {"centred": {task: centred for task, (_, centred) in scores.items()},
+                               "headline": sum(centred for _, centred in scores.values()) / len(scores)}
+        print("accuracy centred on chance (0: chance, 1: all right): " + ", ".join(
+            f"{task} {centred:+.3f}" for task, (_, centred) in scores.items()))
+        print(f"headline (their mean): {results['tinymind']['headline']:+.3f}")
     path = Path(args.results or Path(checkpoint).with_name(f"{Path(checkpoint).stem}_lm_eval.json"))
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False, default=str)))
     say(f"lm-eval results: {path}", err=True)
     return results
+
+
+def centred_scores(results):
+    """{task: (accuracy, accuracy centred on chance)} for the tasks whose YAML gives `metadata: chance`:
+    (accuracy − chance) / (1 − chance), 0 at chance and 1 when every answer is right, as nanochat centres CORE."""
+    scores = {}
+    for task, metrics in results["results"].items():
+        chance = (results.get("configs", {}).get(task, {}).get("metadata") or {}).get("chance")
+        accuracy = next((value for key, value in metrics.items()
+                         if key.split(",")[0] in ("acc", "exact_match") and isinstance(value, float)), None)
+        if chance is not None and accuracy is not None:
+            scores[task] = (accuracy, (accuracy - chance) / (1 - chance))
+    return scores

@@ -38,7 +38,7 @@ def eval_stage(argv=None):
     if args.tasks:
         from .benchmarks import run_benchmarks  # lm-eval loads only for this
 
-        run_benchmarks(model, tokenizer, args, checkpoint)
+        run_benchmarks(model, tokenizer, args, checkpoint, tools)
         return
     if args.ppl_data:
         dataset = text_or_chat_dataset(args.ppl_data, tokenizer, args.max_seq_len)

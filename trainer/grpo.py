@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from dataset import Batch, collate
-from dataset.chat import read_reply, render_chat
+from dataset.chat import read_reply, render_chat, results_framing
 from dataset.jsonl import line_number
 from dataset.rewards import REWARDS
 from model import Sampling, stream_tokens
@@ -233,7 +233,7 @@ class GroupRelativePolicy(Objective):
             messages, tools = chat[0], chat[1] or self.tools.schemas
             prompt = torch.tensor(self.tokenizer(render_chat(self.tokenizer, messages, tools, add_generation_prompt=True),
                                                  add_special_tokens=False).input_ids)
-        rollouts = [_Rollout(prompt.tolist(), [0] * len(prompt), list(chat[0])) for _ in range(rows)]
+        rollouts = [_Rollout(prompt.tolist(), [0] * len(prompt)) for _ in range(rows)]
         for round_ in range(self.max_tool_calls + 1 if self.tools else 1):
             waiting = [r for r in rollouts if not r.done]
             same = {}
@@ -257,22 +257,16 @@ class GroupRelativePolicy(Objective):
                     rollout.text = reply["content"]
                     rollout.done = not (reply["tool_calls"] and len(ended)) or round_ == self.max_tool_calls
                     if not rollout.done:
-                        self.run_calls(rollout, reply, chat[1] or self.tools.schemas)
+                        self.run_calls(rollout, reply)
         return [(r.ids, r.trained, r.text) for r in rollouts]
 
-    def run_calls(self, rollout, reply, tools):
+    def run_calls(self, rollout, reply):
         """Append the calls' results to a rollout, framed as the chat template frames them after the answer."""
         answer = {"role": "assistant", "content": reply["content"], "tool_calls": reply["tool_calls"]}
         results = [{"role": "tool", "content": self.tools.run(call)} for call in reply["tool_calls"]]
-        before = render_chat(self.tokenizer, rollout.messages + [answer], tools)
-        after = render_chat(self.tokenizer, rollout.messages + [answer] + results, tools, add_generation_prompt=True)
-        eos = self.tokenizer.eos_token
-        # What the template writes after the answer's end token: the results' turn and the next answer's header.
-        framing = before[before.rfind(eos) + len(eos):] + after[len(before):]
-        ids = self.tokenizer(framing, add_special_tokens=False).input_ids
+        ids = self.tokenizer(results_framing(self.tokenizer, answer, results), add_special_tokens=False).input_ids
         rollout.ids += ids
         rollout.trained += [0] * len(ids)
-        rollout.messages += [answer, *results]
 
     def score(self, completion, answer, reward, index, path):
         """The reward of one completion; a reward function that fails is one line naming the prompt's line."""
@@ -335,6 +329,5 @@ class GroupRelativePolicy(Objective):
 class _Rollout:
     ids: list  # prompt, answers and tool results so far
     trained: list  # 1 on the tokens the model wrote
-    messages: list  # the conversation so far, for the template to frame the next results
     done: bool = False
     text: str = ""  # what the reward reads: the last answer
