@@ -62,10 +62,10 @@ def sft_file(directory, copies=4):
     return write_jsonl(Path(directory) / "sft.jsonl", [{"conversations": c} for c in CONVERSATIONS * copies])
 
 
-def run_stage(script, *args, cwd, check=True, timeout=300):
-    """Run `python <script> args` (or `python -m module args` for script "-m") in `cwd` the way a user would;
-    returns the CompletedProcess."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
+def run_stage(script, *args, cwd, check=True, timeout=300, env=None):
+    """Run `python <script> args` (or `python -m module args` for script "-m") in `cwd` the way a user would, with
+    `env` added to the environment; returns the CompletedProcess."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1", **(env or {})}
     command = [sys.executable, "-m", *map(str, args)] if script == "-m" else [sys.executable, str(ROOT / script),
                                                                             *map(str, args)]
     result = subprocess.run(

@@ -202,10 +202,31 @@ def centred_scores(results):
     """{task: (accuracy, accuracy centred on chance)} for the tasks whose YAML gives `metadata: chance`:
     (accuracy − chance) / (1 − chance), 0 at chance and 1 when every answer is right, as nanochat centres CORE."""
     scores = {}
-    for task, metrics in results["results"].items():
+    for task, accuracy in accuracies(results).items():
         chance = (results.get("configs", {}).get(task, {}).get("metadata") or {}).get("chance")
-        accuracy = next((value for key, value in metrics.items()
-                         if key.split(",")[0] in ("acc", "exact_match") and isinstance(value, float)), None)
-        if chance is not None and accuracy is not None:
+        if chance is not None:
             scores[task] = (accuracy, (accuracy - chance) / (1 - chance))
     return scores
+
+
+def accuracies(results):
+    """{task: its accuracy (acc, else exact_match)} from lm-eval's results."""
+    found = {}
+    for task, metrics in results["results"].items():
+        for name in ("acc", "exact_match"):
+            value = next((v for key, v in metrics.items() if key.split(",")[0] == name and isinstance(v, float)), None)
+            if value is not None:
+                found[task] = value
+                break
+    return found
+
+
+def task_accuracies(model, tokenizer, tasks, args):
+    """{task: accuracy} of `model` on lm-eval `tasks` (at most `args.eval_limit` examples each), quietly: the
+    held-out figures a training run logs with --eval_tasks."""
+    manager = TaskManager(include_path=[str(OWN_TASKS)], verbosity="ERROR")
+    lm = TinyMindLM(model, tokenizer, args.batch_size, args)
+    results = simple_evaluate(model=lm, tasks=list(tasks), limit=args.eval_limit, task_manager=manager,
+                              log_samples=False, verbosity="ERROR", random_seed=args.seed,
+                              numpy_random_seed=args.seed, torch_random_seed=args.seed, fewshot_random_seed=args.seed)
+    return accuracies(results)

@@ -115,6 +115,12 @@ def add_training_flags(parser, default_data):
     group.add_argument("--eval_interval", type=int, help="also evaluate --val_data every N steps, into the CSV log's "
                        "val_* columns (default: before and after only)")
     group.add_argument("--val_samples", type=int, default=256, help="held-out samples used for that perplexity")
+    group.add_argument("--eval_tasks", help="lm-eval tasks scored with the held-out figures, into the CSV log's val_* "
+                       "columns (tinymind's own: tinymind_arithmetic, tinymind_idiom_meaning, ...; see 3-eval.py --tasks)")
+    group.add_argument("--eval_limit", type=int, default=100, help="examples of each --eval_tasks task scored")
+    group.add_argument("--report_to", choices=("none", "tensorboard", "wandb", "swanlab", "trackio"), default="none",
+                       help="mirror every CSV row to this tracker as the run goes (main process only; offline where "
+                            "the tracker can be; the run keeps its id across --resume)")
     group.add_argument("--init_from", help="start from these weights: a .pth or .safetensors file, a Hugging Face "
                        "directory, or an owner/name Hub repo id")
     group.add_argument("--resume", action="store_true", help="continue the run in the run folder")

@@ -12,6 +12,7 @@ import contextlib
 import math
 import signal
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from functools import partial
 
@@ -27,6 +28,7 @@ from . import distributed
 from .distributed import say
 from .errors import UserError
 from .metrics import CsvLog, ExpertLoadWatch, held_out_column, log_columns, peak_memory_bytes
+from .tracking import open_tracker
 from .objectives import Step
 from .precision import autocast_context, grad_scaler
 from .run_folder import RESUME_FLAGS, check_resume_flags, read_resume_state, rng_state, set_rng_state
@@ -125,8 +127,9 @@ def host_to_device(values, device):
 
 
 class Trainer:
-    def __init__(self, model, dataset, objective, args, paths, write_weights=None, val=None):
-        """`write_weights(model, state_dict, paths)` writes what later stages read (default: `write_model_weights`)."""
+    def __init__(self, model, dataset, objective, args, paths, write_weights=None, val=None, tokenizer=None):
+        """`write_weights(model, state_dict, paths)` writes what later stages read (default: `write_model_weights`);
+        `tokenizer` scores `--eval_tasks`."""
         self.args, self.dataset, self.objective, self.paths, self.val = args, dataset, objective, paths, val
         self.write_weights = write_weights or write_model_weights
         self.device = torch.device(args.device)
@@ -147,7 +150,9 @@ class Trainer:
         self.total_steps = args.max_steps or args.epochs * math.ceil(len(dataset) / self.samples_per_step)
         self.warmup_steps = args.warmup_steps if args.warmup_steps is not None else max(1, self.total_steps // 50)
         self.expert_loads = ExpertLoadWatch(self.raw_model.moe_layers())
-        self.log = CsvLog(paths.log, log_columns(objective, self.expert_loads, val is not None))
+        self.tokenizer, self.eval_tasks = tokenizer, [t for t in (args.eval_tasks or "").split(",") if t.strip()]
+        self.log = CsvLog(paths.log, log_columns(objective, self.expert_loads, val is not None, self.eval_tasks))
+        self.run_id, self.tracker = uuid.uuid4().hex[:12], None  # the id stays the run's across --resume
         self.progress = Progress()
         self.bad_steps_in_a_row = 0
         self.stop = distributed.StopSignals()
@@ -155,11 +160,22 @@ class Trainer:
     def train(self):
         if self.args.resume:
             self.resume()
-        else:
-            if distributed.is_main():
-                self.log.path.unlink(missing_ok=True)  # a fresh run's log starts empty
-            if self.val is not None:  # a resumed run's "before" was evaluated by the run it continues
-                self.write_log({}, 0.0, self.evaluate("before"))
+        elif distributed.is_main():
+            self.log.path.unlink(missing_ok=True)  # a fresh run's log starts empty
+        if distributed.is_main():
+            config = {key: value for key, value in vars(self.args).items() if isinstance(value, (str, int, float, bool))}
+            self.tracker = open_tracker(self.args.report_to, self.paths.dir, self.paths.name, self.run_id, config,
+                                        self.progress.step)
+        try:
+            return self.train_steps()
+        finally:
+            if self.tracker is not None:
+                self.tracker.close()
+
+    def train_steps(self):
+        evaluates = self.val is not None or self.eval_tasks
+        if not self.args.resume and evaluates:  # a resumed run's "before" was evaluated by the run it continues
+            self.write_log({}, 0.0, self.evaluate("before"))
         bar = tqdm(total=self.total_steps, initial=self.progress.step, desc=self.paths.name, dynamic_ncols=True,
                    disable=not distributed.is_main())
         started, first_step, first_seconds = time.perf_counter(), self.progress.step, self.progress.seconds
@@ -175,7 +191,7 @@ class Trainer:
                     interval_tokens += self.progress.tokens - tokens_before
                     step = self.progress.step
                     held_out = {}
-                    if self.val is not None and (step % evaluate_every == 0 or step == self.total_steps):
+                    if evaluates and (step % evaluate_every == 0 or step == self.total_steps):
                         evaluation_started = time.perf_counter()
                         held_out = self.evaluate("after" if step == self.total_steps else f"at step {step} of")
                         interval_start += time.perf_counter() - evaluation_started  # tokens/s counts training only
@@ -321,11 +337,18 @@ class Trainer:
             )
 
     def evaluate(self, when):
-        """The objective's held-out figures on the validation data (every process computes them, FSDP needs all),
-        said ("held-out perplexity before sft: ...") and returned as val_* log columns."""
+        """The objective's held-out figures on the validation data and the accuracy of --eval_tasks (every process
+        computes them, FSDP needs all), said ("held-out perplexity before sft: ...") and returned as val_* log
+        columns."""
         stage = self.paths.name.split("_")[0]
         # The bare module: evaluation needs no gradient sync, and DDP's wrapper hides the model's config.
-        scores = self.objective.evaluate(self.raw_model, self.val, self.args)
+        scores = self.objective.evaluate(self.raw_model, self.val, self.args) if self.val is not None else {}
+        if self.eval_tasks:
+            from .benchmarks import task_accuracies  # lm-eval loads only for this
+
+            was_training = self.raw_model.training
+            scores |= task_accuracies(self.raw_model, self.tokenizer, self.eval_tasks, self.args)
+            self.raw_model.train(was_training)
         for name, value in scores.items():
             say(f"held-out {name} {when} {stage}: {value:.2f}" if name.endswith("perplexity") else
                 f"held-out {name} {when} {stage}: {value:.3f}")
@@ -341,6 +364,8 @@ class Trainer:
         for warning in warnings:
             say(f"warning: {warning}", err=True)
         self.log.append({**row, **shares})
+        if self.tracker is not None:
+            self.tracker.log({**row, **shares}, self.progress.step)
 
     # ---- what a checkpoint holds -------------------------------------------------------------
 
@@ -366,6 +391,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(), "rng": rng_state(self.device), "objective": self.objective.state_dict(),
             "flags": {name: getattr(self.args, name) for name in RESUME_FLAGS},
             "world_size": self.world_size, "data_order": LENGTH_GROUP_STEPS, "log_rows": self.log.rows(),
+            "run_id": self.run_id,
         }
 
     def load_state_dict(self, state):
@@ -374,6 +400,7 @@ class Trainer:
         set_rng_state(state["rng"], self.device)
         self.objective.load_state_dict(state.get("objective", {}))
         self.progress = Progress(**state["progress"])
+        self.run_id = state.get("run_id", self.run_id)
         if distributed.is_main():
             self.log.truncate(state["log_rows"])
 

@@ -9,13 +9,14 @@ import torch
 from model import atomic_write
 
 
-def log_columns(objective, expert_loads, held_out):
+def log_columns(objective, expert_loads, held_out, eval_tasks=()):
     """The CSV header: progress (training seconds exclude evaluation), the loss and the objective's metrics, the
-    held-out figures when there is validation data (filled on the rows where it was evaluated), the optimizer,
-    then MoE expert loads."""
+    held-out figures when there is validation data and the --eval_tasks accuracies (filled on the rows where they
+    were evaluated), the optimizer, then MoE expert loads."""
     loads = [f"load_l{layer}_e{expert}" for layer in range(len(expert_loads.layers))
              for expert in range(expert_loads.n_experts)]
     validation = [held_out_column(name) for name in objective.held_out] if held_out else []
+    validation += [held_out_column(task) for task in eval_tasks]
     return ["step", "tokens", "seconds", "loss", *objective.metrics, *validation, "lr", "grad_norm", "tokens_per_s",
             *loads]
 

@@ -108,7 +108,7 @@ def train(stage, args):
         say(note, err=True)
     model = stage.adapt_model(build_model(stage.name, start, args), args)
     objective = stage.make_objective(model, args, start)
-    trainer = Trainer(model, dataset, objective, args, paths, stage.write_weights, val)
+    trainer = Trainer(model, dataset, objective, args, paths, stage.write_weights, val, tokenizer)
     say(describe_run(trainer.raw_model, dataset, trainer))
     say(describe_optimizer(trainer))
     trainer.train()
