@@ -86,9 +86,9 @@ def run(args: argparse.Namespace) -> None:
 
     pretrain = deduplicate(build(names, cache, "pretrain"))
     pools = build(names, cache, "sft")
-    tasks = build_tasks(pools, [(equation.split(" = ")[0], answer) for _, answer, equation in
+    tasks = build_tasks(pools, [(question, answer) for question, answer, _ in
                                 arithmetic_problems(TASK_ARITHMETIC, f"{args.seed}:arithmetic-task")],
-                        [(expression, answer) for _, answer, expression, _ in
+                        [(question, answer) for question, answer, _, _ in
                          tool_arithmetic_problems(TASK_ARITHMETIC, f"{args.seed}:tool-arithmetic-task")], args.seed)
     sft = {**pools, "arithmetic": arithmetic_conversations(ARITHMETIC_SFT, args.seed),
            "calculator": tool_arithmetic_conversations(TOOL_ARITHMETIC_SFT, args.seed, load_tools("calculator").schemas)}

@@ -156,7 +156,7 @@ def test_own_tasks_come_from_held_out_sft_and_report_accuracy_centred_on_chance(
             "poetry": [chat(f"“{a}”的下一句是什么？", f"下一句是“{b}”，出自某人的《某诗》。") for a, b in
                        [("床前明月光", "疑是地上霜"), ("举头望明月", "低头思故乡"), ("春眠不觉晓", "处处闻啼鸟"),
                         ("夜来风雨声", "花落知多少")]]}
-    tasks = own.build_tasks(pool, [("3 + 4", 7), ("9 - 2", 7)], [("348 + 719", 1067)], seed=0)
+    tasks = own.build_tasks(pool, [("3 + 4 = ?", 7), ("What is 9 - 2?", 7)], [("348 + 719 = ?", 1067)], seed=0)
     assert {name: len(lines) for name, lines in tasks.items()} == {
         "tinymind_idiom_meaning": 5, "tinymind_next_line": 4, "tinymind_char_reading": 4, "tinymind_arithmetic": 2,
         "tinymind_calculator": 1}

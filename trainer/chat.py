@@ -78,7 +78,11 @@ def converse(model, tokenizer, messages, args, tools):
 def answer(model, tokenizer, prompt, args, transcript, tools_on=False):
     """Stream the model's reply to the rendered `prompt` as it is decoded, print tokens/s, return the reply read
     back: {"reasoning_content", "content", "tool_calls"}."""
-    input_ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids[:, -args.max_seq_len:]
+    input_ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+    if input_ids.shape[1] > args.max_seq_len:
+        say(f"warning: the prompt is {input_ids.shape[1]} tokens; the model reads its last {args.max_seq_len} "
+            "(raise --max_seq_len to keep it whole)", err=True)
+        input_ids = input_ids[:, -args.max_seq_len:]
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
     reader, started, new_tokens, text = ReplyReader(tools_on), time.perf_counter(), [], ""
     with autocast_context(args):

@@ -225,7 +225,7 @@ class GroupRelativePolicy(Objective):
         """`rows` rollouts of one prompt: [(token ids, 1 where the model wrote the token, the text to reward)].
 
         Without tools each row is one sampled answer (its eos kept), rewarded on its whole text. With tools, rows
-        whose answer calls tools get the results and answer again; rows that have the same tokens so far decode
+        whose answer calls tools get the results and answer again; rows as long as each other so far decode
         together (all of them in the first round).
         """
         device, eos = next(model.parameters()).device, self.tokenizer.eos_token_id
@@ -235,13 +235,13 @@ class GroupRelativePolicy(Objective):
                                                  add_special_tokens=False).input_ids)
         rollouts = [_Rollout(prompt.tolist(), [0] * len(prompt)) for _ in range(rows)]
         for round_ in range(self.max_tool_calls + 1 if self.tools else 1):
-            waiting = [r for r in rollouts if not r.done]
-            same = {}
-            for rollout in waiting:
-                same.setdefault(tuple(rollout.ids), []).append(rollout)
-            for ids, group in same.items():
-                room = min(self.max_new_tokens, self.context - len(ids))
-                steps = list(stream_tokens(model, torch.tensor([ids], device=device).repeat(len(group), 1), room,
+            same_length = {}
+            for rollout in rollouts:
+                if not rollout.done:
+                    same_length.setdefault(len(rollout.ids), []).append(rollout)
+            for length, group in same_length.items():
+                room = min(self.max_new_tokens, self.context - length)
+                steps = list(stream_tokens(model, torch.tensor([r.ids for r in group], device=device), room,
                                            sampling, eos, generator)) if room > 0 else []
                 answers = torch.stack(steps, dim=1).cpu() if steps else torch.zeros(len(group), 0, dtype=torch.long)
                 for rollout, answer in zip(group, answers):

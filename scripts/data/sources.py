@@ -334,11 +334,12 @@ def idiom_preferences(root: Path) -> list[dict]:
     entries = idioms(root)
     by_character = {}
     for index, (word, _) in enumerate(entries):
-        for character in set(word):
+        for character in dict.fromkeys(word):  # in the word's order: a set's would change with every process
             by_character.setdefault(character, []).append(index)
     pairs = []
     for index, (word, fields) in enumerate(entries):
-        similar = [other for character in set(word) for other in by_character[character] if entries[other][0] != word]
+        similar = [other for character in dict.fromkeys(word) for other in by_character[character]
+                   if entries[other][0] != word]
         other_word, other_fields = entries[rng.choice(similar) if similar else rng.randrange(len(entries))]
         if other_word == word:
             continue

@@ -8,8 +8,10 @@ each, the distractors drawn from the same task's other answers:
     tinymind_idiom_meaning   成语“画蛇添足”的意思是： → its explanation among four
     tinymind_next_line       “床前明月光”的下一句是： → the next line among four of the same length
     tinymind_char_reading    “涠”字读作： → its pinyin among four
-    tinymind_arithmetic      7 + 5 = → 12 (generative, exact match: sums and differences of one-digit numbers)
-    tinymind_calculator      348 + 719 = → 1067 (generative: beyond the demo model without its calculator)
+    tinymind_arithmetic      What is 7 + 5? → 12 (generative, the last number must be right: one-digit sums and
+                             differences, asked as SFT asks them)
+    tinymind_calculator      计算：348 + 719 等于多少？ → 1067 (the same, three-digit sums and differences and two-digit
+                             products: beyond the demo model without its calculator)
 """
 
 import json
@@ -49,7 +51,8 @@ def multiple_choice(items, rng, same_kind=lambda a, b: True):
 
 
 def build_tasks(sft: dict[str, list], arithmetic: list, calculator: list, seed: int) -> dict[str, list]:
-    """{task name: its lines} from the SFT pools (source → conversations) and generated arithmetic problems."""
+    """{task name: its lines} from the SFT pools (source → conversations) and generated arithmetic problems
+    ([(question, answer)], from seeds SFT and GRPO do not use)."""
     rng = random.Random(f"{seed}:tasks")
     idioms, lines, characters = [], [], []
     for conversations in sft.values():
@@ -65,10 +68,8 @@ def build_tasks(sft: dict[str, list], arithmetic: list, calculator: list, seed: 
         "tinymind_idiom_meaning": multiple_choice(idioms, rng),
         "tinymind_next_line": multiple_choice(lines, rng, lambda a, b: len(a) == len(b)),
         "tinymind_char_reading": multiple_choice(characters, rng),
-        "tinymind_arithmetic": [{"question": f"{expression} =", "answer": str(answer)}
-                                for expression, answer in arithmetic],
-        "tinymind_calculator": [{"question": f"{expression} =", "answer": str(answer)}
-                                for expression, answer in calculator],
+        "tinymind_arithmetic": [{"question": question, "answer": str(answer)} for question, answer in arithmetic],
+        "tinymind_calculator": [{"question": question, "answer": str(answer)} for question, answer in calculator],
     }
 
 
