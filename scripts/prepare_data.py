@@ -9,7 +9,7 @@ validation (chosen by a hash of the document, so the split is stable across runs
     <out_dir>/pretrain.jsonl, pretrain_val.jsonl   {"text": ...}
     <out_dir>/sft.jsonl, sft_val.jsonl             {"conversations": [{"role": ..., "content": ...}, ...]}
                                                    (plus 3,000 generated arithmetic examples, "7 + 5 = 12",
-                                                   and 3,000 harder ones answered by calling the calculator)
+                                                   and 6,000 harder ones answered by calling the calculator)
     <out_dir>/lora.jsonl, lora_val.jsonl           the same format: how idioms are read (4-lora.py's domain)
     <out_dir>/dpo.jsonl, dpo_val.jsonl             {"chosen": [...], "rejected": [...]} (5-dpo.py)
     <out_dir>/grpo.jsonl, grpo_val.jsonl           {"conversations": [...], "answer": ..., "reward": ...} (6-grpo.py)
@@ -49,7 +49,7 @@ from scripts.data.tasks import build_tasks, write_tasks
 from trainer.tools import load_tools
 
 ARITHMETIC_SFT = 3000  # generated SFT examples of the arithmetic answer form, beside the corpora
-TOOL_ARITHMETIC_SFT = 3000  # and of harder arithmetic answered by calling the calculator
+TOOL_ARITHMETIC_SFT = 6000  # and of harder arithmetic answered by calling the calculator
 TASK_ARITHMETIC = 200  # questions in each arithmetic task of tasks/
 
 
@@ -90,8 +90,7 @@ def run(args: argparse.Namespace) -> None:
                                 arithmetic_problems(TASK_ARITHMETIC, f"{args.seed}:arithmetic-task")],
                         [(question, answer) for question, answer, _, _ in
                          tool_arithmetic_problems(TASK_ARITHMETIC, f"{args.seed}:tool-arithmetic-task")], args.seed)
-    sft = {**pools, "arithmetic": arithmetic_conversations(ARITHMETIC_SFT, args.seed),
-           "calculator": tool_arithmetic_conversations(TOOL_ARITHMETIC_SFT, args.seed, load_tools("calculator").schemas)}
+    sft = {**pools, "arithmetic": arithmetic_conversations(ARITHMETIC_SFT, args.seed)}
     full_chars = sum(len(t) for texts in pretrain.values() for t in texts)
     max_sft = args.max_sft
     if args.max_chars:
@@ -102,6 +101,8 @@ def run(args: argparse.Namespace) -> None:
     if max_sft is not None:
         sft = sample_evenly(sft, max_sft, lambda conversation: 1, args.seed)
     sft = add_system_turns(sft, args.seed)
+    # Beside the sampled corpora, whole: copying numbers into a call and back out takes many examples.
+    sft["calculator"] = tool_arithmetic_conversations(TOOL_ARITHMETIC_SFT, args.seed, load_tools("calculator").schemas)
     lora = sample_evenly(build(names, cache, "lora"), args.max_lora, lambda conversation: 1, args.seed)
     dpo = sample_evenly(build(names, cache, "dpo"), args.max_dpo, lambda pair: 1, args.seed)
     grpo = {"arithmetic": arithmetic_prompts(args.max_grpo, args.seed), **build(names, cache, "grpo")}

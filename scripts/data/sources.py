@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from scripts.data import DataError
 from scripts.data.fetch import Package, fetch
-from scripts.data.pipeline import Passage, pack_document, split_passages
+from scripts.data.pipeline import Passage, cjk_share, pack_document, split_passages
 
 SECTION_PASSAGES = 10  # consecutive passages of a play (about a scene) held out together
 
@@ -465,13 +465,15 @@ def tool_arithmetic_problems(count: int, seed: str) -> list[tuple[str, int, str,
 
 def tool_arithmetic_conversations(count: int, seed: int, tools: list[dict]) -> list[dict]:
     """SFT examples that answer arithmetic by calling the calculator: the question (with `tools` offered), the
-    call, its result, then the worked equation."""
+    call, its result, then the answer."""
     conversations = []
-    for question, answer, expression, equation in tool_arithmetic_problems(count, f"{seed}:tool-arithmetic-sft"):
+    for question, answer, expression, _ in tool_arithmetic_problems(count, f"{seed}:tool-arithmetic-sft"):
         call = {"type": "function", "function": {"name": "calculator", "arguments": {"expression": expression}}}
+        # The answer states the result alone: every number the model copies is a chance to miscopy it.
+        final = f"答案是 {answer}。" if cjk_share(question) > 0 else f"The answer is {answer}."
         conversations.append({"conversations": [
             {"role": "user", "content": question}, {"role": "assistant", "content": "", "tool_calls": [call]},
-            {"role": "tool", "content": str(answer)}, {"role": "assistant", "content": equation}], "tools": tools})
+            {"role": "tool", "content": str(answer)}, {"role": "assistant", "content": final}], "tools": tools})
     return conversations
 
 

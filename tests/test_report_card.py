@@ -1,0 +1,56 @@
+"""scripts/report_card.py: one row per run folder, in pipeline order, with its log's figures, task scores that
+equal lm-eval's own, and the repetition figure counted by hand."""
+
+import csv
+
+import pytest
+import torch
+
+from conftest import tiny_config, write_jsonl
+from model import TinyMindForCausalLM, save_weights
+from scripts import report_card
+
+CHOICES = [{"question": f"问题{i}：", "choices": ["甲。", "乙。", "丙。", "丁。"], "answer": i % 4} for i in range(4)]
+SUMS = [{"question": f"What is {a} + {b}?", "answer": str(a + b)} for a, b in [(1, 2), (3, 4)]]
+
+
+def fake_run(out_dir, folder, name, rows):
+    torch.manual_seed(len(name))
+    model = TinyMindForCausalLM(tiny_config(vocab_size=6400, initializer_range=0.1))
+    (out_dir / folder).mkdir(parents=True)
+    save_weights(model.state_dict(), model.config, out_dir / folder / f"{name}.pth")
+    with open(out_dir / folder / f"{name}_log.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_the_card_has_a_row_per_stage_in_pipeline_order_with_its_figures(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # tasks/*.yaml read data/tasks/ where the command runs
+    for task in report_card.CHOICE_TASKS:
+        write_jsonl(tmp_path / f"data/tasks/{task}.jsonl", CHOICES)
+    for task in (*report_card.CHAT_TASKS, *report_card.TOOL_TASKS):
+        write_jsonl(tmp_path / f"data/tasks/{task}.jsonl", SUMS)
+    out = tmp_path / "output/demo"
+    fake_run(out, "sft_dense", "sft_64", [{"step": 0, "tokens": 0, "seconds": 0, "val_bits_per_byte": 3.0},
+                                          {"step": 9, "tokens": 900, "seconds": 4.5, "val_bits_per_byte": 2.5}])
+    fake_run(out, "pretrain_dense", "pretrain_64", [{"step": 5, "tokens": 500, "seconds": 2.0, "val_bits_per_byte": ""}])
+    (tmp_path / "prompts.txt").write_text("你好\nHi\n")
+    text = report_card.report(out, limit=10, prompts_file=tmp_path / "prompts.txt", seed=0)
+    stages = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| ") and "_dense" in line]
+    assert stages == ["| pretrain_dense", "| sft_dense"] * 2  # the stage table, then the task table
+    assert "| sft_dense | 900 | 4 | bits per byte 3 → 2.5 |" in text
+    assert "| pretrain_dense | 500 | 2 | — |" in text
+    task_row = [line for line in text.splitlines() if line.startswith("| pretrain_dense | ")][1]
+    assert task_row.count("—") == 3  # no chat tasks for the pretrained model, and no repetition figure
+
+    model, tokenizer = report_card.load_for_use(out / "sft_dense/sft_64.pth")
+    replies = report_card.answers(model, tokenizer, ["你好", "Hi"])
+    sft_scores = [line for line in text.splitlines() if line.startswith("| sft_dense | ")][1]
+    assert sft_scores.endswith(f" | {report_card.repeated_share(replies):.3f} |")
+
+
+@pytest.mark.parametrize("replies, share", [([[1, 2, 3, 4, 1, 2, 3, 4]], 1 / 5), ([[1, 2, 3]], 0.0),
+                                            ([[5, 5, 5, 5, 5, 5], [1, 2, 3, 4]], 2 / 4)])
+def test_the_repetition_figure_is_the_share_of_repeated_four_grams(replies, share):
+    assert report_card.repeated_share(replies) == pytest.approx(share)
