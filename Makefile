@@ -5,6 +5,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO := --config configs/tiny.json --out_dir output/demo
 STUDENT := --hidden_size 64 --num_hidden_layers 2 --num_attention_heads 4 --max_steps 600
+# Agentic GRPO: the SFT model answers arithmetic beyond it by calling the calculator; the reward reads its final answer.
+AGENT := --config configs/tiny.json --out_dir output/demo/agent --init_from output/demo/sft_dense/sft_128.pth \
+	--data_path data/agent.jsonl --val_data data/agent_val.jsonl --tools calculator --max_seq_len 512 \
+	--max_new_tokens 80 --batch_size 8 --temperature 0.7 --learning_rate 1e-4 --max_steps 40 --eval_interval 20 \
+	--log_interval 1
 
 .PHONY: setup demo test test-fast gpu-check test-browser test-llama-cpp bench bench-learning bench-data bench-stages bench-serve serve clean
 
@@ -20,9 +25,11 @@ demo: setup
 	$(PY) -m scripts.prepare_data --max_chars 3000000 --max_sft 20000
 	rm -rf output/demo
 	$(PY) 1-pretrain.py $(DEMO)
-	$(PY) 2-sft.py $(DEMO)
+	$(PY) 2-sft.py $(DEMO) --max_seq_len 512
 	$(PY) 3-eval.py $(DEMO) --ppl_data data/pretrain_val.jsonl
 	$(PY) 3-eval.py $(DEMO) --temperature 0 --max_new_tokens 80 --prompts_file scripts/demo_prompts.txt
+	$(PY) 3-eval.py $(DEMO) --max_seq_len 512 --temperature 0 --max_new_tokens 80 --tools calculator \
+		--prompt "计算：348 + 719 等于多少？"
 	$(PY) 4-lora.py $(DEMO)
 	$(PY) 3-eval.py $(DEMO) --temperature 0 --max_new_tokens 40 --prompts_file scripts/lora_prompts.txt
 	$(PY) 3-eval.py $(DEMO) --temperature 0 --max_new_tokens 40 --prompts_file scripts/lora_prompts.txt \
@@ -31,9 +38,11 @@ demo: setup
 	$(PY) 6-grpo.py $(DEMO) --batch_size 8 --learning_rate 3e-5 --max_steps 80 --max_new_tokens 16 --log_interval 1 \
 		--eval_interval 20
 	$(PY) -m scripts.plot_logs output/demo/grpo_dense/grpo_128_log.csv --out docs/grpo_demo.png
+	$(PY) 6-grpo.py $(AGENT)
 	$(PY) 7-distill.py $(DEMO) $(STUDENT) --teacher output/demo/sft_dense/sft_128.pth
 	$(PY) 7-distill.py $(DEMO) $(STUDENT) --teacher output/demo/sft_dense/sft_128.pth --alpha 0 \
 		--out_dir output/demo/ce_only
+	$(PY) -m scripts.report_card --out_dir output/demo
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests

@@ -19,9 +19,12 @@ Hermes-style tool parsers expect): an optional leading `<think>...</think>`, the
 import json
 import uuid
 
+from .jsonl import json_type
+
 ROLES = ("system", "user", "assistant", "tool")
 THINK = ("<think>", "</think>")
 CALL = ("<tool_call>", "</tool_call>")
+THINKING_PREFIX = THINK[0] + "\n"  # what the generation prompt ends with when thinking is asked for
 
 
 # ---- checking what a user wrote ---------------------------------------------------------------------------
@@ -38,7 +41,9 @@ def chat_problem(turns, tools=None, ending="assistant"):
     if turns is None:
         return 'no "conversations" key (or it is null); lines look like {"conversations": [{"role": "user", "content": "..."}, ...]}'
     if not isinstance(turns, list) or not turns:
-        return f'"conversations" must be a non-empty list of turns, got {_json_type(turns) if turns else "an empty list"}'
+        return f'"conversations" must be a non-empty list of turns, got {json_type(turns) if turns else "an empty list"}'
+    if tools is None and isinstance(turns[0], dict) and turns[0].get("role") == "system":
+        tools = turns[0].get("functions") or turns[0].get("tools")  # MiniMind-3 lists them on the system turn
     problem = tools_problem(tools)
     if problem:
         return problem
@@ -47,7 +52,7 @@ def chat_problem(turns, tools=None, ending="assistant"):
         if problem:
             return problem
     order = ("after an optional system turn: user, then the assistant; an assistant turn with tool_calls is followed "
-             f"by its tool results and those by the assistant; ending with {'an assistant answer' if ending == 'assistant' else 'user or tool'}")
+             f"by its tool results and those by the assistant (or the user); ending with {'an assistant answer' if ending == 'assistant' else 'user or tool'}")
     first = 1 if turns[0]["role"] == "system" else 0
     if first == len(turns):
         return f"the conversation holds only a system turn: {order}"
@@ -70,28 +75,29 @@ def _may_follow(previous):
         return ("user",)
     if previous["role"] == "user":
         return ("assistant",)
-    if previous["role"] == "tool":
-        return ("tool", "assistant")
-    return ("tool",) if previous.get("tool_calls") or CALL[0] in (previous.get("content") or "") else ("user",)
+    if previous["role"] == "tool":  # the assistant answers the results; a user may also go on without that answer
+        return ("tool", "assistant", "user")
+    calls = previous.get("tool_calls") or inline_calls(split_thinking(previous.get("content") or "")[1])[1]
+    return ("tool",) if calls else ("user",)
 
 
 def _turn_problem(number, turn):
     if not isinstance(turn, dict):
-        return f'turn {number} must be an object {{"role": ..., "content": ...}}, got {_json_type(turn)}'
+        return f'turn {number} must be an object {{"role": ..., "content": ...}}, got {json_type(turn)}'
     role = turn.get("role")
     if role not in ROLES:
         return f"turn {number} has role {role!r}; roles are {', '.join(ROLES)}"
     if role == "system" and number != 1:
         return f"turn {number} has role 'system' where only turn 1 may be the system turn"
     content = turn.get("content")
-    calls = _tool_calls_value(turn.get("tool_calls"))
+    calls = _loaded(turn.get("tool_calls"))
     if role == "assistant" and content is None and calls:
         pass  # a turn that only calls tools
     elif not isinstance(content, str):
-        return f'turn {number} needs a string "content", got {_json_type(content)}'
+        return f'turn {number} needs a string "content", got {json_type(content)}'
     if role == "assistant":
         if turn.get("reasoning_content") is not None and not isinstance(turn["reasoning_content"], str):
-            return f'turn {number}: "reasoning_content" must be a string, got {_json_type(turn["reasoning_content"])}'
+            return f'turn {number}: "reasoning_content" must be a string, got {json_type(turn["reasoning_content"])}'
         if turn.get("tool_calls") is not None:
             return _calls_problem(number, calls)
     elif turn.get("tool_calls"):
@@ -102,7 +108,7 @@ def _turn_problem(number, turn):
 def _calls_problem(number, calls):
     shape = '[{"type": "function", "function": {"name": "...", "arguments": {...}}}]'
     if not isinstance(calls, list):
-        return f'turn {number}: "tool_calls" must be a list like {shape}, got {_json_type(calls)}'
+        return f'turn {number}: "tool_calls" must be a list like {shape}, got {json_type(calls)}'
     for index, call in enumerate(calls, start=1):
         function = call.get("function", call) if isinstance(call, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
@@ -114,7 +120,7 @@ def _calls_problem(number, calls):
             except json.JSONDecodeError as error:
                 return f'turn {number}, tool call {index}: "arguments" is not valid JSON ({error.msg}, column {error.colno})'
         if not isinstance(arguments, dict):
-            return f'turn {number}, tool call {index}: "arguments" must be a JSON object, got {_json_type(arguments)}'
+            return f'turn {number}, tool call {index}: "arguments" must be a JSON object, got {json_type(arguments)}'
     return None
 
 
@@ -125,7 +131,7 @@ def tools_problem(tools):
         return None
     shape = '[{"type": "function", "function": {"name": "...", "description": "...", "parameters": {...}}}]'
     if not isinstance(tools, list):
-        return f'"tools" must be a list like {shape}, got {_json_type(tools)}'
+        return f'"tools" must be a list like {shape}, got {json_type(tools)}'
     for index, tool in enumerate(tools, start=1):
         function = tool.get("function", tool) if isinstance(tool, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
@@ -155,11 +161,9 @@ def chat_messages(turns, tools=None):
             if reasoning is not None:
                 message["reasoning_content"] = reasoning.strip("\n")
                 message["content"] = message["content"].lstrip("\n")
-            calls = _tool_calls_value(turn.get("tool_calls"))
-            if not calls and CALL[0] in message["content"]:  # MiniMind-3 writes its calls into the text
-                events = parse_reply(message["content"], final=True)
-                calls = [value for kind, value in events if kind == "tool_call"]
-                message["content"] = "".join(value for kind, value in events if kind == "content")
+            calls = _loaded(turn.get("tool_calls"))
+            if not calls:  # MiniMind-3 writes its calls into the text
+                message["content"], calls = inline_calls(message["content"])
             if calls:
                 message["tool_calls"] = [_call(call) for call in calls]
         messages.append(message)
@@ -175,15 +179,21 @@ def split_thinking(text):
     return None, text
 
 
+def inline_calls(text):
+    """(the text without them, the calls) for tool calls written into an answer's text (its thinking already split
+    off); a text whose calls are all malformed, or that is still inside a think block, is left whole."""
+    if CALL[0] not in text or text.lstrip().startswith(THINK[0]):
+        return text, []
+    events = parse_reply(text)
+    calls = [value for kind, value in events if kind == "tool_call"]
+    return ("".join(value for kind, value in events if kind == "content"), calls) if calls else (text, [])
+
+
 def _call(call):
     function = call.get("function", call)
     arguments = function.get("arguments", {})
     return {"type": "function", "function": {"name": function["name"],
                                              "arguments": json.loads(arguments) if isinstance(arguments, str) else arguments}}
-
-
-def _tool_calls_value(value):
-    return _loaded(value) if isinstance(value, str) else value
 
 
 def _loaded(value):
@@ -196,12 +206,6 @@ def _loaded(value):
     return value
 
 
-def _json_type(value):
-    names = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
-             dict: "an object"}
-    return names.get(type(value), type(value).__name__)
-
-
 # ---- rendering -------------------------------------------------------------------------------------------
 
 
@@ -209,7 +213,8 @@ def render_chat(tokenizer, messages, tools=None, add_generation_prompt=False, th
     """The chat template's text for `messages` (and the tools they may call).
 
     `thinking` False asks the model to answer without thinking (the prompt ends with an empty think block), True
-    asks it to think, None leaves it to the model. It is passed as both `enable_thinking` (Qwen3's name) and
+    makes it think (the prompt opens the think block: read the reply with `THINKING_PREFIX` before it), None leaves
+    it to the model. It is passed as both `enable_thinking` (Qwen3's name) and
     `open_thinking` (MiniMind-3's), so either family's template follows it.
     """
     switches = {} if thinking is None else {"enable_thinking": thinking, "open_thinking": thinking}
@@ -251,6 +256,14 @@ class ReplyReader:
 
     def finish(self, text):
         return self._news(parse_reply(self.prefix + text, self.tools, final=True))
+
+    def reply(self):
+        """{"reasoning_content": str or None, "content": str, "tool_calls": [...]} of what was read so far (the
+        calls with the ids their events had)."""
+        reasoning = [value for kind, value in self.sent if kind == "reasoning"]
+        return {"reasoning_content": reasoning[0] if reasoning else None,
+                "content": "".join(value for kind, value in self.sent if kind == "content"),
+                "tool_calls": [value for kind, value in self.sent if kind == "tool_call"]}
 
     def _news(self, events):
         news = []
@@ -335,8 +348,6 @@ def parse_call(text):
 
 def read_reply(text, tools=True, prefix=""):
     """{"reasoning_content": str or None, "content": str, "tool_calls": [...]} of a whole reply."""
-    events = ReplyReader(tools, prefix).finish(text)
-    reasoning = [value for kind, value in events if kind == "reasoning"]
-    return {"reasoning_content": reasoning[0] if reasoning else None,
-            "content": "".join(value for kind, value in events if kind == "content"),
-            "tool_calls": [value for kind, value in events if kind == "tool_call"]}
+    reader = ReplyReader(tools, prefix)
+    reader.finish(text)
+    return reader.reply()

@@ -76,7 +76,10 @@ class PreferenceDataset(TokenizedJsonlDataset):
                  for side in ("chosen", "rejected")]
         encoded = {"input_ids": [], "loss_spans": [], "rejected_start": []}
         for chosen, chosen_spans, rejected, rejected_spans in zip(*sides[0].values(), *sides[1].values()):
-            kept = bool(chosen_spans) and bool(rejected_spans)  # a pair that lost either answer is skipped
+            # A pair is kept while each side's last span still holds its own final answer: cut to the turns the
+            # sides share (an earlier tool call, say), it would compare the same tokens with themselves.
+            kept = bool(chosen_spans) and bool(rejected_spans) and (
+                chosen[chosen_spans[-2]:chosen_spans[-1]] != rejected[rejected_spans[-2]:rejected_spans[-1]])
             encoded["input_ids"].append(chosen + rejected)
             encoded["loss_spans"].append(
                 [*chosen_spans[-2:], *(start + len(chosen) for start in rejected_spans[-2:])] if kept else [])

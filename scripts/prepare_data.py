@@ -88,8 +88,9 @@ def run(args: argparse.Namespace) -> None:
     pools = build(names, cache, "sft")
     tasks = build_tasks(pools, [(question, answer) for question, answer, _ in
                                 arithmetic_problems(TASK_ARITHMETIC, f"{args.seed}:arithmetic-task")],
-                        [(question, answer) for question, answer, _, _ in
-                         tool_arithmetic_problems(TASK_ARITHMETIC, f"{args.seed}:tool-arithmetic-task")], args.seed)
+                        [(question, answer) for question, answer, _, _ in  # the hard ones: both operands long
+                         tool_arithmetic_problems(TASK_ARITHMETIC, f"{args.seed}:tool-arithmetic-task", (3,))],
+                        args.seed)
     sft = {**pools, "arithmetic": arithmetic_conversations(ARITHMETIC_SFT, args.seed)}
     full_chars = sum(len(t) for texts in pretrain.values() for t in texts)
     max_sft = args.max_sft

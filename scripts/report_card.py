@@ -120,6 +120,8 @@ def report(out_dir, limit, prompts_file, seed):
             samples.append((label, [(prompt, tokenizer.decode(reply, skip_special_tokens=True))
                                     for prompt, reply in zip(prompts[:3], replies[:3])]))
         print(f"{label}: scored in {time.perf_counter() - started:.0f} s", flush=True)
+    if not rows:
+        raise SystemExit(f"report_card: no run folder (a *_log.csv beside its weights) under {out_dir}")
     return markdown(out_dir, rows, samples, first, limit)
 
 

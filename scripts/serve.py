@@ -30,7 +30,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dataset.chat import ReplyReader, chat_messages, chat_problem, read_reply, render_chat
+from dataset.chat import THINKING_PREFIX, ReplyReader, chat_messages, chat_problem, read_reply, render_chat
 from model import Sampling
 from model.engine import Engine
 from model.engine import Request as EngineRequest
@@ -108,14 +108,23 @@ class ChatRequest(Sampled):
         if self.tool_choice is not None and not self.tools and self.tool_choice != "none":
             raise ValueError("tool_choice: set only with tools")
         if isinstance(self.tool_choice, dict):
-            name = (self.tool_choice.get("function") or {}).get("name")
+            function = self.tool_choice.get("function")
+            name = function.get("name") if isinstance(function, dict) else None
+            if not isinstance(name, str):
+                raise ValueError('tool_choice: give {"type": "function", "function": {"name": "..."}}')
             if name not in {(tool.get("function") or tool).get("name") for tool in self.tools}:
                 raise ValueError(f"tool_choice: {name!r} is none of the tools' names")
+        if not isinstance((self.chat_template_kwargs or {}).get("enable_thinking", False), bool):
+            raise ValueError("chat_template_kwargs.enable_thinking: true or false")
         return self
 
     def thinking(self):
-        switch = (self.chat_template_kwargs or {}).get("enable_thinking")
-        return None if switch is None else bool(switch)
+        """The template's thinking switch: off when a call is forced (the answer opens with it), else as asked."""
+        return False if self.forced() else (self.chat_template_kwargs or {}).get("enable_thinking")
+
+    def reply_prefix(self):
+        """What the answer is read with before its first token: the opened think block, or the forced call."""
+        return THINKING_PREFIX if self.thinking() else self.forced()
 
     def forced(self):
         """The text the answer must start with: the opening of a call, when tool_choice demands one."""
@@ -261,7 +270,7 @@ def create_app(model, tokenizer, model_name, max_batch=8, max_queue=16, context=
         prompt = render_chat(tokenizer, messages, tools, add_generation_prompt=True, thinking=request.thinking())
         prompt_ids = tokenizer(prompt + request.forced(), add_special_tokens=False).input_ids
         return await respond(raw, request, prompt_ids, request.max_completion_tokens or request.max_tokens,
-                             ChatReply(model_name, bool(tools), request.forced()))
+                             ChatReply(model_name, bool(tools), request.reply_prefix()))
 
     @app.post("/v1/completions")
     async def completions(raw: Request):

@@ -219,3 +219,14 @@ def test_generation_with_tools_runs_the_calls_and_scores_the_final_answer(tool_c
         scored[bool(tools)] = (results["results"]["ask"]["exact_match,last_number"], sample["resps"][0][0])
     assert scored[True] == (1.0, "17*23 = 391.")  # called the calculator, then answered from its result
     assert scored[False][0] == 0.0  # offered no tool, this model has nothing right to say
+
+
+def test_task_names_resolve_with_tags_expanded_and_an_unknown_one_is_one_line():
+    from trainer import UserError
+    from trainer.benchmarks import resolve_tasks
+
+    _, tasks = resolve_tasks("tinymind,tinymind_arithmetic")
+    assert tasks == ["tinymind_arithmetic", "tinymind_calculator", "tinymind_char_reading", "tinymind_idiom_meaning",
+                     "tinymind_next_line"]
+    with pytest.raises(UserError, match="--eval_tasks: no task named nope"):
+        resolve_tasks("nope", flag="--eval_tasks")

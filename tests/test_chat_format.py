@@ -171,3 +171,37 @@ def test_messages_keep_no_keys_the_template_does_not_read():
     assert messages[2] == {"role": "assistant", "content": "", "reasoning_content": "Multiply with the tool.",
                            "tool_calls": [{"type": "function", "function": {"name": "calculator", "arguments": {"expression": "17*23"}}}]}
     assert tools == [CALCULATOR]
+
+
+def test_inline_calls_are_read_alike_by_the_check_and_the_renderer(tmp_path, tokenizer):
+    from dataset.chat import chat_problem
+
+    malformed = {"role": "assistant", "content": "<tool_call>oops</tool_call>"}
+    assert chat_problem([TOOL_CHAT[1], malformed, {"role": "user", "content": "and?"}, TOOL_CHAT[4]]) is None
+    assert "'tool' where 'user' belongs" in chat_problem([TOOL_CHAT[1], malformed, {"role": "tool", "content": "1"}])
+    unclosed = {"role": "assistant", "content": f"<think>\nhmm {CALL_TEXT}"}  # still thinking: no call, all kept
+    messages, _ = chat_messages([TOOL_CHAT[1], unclosed])
+    assert messages[1] == {"role": "assistant", "content": unclosed["content"]}
+    # After tool results the user may go on without an answer (a chat stopped mid-call), and the system turn's
+    # MiniMind-3 "functions" are checked like "tools".
+    assert chat_problem([*TOOL_CHAT[1:4], {"role": "user", "content": "never mind"}, TOOL_CHAT[4]]) is None
+    assert chat_problem([{"role": "system", "content": "s", "functions": [1]}, *TOOL_CHAT[1:]]).startswith("tool 1 needs")
+
+
+def test_thinking_on_opens_the_think_block_and_the_reply_is_read_inside_it(tokenizer):
+    from dataset.chat import THINKING_PREFIX
+
+    prompt = render_chat(tokenizer, [{"role": "user", "content": "Hi"}], add_generation_prompt=True, thinking=True)
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n")
+    assert read_reply("let me see\n</think>\n\nHello", prefix=THINKING_PREFIX) == {
+        "reasoning_content": "let me see", "content": "Hello", "tool_calls": []}
+
+
+def test_a_preference_pair_cut_to_the_turns_both_sides_share_is_skipped(tmp_path, tokenizer):
+    messages, _ = chat_messages(TOOL_CHAT)
+    shared = len(tokenizer(render_chat(tokenizer, messages[:3])).input_ids)  # through the tool result
+    pairs = [{"chosen": TOOL_CHAT, "rejected": [*TOOL_CHAT[:4], {"role": "assistant", "content": "400"}]},
+             {"chosen": [TOOL_CHAT[1], TOOL_CHAT[4]],
+              "rejected": [TOOL_CHAT[1], {"role": "assistant", "content": "400"}]}]
+    data = PreferenceDataset(write_jsonl(tmp_path / "d.jsonl", pairs), tokenizer, shared - 2)
+    assert (len(data), data.skipped) == (1, 1)  # the tool pair lost both final answers: nothing to compare

@@ -148,3 +148,23 @@ def test_a_call_cut_short_comes_back_as_text_and_bad_tool_requests_are_400s(serv
                                               "tools": load_tools("calculator").schemas, **bad})
     hello = client.chat.completions.create(model="tiny", messages=GREETING[:1], temperature=0, max_tokens=20)
     assert hello.choices[0].message.content == "Hello!"  # and it goes on serving
+
+
+def test_a_huge_power_is_refused_at_once():
+    import time
+
+    started = time.perf_counter()
+    result = json.loads(load_tools("calculator").run({"function": {"name": "calculator",
+                                                                   "arguments": {"expression": "4000000 ** 4000000"}}}))
+    assert "too large" in result["error"] and time.perf_counter() - started < 1
+
+
+def test_malformed_tool_choice_and_thinking_switches_are_400s(server):
+    import httpx2
+
+    base = {"model": "tiny", "messages": [{"role": "user", "content": QUESTION}], "tools": load_tools("calculator").schemas}
+    for extra, words in (({"tool_choice": {"type": "function", "function": "calculator"}}, "tool_choice"),
+                         ({"tool_choice": {"function": {"name": ["x"]}}}, "tool_choice"),
+                         ({"chat_template_kwargs": {"enable_thinking": "false"}}, "enable_thinking")):
+        response = httpx2.post(f"{server.url}/v1/chat/completions", json={**base, **extra})
+        assert response.status_code == 400 and words in response.json()["error"]["message"], extra

@@ -132,7 +132,8 @@ class TinyMindLM(TemplateLM):
             until = [until] if isinstance(until, str) else list(until)
             new_tokens = int(options.get("max_gen_toks", 256))
             sampling = Sampling(float(options.get("temperature", 0.0)) if options.get("do_sample") else 0.0,
-                                int(options.get("top_k", 0) or 0), float(options.get("top_p", 1.0) or 1.0))
+                                int(options.get("top_k", 0) or 0), float(options.get("top_p", 1.0) or 1.0),
+                                float(options.get("repetition_penalty", 1.0)))
             ids = self.tok_encode(context, left_truncate_len=max(self.max_length - new_tokens, 1))
             for round_ in range(self.max_tool_calls + 1 if self.tools else 1):
                 tokens, text, ended = self.reply(ids, new_tokens, sampling, [] if self.tools else until)
@@ -168,13 +169,7 @@ class TinyMindLM(TemplateLM):
 
 def run_benchmarks(model, tokenizer, args, checkpoint, tools=None):
     """Score `model` on `args.tasks` with lm-eval, print its table and write its results JSON."""
-    include = [str(OWN_TASKS)] + ([args.include_path] if args.include_path else [])
-    manager = TaskManager(include_path=include)
-    tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
-    unknown = [task for task in tasks if task not in manager.all_tasks]
-    if unknown:
-        raise UserError(f"--tasks: no task named {', '.join(unknown)} (lm-eval's registry, tinymind's tasks/ and "
-                        f"--include_path hold {len(manager.all_tasks)} tasks; `lm-eval ls tasks` lists them)")
+    manager, tasks = resolve_tasks(args.tasks, args.include_path)
     limit = int(args.limit) if args.limit and args.limit >= 1 else args.limit
     lm = TinyMindLM(model, tokenizer, args.batch_size, args, tools=tools, max_tool_calls=args.max_tool_calls)
     results = simple_evaluate(model=lm, tasks=tasks,
@@ -221,10 +216,24 @@ def accuracies(results):
     return found
 
 
+def resolve_tasks(names, include_path=None, flag="--tasks"):
+    """(TaskManager, task names) for comma-separated `names`: lm-eval's registry, tinymind's tasks/ and
+    `include_path`; a tag stands for its tasks; a name none of them holds is one UserError."""
+    manager = TaskManager(include_path=[str(OWN_TASKS)] + ([include_path] if include_path else []), verbosity="ERROR")
+    tasks = []
+    for name in (name.strip() for name in names.split(",") if name.strip()):
+        entry = manager.task_index.get(name)
+        if entry is None:
+            raise UserError(f"{flag}: no task named {name} (lm-eval's registry, tinymind's tasks/ and --include_path "
+                            f"hold {len(manager.all_tasks)} tasks; `lm-eval ls tasks` lists them)")
+        tasks += sorted(entry.tags) if name in manager.all_tags else [name]
+    return manager, list(dict.fromkeys(tasks))
+
+
 def task_accuracies(model, tokenizer, tasks, args):
     """{task: accuracy} of `model` on lm-eval `tasks` (at most `args.eval_limit` examples each), quietly: the
     held-out figures a training run logs with --eval_tasks."""
-    manager = TaskManager(include_path=[str(OWN_TASKS)], verbosity="ERROR")
+    manager, _ = resolve_tasks(",".join(tasks), flag="--eval_tasks")
     lm = TinyMindLM(model, tokenizer, args.batch_size, args)
     results = simple_evaluate(model=lm, tasks=list(tasks), limit=args.eval_limit, task_manager=manager,
                               log_samples=False, verbosity="ERROR", random_seed=args.seed,

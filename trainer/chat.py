@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 
 from dataset import text_or_chat_dataset, token_bytes
-from dataset.chat import ReplyReader, read_reply, render_chat
+from dataset.chat import THINKING_PREFIX, ReplyReader, render_chat
 from model import Sampling, stream_tokens
 
 from .distributed import say
 from .evaluate import language_model_scores
-from .flags import add_benchmark_flags, add_chat_flags, add_model_flags, new_parser, parse
+from .flags import add_benchmark_flags, add_chat_flags, add_model_flags, check_ranges, new_parser, parse
 from .loading import add_checkpoint_flags, load_checkpoint_flags
 from .precision import autocast_context
 from .tools import load_tools
@@ -31,6 +31,7 @@ def eval_stage(argv=None):
     add_checkpoint_flags(add_chat_flags(parser), "the model to chat with")
     add_benchmark_flags(parser)
     args = parse(parser, argv)
+    check_ranges(args, not_negative=("max_tool_calls",))
     torch.manual_seed(args.seed)
     tools = load_tools(args.tools)
     model, tokenizer, checkpoint = load_checkpoint_flags(args)
@@ -84,7 +85,8 @@ def answer(model, tokenizer, prompt, args, transcript, tools_on=False):
             "(raise --max_seq_len to keep it whole)", err=True)
         input_ids = input_ids[:, -args.max_seq_len:]
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
-    reader, started, new_tokens, text = ReplyReader(tools_on), time.perf_counter(), [], ""
+    reader = ReplyReader(tools_on, THINKING_PREFIX if args.think else "")
+    started, new_tokens, text = time.perf_counter(), [], ""
     with autocast_context(args):
         for token in stream_tokens(model, input_ids.to(args.device), args.max_new_tokens, sampling, tokenizer.eos_token_id):
             if int(token) == tokenizer.eos_token_id:
@@ -99,7 +101,7 @@ def answer(model, tokenizer, prompt, args, transcript, tools_on=False):
     transcript.end_line()
     seconds = time.perf_counter() - started
     say(f"[{len(new_tokens)} tokens, {len(new_tokens) / max(seconds, 1e-9):.1f} tokens/s]", err=True)
-    return read_reply(text, tools_on)
+    return reader.reply()
 
 
 class Transcript:

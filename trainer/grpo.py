@@ -163,7 +163,7 @@ class GroupRelativePolicy(Objective):
         self.clip_eps, self.beta, self.iterations, self.args = args.clip_eps, args.beta, args.num_iterations, args
         self.generator = torch.Generator(device=args.device)
         self.tools, self.max_tool_calls = load_tools(args.tools), args.max_tool_calls
-        self.context = 4 * args.max_seq_len  # a rollout stops growing here (tool results can be long)
+        self.context = 2 * args.max_seq_len  # a rollout stops growing here (tool results can be long)
         self.sampled_steps, self.reuses_left, self.rollouts = 0, 0, []
 
     def units(self, rollouts):
@@ -232,7 +232,7 @@ class GroupRelativePolicy(Objective):
         if self.tools:  # the prompt offers the run's tools when its line names none
             messages, tools = chat[0], chat[1] or self.tools.schemas
             prompt = torch.tensor(self.tokenizer(render_chat(self.tokenizer, messages, tools, add_generation_prompt=True),
-                                                 add_special_tokens=False).input_ids)
+                                                 add_special_tokens=False).input_ids[-self.args.max_seq_len:])
         rollouts = [_Rollout(prompt.tolist(), [0] * len(prompt)) for _ in range(rows)]
         for round_ in range(self.max_tool_calls + 1 if self.tools else 1):
             same_length = {}

@@ -150,7 +150,11 @@ class Trainer:
         self.total_steps = args.max_steps or args.epochs * math.ceil(len(dataset) / self.samples_per_step)
         self.warmup_steps = args.warmup_steps if args.warmup_steps is not None else max(1, self.total_steps // 50)
         self.expert_loads = ExpertLoadWatch(self.raw_model.moe_layers())
-        self.tokenizer, self.eval_tasks = tokenizer, [t for t in (args.eval_tasks or "").split(",") if t.strip()]
+        self.tokenizer, self.eval_tasks = tokenizer, []
+        if args.eval_tasks:  # checked now, not at the first evaluation: an unknown name is one line before training
+            from .benchmarks import resolve_tasks
+
+            _, self.eval_tasks = resolve_tasks(args.eval_tasks, flag="--eval_tasks")
         self.log = CsvLog(paths.log, log_columns(objective, self.expert_loads, val is not None, self.eval_tasks))
         self.run_id, self.tracker = uuid.uuid4().hex[:12], None  # the id stays the run's across --resume
         self.progress = Progress()

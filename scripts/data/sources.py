@@ -442,20 +442,20 @@ def arithmetic_prompts(count: int, seed: int) -> list[dict]:
             for question, answer, _ in arithmetic_problems(count, f"{seed}:arithmetic")]
 
 
-TOOL_OPERATIONS = {"+": (lambda a, b: a + b, 100, 999), "-": (lambda a, b: a - b, 100, 999),
-                   "*": (lambda a, b: a * b, 12, 99)}
+TOOL_OPERATIONS = {"+": (lambda a, b: a + b, 3), "-": (lambda a, b: a - b, 3), "*": (lambda a, b: a * b, 2)}
 
 
-def tool_arithmetic_problems(count: int, seed: str) -> list[tuple[str, int, str, str]]:
-    """(question, answer, expression, the worked equation) for sums and differences of three-digit numbers and
-    products of two-digit ones: beyond what a demo-sized model can compute, within what it can copy into a
-    calculator call and back out."""
+def tool_arithmetic_problems(count: int, seed: str, digits: tuple = (1, 2, 3)) -> list[tuple[str, int, str, str]]:
+    """(question, answer, expression, the worked equation) for sums and differences of numbers of up to three digits
+    and products of numbers of up to two (each operand's length drawn from `digits`): mostly beyond what a
+    demo-sized model can compute, within what it can copy into a calculator call and back out."""
     rng = random.Random(seed)
     problems = []
     for _ in range(count):
         op = rng.choice(list(TOOL_OPERATIONS))
-        function, low, high = TOOL_OPERATIONS[op]
-        a, b = rng.randint(low, high), rng.randint(low, high)
+        function, most = TOOL_OPERATIONS[op]
+        a, b = (rng.randint(10 ** (n - 1) if n > 1 else 0, 10 ** n - 1)
+                for n in (min(rng.choice(digits), most) for _ in range(2)))
         expression = f"{a} {op} {b}"
         result = function(a, b)
         problems.append((rng.choice(ARITHMETIC_QUESTIONS).format(a=a, op=op, b=b), result, expression,

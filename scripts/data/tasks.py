@@ -9,7 +9,8 @@ each, the distractors drawn from the same task's other answers:
     tinymind_next_line       “床前明月光”的下一句是： → the next line among four of the same length
     tinymind_char_reading    “涠”字读作： → its pinyin among four
     tinymind_arithmetic      What is 7 + 5? → 12 (generative, the last number must be right: one-digit sums and
-                             differences, asked as SFT asks them)
+                             differences, asked as SFT asks them; only 200 such facts exist, and SFT and GRPO
+                             train on them: this task alone is not held out)
     tinymind_calculator      计算：348 + 719 等于多少？ → 1067 (the same, three-digit sums and differences and two-digit
                              products: beyond the demo model without its calculator)
 """
