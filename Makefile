@@ -8,7 +8,7 @@ STUDENT := --hidden_size 64 --num_hidden_layers 2 --num_attention_heads 4 --max_
 # Agentic GRPO: the SFT model answers arithmetic beyond it by calling the calculator; the reward reads its final answer.
 AGENT := --config configs/tiny.json --out_dir output/demo/agent --init_from output/demo/sft_dense/sft_128.pth \
 	--data_path data/agent.jsonl --val_data data/agent_val.jsonl --tools calculator --max_seq_len 512 \
-	--max_new_tokens 80 --batch_size 8 --temperature 0.7 --learning_rate 1e-4 --max_steps 40 --eval_interval 20 \
+	--max_new_tokens 80 --batch_size 8 --temperature 0.7 --learning_rate 3e-5 --max_steps 40 --eval_interval 20 \
 	--log_interval 1
 
 .PHONY: setup demo test test-fast gpu-check test-browser test-llama-cpp bench bench-learning bench-data bench-stages bench-serve serve clean
