@@ -50,3 +50,31 @@ def test_gpu_check_runs_end_to_end_on_a_cpu(tmp_path, capsys):
     assert all("same tokens: True" in rows[f"decode batch {batch}, 16 tokens"]["note"] for batch in (1, 8))
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert len(table) == len(rows) + 1  # a header and a line per row
+
+
+@pytest.mark.slow
+def test_bench_lm_eval_and_bench_sampling_report_every_contender(tmp_path, capsys, monkeypatch):
+    import torch
+
+    from model import TinyMindForCausalLM, save_weights
+    from scripts import bench_lm_eval, bench_sampling
+    from conftest import tiny_config
+
+    monkeypatch.chdir(tmp_path)  # tasks/*.yaml read data/tasks/ where the command runs
+    write_jsonl(tmp_path / "data/tasks/tinymind_idiom_meaning.jsonl",
+                [{"question": f"问{i}：", "choices": ["甲", "乙", "丙", "丁"], "answer": i % 4} for i in range(3)])
+    write_jsonl(tmp_path / "data/tasks/tinymind_arithmetic.jsonl", [{"question": "What is 1 + 2?", "answer": "3"}])
+    torch.manual_seed(0)
+    model = TinyMindForCausalLM(tiny_config(vocab_size=6400))
+    save_weights(model.state_dict(), model.config, tmp_path / "tiny.pth")
+    bench_lm_eval.main([*MODEL, "--checkpoint", tmp_path / "tiny.pth", "--tasks", "tinymind_idiom_meaning",
+                        "--limit", 3, "--rounds", 1])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("tinymind_idiom")]
+    assert [row[1] for row in rows] == ["tinymind", "hf"] and rows[0][-2] == rows[1][-2]  # the same accuracy
+    (tmp_path / "prompts.txt").write_text("你好\n")
+    monkeypatch.setattr(bench_sampling, "SETTINGS", bench_sampling.SETTINGS[:2])
+    bench_sampling.main([*MODEL, "--checkpoint", tmp_path / "tiny.pth", "--samples", 2, "--limit", 1,
+                         "--prompts_file", tmp_path / "prompts.txt"])
+    table = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [row[:3] for row in table] == [["0.0", "1.0", "1.0"], ["0.6", "0.85", "1.0"]]
+    assert all(0 <= float(row[3]) <= 1 and 0 <= float(row[4]) <= 1 for row in table)
