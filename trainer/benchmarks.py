@@ -24,7 +24,7 @@ from lm_eval.tasks import TaskManager
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, make_table
 from tqdm import tqdm
 
-from dataset.chat import read_reply, render_chat, results_framing
+from dataset.chat import read_reply, render_chat
 from model import Sampling, stream_tokens
 from model.weights import atomic_write
 
@@ -143,9 +143,7 @@ class TinyMindLM(TemplateLM):
                 text = reply["content"]
                 if not (reply["tool_calls"] and ended) or round_ == self.max_tool_calls:
                     break
-                answer = {"role": "assistant", "content": reply["content"], "tool_calls": reply["tool_calls"]}
-                results = [{"role": "tool", "content": self.tools.run(call)} for call in reply["tool_calls"]]
-                ids = ids + tokens + [self.eot_token_id] + self.tok_encode(results_framing(self.tokenizer, answer, results))
+                ids = ids + tokens + [self.eot_token_id] + self.tools.results_ids(self.tokenizer, reply)
             for stop in until:
                 text = text.split(stop)[0]
             answers.append(text)

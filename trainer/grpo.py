@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from dataset import Batch, collate
-from dataset.chat import read_reply, render_chat, results_framing
+from dataset.chat import read_reply, render_chat
 from dataset.jsonl import line_number
 from dataset.rewards import REWARDS
 from model import Sampling, stream_tokens
@@ -256,17 +256,11 @@ class GroupRelativePolicy(Objective):
                     reply = read_reply(text)
                     rollout.text = reply["content"]
                     rollout.done = not (reply["tool_calls"] and len(ended)) or round_ == self.max_tool_calls
-                    if not rollout.done:
-                        self.run_calls(rollout, reply)
+                    if not rollout.done:  # the results, framed as the template frames them: context, not trained
+                        results = self.tools.results_ids(self.tokenizer, reply)
+                        rollout.ids += results
+                        rollout.trained += [0] * len(results)
         return [(r.ids, r.trained, r.text) for r in rollouts]
-
-    def run_calls(self, rollout, reply):
-        """Append the calls' results to a rollout, framed as the chat template frames them after the answer."""
-        answer = {"role": "assistant", "content": reply["content"], "tool_calls": reply["tool_calls"]}
-        results = [{"role": "tool", "content": self.tools.run(call)} for call in reply["tool_calls"]]
-        ids = self.tokenizer(results_framing(self.tokenizer, answer, results), add_special_tokens=False).input_ids
-        rollout.ids += ids
-        rollout.trained += [0] * len(ids)
 
     def score(self, completion, answer, reward, index, path):
         """The reward of one completion; a reward function that fails is one line naming the prompt's line."""

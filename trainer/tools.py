@@ -27,6 +27,7 @@ from simpleeval import SimpleEval
 from transformers.utils import get_json_schema
 
 from dataset import DataError
+from dataset.chat import results_framing
 
 
 def bounded_power(base, exponent):
@@ -79,6 +80,14 @@ class Tools:
         except Exception as error:  # whatever the model or the tool got wrong is the model's to read
             return json.dumps({"error": f"{type(error).__name__}: {error}"}, ensure_ascii=False)
         return result if isinstance(result, str) else json.dumps(result, ensure_ascii=False, default=str)
+
+
+    def results_ids(self, tokenizer, reply):
+        """Run a reply's calls; the token ids the chat template writes after the reply's end token: the results'
+        turn, then the next answer's header. For a decoder that goes on from the tokens it has."""
+        answer = {"role": "assistant", "content": reply["content"], "tool_calls": reply["tool_calls"]}
+        results = [{"role": "tool", "content": self.run(call)} for call in reply["tool_calls"]]
+        return tokenizer(results_framing(tokenizer, answer, results), add_special_tokens=False).input_ids
 
 
 def load_tools(spec):
