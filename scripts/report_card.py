@@ -22,7 +22,7 @@ from lm_eval import simple_evaluate
 from lm_eval.tasks import TaskManager
 
 from dataset.chat import render_chat
-from model import Sampling, atomic_write, stream_tokens
+from model import Sampling, atomic_write
 from trainer.benchmarks import OWN_TASKS, TinyMindLM, centred_scores
 from trainer.loading import load_for_use
 from trainer.tools import load_tools
@@ -80,18 +80,11 @@ def scores(model, tokenizer, chats, limit, seed):
 
 @torch.no_grad()
 def answers(model, tokenizer, prompts, new_tokens=80):
-    """The greedy answer to each prompt, as a chat."""
-    replies = []
-    for prompt in prompts:
-        text = render_chat(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
-        ids = torch.tensor([tokenizer(text, add_special_tokens=False).input_ids])
-        tokens = []
-        for token in stream_tokens(model, ids, new_tokens, Sampling(), tokenizer.eos_token_id):
-            if int(token) == tokenizer.eos_token_id:
-                break
-            tokens.append(int(token))
-        replies.append(tokens)
-    return replies
+    """The greedy answer to each prompt, as a chat: its tokens."""
+    lm = TinyMindLM(model, tokenizer)
+    return [lm.reply(tokenizer(render_chat(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True),
+                               add_special_tokens=False).input_ids, new_tokens, Sampling(), [])[0]
+            for prompt in prompts]
 
 
 def repeated_share(replies, n=4):
