@@ -6,8 +6,8 @@ Every run folder under --out_dir (each stage's, found by its CSV log) gives a ro
 its held-out figures before → after (the log's val_* columns), and the model it wrote scored on tinymind's
 held-out tasks (tasks/*.yaml through lm-eval, at most --limit examples each): the multiple-choice tasks as plain
 text for every model, the arithmetic tasks as chats for the models that chat (all but pretraining), the calculator
-task with the calculator. Each accuracy is centred on chance (0: chance, 1: all right); the headline is their mean
-over the tasks a stage was scored on. For the chat models, a repetition figure: the share of the 4-grams of the
+task without and then with the calculator. Each accuracy is centred on chance (0: chance, 1: all right); the
+headline is their mean over the tasks a stage was scored on (the calculator task counted once, with the tool). For the chat models, a repetition figure: the share of the 4-grams of the
 greedy answers to scripts/demo_prompts.txt that repeat one earlier in the same answer; and the first answers.
 """
 
@@ -32,6 +32,7 @@ ORDER = ("pretrain", "sft", "lora", "dpo", "grpo", "distill")  # the pipeline's 
 CHOICE_TASKS = ("tinymind_idiom_meaning", "tinymind_next_line", "tinymind_char_reading")
 CHAT_TASKS = ("tinymind_arithmetic",)
 TOOL_TASKS = ("tinymind_calculator",)
+TOOLED = " + calculator"  # a task scored with the calculator offered and run
 
 
 def runs(out_dir):
@@ -65,16 +66,16 @@ def scores(model, tokenizer, chats, limit, seed):
     """{task: (accuracy, centred)} on the tasks a model of its kind is scored on."""
     manager = TaskManager(include_path=[str(OWN_TASKS)], verbosity="ERROR")
     args = SimpleNamespace(dtype="float32", device="cpu")
-    settings = [(CHOICE_TASKS, False, None)]
-    if chats:
-        settings += [(CHAT_TASKS, True, None), (TOOL_TASKS, True, load_tools("calculator"))]
+    settings = [(CHOICE_TASKS, False, None, "")]
+    if chats:  # the calculator task twice: without the tool, then with it
+        settings += [(CHAT_TASKS + TOOL_TASKS, True, None, ""), (TOOL_TASKS, True, load_tools("calculator"), TOOLED)]
     found = {}
-    for tasks, chat, tools in settings:
+    for tasks, chat, tools, suffix in settings:
         results = simple_evaluate(model=TinyMindLM(model, tokenizer, 16, args, tools=tools), tasks=list(tasks),
                                   limit=limit, task_manager=manager, apply_chat_template=chat, log_samples=False,
                                   verbosity="ERROR", random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                                   fewshot_random_seed=seed)
-        found |= centred_scores(results)
+        found |= {task + suffix: score for task, score in centred_scores(results).items()}
     return found
 
 
@@ -130,7 +131,8 @@ def markdown(out_dir, rows, samples, model, limit):
     for label, tokens, seconds, held_out, _, _ in rows:
         figures = "; ".join(f"{name.replace('_', ' ')} {a:.4g} → {b:.4g}" for name, (a, b) in held_out.items())
         lines.append(f"| {label} | {tokens:,} | {seconds:.0f} | {figures or '—'} |")
-    tasks = [task for task in (*CHOICE_TASKS, *CHAT_TASKS, *TOOL_TASKS) if any(task in row[4] for row in rows)]
+    columns = (*CHOICE_TASKS, *CHAT_TASKS, *TOOL_TASKS, *(task + TOOLED for task in TOOL_TASKS))
+    tasks = [task for task in columns if any(task in row[4] for row in rows)]
     lines += ["", f"## Held-out tasks (accuracy, at most {limit} examples each; headline: the mean accuracy centred "
                   "on chance)", "",
               "| run | " + " | ".join(task.removeprefix("tinymind_").replace("_", " ") for task in tasks)
@@ -138,11 +140,15 @@ def markdown(out_dir, rows, samples, model, limit):
               "|---|" + "---:|" * (len(tasks) + 2)]
     for label, _, _, _, task_scores, repetition in rows:
         cells = [f"{task_scores[task][0]:.3f}" if task in task_scores else "—" for task in tasks]
-        headline = sum(centred for _, centred in task_scores.values()) / max(len(task_scores), 1)
+        # The headline counts each task once: the calculator task as the model answers it with its tool.
+        counted = [centred for task, (_, centred) in task_scores.items()
+                   if task.endswith(TOOLED) or task + TOOLED not in task_scores]
+        headline = sum(counted) / max(len(counted), 1)
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {headline:+.3f} | "
                      + (f"{repetition:.3f}" if repetition is not None else "—") + " |")
-    lines += ["", "Chance: 0.25 for the four-choice tasks, 0 for arithmetic. The arithmetic tasks are asked as chats, "
-                  "the calculator task with the calculator offered and run; the pretrained model is not asked them.",
+    lines += ["", "Chance: 0.25 for the four-choice tasks, 0 for arithmetic. The arithmetic tasks are asked as chats (the "
+                  "calculator task without, then with the calculator offered and run; the headline counts the "
+                  "latter); the pretrained model is not asked them.",
               "", "## Answers (greedy)", ""]
     for label, pairs in samples:
         lines.append(f"**{label}**")

@@ -42,7 +42,7 @@ def test_the_card_has_a_row_per_stage_in_pipeline_order_with_its_figures(tmp_pat
     assert "| sft_dense | 900 | 4 | bits per byte 3 → 2.5 |" in text
     assert "| pretrain_dense | 500 | 2 | — |" in text
     task_row = [line for line in text.splitlines() if line.startswith("| pretrain_dense | ")][1]
-    assert task_row.count("—") == 3  # no chat tasks for the pretrained model, and no repetition figure
+    assert task_row.count("—") == 4  # no chat tasks for the pretrained model, and no repetition figure
 
     model, tokenizer = report_card.load_for_use(out / "sft_dense/sft_64.pth")
     replies = report_card.answers(model, tokenizer, ["你好", "Hi"])
