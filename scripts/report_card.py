@@ -7,8 +7,9 @@ its held-out figures before → after (the log's val_* columns), and the model i
 held-out tasks (tasks/*.yaml through lm-eval, at most --limit examples each): the multiple-choice tasks as plain
 text for every model, the arithmetic tasks as chats for the models that chat (all but pretraining), the calculator
 task without and then with the calculator. Each accuracy is centred on chance (0: chance, 1: all right); the
-headline is their mean over the tasks a stage was scored on (the calculator task counted once, with the tool). For the chat models, a repetition figure: the share of the 4-grams of the
-greedy answers to scripts/demo_prompts.txt that repeat one earlier in the same answer; and the first answers.
+headline is their mean over the tasks a stage was scored on (the calculator task counted once, with the tool).
+For the chat models, a repetition figure: the share of the 4-grams of the greedy answers to
+scripts/demo_prompts.txt that repeat one earlier in the same answer; and the first answers.
 """
 
 import argparse
