@@ -144,7 +144,8 @@ def add_chat_flags(parser):
     group.add_argument("--prompts_file", help="answer each line of this file")
     group.add_argument("--no_history", action="store_true", help="interactive chat forgets earlier turns")
     group.add_argument("--max_new_tokens", type=int, default=256)
-    group.add_argument("--temperature", type=float, default=0.85, help="0 means greedy")
+    group.add_argument("--temperature", type=float, default=0.6,
+                       help="0 means greedy (the defaults here are measured: README, Chat defaults)")
     group.add_argument("--top_p", type=float, default=0.85)
     group.add_argument("--top_k", type=int, default=0, help="0 means no top-k cut")
     group.add_argument("--repetition_penalty", type=float, default=1.0)
