@@ -11,7 +11,7 @@ AGENT := --config configs/tiny.json --out_dir output/demo/agent --init_from outp
 	--max_new_tokens 80 --batch_size 8 --temperature 0.7 --learning_rate 3e-5 --max_steps 40 --eval_interval 20 \
 	--log_interval 1
 
-.PHONY: setup demo test test-fast gpu-check test-browser test-llama-cpp bench bench-learning bench-data bench-stages bench-serve serve clean
+.PHONY: setup demo demo-seeds test test-fast gpu-check test-browser test-llama-cpp bench bench-learning bench-data bench-stages bench-serve serve clean
 
 setup: $(VENV)/.installed
 
@@ -43,6 +43,19 @@ demo: setup
 	$(PY) 7-distill.py $(DEMO) $(STUDENT) --teacher output/demo/sft_dense/sft_128.pth --alpha 0 \
 		--out_dir output/demo/ce_only
 	$(PY) -m scripts.report_card --out_dir output/demo
+
+# The demo's reinforcement learning again with two more seeds (1 and 2 beside the demo's 42): every RL figure in the
+# README is the mean and spread of these three runs. Needs make demo first.
+demo-seeds: setup
+	for seed in 1 2; do \
+		$(PY) 6-grpo.py $(DEMO) --out_dir output/demo/seed$$seed --init_from output/demo/sft_dense/sft_128.pth \
+			--seed $$seed --batch_size 8 --learning_rate 3e-5 --max_steps 80 --max_new_tokens 16 --log_interval 1 \
+			--eval_interval 20 || exit 1; \
+		$(PY) 6-grpo.py $(AGENT) --out_dir output/demo/seed$$seed/agent --seed $$seed || exit 1; \
+	done
+	$(PY) -m scripts.seed_spread output/demo/grpo_dense output/demo/seed1/grpo_dense output/demo/seed2/grpo_dense
+	$(PY) -m scripts.seed_spread output/demo/agent/grpo_dense output/demo/seed1/agent/grpo_dense \
+		output/demo/seed2/agent/grpo_dense
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
