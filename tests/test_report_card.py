@@ -54,3 +54,19 @@ def test_the_card_has_a_row_per_stage_in_pipeline_order_with_its_figures(tmp_pat
                                             ([[5, 5, 5, 5, 5, 5], [1, 2, 3, 4]], 2 / 4)])
 def test_the_repetition_figure_is_the_share_of_repeated_four_grams(replies, share):
     assert report_card.repeated_share(replies) == pytest.approx(share)
+
+
+def test_seed_spread_gives_each_runs_gain_and_their_mean_and_deviation(tmp_path, capsys, monkeypatch):
+    from scripts import seed_spread
+
+    runs = []
+    for seed, (before, after) in enumerate([(0.4, 0.5), (0.4, 0.7)]):
+        run = tmp_path / f"seed{seed}"
+        run.mkdir()
+        (run / "grpo_128_log.csv").write_text(f"step,reward,val_accuracy\n0,,{before}\n10,0.5,\n20,0.6,{after}\n")
+        runs.append(str(run))
+    monkeypatch.setattr("sys.argv", ["seed_spread", *runs])
+    seed_spread.main()
+    out = capsys.readouterr().out
+    assert "seed0: 0.400 → 0.500 (+0.100)" in out and "seed1: 0.400 → 0.700 (+0.300)" in out
+    assert "mean of 2: 0.400 ± 0.000 → 0.600 ± 0.141; gain +0.200 ± 0.141" in out
