@@ -37,9 +37,12 @@ TOOLED = " + calculator"  # a task scored with the calculator offered and run
 
 
 def runs(out_dir):
-    """(label, run folder, its weights) of every run under `out_dir`, in pipeline order."""
+    """(label, run folder, its weights) of every run under `out_dir`, in pipeline order; the repeats of
+    `make demo-seeds` (under seed*/) are left to scripts.seed_spread."""
     found = []
     for log in Path(out_dir).rglob("*_log.csv"):
+        if any(part.startswith("seed") for part in log.relative_to(out_dir).parts[:-2]):
+            continue
         name = log.name.removesuffix("_log.csv")
         weights = next((log.with_name(name + suffix) for suffix in (".pth", ".safetensors")
                         if log.with_name(name + suffix).is_file()), None)
