@@ -33,7 +33,7 @@ ORDER = ("pretrain", "sft", "lora", "dpo", "grpo", "distill")  # the pipeline's 
 CHOICE_TASKS = ("tinymind_idiom_meaning", "tinymind_next_line", "tinymind_char_reading")
 CHAT_TASKS = ("tinymind_arithmetic",)
 TOOL_TASKS = ("tinymind_calculator",)
-TOOLED = " + calculator"  # a task scored with the calculator offered and run
+TOOLED = " with the tool"  # a task scored with the calculator offered and run
 
 
 def runs(out_dir):
