@@ -32,7 +32,6 @@ def main(argv=None):
     group.add_argument("--batch_size", type=int, default=16, help="both models' batch size")
     group.add_argument("--rounds", type=int, default=3)
     args = parse(parser, argv)
-    torch.set_grad_enabled(False)
     model, tokenizer, checkpoint = load_checkpoint_flags(args)
     manager, tasks = resolve_tasks(args.tasks)
     with tempfile.TemporaryDirectory() as export:
