@@ -136,7 +136,7 @@ def test_run_writes_jsonl_from_the_cache(tmp_path, capsys):
         expression = call["tool_calls"][0]["function"]["arguments"]["expression"]
         a, op, b = expression.split()
         assert int(result["content"]) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
-        assert answer["content"] == f"{expression} = {result['content']}"
+        assert answer["content"] in (f"答案是 {result['content']}。", f"The answer is {result['content']}.")
     assert "chatterbot" in capsys.readouterr().out
     assert any(re.fullmatch(r"\d \+ \d = \d+|\d - \d = -?\d", c[-1]["content"]) for c in conversations)
 
