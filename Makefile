@@ -60,7 +60,7 @@ demo-seeds: setup
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
-# The unit tests alone (about a minute): every test that runs no stage script, torchrun or server.
+# The unit tests alone (about two minutes): every test that runs no stage script, torchrun or server.
 test-fast: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests -m "not slow"
 
