@@ -10,6 +10,7 @@ attention inside each document and restarts positions at each one, so the same `
 carries packed and padded rows alike.
 """
 
+import bisect
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -82,24 +83,17 @@ def collate(samples, pad_id):
 
 
 class Packed(torch.utils.data.Dataset):
-    """A dataset's samples back to back in rows of at most `max_length - 1` positions, taken in file order, each
-    starting a new row when it no longer fits: no padding inside a row, and every sample keeps its own targets and
-    loss mask (none crosses into the next). `isolated` keeps attention and positions inside each sample (the
-    attention mask numbers them 1, 2, ...); otherwise a row attends as one sequence (a cheaper causal kernel)."""
+    """A dataset's samples back to back in rows of at most `max_length - 1` positions, each sample whole: no padding
+    inside a row, and every sample keeps its own targets and loss mask (none crosses into the next). The rows are
+    filled in file order, a new one begun when the next sample does not fit, or (`best_fit`) longest sample first,
+    each into the fullest row it fits (best-fit decreasing, as nanochat packs: fewer, fuller rows). `isolated` keeps
+    attention and positions inside each sample (the attention mask numbers them 1, 2, ...); otherwise a row attends
+    as one sequence (a cheaper causal kernel)."""
 
-    def __init__(self, dataset, isolated=True):
+    def __init__(self, dataset, isolated=True, best_fit=False):
         self.dataset, self.isolated = dataset, isolated
-        capacity = dataset.max_length - 1
-        self.packs, current, used = [], [], 0
-        for index, length in enumerate(dataset.lengths - 1):  # a sample of n ids has n - 1 input positions
-            if current and used + length > capacity:
-                self.packs.append(current)
-                current, used = [], 0
-            current.append(index)
-            used += length
-        if current:
-            self.packs.append(current)
-        inputs = dataset.lengths - 1
+        inputs = dataset.lengths - 1  # a sample of n ids has n - 1 input positions
+        self.packs = (best_fit_rows if best_fit else next_fit_rows)(inputs.tolist(), dataset.max_length - 1)
         self.lengths = [int(inputs[pack].sum()) for pack in self.packs]  # positions per row, for the data order
         self.samples_per_row = len(dataset) / max(len(self.packs), 1)
 
@@ -124,6 +118,44 @@ class Packed(torch.utils.data.Dataset):
         if name == "dataset":  # not set yet (unpickling in a DataLoader worker)
             raise AttributeError(name)
         return getattr(self.dataset, name)
+
+
+def next_fit_rows(lengths, capacity):
+    """Sample indices grouped into rows of at most `capacity` positions, in order, a new row when one does not fit."""
+    rows, current, used = [], [], 0
+    for index, length in enumerate(lengths):
+        if current and used + length > capacity:
+            rows.append(current)
+            current, used = [], 0
+        current.append(index)
+        used += length
+    return rows + [current] if current else rows
+
+
+def best_fit_rows(lengths, capacity):
+    """Best-fit decreasing: longest first, each sample into the row with the least room that still holds it, else a
+    new row. Rows are kept in buckets by the room they have left (at most `capacity` distinct values), so each
+    sample costs a bisection over those values, not a scan of the rows."""
+    rows, by_room, rooms = [], {}, []  # rooms: the sorted room values that have a row
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        length = lengths[index]
+        at = bisect.bisect_left(rooms, length)
+        if at < len(rooms):
+            room = rooms[at]
+            row = by_room[room].pop()
+            if not by_room[room]:
+                del by_room[room], rooms[at]
+        else:
+            room, row = capacity, len(rows)
+            rows.append([])
+        rows[row].append(index)
+        left = room - length
+        if left > 0:
+            if left not in by_room:
+                by_room[left] = []
+                bisect.insort(rooms, left)
+            by_room[left].append(row)
+    return rows
 
 
 # Optimizer steps whose samples are sorted by length together (see epoch_order).

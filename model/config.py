@@ -5,6 +5,9 @@ import math
 from transformers import PretrainedConfig
 
 
+ACTIVATIONS = ("silu", "relu2")  # the feed-forward gates model.activation computes
+
+
 class TinyMindConfig(PretrainedConfig):
     """A Llama-style decoder, dense or Mixture-of-Experts (`use_moe=True`).
 
@@ -28,6 +31,10 @@ class TinyMindConfig(PretrainedConfig):
     initializer_range: float = 0.02
     tie_word_embeddings: bool = True
     dropout: float = 0.0
+    hidden_act: str = "silu"  # the feed-forward's gate: silu (SwiGLU) or relu2 (ReLU², nanochat's, gated here)
+    # c·tanh(logits / c) on the output logits, as nanochat and Gemma 2 do; 0 turns it off. No stock transformers
+    # architecture pairs it with these blocks, so a model trained with it does not export.
+    logit_softcap: float = 0.0
     qk_norm: bool = False  # a learned RMSNorm on every query and key head before the rotary (MiniMind-3, Qwen3)
     # None, or YaRN for inference past the trained length, in Hugging Face's form: {"rope_type": "yarn",
     # "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor"}.
@@ -64,6 +71,10 @@ class TinyMindConfig(PretrainedConfig):
             )
         if (self.hidden_size // self.num_attention_heads) % 2:
             raise ValueError("rotary embeddings need an even head size (hidden_size / num_attention_heads)")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r}: choose one of {', '.join(ACTIVATIONS)}")
+        if self.logit_softcap < 0:
+            raise ValueError(f"logit_softcap {self.logit_softcap} must be 0 (off) or positive")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if kind != "yarn":

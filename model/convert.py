@@ -49,7 +49,7 @@ from huggingface_hub import snapshot_download
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, MixtralConfig, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig
 
-from .config import TinyMindConfig
+from .config import ACTIVATIONS, TinyMindConfig
 from .model import TinyMindForCausalLM
 
 # A name ending so is a weights file, never a Hub repo id.
@@ -82,12 +82,12 @@ MOE_FIELDS = {
 
 # Settings a Hugging Face config must have for tinymind to compute the same function.
 REQUIRED_SETTINGS = {
-    "llama": {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False},
-    "qwen3": {"hidden_act": "silu", "attention_bias": False, "use_sliding_window": False},
-    "qwen2_moe": {"hidden_act": "silu", "use_sliding_window": False, "decoder_sparse_step": 1, "mlp_only_layers": []},
-    "qwen3_moe": {"hidden_act": "silu", "attention_bias": False, "use_sliding_window": False, "decoder_sparse_step": 1,
+    "llama": {"attention_bias": False, "mlp_bias": False},
+    "qwen3": {"attention_bias": False, "use_sliding_window": False},
+    "qwen2_moe": {"use_sliding_window": False, "decoder_sparse_step": 1, "mlp_only_layers": []},
+    "qwen3_moe": {"attention_bias": False, "use_sliding_window": False, "decoder_sparse_step": 1,
                   "mlp_only_layers": []},
-    "mixtral": {"hidden_act": "silu", "sliding_window": None},
+    "mixtral": {"sliding_window": None},
 }
 
 ATTENTION_BIASES = ("q_proj", "k_proj", "v_proj")
@@ -109,6 +109,9 @@ def export_hf(model: TinyMindForCausalLM, out_dir, dtype=None) -> str:
     """Write `model` to `out_dir` as safetensors + config that stock transformers loads; return the class name."""
     config = model.config
     state = {key: value.detach().cpu().float() for key, value in model.state_dict().items()}
+    if config.logit_softcap:
+        raise UnsupportedArchitecture(f"logit_softcap {config.logit_softcap:g}: no stock transformers architecture "
+                                      "with these blocks caps its logits; train with --logit_softcap 0 to export")
     if config.qk_norm and config.use_moe and config.n_shared_experts:
         raise UnsupportedArchitecture("a MoE with qk_norm and shared experts has no stock architecture (Qwen3-MoE "
                                       "has no shared experts); train it with --n_shared_experts 0")
@@ -133,7 +136,7 @@ def common_hf_fields(config: TinyMindConfig) -> dict:
     rope.pop("type", None)
     return {
         **{name: getattr(config, name) for name in COMMON_FIELDS},
-        "hidden_act": "silu",
+        "hidden_act": config.hidden_act,
         "rope_parameters": {**rope, "rope_theta": config.rope_theta},
     }
 
@@ -298,6 +301,9 @@ def load_tinymind_directory(path) -> TinyMindForCausalLM:
 def check_settings(hf_config, path):
     """Refuse config settings that would make tinymind compute a different function."""
     name = type(hf_config).__name__
+    if hf_config.hidden_act not in ACTIVATIONS:
+        raise UnsupportedArchitecture(f"{path}: {name} with hidden_act={hf_config.hidden_act!r} has no tinymind "
+                                      f"counterpart (needs one of {', '.join(ACTIVATIONS)})")
     for field, needed in REQUIRED_SETTINGS[hf_config.model_type].items():
         if getattr(hf_config, field) != needed:
             raise UnsupportedArchitecture(f"{path}: {name} with {field}={getattr(hf_config, field)!r} "
@@ -331,6 +337,7 @@ def tinymind_config(hf_config, state, **fields) -> TinyMindConfig:
         **{name: getattr(hf_config, name) for name in COMMON_FIELDS},
         rope_theta=hf_config.rope_parameters["rope_theta"],
         rope_scaling=rope_scaling(hf_config.rope_parameters, None),
+        hidden_act=hf_config.hidden_act,
         # An untied head equal to the embedding (as Qwen2-MoE exports are written) is a tied one.
         tie_word_embeddings=hf_config.tie_word_embeddings
         or torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"]),

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .model import MoEFeedForward, attend, rms_norm, swiglu
+from .model import MoEFeedForward, attend, gated, rms_norm, softcap
 
 
 @dataclass
@@ -117,7 +117,8 @@ class PackedDecoder:
             return weight.to(dtype)
 
         def packed_ffn(ffn):
-            return cast(torch.cat([weight_of(ffn.gate_proj), weight_of(ffn.up_proj)])), cast(weight_of(ffn.down_proj))
+            return (cast(torch.cat([weight_of(ffn.gate_proj), weight_of(ffn.up_proj)])), cast(weight_of(ffn.down_proj)),
+                    ffn.act)
 
         attn, mlp = block.self_attn, block.mlp
         qkv = cast(torch.cat([weight_of(attn.q_proj), weight_of(attn.k_proj), weight_of(attn.v_proj)]))
@@ -174,7 +175,7 @@ class PackedDecoder:
             x = x + F.linear(y.transpose(1, 2).reshape(batch, seq, -1), o_proj)
             h = rms_norm(x, norm_2, eps)
             x = x + (feed_forward(h, *ffn) if moe is None else self.moe(moe, ffn, h))
-        return F.linear(rms_norm(x[:, -1], self.norm.weight, eps), self.head).float()
+        return softcap(F.linear(rms_norm(x[:, -1], self.norm.weight, eps), self.head).float(), c.logit_softcap)
 
     @staticmethod
     def moe(moe, packed, h):
@@ -197,6 +198,6 @@ def weight_of(linear):
     return linear.weight
 
 
-def feed_forward(x, gate_up, down):
+def feed_forward(x, gate_up, down, act):
     """model.FeedForward over its packed gate/up matrix."""
-    return F.linear(swiglu(*F.linear(x, gate_up).chunk(2, dim=-1)), down)
+    return F.linear(gated(*F.linear(x, gate_up).chunk(2, dim=-1), act), down)

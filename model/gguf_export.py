@@ -42,6 +42,9 @@ PAIRED_ROTARY = ("llama", "bailingmoe")
 
 def architecture(config: TinyMindConfig) -> str:
     """The llama.cpp architecture computing what `config` computes, or UnsupportedArchitecture naming the fix."""
+    if config.hidden_act != "silu" or config.logit_softcap:
+        raise UnsupportedArchitecture("llama.cpp's llama and qwen architectures run SwiGLU without a logit softcap: "
+                                      "train with --hidden_act silu --logit_softcap 0 to write a GGUF")
     if config.rope_scaling is not None:
         raise UnsupportedArchitecture("YaRN rotary scaling is not written to GGUF: export without --yarn_factor and "
                                       "pass llama.cpp its --rope-scaling yarn options at run time")

@@ -221,21 +221,28 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """A gated feed-forward: down(act(gate(x)) * up(x)), SwiGLU with act = silu (the default), or ReLU²."""
 
     def __init__(self, config: TinyMindConfig):
         super().__init__()
+        self.act = config.hidden_act
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(gated(self.gate_proj(x), self.up_proj(x), self.act))
 
 
-def swiglu(gate, up):
-    """The feed-forward's activation, of its gate and up projections."""
-    return F.silu(gate) * up
+def gated(gate, up, act="silu"):
+    """The feed-forward's activation, of its gate and up projections: act(gate) * up, where act is silu (SwiGLU)
+    or relu2, ReLU(x)² (what transformers calls "relu2")."""
+    return (F.silu(gate) if act == "silu" else F.relu(gate).square()) * up
+
+
+def softcap(logits, cap):
+    """cap · tanh(logits / cap): logits kept within ±cap (`config.logit_softcap`; 0 leaves them as they are)."""
+    return cap * torch.tanh(logits / cap) if cap else logits
 
 
 class MoEFeedForward(nn.Module):
@@ -318,7 +325,7 @@ class MoEFeedForward(nn.Module):
         gate_up = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in self.experts])
         down = torch.stack([e.down_proj.weight for e in self.experts])
         gate, up = F.grouped_mm(x.to(dtype), gate_up.to(dtype).transpose(1, 2), offs=ends).chunk(2, dim=-1)
-        return F.grouped_mm(swiglu(gate, up), down.to(dtype).transpose(1, 2), offs=ends).to(x.dtype)
+        return F.grouped_mm(gated(gate, up, self.experts[0].act), down.to(dtype).transpose(1, 2), offs=ends).to(x.dtype)
 
     def route(self, flat):
         """The router's choice for [tokens, hidden] inputs: (softmax scores [tokens, experts], the chosen experts'
@@ -482,7 +489,8 @@ class TinyMindForCausalLM(PreTrainedModel, GenerationMixin):
             past_key_values = DynamicCache()
         hidden, aux_loss = self.model(input_ids, attention_mask, position_ids, past_key_values, one_document_per_row)
         # Generation only needs the last position's logits; skipping the rest saves the vocab matmul.
-        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        logits = softcap(self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden),
+                         self.config.logit_softcap)
 
         loss = None
         if labels is not None:

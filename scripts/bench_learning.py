@@ -33,6 +33,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from dataset import PretrainDataset  # noqa: E402
 from dataset.batch import collate  # noqa: E402
+from scripts.train_tokenizer import SHIPPED, fit, report_compression  # noqa: E402
 from trainer import Stage, run_cli, train_stage  # noqa: E402
 
 MODEL = ["--hidden_size", "128", "--num_hidden_layers", "4", "--num_attention_heads", "4", "--num_key_value_heads", "2",
@@ -40,6 +41,16 @@ MODEL = ["--hidden_size", "128", "--num_hidden_layers", "4", "--num_attention_he
 BASELINE = ["--optimizer", "adamw", "--learning_rate", "5e-4", "--schedule", "cosine"]  # the recipe before Muon
 DEFAULT = ["--optimizer", "muon", "--learning_rate", "2e-3", "--schedule", "wsd"]  # 1-pretrain.py's defaults now
 MOE = ["--model_type", "moe", "--n_routed_experts", "4", "--num_experts_per_tok", "2", "--n_shared_experts", "1"]
+# nanochat's base_train at this width, in tinymind's flags: Muon + AdamW, ReLU², QK-norm, an untied head, logit
+# softcap 15, one attention head of 128 (its head size), the blocks' output projections zero at init, no warmup and
+# a warmdown over the last 65% of the steps, rows packed best-fit with attention across documents. Its Muon rate
+# 0.02 gives an update RMS of 0.02/sqrt(128) for these 128 x 128 matrices; tinymind's Muon update (scaled to
+# AdamW's RMS) is 0.2 x lr, hence lr 9e-3. Not emulated: value embeddings, per-group Adam rates (nanochat's embedding
+# 0.49, head 0.0098 at this width), Adam beta1 0.8, cropping documents to fill rows.
+NANOCHAT = ["--optimizer", "muon", "--learning_rate", "9e-3", "--schedule", "wsd", "--decay_fraction", "0.65",
+            "--warmup_steps", "0", "--hidden_act", "relu2", "--qk_norm", "true", "--tie_word_embeddings", "false",
+            "--logit_softcap", "15", "--num_attention_heads", "1", "--num_key_value_heads", "1", "--zero_init_out",
+            "--pack", "shared", "--pack_fit", "best"]
 RECIPES = {
     "baseline": BASELINE,
     "minimind": [*BASELINE, "--adam_beta2", "0.999", "--weight_decay", "0.01", "--warmup_steps", "0"],
@@ -51,6 +62,15 @@ RECIPES = {
     "default_packed_shared": [*DEFAULT, "--pack", "shared"],
     "default_untied": [*DEFAULT, "--tie_word_embeddings", "false"],
     "default_z_loss": [*DEFAULT, "--z_loss", "1e-4"],
+    "nanochat": NANOCHAT,
+    "default_relu2": [*DEFAULT, "--hidden_act", "relu2"],
+    "default_head64": [*DEFAULT, "--num_attention_heads", "2", "--num_key_value_heads", "2"],
+    "default_softcap": [*DEFAULT, "--logit_softcap", "15"],
+    "default_zero_init": [*DEFAULT, "--zero_init_out"],
+    "default_warmdown65": [*DEFAULT, "--decay_fraction", "0.65"],
+    "default_best_fit": [*DEFAULT, "--pack", "shared", "--pack_fit", "best"],
+    "default_lr_4e-3": [*DEFAULT, "--learning_rate", "4e-3"],
+    "default_lr_9e-3": [*DEFAULT, "--learning_rate", "9e-3"],
     "moe_baseline": [*BASELINE, *MOE],
     "moe_default": [*DEFAULT, *MOE],
 }
@@ -77,9 +97,10 @@ def stage_for(recipe):
                  default_data="data/pretrain.jsonl", default_val="data/pretrain_val.jsonl", packs=True, z_loss=True)
 
 
-def run_log(recipe, out_dir, *flags):
+def run_log(recipe, out_dir, args, *flags):
     """Train the recipe with `flags` into `out_dir`; its CSV log."""
-    argv = [*MODEL, *RECIPES[recipe], *flags, "--save_interval", str(10**9), "--out_dir", str(out_dir)]
+    argv = [*MODEL, *RECIPES[recipe], *flags, "--data_path", args.data, "--seed", str(args.seed), "--device",
+            args.device, "--tokenizer_path", args.tokenizer_path, "--save_interval", str(10**9), "--out_dir", str(out_dir)]
     train_stage(stage_for(recipe), argv)
     kind = "moe" if "moe" in RECIPES[recipe] else "dense"
     return pd.read_csv(Path(out_dir) / f"pretrain_{kind}" / f"pretrain_128{'_moe' * (kind == 'moe')}_log.csv")
@@ -87,16 +108,14 @@ def run_log(recipe, out_dir, *flags):
 
 def train(recipe, steps, args, out_dir):
     every = str(max(1, steps // args.evaluations))
-    log = run_log(recipe, out_dir, "--data_path", args.data, "--val_data", args.val, "--val_samples",
-                  str(args.val_samples), "--max_steps", str(steps), "--eval_interval", every, "--log_interval", every,
-                  "--seed", str(args.seed), "--device", args.device)
+    log = run_log(recipe, out_dir, args, "--val_data", args.val, "--val_samples", str(args.val_samples),
+                  "--max_steps", str(steps), "--eval_interval", every, "--log_interval", every)
     return log[log["val_bits_per_byte"].notna()][["step", "tokens", "seconds", "val_bits_per_byte"]]
 
 
 def seconds_per_step(recipe, args, out_dir, steps=20):
     """Median step time of a short run of the recipe, its first steps left out as warm-up."""
-    log = run_log(recipe, out_dir, "--data_path", args.data, "--max_steps", str(steps), "--log_interval", "1",
-                  "--seed", str(args.seed), "--device", args.device)
+    log = run_log(recipe, out_dir, args, "--max_steps", str(steps), "--log_interval", "1")
     return statistics.median(log["seconds"].diff().dropna().iloc[5:])
 
 
@@ -111,10 +130,17 @@ def main(argv=None):
     parser.add_argument("--budget", type=float, default=180, help="training seconds per recipe")
     parser.add_argument("--repeats", type=int, default=2, help="rounds over the recipes, interleaved")
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--reference", default="baseline", choices=list(RECIPES),
+                        help="the recipe whose final bits per byte the others race to (MoE recipes race moe_baseline "
+                             "when it runs)")
     parser.add_argument("--evaluations", type=int, default=10, help="held-out evaluations per run")
     parser.add_argument("--val_samples", type=int, default=128)
     parser.add_argument("--data", default="data/pretrain.jsonl")
     parser.add_argument("--val", default="data/pretrain_val.jsonl")
+    parser.add_argument("--tokenizer_path", default=str(SHIPPED), help="the tokenizer every recipe trains with")
+    parser.add_argument("--fit_tokenizer", action="store_true",
+                        help="first fit a tokenizer to --data (scripts.train_tokenizer, the vocabulary of the model) "
+                             "and train every recipe with it")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out", default="docs/learning.png", help="the PNG of bits per byte against seconds")
@@ -122,9 +148,13 @@ def main(argv=None):
     for path in (args.data, args.val):
         if not Path(path).is_file():
             raise SystemExit(f"error: {path}: no such file; run `python -m scripts.prepare_data` first")
-    recipes = ["baseline", *[r for r in args.recipes if r != "baseline"]]
+    recipes = [args.reference, *[r for r in args.recipes if r != args.reference]]
     curves = {recipe: [] for recipe in recipes}
     with tempfile.TemporaryDirectory() as scratch:
+        if args.fit_tokenizer:
+            args.tokenizer_path = str(Path(scratch) / "tokenizer")
+            fit(Path(args.data), Path(args.tokenizer_path), int(MODEL[MODEL.index("--vocab_size") + 1]))
+            report_compression(Path(args.tokenizer_path), SHIPPED, Path(args.val))
         # Each recipe's step count, from step times measured twice, interleaved: every round then runs the same
         # schedule, and a neighbour slowing the machine for a while skews no recipe alone.
         timings = {recipe: [] for recipe in recipes}
@@ -150,11 +180,12 @@ def report(curves, args):
         return statistics.median(float(curve[column].iloc[-1]) for curve in curves[recipe])
 
     def reference(recipe):
-        return "moe_baseline" if recipe.startswith("moe") and "moe_baseline" in curves else "baseline"
+        return "moe_baseline" if recipe.startswith("moe") and "moe_baseline" in curves else args.reference
 
     print(f"\n{args.budget:.0f} s budget, {args.repeats} round(s), medians; 'reach' is the training time to the final "
-          "held-out bits per byte of the baseline (of moe_baseline for MoE recipes)")
-    print("| recipe | steps | real tokens | seconds | held-out bits per byte | reach baseline | time vs baseline |")
+          f"held-out bits per byte of {args.reference} (of moe_baseline for MoE recipes)")
+    print(f"| recipe | steps | real tokens | seconds | held-out bits per byte | reach {args.reference} | "
+          f"time vs {args.reference} |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for recipe, runs in curves.items():
         target, seconds = final(reference(recipe), "val_bits_per_byte"), final(reference(recipe), "seconds")

@@ -8,13 +8,19 @@ round-trip exactly. Three special tokens come first, at fixed ids:
 Encoding adds none of them: the datasets add bos/eos themselves. The result is saved in
 the Hugging Face format with a ChatML chat template, so
 `transformers.AutoTokenizer.from_pretrained(out_dir)` and `apply_chat_template` work.
-At the end it prints the compression (characters per token) on the validation corpus,
-for Chinese and English documents separately.
+At the end it prints the compression on the held-out corpus (bytes and characters per token,
+Chinese and English documents apart) beside the shipped tokenizer's (`model/tokenizer/`): bytes
+per token is what a training row of fixed length carries, so it is the figure to compare.
+
+Fitting the tokenizer to your own corpus is the first step of pretraining on it: train with
+`1-pretrain.py --tokenizer_path DIR` once, and every later stage, the chat, the server and the
+exports take the tokenizer from beside the weights.
 
 Usage:
     python -m scripts.prepare_data                  # makes data/pretrain.jsonl first
     python -m scripts.train_tokenizer               # vocab 6400 -> model/tokenizer
     python -m scripts.train_tokenizer --vocab_size 32000 --max_chars 20000000 --out_dir /tmp/tok
+    python -m scripts.train_tokenizer --data my/pretrain.jsonl --out_dir my/tokenizer   # fitted to your corpus
 """
 
 import argparse
@@ -30,7 +36,8 @@ from scripts.data.pipeline import cjk_share
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # The project's chat template (ChatML, with tools and thinking in Qwen3's convention): a refitted tokenizer keeps it.
-CHAT_TEMPLATE = (Path(__file__).resolve().parent.parent / "model" / "tokenizer" / "chat_template.jinja").read_text()
+SHIPPED = Path(__file__).resolve().parent.parent / "model" / "tokenizer"
+CHAT_TEMPLATE = (SHIPPED / "chat_template.jinja").read_text()
 
 
 def read_texts(path: Path) -> list[str]:
@@ -103,16 +110,40 @@ def check(out_dir: Path) -> None:
     assert chat == "<|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n", chat
 
 
-def compression(tokenizer: Tokenizer, texts: list[str]) -> dict[str, str]:
-    """Characters per token, Chinese and English documents apart (by their share of CJK characters)."""
-    groups = {"Chinese": [t for t in texts if cjk_share(t) > 0.3],
+def compression(tokenizer, texts: list[str]) -> dict[str, tuple[float, float, int]]:
+    """(UTF-8 bytes per token, characters per token, documents) of a Hugging Face tokenizer on `texts`: all of
+    them, and the Chinese and English documents apart (by their share of CJK characters)."""
+    groups = {"all": texts, "Chinese": [t for t in texts if cjk_share(t) > 0.3],
               "English": [t for t in texts if cjk_share(t) <= 0.3]}
     result = {}
     for language, group in groups.items():
-        tokens = sum(len(encoding.ids) for encoding in tokenizer.encode_batch(group))
-        chars = sum(map(len, group))
-        result[language] = f"{chars / max(tokens, 1):.2f} chars/token ({len(group)} docs, {chars} chars)"
+        tokens = sum(map(len, tokenizer(group, add_special_tokens=False)["input_ids"])) if group else 0
+        chars, size = sum(map(len, group)), sum(len(t.encode("utf-8")) for t in group)
+        result[language] = (size / max(tokens, 1), chars / max(tokens, 1), len(group))
     return result
+
+
+def report_compression(fitted_dir: Path, shipped_dir: Path, val_path: Path) -> None:
+    """The fitted tokenizer's compression on held-out text beside the shipped one's."""
+    texts = read_texts(val_path)
+    rows = {name: compression(AutoTokenizer.from_pretrained(path), texts)
+            for name, path in (("fitted", fitted_dir), ("shipped", shipped_dir))}
+    print(f"held-out compression on {val_path} (bytes per token, characters per token):")
+    for language, (_, _, documents) in rows["fitted"].items():
+        if documents:
+            print(f"  {language:8s} {documents:6d} docs   " + "   ".join(
+                f"{name} {rows[name][language][0]:.2f} B/tok {rows[name][language][1]:.2f} ch/tok" for name in rows))
+    gain = rows["fitted"]["all"][0] / rows["shipped"]["all"][0]
+    print(f"  a row of fixed length carries {gain:.2f}x the text with the fitted tokenizer")
+
+
+def fit(data: Path, out_dir: Path, vocab_size: int, max_chars: int | None = None, seed: int = 42) -> None:
+    """Train a tokenizer on the jsonl `data` and save it, checked, in `out_dir`."""
+    texts = sample_chars(read_texts(data), max_chars, seed)
+    print(f"training a {vocab_size}-token BPE on {len(texts)} documents, {sum(map(len, texts))} chars")
+    save(train(texts, vocab_size), out_dir)
+    check(out_dir)
+    print(f"saved to {out_dir}")
 
 
 def main() -> None:
@@ -125,21 +156,15 @@ def main() -> None:
     parser.add_argument("--max_chars", type=int, default=None,
                         help="train on a random sample of about this many characters (faster)")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--compare_with", default=str(SHIPPED),
+                        help="the tokenizer to compare compression with (default: the shipped one)")
     args = parser.parse_args()
 
-    data = Path(args.data)
-    texts = sample_chars(read_texts(data), args.max_chars, args.seed)
-    print(f"training a {args.vocab_size}-token BPE on {len(texts)} documents, {sum(map(len, texts))} chars")
-    tokenizer = train(texts, args.vocab_size)
-    out_dir = Path(args.out_dir)
-    save(tokenizer, out_dir)
-    check(out_dir)
-    print(f"saved to {out_dir}")
-
+    data, out_dir = Path(args.data), Path(args.out_dir)
+    fit(data, out_dir, args.vocab_size, args.max_chars, args.seed)
     val_path = Path(args.val_data) if args.val_data else data.with_name(f"{data.stem}_val.jsonl")
     if val_path.exists():
-        for language, result in compression(tokenizer, read_texts(val_path)).items():
-            print(f"{language:8s} {result}  [{val_path}]")
+        report_compression(out_dir, Path(args.compare_with), val_path)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,10 @@ CASES = {
     "moe_minimind3": (dict(use_moe=True, qk_norm=True, n_routed_experts=4, num_experts_per_tok=1, n_shared_experts=0),
                       "Qwen3MoeForCausalLM"),
     "dense_yarn": (dict(qk_norm=True, rope_scaling=TinyMindConfig.yarn(4, 8)), "Qwen3ForCausalLM"),
+    # nanochat's feed-forward activation, in the gated form transformers computes as hidden_act "relu2"
+    "dense_relu2": (dict(hidden_act="relu2"), "LlamaForCausalLM"),
+    "moe_relu2": (dict(use_moe=True, hidden_act="relu2", n_routed_experts=4, num_experts_per_tok=2,
+                       n_shared_experts=1), "Qwen2MoeForCausalLM"),
 }
 
 
@@ -138,6 +142,11 @@ def test_tinymind_directory_loads_through_load_hf_with_its_rotary_table(tokens, 
     model = tiny_model(vocab_size, use_moe=True)
     model.save_pretrained(tmp_path)
     assert torch.equal(logits(load_hf(tmp_path).eval(), ids), logits(model, ids))
+
+
+def test_a_logit_softcap_is_refused_naming_the_fix(tokens, tmp_path):
+    with pytest.raises(UnsupportedArchitecture, match="--logit_softcap 0"):
+        export_hf(tiny_model(tokens[1], logit_softcap=15.0), tmp_path)
 
 
 def test_other_architectures_are_refused_naming_the_supported_ones(tmp_path):

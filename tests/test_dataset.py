@@ -301,6 +301,28 @@ def test_packed_rows_hold_every_sample_once_with_its_own_targets(tokenizer, tmp_
     assert batch.attention_mask.max() == (len(packed.packs[fullest]) if isolated else 1)
 
 
+def test_best_fit_rows_hold_each_sample_once_whole_and_fill_rows_fuller(tokenizer, tmp_path):
+    from dataset import Packed
+    from dataset.batch import best_fit_rows, next_fit_rows
+
+    lengths = torch.randint(1, 60, (500,), generator=torch.Generator().manual_seed(0)).tolist()
+    for fit in (next_fit_rows, best_fit_rows):
+        rows = fit(lengths, 63)
+        assert sorted(i for row in rows for i in row) == list(range(500))
+        assert all(sum(lengths[i] for i in row) <= 63 for row in rows)
+    assert len(best_fit_rows(lengths, 63)) < 0.9 * len(next_fit_rows(lengths, 63))
+    assert best_fit_rows([5, 3, 4, 2], 7) == [[0, 3], [2, 1]]  # 5 then 4 open rows; 3 fits the 4's (room 3) best
+
+    data = PretrainDataset(pretrain_file(tmp_path, copies=3), tokenizer, 40)
+    packed = Packed(data, isolated=True, best_fit=True)
+    assert len(packed) <= len(Packed(data, isolated=True)) and all(length <= 39 for length in packed.lengths)
+    for row, pack in enumerate(packed.packs):
+        ids, targets, mask, documents = packed[row]
+        for number, index in enumerate(pack, start=1):  # each sample whole, in its own document number
+            assert torch.equal(ids[documents == number], data[index][0])
+            assert torch.equal(targets[documents == number], data[index][1])
+
+
 def test_worker_processes_report_a_bad_line_and_skip_bad_lines_as_one_process_does(tmp_path, tokenizer, monkeypatch):
     import dataset.tokenized
 

@@ -19,9 +19,13 @@ from conftest import make_model, tiny_config
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("use_moe, qk_norm", [(False, False), (True, False), (False, True)])
-def test_packed_decoder_logits_equal_the_modules(use_moe, qk_norm):
+@pytest.mark.parametrize("use_moe, qk_norm, nanochat", [(False, False, False), (True, False, False),
+                                                       (False, True, False), (False, False, True), (True, False, True)])
+def test_packed_decoder_logits_equal_the_modules(use_moe, qk_norm, nanochat):
     model = make_model(use_moe)
+    if nanochat:  # ReLU² feed-forwards and capped logits (a cap the random logits reach)
+        torch.manual_seed(1)
+        model = TinyMindForCausalLM(tiny_config(use_moe=use_moe, hidden_act="relu2", logit_softcap=0.5)).eval()
     if qk_norm:  # per-head q/k norms with gains unlike 1
         torch.manual_seed(1)
         model = TinyMindForCausalLM(tiny_config(qk_norm=True)).eval()

@@ -107,6 +107,9 @@ def test_architectures_llama_cpp_cannot_run_exactly_are_refused_with_the_reason(
         architecture(TinyMindConfig(**SHAPE, use_moe=True, qk_norm=True))
     with pytest.raises(ValueError, match="--yarn_factor"):
         architecture(TinyMindConfig(**SHAPE, rope_scaling=TinyMindConfig.yarn(4, 512)))
+    for nanochat in (dict(hidden_act="relu2"), dict(logit_softcap=15.0)):
+        with pytest.raises(ValueError, match="--hidden_act silu --logit_softcap 0"):
+            architecture(TinyMindConfig(**SHAPE, **nanochat))
 
 
 def test_cli_writes_the_gguf_and_a_modelfile_and_refuses_in_one_line(tmp_path):

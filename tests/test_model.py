@@ -168,6 +168,32 @@ def test_aux_loss_is_zero_in_eval_and_for_dense():
 # ---- MoE dispatch ----------------------------------------------------------------------------
 
 
+def test_relu2_feed_forward_and_softcapped_logits_equal_hand_computations():
+    from model.model import FeedForward
+
+    torch.manual_seed(0)
+    ffn = FeedForward(tiny_config(hidden_act="relu2"))
+    x = torch.randn(3, 64)
+    gate, up = x @ ffn.gate_proj.weight.T, x @ ffn.up_proj.weight.T
+    expected = (torch.where(gate > 0, gate * gate, torch.zeros_like(gate)) * up) @ ffn.down_proj.weight.T
+    torch.testing.assert_close(ffn(x), expected)
+
+    model = TinyMindForCausalLM(tiny_config(logit_softcap=0.05)).eval()
+    ids = torch.randint(3, 97, (2, 6))
+    with torch.no_grad():
+        hidden, _ = model.model(ids, None, None, None)
+        raw = hidden @ model.lm_head.weight.T
+        capped = model(ids).logits
+    assert raw.abs().max() > 0.05 and capped.abs().max() <= 0.05
+    torch.testing.assert_close(capped, 0.05 * torch.tanh(raw / 0.05))
+
+
+@pytest.mark.parametrize("field, value", [("hidden_act", "gelu"), ("logit_softcap", -1.0)])
+def test_unknown_activation_or_negative_softcap_is_refused_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        tiny_config(**{field: value})
+
+
 def test_moe_of_identical_experts_equals_the_dense_ffn():
     torch.manual_seed(0)
     moe = MoEFeedForward(moe_config(n_shared_experts=0, norm_topk_prob=True)).eval()

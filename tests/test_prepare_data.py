@@ -162,6 +162,26 @@ def test_trained_tokenizer_round_trips_and_speaks_chatml(tmp_path):
     train_tokenizer.check(tmp_path)  # raises on any broken promise
 
 
+def test_a_tokenizer_fitted_to_a_corpus_reports_its_compression_beside_the_shipped_one(tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    words = ["antidisestablishmentarianism", "floccinaucinihilipilification", "pneumonoultramicroscopic", "曼陀罗华"]
+    texts = [" ".join(words[(i + j) % 4] for j in range(12)) for i in range(80)]
+    write_jsonl(tmp_path / "corpus.jsonl", [{"text": t} for t in texts[:60]])
+    write_jsonl(tmp_path / "corpus_val.jsonl", [{"text": t} for t in texts[60:]])
+    train_tokenizer.fit(tmp_path / "corpus.jsonl", tmp_path / "fitted", vocab_size=400)
+    fitted = AutoTokenizer.from_pretrained(tmp_path / "fitted")
+    figures = train_tokenizer.compression(fitted, texts[60:])
+    tokens = sum(len(fitted(t, add_special_tokens=False).input_ids) for t in texts[60:])
+    assert figures["all"] == pytest.approx((sum(len(t.encode()) for t in texts[60:]) / tokens,
+                                            sum(map(len, texts[60:])) / tokens, 20))
+    capsys.readouterr()
+    train_tokenizer.report_compression(tmp_path / "fitted", train_tokenizer.SHIPPED, tmp_path / "corpus_val.jsonl")
+    out = capsys.readouterr().out
+    gain = float(re.search(r"carries (\d+\.\d+)x the text", out).group(1))
+    assert gain > 2 and re.search(r"English\s+20 docs\s+fitted \d+\.\d\d B/tok", out), out
+
+
 def test_committed_tokenizer_meets_the_contract():
     tokenizer_dir = ROOT / "model" / "tokenizer"
     train_tokenizer.check(tokenizer_dir)

@@ -307,6 +307,31 @@ def test_learning_rate_schedules_warm_up_then_end_at_a_tenth(schedule):
         assert rates[5:79] == [1.0] * 74 and rates[89] == pytest.approx(0.1 + 0.9 * 10 / 20)
 
 
+def test_warmdown_over_the_last_decay_fraction_of_the_steps(tmp_path):
+    from trainer.loop import lr_at
+
+    rates = [lr_at(step, 100, 0, 1.0, "wsd", decay_fraction=0.65) for step in range(100)]
+    assert rates[:35] == [1.0] * 35 and rates[35] < 1.0 and rates[-1] == pytest.approx(0.1)
+    assert rates[66] == pytest.approx(0.1 + 0.9 * 33 / 65)
+    with pytest.raises(UserError, match=r"^--decay_fraction 0\.0: must lie in \(0, 1\]$"):
+        tiny_args(tmp_path, "--decay_fraction", "0")
+
+
+def test_zero_init_out_starts_every_block_as_the_identity_and_still_learns(tmp_path):
+    from trainer.stages import new_model
+
+    model = new_model(tiny_args(tmp_path, "--zero_init_out"))
+    outputs = {name: p for name, p in model.named_parameters() if name.endswith(("o_proj.weight", "down_proj.weight"))}
+    assert len(outputs) == 2 * model.config.num_hidden_layers and all(not p.any() for p in outputs.values())
+    assert all(p.any() for name, p in model.named_parameters() if name not in outputs)
+    ids = torch.randint(3, 97, (2, 8))
+    hidden, _ = model.model(ids, None, None, None)
+    torch.testing.assert_close(hidden, model.model.norm(model.model.embed_tokens(ids)))  # the blocks add nothing
+    model(ids, labels=ids).loss.backward()
+    assert all(p.grad.abs().sum() > 0 for p in outputs.values())
+    assert not new_model(tiny_args(tmp_path)).model.layers[0].self_attn.o_proj.weight.eq(0).all()
+
+
 def test_dropout_is_a_model_flag_that_reaches_the_config_and_is_checked(tmp_path):
     assert model_config(tiny_args(tmp_path, "--dropout", "0.1")).dropout == 0.1
     assert model_config(tiny_args(tmp_path)).dropout == 0.0

@@ -26,6 +26,10 @@ MODEL_FLAGS = {
     "num_experts_per_tok": "MoE: experts each token is sent to (top-k)",
     "n_shared_experts": "MoE: experts every token always goes through",
     "intermediate_size": "SwiGLU width of the feed-forward and of each expert (default: 64·ceil(8/3·hidden / 64))",
+    "hidden_act": "the feed-forward's gate: silu (SwiGLU) or relu2 (ReLU², as nanochat; exports to transformers, not "
+                  "GGUF)",
+    "logit_softcap": "cap the logits at ±c smoothly, c·tanh(logits/c), as nanochat (0: off; such a model does not "
+                     "export)",
     "qk_norm": "a learned RMSNorm on every query and key head before the rotary (MiniMind-3, Qwen3): true or false",
     "rms_norm_eps": "epsilon of every RMSNorm",
     "rope_theta": "rotary base",
@@ -86,6 +90,9 @@ def add_training_flags(parser, default_data):
     group.add_argument("--pack", choices=("none", "isolated", "shared"), default="none",
                        help="put samples back to back in rows of --max_seq_len instead of padding each: isolated keeps "
                             "attention inside each sample, shared lets a row attend as one sequence")
+    group.add_argument("--pack_fit", choices=("next", "best"), default="next",
+                       help="how --pack fills rows with whole samples: next (in file order, a new row when the next "
+                            "does not fit) or best (longest first, each into the fullest row it fits, as nanochat)")
     group.add_argument("--z_loss", type=float, default=0.0,
                        help="weight of the z-loss, the mean squared log-normaliser of the logits (PaLM used 1e-4; 0: off)")
     group.add_argument("--epochs", type=int, default=1, help="passes over the data")
@@ -99,9 +106,15 @@ def add_training_flags(parser, default_data):
                             "and routers")
     group.add_argument("--adam_beta2", type=float, default=0.95, help="AdamW's second-moment decay")
     group.add_argument("--schedule", choices=("cosine", "wsd"), default="cosine",
-                       help="after warmup: cosine decay, or warmup-stable-decay (flat, then linear over the last 20%%)")
+                       help="after warmup: cosine decay, or warmup-stable-decay (flat, then linear over the last "
+                            "--decay_fraction of the steps)")
+    group.add_argument("--decay_fraction", type=float, default=0.2,
+                       help="wsd: the share of the steps over which the rate falls to a tenth (nanochat: 0.65)")
     group.add_argument("--warmup_steps", type=int, help="linear warmup length; 2%% of the steps when not given")
     group.add_argument("--weight_decay", type=float, default=0.1, help="AdamW decay, on weight matrices only")
+    group.add_argument("--zero_init_out", action="store_true",
+                       help="a model from random init starts its blocks' output projections (attention o_proj, "
+                            "feed-forward down_proj) at zero, as nanochat: every block begins as the identity")
     group.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0: no clipping)")
     group.add_argument("--num_workers", type=int,
                        help="DataLoader worker processes, which collate the next batches while the device trains "
@@ -310,6 +323,8 @@ def validate(args):
             "whole matrices, which FSDP2 shards)", err=True)
     if not 0 <= args.dropout < 1:
         raise UserError(f"--dropout {args.dropout}: must lie in [0, 1)")
+    if not 0 < getattr(args, "decay_fraction", 0.5) <= 1:
+        raise UserError(f"--decay_fraction {args.decay_fraction}: must lie in (0, 1]")
     if not 0 <= getattr(args, "adam_beta2", 0.5) < 1:
         raise UserError(f"--adam_beta2 {args.adam_beta2}: must lie in [0, 1)")
     if args.yarn_factor < 1:

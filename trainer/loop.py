@@ -261,7 +261,8 @@ class Trainer:
         metrics in the same transfer: the token counts come from the host-side batches, the normaliser of the
         loss stays a device tensor under torchrun, and the stop signal rides on the step's one all-reduce."""
         args, model, objective = self.args, self.model, self.objective
-        lr = lr_at(self.progress.step, self.total_steps, self.warmup_steps, args.learning_rate, args.schedule)
+        lr = lr_at(self.progress.step, self.total_steps, self.warmup_steps, args.learning_rate, args.schedule,
+                   args.decay_fraction)
         for optimizer in self.optimizers:
             for group in optimizer.param_groups:
                 group["lr"] = lr

@@ -102,7 +102,7 @@ def train(stage, args):
     with distributed.main_process_first():
         dataset = stage.dataset(args.data_path, tokenizer, args.max_seq_len, skip_bad_lines=args.skip_bad_lines)
         if args.pack != "none":
-            dataset = Packed(dataset, isolated=args.pack == "isolated")
+            dataset = Packed(dataset, isolated=args.pack == "isolated", best_fit=args.pack_fit == "best")
         val = stage.dataset(args.val_data, tokenizer, args.max_seq_len) if args.val_data else None
     for note in dataset.notes() + (val.notes() if val else []):
         say(note, err=True)
@@ -154,15 +154,26 @@ def build_model(stage_name, start, args):
     if args.resume:
         own = config_path(run_paths(stage_name, args).existing_weights())
         if not own.is_file():
-            return TinyMindForCausalLM(model_config(args))
+            return new_model(args)
         return TinyMindForCausalLM(checked_config({**TinyMindConfig.from_json_file(own).to_dict(), **flag_overrides(args)}))
     if start is None:
-        return TinyMindForCausalLM(model_config(args))
+        return new_model(args)
     model = load_flagged(start, args)
     if args.max_seq_len > model.config.max_position_embeddings:
         raise UserError(f"--max_seq_len {args.max_seq_len} exceeds the max_position_embeddings "
                         f"{model.config.max_position_embeddings} of {start}")
     say(f"initialised from {start}")
+    return model
+
+
+def new_model(args):
+    """A model from random init, its blocks' output projections zeroed with --zero_init_out."""
+    model = TinyMindForCausalLM(model_config(args))
+    if args.zero_init_out:
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if name.endswith(("o_proj.weight", "down_proj.weight")):
+                    parameter.zero_()
     return model
 
 
