@@ -50,6 +50,10 @@ class TinyMindConfig(PretrainedConfig):
     n_shared_experts: int = 1
     norm_topk_prob: bool = True
     aux_loss_alpha: float = 0.1
+    # Aux-loss-free balancing (DeepSeek-V3): a per-expert bias added to the router's scores to choose the experts
+    # (not to weight them), moved by this much after every optimizer step, up for experts that got fewer tokens
+    # than the mean, down for those that got more. 0: off (no bias).
+    expert_bias_rate: float = 0.0
     seq_aux: bool = True
 
     def __post_init__(self, **kwargs):
@@ -73,6 +77,8 @@ class TinyMindConfig(PretrainedConfig):
             raise ValueError("rotary embeddings need an even head size (hidden_size / num_attention_heads)")
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act {self.hidden_act!r}: choose one of {', '.join(ACTIVATIONS)}")
+        if self.expert_bias_rate < 0:
+            raise ValueError(f"expert_bias_rate {self.expert_bias_rate} must be 0 (off) or positive")
         if self.logit_softcap < 0:
             raise ValueError(f"logit_softcap {self.logit_softcap} must be 0 (off) or positive")
         if self.rope_scaling is not None:

@@ -1,7 +1,9 @@
 """Hugging Face interop: a tinymind model as a stock `transformers` architecture, and back.
 
 `export_hf` writes a directory that `AutoModelForCausalLM.from_pretrained(dir)` loads with no
-remote code, so transformers, vLLM and llama.cpp's converter can run it:
+remote code, so transformers, vLLM and llama.cpp's converter can run it (a model with
+`hidden_act` relu2 is written as transformers computes it, hidden_act "relu2"; vLLM's and llama.cpp's
+Llama take SwiGLU only). A logit softcap or an expert routing bias has no stock counterpart: refused.
 
     dense                                   → LlamaForCausalLM    (same module names, same maths)
     dense with qk_norm                      → Qwen3ForCausalLM    (Llama's names plus self_attn.{q,k}_norm)
@@ -112,6 +114,9 @@ def export_hf(model: TinyMindForCausalLM, out_dir, dtype=None) -> str:
     if config.logit_softcap:
         raise UnsupportedArchitecture(f"logit_softcap {config.logit_softcap:g}: no stock transformers architecture "
                                       "with these blocks caps its logits; train with --logit_softcap 0 to export")
+    if config.use_moe and config.expert_bias_rate:
+        raise UnsupportedArchitecture("expert_bias_rate: the stock MoE architectures choose experts without a "
+                                      "per-expert bias; train with --expert_bias_rate 0 to export")
     if config.qk_norm and config.use_moe and config.n_shared_experts:
         raise UnsupportedArchitecture("a MoE with qk_norm and shared experts has no stock architecture (Qwen3-MoE "
                                       "has no shared experts); train it with --n_shared_experts 0")

@@ -175,7 +175,7 @@ class PackedDecoder:
             x = x + F.linear(y.transpose(1, 2).reshape(batch, seq, -1), o_proj)
             h = rms_norm(x, norm_2, eps)
             x = x + (feed_forward(h, *ffn) if moe is None else self.moe(moe, ffn, h))
-        return softcap(F.linear(rms_norm(x[:, -1], self.norm.weight, eps), self.head).float(), c.logit_softcap)
+        return softcap(F.linear(rms_norm(x[:, -1], self.norm.weight, eps), self.head), c.logit_softcap).float()
 
     @staticmethod
     def moe(moe, packed, h):

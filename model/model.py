@@ -1,8 +1,9 @@
 """The TinyMind network, top to bottom: norm, rotary, attention, feed-forward, MoE, block, model.
 
 A Llama-style decoder: token embedding → N pre-norm blocks (RMSNorm → grouped-query
-attention with rotary positions → RMSNorm → SwiGLU or Mixture-of-Experts) → RMSNorm →
-LM head tied to the embedding. Module names are the state-dict layout of docs/architecture.md,
+attention with rotary positions → RMSNorm → SwiGLU (or ReLU²-gated) feed-forward or
+Mixture-of-Experts) → RMSNorm → LM head, tied to the embedding unless told otherwise, its
+logits optionally soft-capped. Module names are the state-dict layout of docs/architecture.md,
 so `state_dict()` is exactly that layout and MiniMind2-layout `.pth` files load strictly.
 Fast inference decoding lives in generate.py.
 """
@@ -246,7 +247,8 @@ def softcap(logits, cap):
 
 
 class MoEFeedForward(nn.Module):
-    """Softmax router over `n_routed_experts` SwiGLU experts, top-k per token, plus always-on shared experts.
+    """Softmax router over `n_routed_experts` gated experts, top-k per token, plus always-on shared experts; with
+    `expert_bias_rate`, a per-expert bias on the scores chooses the experts (DeepSeek-V3's aux-loss-free balancing).
 
     Dispatch is one path for training and inference: sort the token→expert assignments by
     expert, run every expert once on its contiguous slice (an empty slice still runs, so an
@@ -271,6 +273,10 @@ class MoEFeedForward(nn.Module):
         self.shared_experts = nn.ModuleList(FeedForward(config) for _ in range(config.n_shared_experts))
         # Real-token assignments each expert received in training forwards since the trainer last read them.
         self.register_buffer("expert_counts", torch.zeros(self.n_experts), persistent=False)
+        self.bias_rate = config.expert_bias_rate  # how far each step moves the bias (0 once frozen, as under LoRA)
+        self.expert_bias = None
+        if self.bias_rate:  # saved with the weights: inference must choose as training did
+            self.register_buffer("expert_bias", torch.zeros(self.n_experts))
         self.dispatch = "auto"  # one of DISPATCHES; auto: grouped on CUDA, per expert elsewhere
         # grouped_mm needs rows whose byte strides are multiples of 16: widths that are multiples of 8 (bfloat16).
         self.groupable = config.hidden_size % 8 == 0 and config.intermediate_size % 8 == 0
@@ -305,6 +311,22 @@ class MoEFeedForward(nn.Module):
             aux_loss = self._balance_loss(scores, experts, token_mask, batch, seq)
         return out.view(batch, seq, hidden), aux_loss
 
+    def _apply(self, fn, recurse=True):
+        """Cast (`model.to(torch.bfloat16)` to serve), the balancing bias stays float32: its steps of 1e-3 would
+        round away in 8 bits, and near-ties of the router flip."""
+        bias = self.expert_bias
+        super()._apply(fn, recurse)
+        if bias is not None and self.expert_bias.dtype != torch.float32:
+            self.expert_bias = bias.to(self.expert_bias.device, torch.float32)
+        return self
+
+    @torch.no_grad()
+    def update_bias(self, counts):
+        """After an optimizer step: each expert's bias moves by the rate towards the mean load, from `counts`, the
+        step's assignments to each expert (a device tensor: no host read)."""
+        if self.bias_rate and self.expert_bias is not None:
+            self.expert_bias += self.bias_rate * torch.sign(counts.mean() - counts).to(self.expert_bias.dtype)
+
     def grouped(self, x):
         """Whether this forward runs the grouped dispatch: asked for, or auto where it pays and computes in the
         run's own precision (bf16 on a CUDA GPU of compute capability 8 or more, which grouped_mm needs); with
@@ -329,9 +351,14 @@ class MoEFeedForward(nn.Module):
 
     def route(self, flat):
         """The router's choice for [tokens, hidden] inputs: (softmax scores [tokens, experts], the chosen experts'
-        weights [tokens, k], their indices [tokens, k])."""
+        weights [tokens, k], their indices [tokens, k]). With a balancing bias, the bias picks the experts and the
+        scores alone weight them."""
         scores = self.gate(flat).float().softmax(dim=-1)
-        weights, experts = scores.topk(self.top_k, dim=-1)
+        if self.expert_bias is not None:
+            experts = (scores + self.expert_bias).topk(self.top_k, dim=-1).indices
+            weights = scores.gather(1, experts)
+        else:
+            weights, experts = scores.topk(self.top_k, dim=-1)
         if self.norm_topk_prob:  # at top-1 the chosen expert's weight is exactly 1, as in Qwen3-MoE and MiniMind-3
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return scores, weights, experts

@@ -138,8 +138,13 @@ def load_into(model, state, source):
     own = model.state_dict()
     if model.config.tie_word_embeddings and "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
         state = {**state, "lm_head.weight": state["model.embed_tokens.weight"]}
+    # A model that balances its experts by a routing bias starts from weights without one at a bias of zero.
+    state = {**{key: torch.zeros_like(own[key]) for key in own if key.endswith(".expert_bias")}, **state}
     missing = [key for key in own if key not in state]
     unexpected = [key for key in state if key not in own]
+    if any(key.endswith(".expert_bias") for key in unexpected):
+        raise CheckpointError(f"{source} routes its experts with a balancing bias (expert_bias_rate in its config); "
+                              "pass --expert_bias_rate above 0 to load it")
     reshaped = [key for key in own if key in state and state[key].shape != own[key].shape]
     if missing or unexpected or reshaped:
         problems = []

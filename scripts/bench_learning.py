@@ -45,8 +45,10 @@ MOE = ["--model_type", "moe", "--n_routed_experts", "4", "--num_experts_per_tok"
 # softcap 15, one attention head of 128 (its head size), the blocks' output projections zero at init, no warmup and
 # a warmdown over the last 65% of the steps, rows packed best-fit with attention across documents. Its Muon rate
 # 0.02 gives an update RMS of 0.02/sqrt(128) for these 128 x 128 matrices; tinymind's Muon update (scaled to
-# AdamW's RMS) is 0.2 x lr, hence lr 9e-3. Not emulated: value embeddings, per-group Adam rates (nanochat's embedding
-# 0.49, head 0.0098 at this width), Adam beta1 0.8, cropping documents to fill rows.
+# AdamW's RMS) is 0.2 x lr, hence lr 9e-3. Not emulated: value embeddings; per-group Adam rates (nanochat's
+# embedding 0.49, head 0.0098 at this width) and Adam beta1 0.8; its ReLU² feed-forward is ungated and 4x wide
+# (here gated at 8/3x, the same parameters); its norms have no gains; its rate decays to 0 (here to a tenth); it
+# crops documents to fill rows (here rows hold whole documents).
 NANOCHAT = ["--optimizer", "muon", "--learning_rate", "9e-3", "--schedule", "wsd", "--decay_fraction", "0.65",
             "--warmup_steps", "0", "--hidden_act", "relu2", "--qk_norm", "true", "--tie_word_embeddings", "false",
             "--logit_softcap", "15", "--num_attention_heads", "1", "--num_key_value_heads", "1", "--zero_init_out",
@@ -61,6 +63,12 @@ RECIPES = {
     "default_packed": [*DEFAULT, "--pack", "isolated"],
     "default_packed_shared": [*DEFAULT, "--pack", "shared"],
     "default_untied": [*DEFAULT, "--tie_word_embeddings", "false"],
+    "default_best_fit_lr_6e-3": [*DEFAULT, "--pack", "shared", "--pack_fit", "best", "--learning_rate", "6e-3"],
+    "default_best_fit_lr_9e-3": [*DEFAULT, "--pack", "shared", "--pack_fit", "best", "--learning_rate", "9e-3"],
+    "default_best_fit_lr_9e-3_untied": [*DEFAULT, "--pack", "shared", "--pack_fit", "best", "--learning_rate", "9e-3",
+                                        "--tie_word_embeddings", "false"],
+    "default_best_fit_lr_9e-3_untied_wd65": [*DEFAULT, "--pack", "shared", "--pack_fit", "best", "--learning_rate",
+                                             "9e-3", "--tie_word_embeddings", "false", "--decay_fraction", "0.65"],
     "default_z_loss": [*DEFAULT, "--z_loss", "1e-4"],
     "nanochat": NANOCHAT,
     "default_relu2": [*DEFAULT, "--hidden_act", "relu2"],
@@ -73,6 +81,13 @@ RECIPES = {
     "default_lr_9e-3": [*DEFAULT, "--learning_rate", "9e-3"],
     "moe_baseline": [*BASELINE, *MOE],
     "moe_default": [*DEFAULT, *MOE],
+    "moe_top1": [*DEFAULT, *MOE, "--num_experts_per_tok", "1"],
+    # DeepSeek-V3's balancing: a per-expert routing bias instead of the aux loss
+    "moe_top1_bias": [*DEFAULT, *MOE, "--num_experts_per_tok", "1", "--expert_bias_rate", "1e-3",
+                      "--aux_loss_alpha", "0"],
+    # finer experts: 8 of half the width, top-2, and a shared one of that width (active width 576; top-1: 768)
+    "moe_fine_bias": [*DEFAULT, *MOE, "--n_routed_experts", "8", "--intermediate_size", "192",
+                      "--expert_bias_rate", "1e-3", "--aux_loss_alpha", "0"],
 }
 
 
@@ -113,10 +128,12 @@ def train(recipe, steps, args, out_dir):
     return log[log["val_bits_per_byte"].notna()][["step", "tokens", "seconds", "val_bits_per_byte"]]
 
 
-def seconds_per_step(recipe, args, out_dir, steps=20):
-    """Median step time of a short run of the recipe, its first steps left out as warm-up."""
+def seconds_per_step(recipe, args, out_dir, steps=64):
+    """Mean step time of a short run of the recipe, its first steps left out as warm-up. The mean, not the median:
+    batches of short samples are quick and of long ones slow, and a corpus of mostly short documents would make
+    the median step a quick one, the schedule too long for the budget."""
     log = run_log(recipe, out_dir, args, "--max_steps", str(steps), "--log_interval", "1")
-    return statistics.median(log["seconds"].diff().dropna().iloc[5:])
+    return float(log["seconds"].diff().dropna().iloc[5:].mean())
 
 
 def reached(curve, target):

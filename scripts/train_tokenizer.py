@@ -123,11 +123,12 @@ def compression(tokenizer, texts: list[str]) -> dict[str, tuple[float, float, in
     return result
 
 
-def report_compression(fitted_dir: Path, shipped_dir: Path, val_path: Path) -> None:
-    """The fitted tokenizer's compression on held-out text beside the shipped one's."""
+def report_compression(fitted, shipped, val_path: Path) -> None:
+    """The fitted tokenizer's compression on held-out text beside the shipped one's (each a Hugging Face
+    tokenizer or its folder)."""
     texts = read_texts(val_path)
-    rows = {name: compression(AutoTokenizer.from_pretrained(path), texts)
-            for name, path in (("fitted", fitted_dir), ("shipped", shipped_dir))}
+    rows = {name: compression(AutoTokenizer.from_pretrained(t) if isinstance(t, (str, Path)) else t, texts)
+            for name, t in (("fitted", fitted), ("shipped", shipped))}
     print(f"held-out compression on {val_path} (bytes per token, characters per token):")
     for language, (_, _, documents) in rows["fitted"].items():
         if documents:
@@ -161,10 +162,11 @@ def main() -> None:
     args = parser.parse_args()
 
     data, out_dir = Path(args.data), Path(args.out_dir)
+    shipped = AutoTokenizer.from_pretrained(args.compare_with)  # read before a refit may overwrite it
     fit(data, out_dir, args.vocab_size, args.max_chars, args.seed)
     val_path = Path(args.val_data) if args.val_data else data.with_name(f"{data.stem}_val.jsonl")
     if val_path.exists():
-        report_compression(out_dir, Path(args.compare_with), val_path)
+        report_compression(out_dir, shipped, val_path)
 
 
 if __name__ == "__main__":

@@ -144,9 +144,11 @@ def test_tinymind_directory_loads_through_load_hf_with_its_rotary_table(tokens, 
     assert torch.equal(logits(load_hf(tmp_path).eval(), ids), logits(model, ids))
 
 
-def test_a_logit_softcap_is_refused_naming_the_fix(tokens, tmp_path):
+def test_a_logit_softcap_or_a_balancing_bias_is_refused_naming_the_fix(tokens, tmp_path):
     with pytest.raises(UnsupportedArchitecture, match="--logit_softcap 0"):
         export_hf(tiny_model(tokens[1], logit_softcap=15.0), tmp_path)
+    with pytest.raises(UnsupportedArchitecture, match="--expert_bias_rate 0"):
+        export_hf(tiny_model(tokens[1], use_moe=True, expert_bias_rate=1e-3), tmp_path)
 
 
 def test_other_architectures_are_refused_naming_the_supported_ones(tmp_path):

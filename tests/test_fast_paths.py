@@ -44,6 +44,26 @@ def test_packed_decoder_logits_equal_the_modules(use_moe, qk_norm, nanochat):
         torch.testing.assert_close(logits, full[:, t], atol=1e-5, rtol=1e-5)
 
 
+def test_one_token_moe_decoding_with_relu2_experts_and_a_routing_bias_equals_the_modules():
+    """A single sequence decodes through the decoder's own top-k path (not the module's dispatch)."""
+    torch.manual_seed(2)
+    model = TinyMindForCausalLM(tiny_config(use_moe=True, hidden_act="relu2", expert_bias_rate=1e-3)).eval()
+    with torch.no_grad():
+        for moe in model.moe_layers():
+            moe.expert_bias.normal_(0, 0.05)  # enough to overrule the router's first choice for some tokens
+        ids = torch.randint(3, 97, (1, 9))
+        full = model(ids).logits
+        decoder = PackedDecoder(model, batch=1, max_len=9)
+        decoder(ids[:, :4], 0)
+        for t in range(4, 9):
+            torch.testing.assert_close(decoder(ids[:, t:t + 1], t), full[:, t], atol=1e-5, rtol=1e-5)
+    plain = model.moe_layers()[0]
+    h = torch.randn(20, 64)
+    biased = plain.route(h)[2]
+    plain.expert_bias.zero_()
+    assert not torch.equal(biased, plain.route(h)[2])  # the bias did change some choices
+
+
 @pytest.mark.parametrize("rows", [[0, 1, 2], [1, 2], [0, 2], [2]], ids=["all", "consecutive", "gapped", "one"])
 def test_decode_of_rows_at_their_own_positions_equals_the_modules(rows):
     """The engine's step: cache rows of different lengths, consecutive (read as a view) or not (gathered),

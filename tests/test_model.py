@@ -194,6 +194,37 @@ def test_unknown_activation_or_negative_softcap_is_refused_naming_the_field(fiel
         tiny_config(**{field: value})
 
 
+def test_the_balancing_bias_chooses_the_experts_and_the_scores_alone_weight_them():
+    torch.manual_seed(0)
+    moe = MoEFeedForward(moe_config(expert_bias_rate=0.1, norm_topk_prob=False)).eval()
+    flat = torch.randn(6, 64)
+    plain_scores, plain_weights, plain_experts = moe.route(flat)  # a zero bias chooses as the scores do
+    assert plain_experts.tolist() == plain_scores.topk(2).indices.tolist()
+    moe.expert_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 5.0]))  # expert 3 wins every token's first place
+    scores, weights, experts = moe.route(flat)
+    assert (experts[:, 0] == 3).all() and torch.equal(weights, scores.gather(1, experts))
+    assert "expert_bias" in moe.state_dict() and "expert_bias" not in MoEFeedForward(moe_config()).state_dict()
+
+    moe.update_bias(torch.tensor([10.0, 0.0, 5.0, 5.0]))  # mean 5: the overloaded expert down, the idle one up
+    torch.testing.assert_close(moe.expert_bias, torch.tensor([-0.1, 0.1, 0.0, 5.0]))
+
+
+def test_weights_without_a_routing_bias_load_at_zero_and_a_bias_needs_the_flag(tmp_path):
+    from model import CheckpointError
+    from model.weights import load_into
+
+    torch.manual_seed(0)
+    plain = TinyMindForCausalLM(moe_config())
+    biased = TinyMindForCausalLM(moe_config(expert_bias_rate=1e-3))
+    load_into(biased, plain.state_dict(), tmp_path / "plain.pth")
+    assert all(not moe.expert_bias.any() for moe in biased.moe_layers())
+    with torch.no_grad():
+        torch.testing.assert_close(biased(torch.arange(3, 11)[None]).logits, plain(torch.arange(3, 11)[None]).logits)
+    with pytest.raises(CheckpointError, match="pass --expert_bias_rate above 0"):
+        load_into(TinyMindForCausalLM(moe_config()), biased.state_dict(), tmp_path / "biased.pth")
+    assert biased.to(torch.bfloat16).moe_layers()[0].expert_bias.dtype == torch.float32
+
+
 def test_moe_of_identical_experts_equals_the_dense_ffn():
     torch.manual_seed(0)
     moe = MoEFeedForward(moe_config(n_shared_experts=0, norm_topk_prob=True)).eval()

@@ -118,6 +118,22 @@ def one_step_loss(tmp_path, tokenizer, batch_size, accumulation_steps, *flags, o
     return stats, model
 
 
+def test_each_optimizer_step_moves_the_balancing_bias_by_the_steps_loads(tmp_path, tokenizer, monkeypatch):
+    from trainer.metrics import ExpertLoadWatch
+
+    taken = []
+    take_counts = ExpertLoadWatch.take_counts
+    monkeypatch.setattr(ExpertLoadWatch, "take_counts", lambda self, device: taken.append(take_counts(self, device))
+                        or taken[-1])
+    _, model = one_step_loss(tmp_path, tokenizer, 2, 2, "--model_type", "moe", "--expert_bias_rate", "0.01",
+                             "--aux_loss_alpha", "0", "--norm_topk_prob", "false")
+    (loads,) = taken
+    assert loads.sum() > 0
+    for moe, counts in zip(model.moe_layers(), loads):  # from zero: up for the experts under the mean, down above
+        torch.testing.assert_close(moe.expert_bias, 0.01 * torch.sign(counts.mean() - counts))
+        assert moe.expert_bias.any() and not moe.expert_counts.any()
+
+
 def test_accumulated_loss_equals_unaccumulated(tmp_path, tokenizer):
     whole, whole_model = one_step_loss(tmp_path / "a", tokenizer, batch_size=4, accumulation_steps=1)
     split, split_model = one_step_loss(tmp_path / "b", tokenizer, batch_size=1, accumulation_steps=4)

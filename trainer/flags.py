@@ -36,6 +36,8 @@ MODEL_FLAGS = {
     "max_position_embeddings": "longest context the rotary tables are meant for",
     "norm_topk_prob": "MoE: divide the chosen experts' weights by their sum (at top-1: weight 1): true or false",
     "aux_loss_alpha": "MoE: weight of the load-balancing loss",
+    "expert_bias_rate": "MoE: aux-loss-free balancing (DeepSeek-V3): a per-expert routing bias moved this much a step "
+                        "towards even loads (0: off; 1e-3 is DeepSeek's; such a model does not export)",
     "seq_aux": "MoE: balance each sequence (true) or the whole batch at once (false)",
     "tie_word_embeddings": "the LM head is the token embedding (true) or a matrix of its own (false)",
     "dropout": "dropout probability on the embeddings, the attention weights and each block's outputs while training",
@@ -323,6 +325,11 @@ def validate(args):
             "whole matrices, which FSDP2 shards)", err=True)
     if not 0 <= args.dropout < 1:
         raise UserError(f"--dropout {args.dropout}: must lie in [0, 1)")
+    if (hasattr(args, "learning_rate") and args.model_type == "moe" and args.num_experts_per_tok == 1
+            and args.norm_topk_prob and not args.aux_loss_alpha):
+        say("note: top-1 routing with --norm_topk_prob true gives the chosen expert a weight of exactly 1, so "
+            "without --aux_loss_alpha the router learns nothing; pass --norm_topk_prob false or an aux loss",
+            err=True)
     if not 0 < getattr(args, "decay_fraction", 0.5) <= 1:
         raise UserError(f"--decay_fraction {args.decay_fraction}: must lie in (0, 1]")
     if not 0 <= getattr(args, "adam_beta2", 0.5) < 1:

@@ -315,6 +315,8 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
         if self.expert_loads.layers:
             self.expert_loads.observe(loads / loads.sum(dim=1, keepdim=True).clamp(min=1))
+            for layer, counts in zip(self.expert_loads.layers, loads):  # every process: the same, reduced counts
+                layer.update_bias(counts)
         self.progress.step += 1
         self.progress.position += samples
         self.progress.tokens += int(tokens)

@@ -50,6 +50,8 @@ def with_adapters(model, args):
                         f"(choose among {', '.join(LORA_TARGETS)})")
     config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                         target_modules=targets, bias="none")
+    for moe in model.moe_layers():  # the routing bias is part of the frozen base: it stops moving
+        moe.bias_rate = 0.0
     with quiet_peft():
         peft_model = get_peft_model(model, config)
     trainable, total = peft_model.get_nb_trainable_parameters()

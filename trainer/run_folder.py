@@ -21,7 +21,8 @@ from .flags import MODEL_FLAGS
 # Flags a resumed run must share with the run that wrote the state, or the continuation is not the same run.
 # The batch flags must match too when the process count is the same; across process counts, the global batch.
 # --eval_tasks: the CSV log's columns were written for the tasks the run began with.
-SAME_RUN_FLAGS = ("model_type", *MODEL_FLAGS, "max_seq_len", "seed", "optimizer", "eval_tasks")
+SAME_RUN_FLAGS = ("model_type", *MODEL_FLAGS, "max_seq_len", "seed", "optimizer", "eval_tasks", "pack", "pack_fit",
+                  "decay_fraction")
 BATCH_FLAGS = ("batch_size", "accumulation_steps")
 RESUME_FLAGS = SAME_RUN_FLAGS + BATCH_FLAGS
 

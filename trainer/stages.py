@@ -79,6 +79,11 @@ def train_stage(stage: Stage, argv=None):
         parser.error(f"--z_loss: only the language-modelling stages (pretraining, SFT, LoRA) add it, not {stage.name}")
     if args.pack != "none" and not stage.packs:
         parser.error(f"--pack {args.pack}: only text and chat samples are packed, not {stage.name}'s")
+    # Flags that would do nothing as given: refused, naming what they need.
+    if args.pack_fit != "next" and args.pack == "none":
+        parser.error(f"--pack_fit {args.pack_fit}: it says how --pack fills rows; add --pack isolated or shared")
+    if "decay_fraction" in args.given_flags and args.schedule != "wsd":
+        parser.error("--decay_fraction: it shapes the warmup-stable-decay schedule; add --schedule wsd")
     if not stage.compiles_by_default and "compile" not in args.given_flags:
         args.compile = False
     if args.val_data is None and Path(stage.default_val).is_file():
@@ -158,6 +163,8 @@ def build_model(stage_name, start, args):
         return TinyMindForCausalLM(checked_config({**TinyMindConfig.from_json_file(own).to_dict(), **flag_overrides(args)}))
     if start is None:
         return new_model(args)
+    if args.zero_init_out:
+        raise UserError(f"--zero_init_out: it shapes a model from random init, and this one starts from {start}")
     model = load_flagged(start, args)
     if args.max_seq_len > model.config.max_position_embeddings:
         raise UserError(f"--max_seq_len {args.max_seq_len} exceeds the max_position_embeddings "
