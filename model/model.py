@@ -274,9 +274,8 @@ class MoEFeedForward(nn.Module):
         # Real-token assignments each expert received in training forwards since the trainer last read them.
         self.register_buffer("expert_counts", torch.zeros(self.n_experts), persistent=False)
         self.bias_rate = config.expert_bias_rate  # how far each step moves the bias (0 once frozen, as under LoRA)
-        self.expert_bias = None
-        if self.bias_rate:  # saved with the weights: inference must choose as training did
-            self.register_buffer("expert_bias", torch.zeros(self.n_experts))
+        # Saved with the weights, so inference chooses as training did; None (no state-dict key) without a rate.
+        self.register_buffer("expert_bias", torch.zeros(self.n_experts) if self.bias_rate else None)
         self.dispatch = "auto"  # one of DISPATCHES; auto: grouped on CUDA, per expert elsewhere
         # grouped_mm needs rows whose byte strides are multiples of 16: widths that are multiples of 8 (bfloat16).
         self.groupable = config.hidden_size % 8 == 0 and config.intermediate_size % 8 == 0

@@ -81,10 +81,11 @@ RECIPES = {
     "default_lr_9e-3": [*DEFAULT, "--learning_rate", "9e-3"],
     "moe_baseline": [*BASELINE, *MOE],
     "moe_default": [*DEFAULT, *MOE],
-    "moe_top1": [*DEFAULT, *MOE, "--num_experts_per_tok", "1"],
+    # top-1 with the router's probability as the expert's weight (renormalised, it would be 1: no gradient)
+    "moe_top1": [*DEFAULT, *MOE, "--num_experts_per_tok", "1", "--norm_topk_prob", "false"],
     # DeepSeek-V3's balancing: a per-expert routing bias instead of the aux loss
-    "moe_top1_bias": [*DEFAULT, *MOE, "--num_experts_per_tok", "1", "--expert_bias_rate", "1e-3",
-                      "--aux_loss_alpha", "0"],
+    "moe_top1_bias": [*DEFAULT, *MOE, "--num_experts_per_tok", "1", "--norm_topk_prob", "false",
+                      "--expert_bias_rate", "1e-3", "--aux_loss_alpha", "0"],
     # finer experts: 8 of half the width, top-2, and a shared one of that width (active width 576; top-1: 768)
     "moe_fine_bias": [*DEFAULT, *MOE, "--n_routed_experts", "8", "--intermediate_size", "192",
                       "--expert_bias_rate", "1e-3", "--aux_loss_alpha", "0"],
