@@ -40,9 +40,25 @@ def whole_text(tokenizer, item):
     return tokenizer.decode([int(input_ids[0]), *targets.tolist()])
 
 
-def test_the_mask_covers_thinking_calls_and_answers_never_the_tool_list_or_results(tmp_path, tokenizer):
+@pytest.fixture(scope="module")
+def refitted(tmp_path_factory):
+    """A tokenizer fitted by scripts.train_tokenizer to a small English corpus: what a user's own corpus gives."""
+    from dataset import load_tokenizer
+    from scripts import train_tokenizer
+
+    directory = tmp_path_factory.mktemp("refitted")
+    texts = ["To be, or not to be: that is the question. Whether 'tis nobler in the mind to suffer."] * 40
+    write_jsonl(directory / "corpus.jsonl", [{"text": text} for text in texts])
+    train_tokenizer.fit(directory / "corpus.jsonl", directory / "tokenizer", vocab_size=400)
+    return load_tokenizer(directory / "tokenizer")
+
+
+@pytest.mark.parametrize("which", ["shipped", "refitted"])
+def test_the_mask_covers_thinking_calls_and_answers_never_the_tool_list_or_results(tmp_path, tokenizer, refitted,
+                                                                                   which):
+    tokenizer = tokenizer if which == "shipped" else refitted  # a refitted tokenizer keeps the template and tokens
     item = SFTDataset(write_jsonl(tmp_path / "sft.jsonl", [{"conversations": TOOL_CHAT, "tools": [CALCULATOR]}]),
-                      tokenizer, max_length=512)[0]
+                      tokenizer, max_length=2048)[0]  # room for the 400-token tokenizer's longer ids
     assert trained_text(tokenizer, item) == (
         f"<think>\nMultiply with the tool.\n</think>\n\n{CALL_TEXT}<|im_end|>17*23 = 391.<|im_end|>")
     text = whole_text(tokenizer, item)
