@@ -11,7 +11,7 @@ AGENT := --config configs/tiny.json --out_dir output/demo/agent --init_from outp
 	--max_new_tokens 80 --batch_size 8 --temperature 0.7 --learning_rate 3e-5 --max_steps 40 --eval_interval 20 \
 	--log_interval 1
 
-.PHONY: setup demo demo-seeds test test-fast gpu-check test-browser test-llama-cpp bench bench-learning bench-data bench-stages bench-serve serve clean
+.PHONY: setup demo demo-seeds test test-fast gpu-check test-browser test-llama-cpp bench bench-learning bench-nanochat bench-data bench-stages bench-serve serve clean
 
 setup: $(VENV)/.installed
 
@@ -84,7 +84,15 @@ bench: setup
 	$(PY) -m scripts.bench
 
 bench-learning: setup
-	$(PY) -m scripts.bench_learning
+	$(PY) -m scripts.bench_learning --out docs/learning.png
+
+# tinymind's recipes against nanochat's, on English-heavy text with a tokenizer fitted to it (README)
+bench-nanochat: setup
+	$(PY) -m scripts.prepare_data --sources shakespeare,reviews --out_dir data/prose
+	$(PY) -m scripts.bench_learning --data data/prose/pretrain.jsonl --val data/prose/pretrain_val.jsonl \
+		--fit_tokenizer --reference nanochat --budget 100 --repeats 1 --out docs/learning_nanochat.png \
+		--recipes nanochat default default_best_fit_lr_6e-3 default_best_fit_lr_9e-3 \
+		default_best_fit_lr_9e-3_untied default_best_fit_lr_9e-3_untied_wd65
 
 bench-data: setup
 	$(PY) -m scripts.bench_data --size_gb 2

@@ -129,12 +129,12 @@ def train(recipe, steps, args, out_dir):
     return log[log["val_bits_per_byte"].notna()][["step", "tokens", "seconds", "val_bits_per_byte"]]
 
 
-def seconds_per_step(recipe, args, out_dir, steps=64):
+def seconds_per_step(recipe, args, out_dir):
     """Mean step time of a short run of the recipe, its first steps left out as warm-up. The mean, not the median:
     batches of short samples are quick and of long ones slow, and a corpus of mostly short documents would make
     the median step a quick one, the schedule too long for the budget."""
-    log = run_log(recipe, out_dir, args, "--max_steps", str(steps), "--log_interval", "1")
-    return float(log["seconds"].diff().dropna().iloc[5:].mean())
+    log = run_log(recipe, out_dir, args, "--max_steps", str(args.calibration_steps), "--log_interval", "1")
+    return float(log["seconds"].diff().dropna().iloc[min(5, args.calibration_steps // 2):].mean())
 
 
 def reached(curve, target):
@@ -153,6 +153,8 @@ def main(argv=None):
                              "when it runs)")
     parser.add_argument("--evaluations", type=int, default=10, help="held-out evaluations per run")
     parser.add_argument("--val_samples", type=int, default=128)
+    parser.add_argument("--calibration_steps", type=int, default=64,
+                        help="steps of each recipe timed (twice) to turn the budget into its step count")
     parser.add_argument("--data", default="data/pretrain.jsonl")
     parser.add_argument("--val", default="data/pretrain_val.jsonl")
     parser.add_argument("--tokenizer_path", default=str(SHIPPED), help="the tokenizer every recipe trains with")
@@ -161,7 +163,7 @@ def main(argv=None):
                              "and train every recipe with it")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--out", default="docs/learning.png", help="the PNG of bits per byte against seconds")
+    parser.add_argument("--out", default="output/bench_learning.png", help="the PNG of bits per byte against seconds")
     args = parser.parse_args(argv)
     for path in (args.data, args.val):
         if not Path(path).is_file():

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import CONVERSATIONS, MODEL, free_port, sft_file, write_jsonl
+from conftest import CONVERSATIONS, MODEL, ROOT, free_port, run_stage, sft_file, write_jsonl
 
 
 def test_bench_stages_reports_every_stage_against_full_sft(tmp_path, capsys):
@@ -21,6 +21,21 @@ def test_bench_stages_reports_every_stage_against_full_sft(tmp_path, capsys):
     assert rows["full SFT"].count(" 1.00x ") == 2 and "100.00%" in rows["full SFT"]
     lora_share = float(rows["LoRA"].split()[-1].rstrip("%"))
     assert 0 < lora_share < 20
+
+
+def test_bench_learning_races_recipes_to_the_references_final_with_a_fitted_tokenizer(tmp_path):
+    texts = [f"Line {i}: to be, or not to be, that is the question; 床前明月光。" for i in range(400)]
+    data = write_jsonl(tmp_path / "pretrain.jsonl", [{"text": t} for t in texts[:360]])
+    val = write_jsonl(tmp_path / "pretrain_val.jsonl", [{"text": t} for t in texts[360:]])
+    result = run_stage("-m", "scripts.bench_learning", "--budget", "0.5", "--repeats", "1", "--evaluations", "2",
+                       "--val_samples", "8", "--calibration_steps", "6", "--data", data, "--val", val,
+                       "--fit_tokenizer", "--reference", "nanochat", "--recipes", "default", "nanochat",
+                       "--out", tmp_path / "curve.png", cwd=ROOT, timeout=600)
+    out = result.stdout
+    assert "a row of fixed length carries" in out and (tmp_path / "curve.png").is_file()
+    rows = {line.split(" | ")[0].strip("| "): line for line in out.splitlines() if line.startswith("| ")}
+    assert list(rows)[1:] == ["nanochat", "default"]  # the reference first
+    assert rows["nanochat"].endswith("| 1.00x |")  # it reaches its own final at its last second
 
 
 def test_bench_serve_reports_throughput_and_time_to_first_token(capsys):
