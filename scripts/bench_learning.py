@@ -14,7 +14,12 @@ baseline's final bits per byte; a PNG plots bits per byte against seconds.
 length-grouped batches); `default` is its recipe now (Muon for the matrices in the blocks, lr 2e-3, warmup-stable-
 decay). The `minimind` recipe emulates MiniMind's own training code: AdamW at lr 5e-4 with PyTorch's betas (0.9, 0.999)
 and weight decay 0.01, cosine to lr/10 without warmup, and every row padded to the maximum length in batches
-drawn at random (tinymind groups samples of similar length and pads each batch to its longest).
+drawn at random (tinymind groups samples of similar length and pads each batch to its longest). The `nanochat`
+recipe emulates nanochat's base_train in tinymind's flags (see NANOCHAT below); race the others to its final with
+`--reference nanochat`, on your own corpus with a tokenizer fitted to it first (`--fit_tokenizer`):
+
+    python -m scripts.bench_learning --data my/pretrain.jsonl --val my/pretrain_val.jsonl --fit_tokenizer \
+        --reference nanochat --recipes nanochat default default_best_fit_lr_6e-3
 """
 
 import argparse
