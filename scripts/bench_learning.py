@@ -18,7 +18,7 @@ drawn at random (tinymind groups samples of similar length and pads each batch t
 recipe emulates nanochat's base_train in tinymind's flags (see NANOCHAT below); race the others to its final with
 `--reference nanochat`, on your own corpus with a tokenizer fitted to it first (`--fit_tokenizer`):
 
-    python -m scripts.bench_learning --data my/pretrain.jsonl --val my/pretrain_val.jsonl --fit_tokenizer \
+    python -m scripts.bench_learning --data my/pretrain.jsonl --val my/pretrain_val.jsonl --fit_tokenizer \\
         --reference nanochat --recipes nanochat default default_best_fit_lr_6e-3
 """
 
