@@ -13,6 +13,7 @@ import torch
 from model import TinyMindConfig
 
 from .distributed import say
+from .tracking import tracker_names
 from .errors import UserError
 
 # The flags that shape the network. Each sets the TinyMindConfig field of its name, whose type and default it takes.
@@ -133,9 +134,9 @@ def add_training_flags(parser, default_data):
     group.add_argument("--eval_tasks", help="lm-eval tasks scored with the held-out figures, into the CSV log's val_* "
                        "columns (tinymind's own: tinymind_arithmetic, tinymind_idiom_meaning, ...; see 3-eval.py --tasks)")
     group.add_argument("--eval_limit", type=int, default=100, help="examples of each --eval_tasks task scored")
-    group.add_argument("--report_to", choices=("none", "tensorboard", "wandb", "swanlab", "trackio"), default="none",
-                       help="mirror every CSV row to this tracker as the run goes (main process only; offline where "
-                            "the tracker can be; the run keeps its id across --resume)")
+    group.add_argument("--report_to", type=tracker_names, default=(), metavar="{none,tensorboard,wandb,swanlab,trackio}",
+                       help="mirror every CSV row to this tracker (or these, comma-separated) as the run goes (main "
+                            "process only; offline where the tracker can be; the run keeps its id across --resume)")
     group.add_argument("--init_from", help="start from these weights: a .pth or .safetensors file, a Hugging Face "
                        "directory, or an owner/name Hub repo id")
     group.add_argument("--resume", action="store_true", help="continue the run in the run folder")

@@ -1,5 +1,5 @@
-"""Live run tracking: `--report_to tensorboard|wandb|swanlab|trackio` mirrors every row of the run's CSV (the
-held-out figures included) to a tracker as it is written.
+"""Live run tracking: `--report_to tensorboard|wandb|swanlab|trackio` (or several, comma-separated) mirrors every
+row of the run's CSV (the held-out figures included) to each tracker as it is written.
 
 Only the main process reports. A run keeps one id from its first step to its last, across `--resume` (the id is
 part of the resume state), so a resumed run continues its own curves: TensorBoard drops the events logged after
@@ -9,6 +9,8 @@ SWANLAB_MODE does; TensorBoard writes `tensorboard/` in the run folder; Trackio 
 ($TRACKIO_DIR, by default ~/.cache/huggingface/trackio; `trackio show` opens it).
 """
 
+import argparse
+import argparse
 import importlib
 import os
 
@@ -18,15 +20,37 @@ PROJECT = "tinymind"
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "swanlab": "swanlab", "trackio": "trackio"}
 
 
-def open_tracker(name, run_dir, run_name, run_id, config, step):
-    """The tracker `name` for this run (None for "none"), resumed at `step` when that is past 0."""
-    if name in (None, "none"):
-        return None
-    try:
-        importlib.import_module(PACKAGES[name])
-    except ImportError:
-        raise UserError(f"--report_to {name}: its package is not installed; pip install {PACKAGES[name]}") from None
-    return TRACKERS[name](run_dir, run_name, run_id, config, step)
+def tracker_names(value):
+    """--report_to's value: "none", or tracker names separated by commas."""
+    names = [name.strip() for name in value.split(",") if name.strip() not in ("", "none")]
+    for name in names:
+        if name not in TRACKERS:
+            raise argparse.ArgumentTypeError(f"unknown tracker {name!r}: choose none or any of {', '.join(TRACKERS)}")
+    return tuple(dict.fromkeys(names))
+
+
+def open_tracker(names, run_dir, run_name, run_id, config, step):
+    """The trackers `names` for this run as one (None when there are none), resumed at `step` when that is past
+    0."""
+    for name in names:
+        try:
+            importlib.import_module(PACKAGES[name])
+        except ImportError:
+            raise UserError(f"--report_to {name}: its package is not installed; pip install {PACKAGES[name]}") from None
+    return Trackers([TRACKERS[name](run_dir, run_name, run_id, config, step) for name in names]) if names else None
+
+
+class Trackers:
+    def __init__(self, trackers):
+        self.trackers = trackers
+
+    def log(self, row, step):
+        for tracker in self.trackers:
+            tracker.log(row, step)
+
+    def close(self):
+        for tracker in self.trackers:
+            tracker.close()
 
 
 def numbers(row):
