@@ -57,12 +57,16 @@ demo-seeds: setup
 	$(PY) -m scripts.seed_spread output/demo/agent/grpo_dense output/demo/seed1/agent/grpo_dense \
 		output/demo/seed2/agent/grpo_dense
 
+# Tests run in two processes (pytest-xdist) of one thread each: most of a test's time is a stage script's start
+# and tiny tensors, which one core does as well as two.
+TEST := HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 tests
+
 test: setup
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+	$(TEST)
 
 # The unit tests alone (about two minutes): every test that runs no stage script, torchrun or server.
 test-fast: setup
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests -m "not slow"
+	$(TEST) -m "not slow"
 
 # The chat page's test in a real headless browser: Debian's chromium and its driver, selenium from PyPI.
 test-browser: setup
