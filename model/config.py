@@ -36,6 +36,9 @@ class TinyMindConfig(PretrainedConfig):
     # architecture pairs it with these blocks, so a model trained with it does not export.
     logit_softcap: float = 0.0
     qk_norm: bool = False  # a learned RMSNorm on every query and key head before the rotary (MiniMind-3, Qwen3)
+    # nanochat's value embeddings: in every other block (the last included) a table of its own adds a vector per
+    # token to the attention's values, gated per head. No stock architecture has them: such a model does not export.
+    value_embeds: bool = False
     # None, or YaRN for inference past the trained length, in Hugging Face's form: {"rope_type": "yarn",
     # "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor"}.
     rope_scaling: dict | None = None

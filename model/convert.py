@@ -114,6 +114,9 @@ def export_hf(model: TinyMindForCausalLM, out_dir, dtype=None) -> str:
     if config.logit_softcap:
         raise UnsupportedArchitecture(f"logit_softcap {config.logit_softcap:g}: no stock transformers architecture "
                                       "with these blocks caps its logits; train with --logit_softcap 0 to export")
+    if config.value_embeds:
+        raise UnsupportedArchitecture("value_embeds: no stock transformers architecture adds embeddings to the "
+                                      "attention's values; train with --value_embeds false to export")
     if config.use_moe and config.expert_bias_rate:
         raise UnsupportedArchitecture("expert_bias_rate: the stock MoE architectures choose experts without a "
                                       "per-expert bias; train with --expert_bias_rate 0 to export")

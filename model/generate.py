@@ -100,7 +100,7 @@ class PackedDecoder:
             dtype = torch.get_autocast_dtype(device.type)
         self.head_split = (config.num_attention_heads, config.num_key_value_heads, config.num_key_value_heads)
         self.packed = [self.pack(block, dtype) for block in body.layers]
-        self.embed_tokens, self.norm = body.embed_tokens, body.norm
+        self.body, self.embed_tokens, self.norm = body, body.embed_tokens, body.norm
         self.head = weight_of(model.lm_head).to(dtype)
         positions = torch.arange(max_len, device=device)[None]
         # [1, 1, max_len, head_dim] in the embedding's dtype, as the modules' forward makes them
@@ -111,8 +111,9 @@ class PackedDecoder:
 
     @staticmethod
     def pack(block, dtype):
-        """(first norm's weight, q/k norm + rotary, packed q|k|v, o, second norm's weight, the MoE module or None,
-        the packed feed-forward: gate|up and down, or for a MoE ([experts'], [shared experts']))."""
+        """(first norm's weight, the attention module (its q/k norm + rotary and value-embedding gate), packed
+        q|k|v, o, second norm's weight, the MoE module or None, the packed feed-forward: gate|up and down, or for a
+        MoE ([experts'], [shared experts']))."""
         def cast(weight):
             return weight.to(dtype)
 
@@ -127,7 +128,7 @@ class PackedDecoder:
             ffn = ([packed_ffn(expert) for expert in mlp.experts], [packed_ffn(shared) for shared in mlp.shared_experts])
         else:
             ffn = packed_ffn(mlp)
-        return (block.input_layernorm.weight, attn.position, qkv, cast(weight_of(attn.o_proj)),
+        return (block.input_layernorm.weight, attn, qkv, cast(weight_of(attn.o_proj)),
                 block.post_attention_layernorm.weight, moe, ffn)
 
     def __call__(self, input_ids, start, rows=slice(None)):
@@ -168,10 +169,13 @@ class PackedDecoder:
         batch, seq = input_ids.shape
         x = self.embed_tokens(input_ids)
         eps, head_dim = c.rms_norm_eps, c.head_dim
-        for i, (norm_1, position, qkv, o_proj, norm_2, moe, ffn) in enumerate(self.packed):
+        for i, (norm_1, attn, qkv, o_proj, norm_2, moe, ffn) in enumerate(self.packed):
             h = rms_norm(x, norm_1, eps)
             q, k, v = F.linear(h, qkv).view(batch, seq, -1, head_dim).transpose(1, 2).split(self.head_split, 1)
-            y = cached_attention(i, *position(q, k, cos, sin), v)
+            value_embed = self.body.value_embed(i, input_ids)
+            if value_embed is not None:
+                v = attn.add_value_embed(v, h, value_embed)
+            y = cached_attention(i, *attn.position(q, k, cos, sin), v)
             x = x + F.linear(y.transpose(1, 2).reshape(batch, seq, -1), o_proj)
             h = rms_norm(x, norm_2, eps)
             x = x + (feed_forward(h, *ffn) if moe is None else self.moe(moe, ffn, h))

@@ -45,6 +45,9 @@ def architecture(config: TinyMindConfig) -> str:
     if config.hidden_act != "silu" or config.logit_softcap:
         raise UnsupportedArchitecture("llama.cpp's llama and qwen architectures run SwiGLU without a logit softcap: "
                                       "train with --hidden_act silu --logit_softcap 0 to write a GGUF")
+    if config.value_embeds:
+        raise UnsupportedArchitecture("llama.cpp's architectures add no embeddings to the attention's values: train "
+                                      "with --value_embeds false to write a GGUF")
     if config.use_moe and config.expert_bias_rate:
         raise UnsupportedArchitecture("llama.cpp's MoE architectures choose experts without a per-expert bias: "
                                       "train with --expert_bias_rate 0 to write a GGUF")

@@ -199,12 +199,17 @@ class Attention(nn.Module):
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        # The gate of the value embedding (zero at init: a gate of 1), from the input's first channels.
+        self.ve_gate = (nn.Linear(min(VALUE_GATE_CHANNELS, config.hidden_size), self.n_kv_heads, bias=False)
+                        if has_value_embed(config, layer_idx) else None)
 
-    def forward(self, x, cos, sin, attn_mask, past_key_values):
+    def forward(self, x, cos, sin, attn_mask, past_key_values, value_embed=None):
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if value_embed is not None:
+            v = self.add_value_embed(v, x, value_embed)
         q, k = self.position(q, k, cos, sin)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
@@ -212,6 +217,14 @@ class Attention(nn.Module):
         y = attend(q, k, v, attn_mask, causal=attn_mask is None and seq > 1,
                    dropout=self.dropout if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(batch, seq, -1))
+
+    def add_value_embed(self, v, x, value_embed):
+        """Values [batch, kv_heads, seq, head_dim] plus the tokens' value embedding [batch, seq, kv_heads·head_dim],
+        each head's scaled by 2·sigmoid(ve_gate(the input's first channels)), between 0 and 2 (nanochat's)."""
+        batch, seq, _ = x.shape
+        gate = 2 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate.in_features])).transpose(1, 2)
+        embedded = value_embed.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return v + (gate[..., None] * embedded).to(v.dtype)  # the table is not autocast: keep the values' dtype
 
     def position(self, q, k, cos, sin):
         """Queries and keys made position-aware: the q/k norm where the model has one (MiniMind-3, Qwen3), then
@@ -233,6 +246,15 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         return self.down_proj(gated(self.gate_proj(x), self.up_proj(x), self.act))
+
+
+VALUE_GATE_CHANNELS = 32
+
+
+def has_value_embed(config, layer_idx):
+    """Whether block `layer_idx` has a value embedding: with `config.value_embeds`, every other block counted
+    back from the last, which always has one (nanochat's placement)."""
+    return config.value_embeds and layer_idx % 2 == (config.num_hidden_layers - 1) % 2
 
 
 def gated(gate, up, act="silu"):
@@ -394,8 +416,8 @@ class Block(nn.Module):
         self.mlp = MoEFeedForward(config) if config.use_moe else FeedForward(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cos, sin, attn_mask, past_key_values, token_mask):
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, past_key_values))
+    def forward(self, x, cos, sin, attn_mask, past_key_values, token_mask, value_embed=None):
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, past_key_values, value_embed))
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoEFeedForward):
             h, aux_loss = self.mlp(h, token_mask)
@@ -415,6 +437,10 @@ class TinyMindModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config)
         self.gradient_checkpointing = False
+        # Keyed by block index; empty (no weights at all) without config.value_embeds.
+        self.value_embeds = nn.ModuleDict({
+            str(i): nn.Embedding(config.vocab_size, config.num_key_value_heads * config.head_dim)
+            for i in range(config.num_hidden_layers) if has_value_embed(config, i)})
 
     def forward(self, input_ids, attention_mask, position_ids, past_key_values, one_document_per_row=False):
         """`attention_mask` numbers each position's document (0: padding), as `dataset.Batch` describes.
@@ -436,15 +462,21 @@ class TinyMindModel(nn.Module):
         x = self.dropout(self.embed_tokens(input_ids))
         cos, sin = self.rotary(position_ids, x.dtype)
         aux_loss = x.new_zeros((), dtype=torch.float32)
-        for block in self.layers:
+        for i, block in enumerate(self.layers):
+            value_embed = self.value_embed(i, input_ids)
             if self.gradient_checkpointing and self.training:
                 x, layer_aux = checkpoint(
-                    block, x, cos, sin, attn_mask, past_key_values, token_mask, use_reentrant=False
+                    block, x, cos, sin, attn_mask, past_key_values, token_mask, value_embed, use_reentrant=False
                 )
             else:
-                x, layer_aux = block(x, cos, sin, attn_mask, past_key_values, token_mask)
+                x, layer_aux = block(x, cos, sin, attn_mask, past_key_values, token_mask, value_embed)
             aux_loss = aux_loss + layer_aux
         return self.norm(x), aux_loss
+
+    def value_embed(self, layer_idx, input_ids):
+        """Block `layer_idx`'s value embedding of `input_ids`, or None where it has none."""
+        key = str(layer_idx)
+        return self.value_embeds[key](input_ids) if key in self.value_embeds else None
 
 
 def document_positions(attention_mask, past, seq, device):
@@ -496,6 +528,10 @@ class TinyMindForCausalLM(PreTrainedModel, GenerationMixin):
         self.model = TinyMindModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+        with torch.no_grad():
+            for block in self.model.layers:
+                if block.self_attn.ve_gate is not None:
+                    block.self_attn.ve_gate.weight.zero_()  # value embeddings start at a gate of 1
 
     def forward(
         self,

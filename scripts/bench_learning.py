@@ -47,17 +47,18 @@ BASELINE = ["--optimizer", "adamw", "--learning_rate", "5e-4", "--schedule", "co
 DEFAULT = ["--optimizer", "muon", "--learning_rate", "2e-3", "--schedule", "wsd"]  # 1-pretrain.py's defaults now
 MOE = ["--model_type", "moe", "--n_routed_experts", "4", "--num_experts_per_tok", "2", "--n_shared_experts", "1"]
 # nanochat's base_train at this width, in tinymind's flags: Muon + AdamW, ReLU², QK-norm, an untied head, logit
-# softcap 15, one attention head of 128 (its head size), the blocks' output projections zero at init, no warmup and
-# a warmdown over the last 65% of the steps, rows packed best-fit with attention across documents. Its Muon rate
-# 0.02 gives an update RMS of 0.02/sqrt(128) for these 128 x 128 matrices; tinymind's Muon update (scaled to
-# AdamW's RMS) is 0.2 x lr, hence lr 9e-3. Not emulated: value embeddings; per-group Adam rates (nanochat's
+# softcap 15, one attention head of 128 (its head size), value embeddings in every other block, the blocks' output
+# projections zero at init, no warmup and a warmdown over the last 65% of the steps, rows packed best-fit with
+# attention across documents. Its Muon rate 0.02 gives an update RMS of 0.02/sqrt(128) for these 128 x 128
+# matrices; tinymind's Muon update (scaled to AdamW's RMS) is 0.2 x lr, hence lr 9e-3. Not emulated: its per-layer
+# residual and x0 scalars; per-group Adam rates (nanochat's
 # embedding 0.49, head 0.0098 at this width) and Adam beta1 0.8; its ReLU² feed-forward is ungated and 4x wide
 # (here gated at 8/3x, the same parameters); its norms have no gains; its rate decays to 0 (here to a tenth); it
 # crops documents to fill rows (here rows hold whole documents).
 NANOCHAT = ["--optimizer", "muon", "--learning_rate", "9e-3", "--schedule", "wsd", "--decay_fraction", "0.65",
             "--warmup_steps", "0", "--hidden_act", "relu2", "--qk_norm", "true", "--tie_word_embeddings", "false",
-            "--logit_softcap", "15", "--num_attention_heads", "1", "--num_key_value_heads", "1", "--zero_init_out",
-            "--pack", "shared", "--pack_fit", "best"]
+            "--logit_softcap", "15", "--num_attention_heads", "1", "--num_key_value_heads", "1", "--value_embeds",
+            "true", "--zero_init_out", "--pack", "shared", "--pack_fit", "best"]
 RECIPES = {
     "baseline": BASELINE,
     "minimind": [*BASELINE, "--adam_beta2", "0.999", "--weight_decay", "0.01", "--warmup_steps", "0"],
@@ -69,6 +70,8 @@ RECIPES = {
     "default_packed_shared": [*DEFAULT, "--pack", "shared"],
     "default_untied": [*DEFAULT, "--tie_word_embeddings", "false"],
     "default_best_fit_lr_6e-3": [*DEFAULT, "--pack", "shared", "--pack_fit", "best", "--learning_rate", "6e-3"],
+    "default_best_fit_lr_6e-3_value_embeds": [*DEFAULT, "--pack", "shared", "--pack_fit", "best", "--learning_rate",
+                                              "6e-3", "--value_embeds", "true"],
     "default_best_fit_lr_9e-3": [*DEFAULT, "--pack", "shared", "--pack_fit", "best", "--learning_rate", "9e-3"],
     "default_best_fit_lr_9e-3_untied": [*DEFAULT, "--pack", "shared", "--pack_fit", "best", "--learning_rate", "9e-3",
                                         "--tie_word_embeddings", "false"],
@@ -77,6 +80,7 @@ RECIPES = {
     "default_z_loss": [*DEFAULT, "--z_loss", "1e-4"],
     "nanochat": NANOCHAT,
     "default_relu2": [*DEFAULT, "--hidden_act", "relu2"],
+    "default_value_embeds": [*DEFAULT, "--value_embeds", "true"],
     "default_head64": [*DEFAULT, "--num_attention_heads", "2", "--num_key_value_heads", "2"],
     "default_softcap": [*DEFAULT, "--logit_softcap", "15"],
     "default_zero_init": [*DEFAULT, "--zero_init_out"],

@@ -28,7 +28,10 @@ from trainer.distributed import say
 
 def export(args):
     model, tokenizer = load_for_use(args.checkpoint, tokenizer_path=args.tokenizer_path, shape=read_config(args.config))
-    architecture = export_hf(model, args.out, dtype=getattr(torch, args.dtype) if args.dtype else None)
+    try:
+        architecture = export_hf(model, args.out, dtype=getattr(torch, args.dtype) if args.dtype else None)
+    except UnsupportedArchitecture as err:
+        raise UserError(f"{args.checkpoint}: {err}") from None
     tokenizer.save_pretrained(args.out)
     say(f"wrote {args.out} ({architecture})")
 

@@ -15,7 +15,7 @@ from transformers import (  # noqa: E402
     MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig,
 )
 
-from model import TinyMindConfig, TinyMindForCausalLM  # noqa: E402
+from model import TinyMindConfig, TinyMindForCausalLM, save_weights  # noqa: E402
 from model.convert import UnsupportedArchitecture, export_hf, load_hf, names_hf_model  # noqa: E402
 from scripts.convert_hf import main as convert_main  # noqa: E402
 
@@ -144,9 +144,11 @@ def test_tinymind_directory_loads_through_load_hf_with_its_rotary_table(tokens, 
     assert torch.equal(logits(load_hf(tmp_path).eval(), ids), logits(model, ids))
 
 
-def test_a_logit_softcap_or_a_balancing_bias_is_refused_naming_the_fix(tokens, tmp_path):
+def test_a_logit_softcap_value_embeddings_or_a_balancing_bias_are_refused_naming_the_fix(tokens, tmp_path):
     with pytest.raises(UnsupportedArchitecture, match="--logit_softcap 0"):
         export_hf(tiny_model(tokens[1], logit_softcap=15.0), tmp_path)
+    with pytest.raises(UnsupportedArchitecture, match="--value_embeds false"):
+        export_hf(tiny_model(tokens[1], value_embeds=True), tmp_path)
     with pytest.raises(UnsupportedArchitecture, match="--expert_bias_rate 0"):
         export_hf(tiny_model(tokens[1], use_moe=True, expert_bias_rate=1e-3), tmp_path)
 
@@ -209,6 +211,17 @@ def test_cli_unsupported_directory_is_one_line_and_exit_2(tmp_path, capsys):
     assert exit_info.value.code == 2
     message = capsys.readouterr().err.strip()
     assert "\n" not in message and "Qwen2MoeForCausalLM" in message
+
+
+def test_cli_export_of_a_model_no_stock_architecture_computes_is_one_line_and_exit_2(tmp_path, capsys):
+    checkpoint, model = tmp_path / "nanochat.pth", tiny_model(6400, value_embeds=True)
+    save_weights(model.state_dict(), model.config, checkpoint)
+    with pytest.raises(SystemExit) as exit_info:
+        convert_main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "hf")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == (f"error: {checkpoint}: value_embeds: no stock transformers "
+                                               "architecture adds embeddings to the attention's values; train with "
+                                               "--value_embeds false to export")
 
 
 def test_cli_round_trip(tokens, tmp_path):

@@ -23,9 +23,12 @@ ROOT = Path(__file__).resolve().parent.parent
                                                        (False, True, False), (False, False, True), (True, False, True)])
 def test_packed_decoder_logits_equal_the_modules(use_moe, qk_norm, nanochat):
     model = make_model(use_moe)
-    if nanochat:  # ReLU² feed-forwards and capped logits (a cap the random logits reach)
+    if nanochat:  # ReLU² feed-forwards, capped logits (a cap the random logits reach), gated value embeddings
         torch.manual_seed(1)
-        model = TinyMindForCausalLM(tiny_config(use_moe=use_moe, hidden_act="relu2", logit_softcap=0.5)).eval()
+        model = TinyMindForCausalLM(tiny_config(use_moe=use_moe, hidden_act="relu2", logit_softcap=0.5,
+                                                value_embeds=True)).eval()
+        with torch.no_grad():
+            model.model.layers[1].self_attn.ve_gate.weight.normal_(0, 1.0)
     if qk_norm:  # per-head q/k norms with gains unlike 1
         torch.manual_seed(1)
         model = TinyMindForCausalLM(tiny_config(qk_norm=True)).eval()

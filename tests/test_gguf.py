@@ -112,6 +112,8 @@ def test_architectures_llama_cpp_cannot_run_exactly_are_refused_with_the_reason(
             architecture(TinyMindConfig(**SHAPE, **nanochat))
     with pytest.raises(ValueError, match="--expert_bias_rate 0"):
         architecture(TinyMindConfig(**SHAPE, use_moe=True, expert_bias_rate=1e-3))
+    with pytest.raises(ValueError, match="--value_embeds false"):
+        architecture(TinyMindConfig(**SHAPE, value_embeds=True))
 
 
 def test_cli_writes_the_gguf_and_a_modelfile_and_refuses_in_one_line(tmp_path):

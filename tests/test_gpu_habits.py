@@ -21,6 +21,7 @@ from conftest import TINY, pretrain_file, tiny_config
 VARIANTS = {
     "dense": {},
     "dense_qk_norm": {"qk_norm": True},
+    "dense_nanochat": {"hidden_act": "relu2", "logit_softcap": 15.0, "value_embeds": True},
     "moe_top2_shared": {"use_moe": True, "n_routed_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": 1},
     "moe_top1_qk_norm": {"use_moe": True, "n_routed_experts": 4, "num_experts_per_tok": 1, "n_shared_experts": 0,
                          "qk_norm": True},

@@ -188,6 +188,35 @@ def test_relu2_feed_forward_and_softcapped_logits_equal_hand_computations():
     torch.testing.assert_close(capped, 0.05 * torch.tanh(raw / 0.05))
 
 
+def test_value_embeddings_add_each_tokens_row_to_the_values_gated_per_head_in_every_other_block():
+    from model.model import Attention
+
+    config = tiny_config(num_hidden_layers=3, value_embeds=True)
+    torch.manual_seed(0)
+    model = TinyMindForCausalLM(config)
+    assert sorted(model.model.value_embeds) == ["0", "2"]  # every other block, the last included
+    assert [block.self_attn.ve_gate is not None for block in model.model.layers] == [True, False, True]
+    assert all(block.self_attn.ve_gate.weight.abs().sum() == 0 for block in model.model.layers[::2])  # gate 1
+    assert "model.value_embeds.0.weight" in model.state_dict()
+
+    attention = Attention(config, 0)
+    torch.nn.init.normal_(attention.ve_gate.weight)
+    x, table = torch.randn(2, 5, 64), torch.randn(2, 5, 2 * 16)  # 2 key/value heads of 16
+    v = torch.randn(2, 2, 5, 16)
+    gate = 2 / (1 + torch.exp(-x[..., :32] @ attention.ve_gate.weight.T))  # [batch, seq, heads]
+    expected = v + gate.permute(0, 2, 1)[..., None] * table.view(2, 5, 2, 16).permute(0, 2, 1, 3)
+    torch.testing.assert_close(attention.add_value_embed(v, x, table), expected)
+
+    # Zero rows leave the values as they were: the logits of the same weights without value embeddings.
+    plain = TinyMindForCausalLM(tiny_config(num_hidden_layers=3))
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if "value_embeds" not in k and "ve_gate" not in k})
+    with torch.no_grad():
+        for table in model.model.value_embeds.values():
+            table.weight.zero_()
+    ids = torch.randint(3, 97, (2, 7))
+    torch.testing.assert_close(model.eval()(ids).logits, plain.eval()(ids).logits)
+
+
 @pytest.mark.parametrize("field, value", [("hidden_act", "gelu"), ("logit_softcap", -1.0)])
 def test_unknown_activation_or_negative_softcap_is_refused_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):

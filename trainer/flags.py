@@ -31,6 +31,8 @@ MODEL_FLAGS = {
                   "GGUF)",
     "logit_softcap": "cap the logits at ±c smoothly, c·tanh(logits/c), as nanochat (0: off; such a model does not "
                      "export)",
+    "value_embeds": "nanochat's value embeddings: every other block adds a per-token embedding of its own to the "
+                    "attention's values, gated per head: true or false (such a model does not export)",
     "qk_norm": "a learned RMSNorm on every query and key head before the rotary (MiniMind-3, Qwen3): true or false",
     "rms_norm_eps": "epsilon of every RMSNorm",
     "rope_theta": "rotary base",
