@@ -17,7 +17,8 @@ import torch
 import uvicorn
 
 from dataset import SFTDataset, load_tokenizer
-from model import TinyMindConfig, TinyMindForCausalLM, save_weights
+from filelock import FileLock
+from model import TinyMindConfig, TinyMindForCausalLM, load_model, save_weights
 from scripts.serve import create_app
 from trainer.tools import load_tools
 
@@ -142,12 +143,28 @@ TOOL_CHAT = [{"role": "user", "content": QUESTION},
 GREETING = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
 
 
+def shared_by_workers(tmp_path_factory, worker_id, name, build):
+    """A file `build(path)` writes once per test session, shared by pytest-xdist's workers (each has a session of
+    its own): the first to get here builds it under a lock while the others wait, then all read it."""
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if worker_id != "master" else root  # the run's folder, above each worker's own
+    path = root / name
+    with FileLock(str(path) + ".lock"):
+        if not path.is_file():
+            build(path)
+    return path
+
+
 @pytest.fixture(scope="session")
-def tool_caller(tmp_path_factory):
+def tool_caller(tmp_path_factory, worker_id):
     """A tiny model trained until it says TOOL_CHAT's turns (with the calculator offered) and GREETING's word for word."""
-    directory = tmp_path_factory.mktemp("tool_caller")
+    path = shared_by_workers(tmp_path_factory, worker_id, "tool_caller.pth", train_tool_caller)
+    return path, load_model(path).eval()
+
+
+def train_tool_caller(path):
     tokenizer, tools = load_tokenizer(), load_tools("calculator")
-    data = SFTDataset(write_jsonl(directory / "sft.jsonl", [{"conversations": TOOL_CHAT, "tools": tools.schemas},
+    data = SFTDataset(write_jsonl(path.with_suffix(".jsonl"), [{"conversations": TOOL_CHAT, "tools": tools.schemas},
                                                             {"conversations": GREETING}]), tokenizer, 1024)
     batch = data.collate([data[0], data[1]])
     torch.manual_seed(0)
@@ -161,11 +178,7 @@ def tool_caller(tmp_path_factory):
         optimizer.step()
         if loss.item() < 0.002:
             break
-    model.eval()
-    path = directory / "tool_caller.pth"
     save_weights(model.state_dict(), model.config, path)
-    return path, model
-
 
 
 # ---- a server of scripts/serve.py's app -------------------------------------------------------------
