@@ -5,8 +5,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO := --config configs/tiny.json --out_dir output/demo
 STUDENT := --hidden_size 64 --num_hidden_layers 2 --num_attention_heads 4 --max_steps 600
-# Agentic GRPO: the SFT model answers arithmetic beyond it by calling the calculator; the reward reads its final answer.
-AGENT := --config configs/tiny.json --out_dir output/demo/agent --init_from output/demo/sft_dense/sft_128.pth \
+# A second SFT pass on the calculator chats alone: in the mixed SFT the model miscopies three-digit numbers into
+# its calls (0.25 of the held-out questions right with the tool); after this pass, 0.95.
+TOOLS := --config configs/tiny.json --out_dir output/demo/tools --init_from output/demo/sft_dense/sft_128.pth \
+	--data_path data/tools.jsonl --val_data data/tools_val.jsonl --max_seq_len 512 --learning_rate 1e-3
+# Agentic GRPO: the tool-tuned model answers arithmetic beyond it by calling the calculator; the reward reads its
+# final answer.
+AGENT := --config configs/tiny.json --out_dir output/demo/agent --init_from output/demo/tools/sft_dense/sft_128.pth \
 	--data_path data/agent.jsonl --val_data data/agent_val.jsonl --tools calculator --max_seq_len 512 \
 	--max_new_tokens 80 --batch_size 8 --temperature 0.7 --learning_rate 3e-5 --max_steps 40 --eval_interval 20 \
 	--log_interval 1
@@ -30,6 +35,9 @@ demo: setup
 	$(PY) 3-eval.py $(DEMO) --temperature 0 --max_new_tokens 80 --prompts_file scripts/demo_prompts.txt
 	$(PY) 3-eval.py $(DEMO) --max_seq_len 512 --temperature 0 --max_new_tokens 80 --tools calculator \
 		--prompt "计算：348 + 719 等于多少？"
+	$(PY) 2-sft.py $(TOOLS)
+	$(PY) 3-eval.py $(DEMO) --checkpoint output/demo/tools/sft_dense/sft_128.pth --max_seq_len 512 --temperature 0 \
+		--max_new_tokens 80 --tools calculator --prompt "计算：348 + 719 等于多少？"
 	$(PY) 4-lora.py $(DEMO)
 	$(PY) 3-eval.py $(DEMO) --temperature 0 --max_new_tokens 40 --prompts_file scripts/lora_prompts.txt
 	$(PY) 3-eval.py $(DEMO) --temperature 0 --max_new_tokens 40 --prompts_file scripts/lora_prompts.txt \

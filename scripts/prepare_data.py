@@ -10,6 +10,8 @@ validation (chosen by a hash of the document, so the split is stable across runs
     <out_dir>/sft.jsonl, sft_val.jsonl             {"conversations": [{"role": ..., "content": ...}, ...]}
                                                    (plus 3,000 generated arithmetic examples, "7 + 5 = 12",
                                                    and 6,000 harder ones answered by calling the calculator)
+    <out_dir>/tools.jsonl, tools_val.jsonl         those calculator chats alone, split as in sft.jsonl: a second,
+                                                   tool-focused SFT pass (make demo's output/demo/tools)
     <out_dir>/lora.jsonl, lora_val.jsonl           the same format: how idioms are read (4-lora.py's domain)
     <out_dir>/dpo.jsonl, dpo_val.jsonl             {"chosen": [...], "rejected": [...]} (5-dpo.py)
     <out_dir>/grpo.jsonl, grpo_val.jsonl           {"conversations": [...], "answer": ..., "reward": ...} (6-grpo.py)
@@ -115,6 +117,8 @@ def run(args: argparse.Namespace) -> None:
         tables["pretrain"] = summary(stats).drop(columns="turns")
     if sft:
         tables["sft"] = summary(write_splits(sft, out_dir, "sft", "conversations", args.seed))
+        tools = {"calculator": sft["calculator"]}
+        tables["tools"] = summary(write_splits(tools, out_dir, "tools", "conversations", args.seed))
     if lora:
         tables["lora"] = summary(write_splits(lora, out_dir, "lora", "conversations", args.seed))
     if dpo:

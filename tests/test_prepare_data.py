@@ -137,6 +137,9 @@ def test_run_writes_jsonl_from_the_cache(tmp_path, capsys):
         a, op, b = expression.split()
         assert int(result["content"]) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
         assert answer["content"] in (f"答案是 {result['content']}。", f"The answer is {result['content']}.")
+    for split in ("", "_val"):  # the calculator chats alone, held out as in sft_val.jsonl
+        in_sft = sorted(line for line in open(tmp_path / f"sft{split}.jsonl", encoding="utf-8") if '"tools"' in line)
+        assert sorted(open(tmp_path / f"tools{split}.jsonl", encoding="utf-8")) == in_sft
     assert "chatterbot" in capsys.readouterr().out
     assert any(re.fullmatch(r"\d \+ \d = \d+|\d - \d = -?\d", c[-1]["content"]) for c in conversations)
 
