@@ -3,6 +3,7 @@
 import csv
 import errno
 import json
+import os
 import random
 import signal
 import subprocess
@@ -51,7 +52,8 @@ def log_steps(path):
 
 
 def start_pretrain(cwd, out_dir, *extra):
-    env = {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1", "PATH": "/usr/bin:/bin"}
+    # The test's own environment (its thread count too, which the bits of a step depend on), as run_stage's.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
     return subprocess.Popen(
         [sys.executable, str(ROOT / "1-pretrain.py"), *TINY, "--out_dir", out_dir, *map(str, extra)],
         cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
