@@ -16,7 +16,7 @@ AGENT := --config configs/tiny.json --out_dir output/demo/agent --init_from outp
 	--max_new_tokens 80 --batch_size 8 --temperature 0.7 --learning_rate 3e-5 --max_steps 40 --eval_interval 20 \
 	--log_interval 1
 
-.PHONY: setup demo demo-seeds test test-fast gpu-check test-browser test-llama-cpp bench bench-learning bench-nanochat bench-data bench-stages bench-serve serve clean
+.PHONY: setup demo demo-seeds test test-fast gpu-check test-browser test-llama-cpp test-ollama bench bench-learning bench-nanochat bench-data bench-stages bench-serve serve clean
 
 setup: $(VENV)/.installed
 
@@ -83,10 +83,16 @@ test-browser: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests/test_chat_page.py
 
 # GGUF files in llama.cpp itself: llama-cpp-python builds llama.cpp from the source in its package (cmake and a
-# C++ compiler from Debian; about 4.5 minutes on 2 cores).
+# C++ compiler from Debian; about 5.5 minutes on 2 cores).
 test-llama-cpp: setup
 	$(PY) -m pip install --quiet llama-cpp-python==0.3.36
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests/test_gguf.py
+
+# The Modelfile's template rendered as ollama renders it (tests/ollama/render.go, run with Debian's Go) against
+# tinymind's own rendering of the same chats, tools and thinking included.
+test-ollama: setup
+	apt-get install -y -q golang-go || sudo apt-get install -y -q golang-go
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests/test_gguf.py -k ollama
 
 # On a machine with a GPU: the training, loss and decoding figures of scripts/gpu_check.py in one table.
 gpu-check: setup

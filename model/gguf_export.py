@@ -22,6 +22,7 @@ down projection is written doubled. That gate stays float32 in every `--dtype`, 
 """
 
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -215,11 +216,19 @@ def add_tensor(writer, name, tensor, tensor_type):
         writer.add_tensor(name, quantize(data, GGMLQuantizationType.Q8_0), raw_dtype=GGMLQuantizationType.Q8_0)
 
 
+# The project's chat template and its translation into ollama's Go template language (tools and thinking included).
+CHAT_TEMPLATE = Path(__file__).resolve().parent / "tokenizer" / "chat_template.jinja"
+OLLAMA_TEMPLATE = CHAT_TEMPLATE.with_suffix(".gotmpl")
+
+
 def modelfile(tokenizer, gguf_name) -> str:
-    """An ollama Modelfile for the GGUF beside it: the chat template as ollama's Go template when the Jinja one
-    frames each message on its own (prefix + content + suffix per role, as ChatML does), and the end token as stop."""
+    """An ollama Modelfile for the GGUF beside it, with the end token as stop and the chat template in ollama's Go
+    template language: the project's own template is translated by hand (chat_template.gotmpl, tools and thinking
+    included, which turns on ollama's tool calling and thinking for the model); another one is derived when it frames
+    each message on its own (prefix + content + suffix per role, as ChatML does), without tools."""
     lines = [f"FROM ./{gguf_name}"]
-    template = go_template(tokenizer)
+    ours = tokenizer.chat_template == CHAT_TEMPLATE.read_text()
+    template = OLLAMA_TEMPLATE.read_text() if ours else go_template(tokenizer)
     if template is not None:
         lines.append(f'TEMPLATE """{template}"""')
     lines.append(f'PARAMETER stop "{tokenizer.eos_token}"')

@@ -1,7 +1,11 @@
 """GGUF export (model/gguf_export.py, `scripts.convert_hf gguf`): the file reads back through the gguf package as
 written, and llama.cpp (llama-cpp-python, when installed: `make test-llama-cpp`) decodes the same greedy tokens."""
 
+import copy
 import json
+import shutil
+import subprocess
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -9,12 +13,12 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
-from conftest import ROOT, TOOL_CHAT, run_stage
+from conftest import GREETING, ROOT, TOOL_CHAT, run_stage
 from dataset import load_tokenizer
 from model import TinyMindConfig, TinyMindForCausalLM, fast_generate
 from trainer.tools import load_tools
 from dataset.chat import chat_messages, render_chat
-from model.gguf_export import architecture, gguf_tensors, write_gguf
+from model.gguf_export import architecture, gguf_tensors, modelfile, write_gguf
 
 TOKENIZER = ROOT / "model" / "tokenizer"
 SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1)
@@ -126,7 +130,7 @@ def test_cli_writes_the_gguf_and_a_modelfile_and_refuses_in_one_line(tmp_path):
     assert "(llama, f16," in result.stderr + result.stdout
     recipe = (tmp_path / "g" / "Modelfile").read_text()
     assert recipe.startswith("FROM ./m.gguf\n") and 'PARAMETER stop "<|im_end|>"' in recipe
-    assert '{{ if eq .Role "system" }}<|im_start|>system\n{{ .Content }}<|im_end|>\n' in recipe
+    assert "{{- range .Tools }}" in recipe and "{{- if .ToolCalls }}" in recipe  # the project's template, by hand
 
     TinyMindConfig(**SHAPE, use_moe=True, qk_norm=True).to_json_file(checkpoint.with_suffix(".json"))
     torch.save(TinyMindForCausalLM(TinyMindConfig(**SHAPE, use_moe=True, qk_norm=True)).state_dict(), checkpoint)
@@ -136,6 +140,77 @@ def test_cli_writes_the_gguf_and_a_modelfile_and_refuses_in_one_line(tmp_path):
     assert "qwen3moe" in refused.stderr and not (tmp_path / "x.gguf").exists()
 
 
+# ---- ollama's template --------------------------------------------------------------------------------------
+
+
+def ollama_render(template, requests):
+    """`requests` (ollama /api/chat bodies) rendered through `template` as ollama renders them (tests/ollama/render.go,
+    run with Go), and the tool-call and thinking tags ollama would find in the template."""
+    if shutil.which("go") is None:
+        pytest.skip("Go is not installed: `make test-ollama` installs it and runs these")
+    result = subprocess.run(["go", "run", str(ROOT / "tests" / "ollama" / "render.go")], capture_output=True, text=True,
+                            input=json.dumps({"template": template, "requests": requests}), check=True, timeout=300)
+    return json.loads(result.stdout)
+
+
+def same_text_but_json_spacing(ours, theirs):
+    """Equal line by line, but for lines that are one JSON value each, which need only be equal as JSON (ollama
+    writes JSON compactly, with Go's key order)."""
+
+    def value(line):
+        try:
+            return json.loads(line)
+        except ValueError:
+            return line
+
+    assert len(ours.split("\n")) == len(theirs.split("\n")), (ours, theirs)
+    for mine, other in zip(ours.split("\n"), theirs.split("\n")):
+        assert mine == other or value(mine) == value(other), (mine, other)
+
+
+def test_another_framed_chat_template_becomes_a_go_template_without_tools(tokenizer):
+    chatml = ("{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = chatml
+    recipe = modelfile(tokenizer, "m.gguf")
+    assert '{{ if eq .Role "system" }}<|im_start|>system\n{{ .Content }}<|im_end|>\n' in recipe
+    assert ".Tools" not in recipe
+    tokenizer.chat_template = "{{ messages | length }}"  # frames nothing: no TEMPLATE, ollama takes the GGUF's own
+    assert "TEMPLATE" not in modelfile(tokenizer, "m.gguf")
+
+
+def test_the_modelfile_template_renders_tools_and_thinking_as_ollama_would_as_tinymind_does(tokenizer):
+    calculator = load_tools("calculator").schemas
+    call = {"function": {"name": "calculator", "arguments": {"expression": "17*23"}}}
+    conversations = [  # (ollama's request fields, tinymind's thinking switch)
+        (dict(messages=[{"role": "user", "content": "Hi"}]), None),
+        (dict(messages=[{"role": "system", "content": "Be brief."}, *GREETING, {"role": "user", "content": "2+2?"}]),
+         None),
+        (dict(messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "17*23?"}],
+              tools=calculator), None),
+        (dict(messages=[{"role": "user", "content": "17*23 and 2*3?"},
+                        {"role": "assistant", "content": "", "thinking": "Two products.", "tool_calls": [call, call]},
+                        {"role": "tool", "content": "391"}, {"role": "tool", "content": "6"},
+                        {"role": "assistant", "content": "391 and 6."}, {"role": "user", "content": "Thanks"}],
+              tools=calculator, think=False), False),
+        (dict(messages=[{"role": "user", "content": "17*23?"},
+                        {"role": "assistant", "content": "Let me compute.", "tool_calls": [call]},
+                        {"role": "tool", "content": "391"}], tools=calculator, think=True), True),
+    ]
+    template = modelfile(tokenizer, "m.gguf").split('TEMPLATE """')[1].split('"""')[0]
+    rendered = ollama_render(template, [request for request, _ in conversations])
+    for (request, thinking), theirs in zip(conversations, rendered["prompts"]):
+        messages = [{**{k: v for k, v in m.items() if k != "thinking"}, "reasoning_content": m.get("thinking")}
+                    if m.get("thinking") else m for m in request["messages"]]
+        switch = {} if thinking is None else {"enable_thinking": thinking}
+        ours = tokenizer.apply_chat_template(messages, tools=request.get("tools"), tokenize=False,
+                                             add_generation_prompt=True, **switch)
+        same_text_but_json_spacing(ours, theirs)
+    # ollama finds the tags its parsers need, so it offers the model tools and thinking and parses both back out
+    assert rendered["tool_tag"] == "<tool_call>" and rendered["thinking_tags"] == ["<think>", "</think>"]
+
+
 # ---- llama.cpp itself --------------------------------------------------------------------------------------
 
 
@@ -143,8 +218,16 @@ def llama_cpp_greedy(path, prompt_ids, new_tokens, text=""):
     """llama.cpp's greedy continuation of `prompt_ids` (argmax of its logits), and its own tokens for `text`."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: `make test-llama-cpp` "
                                                         "builds it and runs these")
-    llm = llama_cpp.Llama(str(path), n_ctx=128, n_threads=2, verbose=False, logits_all=True,
-                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def plain_cpu_kernels():  # llama.cpp picks its AMX kernels for q8_0 where the CPU has AMX; they crash in some VMs
+        params = defaults()
+        params.use_extra_bufts = False  # as `llama-cli --no-repack`
+        return params
+
+    with mock.patch.object(llama_cpp.llama_cpp, "llama_model_default_params", plain_cpu_kernels):
+        llm = llama_cpp.Llama(str(path), n_ctx=128, n_threads=2, verbose=False, logits_all=True,
+                              type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
     try:
         tokens = []
         llm.eval(prompt_ids)
