@@ -63,7 +63,7 @@ demo-seeds: setup
 	done
 	$(PY) -m scripts.seed_spread output/demo/grpo_dense output/demo/seed1/grpo_dense output/demo/seed2/grpo_dense
 	$(PY) -m scripts.seed_spread output/demo/agent/grpo_dense output/demo/seed1/agent/grpo_dense \
-		output/demo/seed2/agent/grpo_dense
+		output/demo/seed2/agent/grpo_dense --tool_task output/demo/tools/sft_dense/sft_128.pth
 
 # Tests run in two processes (pytest-xdist) of one thread each: most of a test's time is a stage script's start
 # and tiny tensors, which one core does as well as two.

@@ -66,20 +66,23 @@ def progress(log):
     return int(float(last.get("tokens") or 0)), float(last.get("seconds") or 0), held_out
 
 
-def scores(model, tokenizer, chats, limit, seed):
-    """{task: (accuracy, centred)} on the tasks a model of its kind is scored on."""
+def task_scores(model, tokenizer, tasks, chat, tools, limit, seed, suffix=""):
+    """{task + suffix: (accuracy, centred)} on `tasks`, as chats or not, with `tools` offered and run or none."""
     manager = TaskManager(include_path=[str(OWN_TASKS)], verbosity="ERROR")
     args = SimpleNamespace(dtype="float32", device="cpu")
-    settings = [(CHOICE_TASKS, False, None, "")]
+    results = simple_evaluate(model=TinyMindLM(model, tokenizer, 16, args, tools=tools), tasks=list(tasks),
+                              limit=limit, task_manager=manager, apply_chat_template=chat, log_samples=False,
+                              verbosity="ERROR", random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                              fewshot_random_seed=seed)
+    return {task + suffix: score for task, score in centred_scores(results).items()}
+
+
+def scores(model, tokenizer, chats, limit, seed):
+    """{task: (accuracy, centred)} on the tasks a model of its kind is scored on."""
+    found = task_scores(model, tokenizer, CHOICE_TASKS, False, None, limit, seed)
     if chats:  # the calculator task twice: without the tool, then with it
-        settings += [(CHAT_TASKS + TOOL_TASKS, True, None, ""), (TOOL_TASKS, True, load_tools("calculator"), TOOLED)]
-    found = {}
-    for tasks, chat, tools, suffix in settings:
-        results = simple_evaluate(model=TinyMindLM(model, tokenizer, 16, args, tools=tools), tasks=list(tasks),
-                                  limit=limit, task_manager=manager, apply_chat_template=chat, log_samples=False,
-                                  verbosity="ERROR", random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                                  fewshot_random_seed=seed)
-        found |= {task + suffix: score for task, score in centred_scores(results).items()}
+        found |= task_scores(model, tokenizer, CHAT_TASKS + TOOL_TASKS, True, None, limit, seed)
+        found |= task_scores(model, tokenizer, TOOL_TASKS, True, load_tools("calculator"), limit, seed, TOOLED)
     return found
 
 

@@ -2,6 +2,7 @@
 equal lm-eval's own, and the repetition figure counted by hand."""
 
 import csv
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,4 +70,22 @@ def test_seed_spread_gives_each_runs_gain_and_their_mean_and_deviation(tmp_path,
     seed_spread.main()
     out = capsys.readouterr().out
     assert "seed0: 0.400 → 0.500 (+0.100)" in out and "seed1: 0.400 → 0.700 (+0.300)" in out
-    assert "mean of 2: 0.400 ± 0.000 → 0.600 ± 0.141; gain +0.200 ± 0.141" in out
+    assert "mean of 2: 0.400 ± 0.000 → 0.600 ± 0.141; change +0.200 ± 0.141" in out
+
+    # --tool_task: the starting weights scored once, each run's final weights after it
+    scored = []
+
+    def task_scores(model, tokenizer, tasks, chat, tools, limit, seed):
+        scored.append(model)
+        return {tasks[0]: (0.5 + 0.1 * len(scored), None)}
+
+    for run in runs:
+        (Path(run) / "grpo_128.pth").write_bytes(b"")
+    monkeypatch.setattr(seed_spread, "load_for_use", lambda path: (path, None))
+    monkeypatch.setattr(seed_spread, "task_scores", task_scores)
+    monkeypatch.setattr("sys.argv", ["seed_spread", *runs, "--tool_task", str(tmp_path / "start.pth")])
+    seed_spread.main()
+    out = capsys.readouterr().out
+    assert [Path(path).name for path in scored] == ["start.pth", "grpo_128.pth", "grpo_128.pth"]
+    assert "held-out tinymind_calculator with the calculator: before → after" in out
+    assert "mean of 2: 0.600 ± 0.000 → 0.750 ± 0.071; change +0.150 ± 0.071" in out
