@@ -2,7 +2,7 @@
 
 A request waits in a queue until a cache row (a slot) is free, is prefilled alone into that row,
 and from the next step on decodes in the shared batch (`PackedDecoder.decode`: every row at its
-own position). A request that finishes (end token, its token budget, the context) or is
+own position; on CUDA `PackedDecoder.step`, every slot at fixed shapes, captured as a CUDA graph). A request that finishes (end token, its token budget, the context) or is
 cancelled leaves at once and frees its row for the next. A step reads every weight once whatever
 the batch, so on a machine bound by weight reads, many requests decode for little more than one.
 
@@ -44,13 +44,16 @@ class _Running:
 
 
 class Engine:
-    def __init__(self, model, eos_token_id, max_batch=8, max_queue=16, context=2048):
-        """`context`: the longest prompt + completion a request may have (each slot's cache holds that many)."""
+    def __init__(self, model, eos_token_id, max_batch=8, max_queue=16, context=2048, graphs=None):
+        """`context`: the longest prompt + completion a request may have (each slot's cache holds that many).
+        `graphs`: decode through the compiled fixed-shape step (a CUDA graph on CUDA; default: on CUDA only, as
+        on a CPU it measured slower than the eager decoder: scripts/gpu_check.py's engine rows)."""
         self.model, self.eos = model.eval(), eos_token_id
         self.max_len = min(context, model.config.max_position_embeddings)
         self.slots = max_batch
         self.max_queue = max_queue
         self.device = next(model.parameters()).device
+        self.graphs = self.device.type == "cuda" if graphs is None else graphs
         self.decoder = None  # built on the engine's thread at the first request
         self.free = list(range(max_batch))  # a heap: the lowest free row first, so running rows tend to stay consecutive
         self.running = {}  # slot → _Running
@@ -124,7 +127,7 @@ class Engine:
         tokens = torch.cat([self.running[slot].last for slot in slots])
         positions = [self.running[slot].position - 1 for slot in slots]
         try:
-            logits = self.decoder.decode(slots, tokens, positions)
+            logits = self._decode(slots, tokens, positions)
         except Exception as err:
             for slot in slots:
                 self._finish(slot, f"error: {type(err).__name__}: {err}")
@@ -140,6 +143,19 @@ class Engine:
             self._guarded(slot, state.request,
                           lambda slot, request, state=state, token=token, value=value: self._advance(
                               slot, state, token[None], value))
+
+    def _decode(self, slots, tokens, positions):
+        """[len(slots), vocab] logits of the slots' next tokens. With graphs every slot decodes (the idle ones
+        a token at position 0, which their next prefill overwrites) and the running ones' rows are kept."""
+        if not self.graphs:
+            return self.decoder.decode(slots, tokens, positions)
+        index = torch.tensor(slots, device=self.device)
+        every_token = torch.zeros(self.slots, dtype=tokens.dtype, device=self.device).index_copy(0, index, tokens)
+        every_position = [0] * self.slots
+        for slot, position in zip(slots, positions):
+            every_position[slot] = position
+        step = self.decoder.compile_step()
+        return step(every_token, torch.tensor(every_position, device=self.device))[index]
 
     @staticmethod
     def _sample(logits, states):

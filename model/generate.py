@@ -7,6 +7,7 @@ the training forward's bookkeeping. tests/test_fast_paths.py holds it to the mod
 and to Hugging Face `generate`.
 """
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -106,8 +107,12 @@ class PackedDecoder:
         # [1, 1, max_len, head_dim] in the embedding's dtype, as the modules' forward makes them
         self.cos, self.sin = body.rotary(positions, body.embed_tokens.weight.dtype)
         shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim)
-        self.keys = torch.empty(shape, device=device, dtype=dtype)
-        self.values = torch.empty_like(self.keys)
+        # Zeros, not empty: a masked-out place still enters attention's sums times zero, and uninitialised memory
+        # may hold NaN, which times zero is NaN (rows shorter than the longest, the fixed-shape step's whole cache).
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros_like(self.keys)
+        self.places, self.rows = torch.arange(max_len, device=device), torch.arange(batch, device=device)
+        self.compiled_step = None
 
     @staticmethod
     def pack(block, dtype):
@@ -162,9 +167,47 @@ class PackedDecoder:
         cos, sin = self.cos[0, 0, at][:, None, None], self.sin[0, 0, at][:, None, None]
         return self.run(tokens[:, None], cos, sin, cached_attention)
 
-    def run(self, input_ids, cos, sin, cached_attention):
+    def step(self, tokens, positions):
+        """[batch, vocab] logits of one new token for every cache row, `tokens` and `positions` ([batch] tensors
+        on the device) giving each row's input and place: `decode` with fixed shapes and no host read. Attention
+        reads the whole cache under a mask and a MoE routes through its module (grouped dispatch on CUDA), so the
+        step is one graph whatever the positions: it compiles once, and on CUDA replays as a CUDA graph
+        (`compile_step`). A row with nothing to decode may pass any token at position 0."""
+        mask = (self.places <= positions[:, None])[:, None, None]
+
+        def cached_attention(i, q, k, v):
+            self.keys[i, self.rows, :, positions], self.values[i, self.rows, :, positions] = k[:, :, 0], v[:, :, 0]
+            return attend(q, self.keys[i], self.values[i], mask)
+
+        cos, sin = self.cos[0, 0, positions][:, None, None], self.sin[0, 0, positions][:, None, None]
+        return self.run(tokens[:, None], cos, sin, cached_attention, host_routing=False)
+
+    def compile_step(self):
+        """`step` through torch.compile as one graph; on CUDA in `reduce-overhead` mode, which captures it as a
+        CUDA graph and replays it (one launch per token instead of hundreds), the cache marked as a static address
+        so that its writes are part of the graph. Returns the function to call for this step: the compiled one, or
+        the eager `step` after a compile failed (said once, in one warning)."""
+        if self.compiled_step is None:
+            torch._dynamo.mark_static_address(self.keys)
+            torch._dynamo.mark_static_address(self.values)
+            mode = "reduce-overhead" if self.keys.is_cuda else None
+            compiled = torch.compile(self.step, fullgraph=True, mode=mode)
+
+            def step(tokens, positions):
+                try:
+                    return compiled(tokens, positions)
+                except Exception as err:  # noqa: BLE001 (any compiler failure: decode eagerly from now on)
+                    warnings.warn(f"torch.compile of the decode step failed ({type(err).__name__}); it runs eagerly")
+                    self.compiled_step = self.step
+                    return self.step(tokens, positions)
+
+            self.compiled_step = step
+        return self.compiled_step
+
+    def run(self, input_ids, cos, sin, cached_attention, host_routing=True):
         """The blocks' forward (model.Block) over the packed weights; `cached_attention(layer, q, k, v)` writes
-        the new keys and values into the cache and attends over it."""
+        the new keys and values into the cache and attends over it. `host_routing`: a single token's MoE runs
+        only its k experts, read back to the host (fastest eagerly); otherwise MoE layers route in their module."""
         c = self.config
         batch, seq = input_ids.shape
         x = self.embed_tokens(input_ids)
@@ -178,13 +221,13 @@ class PackedDecoder:
             y = cached_attention(i, *attn.position(q, k, cos, sin), v)
             x = x + F.linear(y.transpose(1, 2).reshape(batch, seq, -1), o_proj)
             h = rms_norm(x, norm_2, eps)
-            x = x + (feed_forward(h, *ffn) if moe is None else self.moe(moe, ffn, h))
+            x = x + (feed_forward(h, *ffn) if moe is None else self.moe(moe, ffn, h, host_routing))
         return softcap(F.linear(rms_norm(x[:, -1], self.norm.weight, eps), self.head), c.logit_softcap).float()
 
     @staticmethod
-    def moe(moe, packed, h):
+    def moe(moe, packed, h, host_routing=True):
         """One token: run only its k experts. A prompt (several tokens) goes through the module's dispatch."""
-        if h.shape[0] * h.shape[1] > 1:
+        if h.shape[0] * h.shape[1] > 1 or not host_routing:
             return moe(h, h.new_ones(h.shape[:2]))[0]
         experts, shared = packed
         _, weights, chosen = moe.route(h.view(1, -1))

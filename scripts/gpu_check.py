@@ -8,7 +8,8 @@ training shapes run; training steps of configs/small.json (dense) and configs/mo
 AdamW and Muon, as tokens/s, MFU, host syncs per step (CUDA's sync debug mode, over the timed steps) and peak
 memory; the peak memory of the loss over a 151,936-token vocabulary (Qwen3's) at 32 × 512 positions, chunked
 (tinymind's) and as one float32 cross-entropy; decoding tokens/s at batch 1 and 8, tinymind's fast decoder
-against transformers' `generate` on the same weights as a stock Llama, greedy, equal tokens.
+against transformers' `generate` on the same weights as a stock Llama, greedy, equal tokens, and the server's
+engine through its compiled decode step (a CUDA graph on CUDA) against its eager decoder.
 
 It needs torch and transformers only (the tinymind packages it imports need nothing else), so it runs on a
 machine that lacks `datasets`, `fastapi` or `openai`. The training step here is the loop's step reduced to its
@@ -18,6 +19,7 @@ device work (forward, loss, backward, clipping, optimizer, the one read of loss 
 import argparse
 import json
 import statistics
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -26,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
-from model import TinyMindConfig, TinyMindForCausalLM, fast_generate, masked_cross_entropy, token_cross_entropy
+from model import Sampling, TinyMindConfig, TinyMindForCausalLM, fast_generate, masked_cross_entropy, token_cross_entropy
 from model.convert import llama_config
+from model.engine import Engine, Request
 from model.muon import BatchedMuon, is_hidden_matrix
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -216,7 +219,34 @@ def decode_rows(fields, device, quick):
         rows.append({"check": f"decode batch {batch}, {new_tokens} tokens", "tokens/s": round(batch * new_tokens / ours_s),
                      "note": f"transformers generate {batch * new_tokens / theirs_s:.0f} tokens/s: "
                              f"{theirs_s / ours_s:.2f}x; same tokens: {torch.equal(ours, theirs)}"})
+        graphed, graphed_s = engine_run(model, prompt, new_tokens, True, device, quick)
+        eager, eager_s = engine_run(model, prompt, new_tokens, False, device, quick)
+        rows.append({"check": f"server engine batch {batch}, {new_tokens} tokens, compiled step",
+                     "tokens/s": round(batch * new_tokens / graphed_s),
+                     "note": f"{'a CUDA graph' if device.type == 'cuda' else 'compiled'}; the eager decoder "
+                             f"{batch * new_tokens / eager_s:.0f} tokens/s: {eager_s / graphed_s:.2f}x; "
+                             f"same tokens: {graphed == eager == ours.tolist()}"})
     return rows
+
+
+def engine_run(model, prompt, new_tokens, graphs, device, quick):
+    """The server's engine (model/engine.py) decoding the prompt's rows as concurrent greedy requests: their
+    tokens (prompt + answer, per row) and the median seconds, after an untimed run that compiles."""
+    engine = Engine(model, eos_token_id=None, max_batch=prompt.size(0), context=prompt.size(1) + new_tokens,
+                    graphs=graphs)
+
+    def run():
+        answers = [list(row) for row in prompt.tolist()]
+        done = [threading.Event() for _ in answers]
+        for row, ids in enumerate(prompt.tolist()):
+            def emit(token, reason, row=row):
+                answers[row].append(token) if reason is None else done[row].set()
+            engine.submit(Request(ids, new_tokens, Sampling(), emit, ignore_eos=True))
+        for event in done:
+            event.wait()
+        return answers
+
+    return run(), timed(run, device, 2 if quick else 5)
 
 
 def print_table(rows):

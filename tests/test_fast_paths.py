@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -81,6 +82,66 @@ def test_decode_of_rows_at_their_own_positions_equals_the_modules(rows):
         logits = decoder.decode(rows, torch.cat([sequences[row][:, -1] for row in rows]), [lengths[row] for row in rows])
         for index, row in enumerate(rows):
             torch.testing.assert_close(logits[index], model(sequences[row]).logits[0, -1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_the_fixed_shape_decode_step_equals_the_modules_and_traces_to_one_graph(use_moe):
+    """The step a CUDA graph captures: every cache row at its own position, whole-cache attention under a mask, MoE
+    through the module's grouped dispatch (CUDA's); no host read, so dynamo traces it whole."""
+    model = make_model(use_moe)
+    model.set_moe_dispatch("grouped")
+    lengths = [4, 7, 1]
+    sequences = [torch.randint(3, 97, (1, n + 1)) for n in lengths]
+    with torch.no_grad():
+        decoder = PackedDecoder(model, batch=3, max_len=8)
+        for row, sequence in enumerate(sequences):
+            decoder(sequence[:, :-1], 0, rows=slice(row, row + 1))
+        tokens, positions = torch.cat([sequence[:, -1] for sequence in sequences]), torch.tensor(lengths)
+        logits = decoder.step(tokens, positions)
+        for row, sequence in enumerate(sequences):
+            torch.testing.assert_close(logits[row], model(sequence).logits[0, -1], atol=1e-5, rtol=1e-5)
+        explained = torch._dynamo.explain(decoder.step)(tokens, positions)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_the_engine_through_its_compiled_step_answers_as_through_the_eager_decoder():
+    """What the server runs on CUDA (there as a CUDA graph), compiled on this CPU: the same greedy tokens for
+    requests that come and go, idle slots decoding alongside."""
+    from model.engine import Engine, Request
+
+    model = make_model(use_moe=False)
+    prompts = [[5, 9, 13, 2], [7, 7], [3, 30, 31, 32, 33, 34]]
+
+    def answers(graphs):
+        engine = Engine(model, eos_token_id=None, max_batch=4, context=16, graphs=graphs)
+        done = {i: threading.Event() for i in range(len(prompts))}
+        tokens = {i: [] for i in range(len(prompts))}
+        for i, prompt in enumerate(prompts):
+            def emit(token, reason, i=i):
+                tokens[i].append(token) if reason is None else done[i].set()
+            assert engine.submit(Request(prompt, 6 + i, Sampling(), emit, ignore_eos=True))
+        assert all(event.wait(300) for event in done.values())
+        if graphs:  # it compiled, rather than falling back to the eager step
+            assert engine.decoder.compiled_step not in (None, engine.decoder.step)
+        return tokens
+
+    assert answers(graphs=True) == answers(graphs=False)
+
+
+def test_a_decode_step_that_fails_to_compile_warns_and_decodes_eagerly(monkeypatch):
+    def compile_that_fails(function, **options):
+        def run(*args):
+            raise RuntimeError("no C++ compiler")
+        return run
+
+    monkeypatch.setattr(torch, "compile", compile_that_fails)
+    with torch.no_grad():
+        decoder = PackedDecoder(make_model(use_moe=False), batch=2, max_len=8)
+        tokens, positions = torch.tensor([3, 4]), torch.tensor([0, 0])
+        with pytest.warns(UserWarning, match="torch.compile of the decode step failed .RuntimeError.; it runs eagerly"):
+            logits = decoder.compile_step()(tokens, positions)
+        assert torch.equal(logits, decoder.step(tokens, positions))
+    assert decoder.compile_step() == decoder.step  # and from then on eagerly, without trying again
 
 
 @pytest.mark.parametrize("use_moe", [False, True])
