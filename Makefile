@@ -91,7 +91,7 @@ test-llama-cpp: setup
 # The Modelfile's template rendered as ollama renders it (tests/ollama/render.go, run with Debian's Go) against
 # tinymind's own rendering of the same chats, tools and thinking included.
 test-ollama: setup
-	apt-get install -y -q golang-go || sudo apt-get install -y -q golang-go
+	(apt-get update -q && apt-get install -y -q golang-go) || (sudo apt-get update -q && sudo apt-get install -y -q golang-go)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests/test_gguf.py -k ollama
 
 # On a machine with a GPU: the training, loss and decoding figures of scripts/gpu_check.py in one table.

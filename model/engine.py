@@ -2,8 +2,9 @@
 
 A request waits in a queue until a cache row (a slot) is free, is prefilled alone into that row,
 and from the next step on decodes in the shared batch (`PackedDecoder.decode`: every row at its
-own position; on CUDA `PackedDecoder.step`, every slot at fixed shapes, captured as a CUDA graph). A request that finishes (end token, its token budget, the context) or is
-cancelled leaves at once and frees its row for the next. A step reads every weight once whatever
+own position; on CUDA `PackedDecoder.step`, every slot at fixed shapes, replayed as a CUDA graph).
+A request that finishes (end token, its token budget, the context) or is cancelled leaves at once
+and frees its row for the next. A step reads every weight once whatever
 the batch, so on a machine bound by weight reads, many requests decode for little more than one.
 
 The engine speaks token ids; detokenizing, stop strings and the HTTP side are the server's.
@@ -11,6 +12,7 @@ The engine speaks token ids; detokenizing, stop strings and the HTTP side are th
 
 import heapq
 import threading
+import warnings
 from collections import deque
 from dataclasses import astuple, dataclass
 from typing import Callable
@@ -54,6 +56,7 @@ class Engine:
         self.max_queue = max_queue
         self.device = next(model.parameters()).device
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
+        self.compiled = None  # the decoder's compiled step, made at the first step that uses it
         self.decoder = None  # built on the engine's thread at the first request
         self.free = list(range(max_batch))  # a heap: the lowest free row first, so running rows tend to stay consecutive
         self.running = {}  # slot → _Running
@@ -154,8 +157,19 @@ class Engine:
         every_position = [0] * self.slots
         for slot, position in zip(slots, positions):
             every_position[slot] = position
-        step = self.decoder.compile_step()
-        return step(every_token, torch.tensor(every_position, device=self.device))[index]
+        first = self.compiled is None
+        if first:
+            self.compiled = self.decoder.compile_step()
+        try:
+            return self.compiled(every_token, torch.tensor(every_position, device=self.device))[index]
+        except Exception as err:
+            if not first:
+                raise
+            # It failed to compile (or capture): say so once and decode as on a CPU from now on.
+            warnings.warn(f"the engine's compiled decode step failed ({type(err).__name__}: "
+                          f"{(str(err).splitlines() or [''])[0]}); it decodes eagerly")
+            self.graphs = False
+            return self.decoder.decode(slots, tokens, positions)
 
     @staticmethod
     def _sample(logits, states):

@@ -86,8 +86,9 @@ class PackedDecoder:
     the feed-forward activation, the MoE router) in the block's order, so it computes exactly what the modules
     compute, with: q/k/v and gate/up packed into one matrix each (fewer, larger matmuls; copies of the
     parameters in the compute dtype, made once per decoder), rotary angles looked up from a table, keys and
-    values written into a preallocated cache (attention over its filled part needs no mask), the norms called
-    as functions rather than modules, and none of the forward's masks, position bookkeeping, dropout or aux loss.
+    values written into a preallocated cache (a sequence's attention over its filled part needs no mask; rows
+    of different lengths and the fixed-shape `step` use one), the norms called as functions rather than modules,
+    and none of the forward's position bookkeeping, dropout or aux loss.
     """
 
     def __init__(self, model, batch, max_len):
@@ -112,7 +113,6 @@ class PackedDecoder:
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros_like(self.keys)
         self.places, self.rows = torch.arange(max_len, device=device), torch.arange(batch, device=device)
-        self.compiled_step = None
 
     @staticmethod
     def pack(block, dtype):
@@ -174,35 +174,31 @@ class PackedDecoder:
         step is one graph whatever the positions: it compiles once, and on CUDA replays as a CUDA graph
         (`compile_step`). A row with nothing to decode may pass any token at position 0."""
         mask = (self.places <= positions[:, None])[:, None, None]
+        batch, heads, kv_heads = tokens.size(0), self.config.num_attention_heads, self.config.num_key_value_heads
 
         def cached_attention(i, q, k, v):
             self.keys[i, self.rows, :, positions], self.values[i, self.rows, :, positions] = k[:, :, 0], v[:, :, 0]
-            return attend(q, self.keys[i], self.values[i], mask)
+            # One query per row: the query heads that share a key/value head become that head's query positions,
+            # so attention needs no grouped-query support (on CUDA, SDPA takes a mask with GQA only in its slow
+            # math kernel) and every query reads the same mask row.
+            grouped = q.reshape(batch, kv_heads, heads // kv_heads, -1)
+            return attend(grouped, self.keys[i], self.values[i], mask).reshape(q.shape)
 
         cos, sin = self.cos[0, 0, positions][:, None, None], self.sin[0, 0, positions][:, None, None]
         return self.run(tokens[:, None], cos, sin, cached_attention, host_routing=False)
 
     def compile_step(self):
         """`step` through torch.compile as one graph; on CUDA in `reduce-overhead` mode, which captures it as a
-        CUDA graph and replays it (one launch per token instead of hundreds), the cache marked as a static address
-        so that its writes are part of the graph. Returns the function to call for this step: the compiled one, or
-        the eager `step` after a compile failed (said once, in one warning)."""
-        if self.compiled_step is None:
-            torch._dynamo.mark_static_address(self.keys)
-            torch._dynamo.mark_static_address(self.values)
-            mode = "reduce-overhead" if self.keys.is_cuda else None
-            compiled = torch.compile(self.step, fullgraph=True, mode=mode)
-
-            def step(tokens, positions):
-                try:
-                    return compiled(tokens, positions)
-                except Exception as err:  # noqa: BLE001 (any compiler failure: decode eagerly from now on)
-                    warnings.warn(f"torch.compile of the decode step failed ({type(err).__name__}); it runs eagerly")
-                    self.compiled_step = self.step
-                    return self.step(tokens, positions)
-
-            self.compiled_step = step
-        return self.compiled_step
+        CUDA graph and replays it (one launch per token instead of hundreds). Every tensor the step reads or
+        writes (the cache, the packed weights, the rotary tables) is marked as a static address, so a replay
+        copies none of them. Compiling happens at the first call, and fails there if the step does not trace
+        whole (a MoE whose dispatch reads counts back to the host: see MoEFeedForward.grouped)."""
+        tensors = [self.keys, self.values, self.head, self.cos, self.sin, self.places, self.rows]
+        for norm_1, _, qkv, o_proj, norm_2, moe, ffn in self.packed:  # a MoE layer runs on its module's weights
+            tensors += [norm_1, qkv, o_proj, norm_2, *(ffn[:2] if moe is None else ())]
+        for tensor in tensors:
+            torch._dynamo.mark_static_address(tensor)
+        return torch.compile(self.step, fullgraph=True, mode="reduce-overhead" if self.keys.is_cuda else None)
 
     def run(self, input_ids, cos, sin, cached_attention, host_routing=True):
         """The blocks' forward (model.Block) over the packed weights; `cached_attention(layer, q, k, v)` writes

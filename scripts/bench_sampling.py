@@ -13,13 +13,12 @@ from types import SimpleNamespace
 
 import torch
 from lm_eval import simple_evaluate
-from lm_eval.tasks import TaskManager
 
 from dataset.chat import render_chat
 from model import Sampling, stream_tokens
 from scripts.report_card import ROOT, repeated_share
 from trainer import run_cli
-from trainer.benchmarks import OWN_TASKS, TinyMindLM, accuracies
+from trainer.benchmarks import TinyMindLM, accuracies, task_manager
 from trainer.flags import add_model_flags, new_parser, parse
 from trainer.loading import add_checkpoint_flags, load_checkpoint_flags
 
@@ -52,7 +51,7 @@ def main(argv=None):
     args = parse(parser, argv)
     model, tokenizer, checkpoint = load_checkpoint_flags(args)
     prompts = [line.strip() for line in open(args.prompts_file, encoding="utf-8") if line.strip()]
-    manager = TaskManager(include_path=[str(OWN_TASKS)], verbosity="ERROR")
+    manager = task_manager()
     print(f"{checkpoint}: {len(prompts)} prompts × {args.samples} answers, tinymind_arithmetic ({args.limit} questions)")
     print(f"{'temperature':>11} {'top_p':>5} {'rep.pen.':>8} {'repeated 4-grams':>16} {'arithmetic':>10}")
     for temperature, top_p, penalty in SETTINGS:

@@ -20,11 +20,10 @@ from types import SimpleNamespace
 
 import torch
 from lm_eval import simple_evaluate
-from lm_eval.tasks import TaskManager
 
 from dataset.chat import render_chat
 from model import Sampling, atomic_write
-from trainer.benchmarks import OWN_TASKS, TinyMindLM, centred_scores
+from trainer.benchmarks import TinyMindLM, centred_scores, task_manager
 from trainer.loading import load_for_use
 from trainer.tools import load_tools
 
@@ -68,10 +67,9 @@ def progress(log):
 
 def task_scores(model, tokenizer, tasks, chat, tools, limit, seed, suffix=""):
     """{task + suffix: (accuracy, centred)} on `tasks`, as chats or not, with `tools` offered and run or none."""
-    manager = TaskManager(include_path=[str(OWN_TASKS)], verbosity="ERROR")
     args = SimpleNamespace(dtype="float32", device="cpu")
     results = simple_evaluate(model=TinyMindLM(model, tokenizer, 16, args, tools=tools), tasks=list(tasks),
-                              limit=limit, task_manager=manager, apply_chat_template=chat, log_samples=False,
+                              limit=limit, task_manager=task_manager(), apply_chat_template=chat, log_samples=False,
                               verbosity="ERROR", random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                               fewshot_random_seed=seed)
     return {task + suffix: score for task, score in centred_scores(results).items()}

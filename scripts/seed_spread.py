@@ -38,15 +38,18 @@ def main():
     parser.add_argument("--limit", type=int, default=100, help="calculator questions scored (--tool_task)")
     args = parser.parse_args()
     figures, start = {}, None
-    calculator = load_tools("calculator")
+    calculator = load_tools("calculator") if args.tool_task else None
     score = lambda path: task_scores(*load_for_use(path), TOOL_TASKS, True, calculator, args.limit, 42)  # noqa: E731
     for run in args.runs:
-        [log] = Path(run).glob("*_log.csv")
+        found = runs(run) if args.tool_task else [(None, log, None) for log in Path(run).glob("*_log.csv")]
+        if len(found) != 1:
+            raise SystemExit(f"seed_spread: {run} holds {len(found)} runs (a *_log.csv"
+                             f"{' beside its weights' if args.tool_task else ''}); give one run's folder")
+        [(_, log, weights)] = found
         for name, (before, after) in progress(log)[2].items():
             figures.setdefault(name.replace("_", " "), []).append((run, before, after))
         if args.tool_task:
             start = score(args.tool_task)[TOOL_TASKS[0]][0] if start is None else start
-            [(_, _, weights)] = runs(run)
             after = score(weights)[TOOL_TASKS[0]][0]
             figures.setdefault(f"{TOOL_TASKS[0]} with the calculator", []).append((run, start, after))
     for name, rows in figures.items():

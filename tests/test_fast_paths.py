@@ -4,6 +4,7 @@ import json
 import shutil
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -104,44 +105,48 @@ def test_the_fixed_shape_decode_step_equals_the_modules_and_traces_to_one_graph(
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
-def test_the_engine_through_its_compiled_step_answers_as_through_the_eager_decoder():
-    """What the server runs on CUDA (there as a CUDA graph), compiled on this CPU: the same greedy tokens for
-    requests that come and go, idle slots decoding alongside."""
+def engine_answers(model, prompts, graphs):
+    """{request: its greedy tokens} from an engine of 4 slots serving `prompts` together, and the engine."""
     from model.engine import Engine, Request
 
+    engine = Engine(model, eos_token_id=None, max_batch=4, context=16, graphs=graphs)
+    done = {i: threading.Event() for i in range(len(prompts))}
+    tokens = {i: [] for i in range(len(prompts))}
+    for i, prompt in enumerate(prompts):
+        def emit(token, reason, i=i):
+            tokens[i].append(token) if reason is None else done[i].set()
+        assert engine.submit(Request(prompt, 6 + i, Sampling(), emit, ignore_eos=True))
+    assert all(event.wait(300) for event in done.values())
+    return tokens, engine
+
+
+PROMPTS = [[5, 9, 13, 2], [7, 7], [3, 30, 31, 32, 33, 34]]
+
+
+def test_the_engine_through_its_compiled_step_answers_as_through_the_eager_decoder():
+    """What the server runs on CUDA (there as a CUDA graph), compiled on this CPU: the same greedy tokens for
+    requests that come and go (6, 7 and 8 tokens), idle slots decoding alongside."""
     model = make_model(use_moe=False)
-    prompts = [[5, 9, 13, 2], [7, 7], [3, 30, 31, 32, 33, 34]]
-
-    def answers(graphs):
-        engine = Engine(model, eos_token_id=None, max_batch=4, context=16, graphs=graphs)
-        done = {i: threading.Event() for i in range(len(prompts))}
-        tokens = {i: [] for i in range(len(prompts))}
-        for i, prompt in enumerate(prompts):
-            def emit(token, reason, i=i):
-                tokens[i].append(token) if reason is None else done[i].set()
-            assert engine.submit(Request(prompt, 6 + i, Sampling(), emit, ignore_eos=True))
-        assert all(event.wait(300) for event in done.values())
-        if graphs:  # it compiled, rather than falling back to the eager step
-            assert engine.decoder.compiled_step not in (None, engine.decoder.step)
-        return tokens
-
-    assert answers(graphs=True) == answers(graphs=False)
+    compiled, engine = engine_answers(model, PROMPTS, graphs=True)
+    assert engine.graphs and engine.compiled is not None  # it compiled, rather than falling back
+    assert compiled == engine_answers(model, PROMPTS, graphs=False)[0]
 
 
-def test_a_decode_step_that_fails_to_compile_warns_and_decodes_eagerly(monkeypatch):
+def test_an_engine_whose_step_fails_to_compile_warns_and_decodes_eagerly(monkeypatch):
     def compile_that_fails(function, **options):
         def run(*args):
             raise RuntimeError("no C++ compiler")
         return run
 
+    model = make_model(use_moe=False)
     monkeypatch.setattr(torch, "compile", compile_that_fails)
-    with torch.no_grad():
-        decoder = PackedDecoder(make_model(use_moe=False), batch=2, max_len=8)
-        tokens, positions = torch.tensor([3, 4]), torch.tensor([0, 0])
-        with pytest.warns(UserWarning, match="torch.compile of the decode step failed .RuntimeError.; it runs eagerly"):
-            logits = decoder.compile_step()(tokens, positions)
-        assert torch.equal(logits, decoder.step(tokens, positions))
-    assert decoder.compile_step() == decoder.step  # and from then on eagerly, without trying again
+    with warnings.catch_warnings(record=True) as caught:  # warned on the engine's thread
+        warnings.simplefilter("always")
+        fallen_back, engine = engine_answers(model, PROMPTS, graphs=True)
+    assert not engine.graphs
+    assert [str(w.message) for w in caught if "compiled decode step" in str(w.message)] == [
+        "the engine's compiled decode step failed (RuntimeError: no C++ compiler); it decodes eagerly"]
+    assert fallen_back == engine_answers(model, PROMPTS, graphs=False)[0]
 
 
 @pytest.mark.parametrize("use_moe", [False, True])

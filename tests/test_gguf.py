@@ -183,12 +183,12 @@ def test_another_framed_chat_template_becomes_a_go_template_without_tools(tokeni
 def test_the_modelfile_template_renders_tools_and_thinking_as_ollama_would_as_tinymind_does(tokenizer):
     calculator = load_tools("calculator").schemas
     call = {"function": {"name": "calculator", "arguments": {"expression": "17*23"}}}
-    conversations = [  # (ollama's request fields, tinymind's thinking switch)
-        (dict(messages=[{"role": "user", "content": "Hi"}]), None),
+    conversations = [  # (ollama's request fields, tinymind's thinking switch: ollama thinks unless told not to)
+        (dict(messages=[{"role": "user", "content": "Hi"}]), True),
         (dict(messages=[{"role": "system", "content": "Be brief."}, *GREETING, {"role": "user", "content": "2+2?"}]),
-         None),
+         True),
         (dict(messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "17*23?"}],
-              tools=calculator), None),
+              tools=calculator), True),
         (dict(messages=[{"role": "user", "content": "17*23 and 2*3?"},
                         {"role": "assistant", "content": "", "thinking": "Two products.", "tool_calls": [call, call]},
                         {"role": "tool", "content": "391"}, {"role": "tool", "content": "6"},
@@ -203,9 +203,8 @@ def test_the_modelfile_template_renders_tools_and_thinking_as_ollama_would_as_ti
     for (request, thinking), theirs in zip(conversations, rendered["prompts"]):
         messages = [{**{k: v for k, v in m.items() if k != "thinking"}, "reasoning_content": m.get("thinking")}
                     if m.get("thinking") else m for m in request["messages"]]
-        switch = {} if thinking is None else {"enable_thinking": thinking}
         ours = tokenizer.apply_chat_template(messages, tools=request.get("tools"), tokenize=False,
-                                             add_generation_prompt=True, **switch)
+                                             add_generation_prompt=True, enable_thinking=thinking)
         same_text_but_json_spacing(ours, theirs)
     # ollama finds the tags its parsers need, so it offers the model tools and thinking and parses both back out
     assert rendered["tool_tag"] == "<tool_call>" and rendered["thinking_tags"] == ["<think>", "</think>"]

@@ -12,6 +12,7 @@ Tasks are lm-eval's: its registry by name (they download their data from the Hug
 `--include_path` folders; tinymind's own held-out tasks live in `tasks/` and read the files `prepare_data` writes.
 """
 
+import functools
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -214,10 +215,17 @@ def accuracies(results):
     return found
 
 
+@functools.cache
+def task_manager(include_path=None):
+    """lm-eval's index of its registry, tinymind's tasks/ and `include_path` (built once each: it reads every
+    task's YAML)."""
+    return TaskManager(include_path=[str(OWN_TASKS)] + ([include_path] if include_path else []), verbosity="ERROR")
+
+
 def resolve_tasks(names, include_path=None, flag="--tasks"):
     """(TaskManager, task names) for comma-separated `names`: lm-eval's registry, tinymind's tasks/ and
     `include_path`; a tag stands for its tasks; a name none of them holds is one UserError."""
-    manager = TaskManager(include_path=[str(OWN_TASKS)] + ([include_path] if include_path else []), verbosity="ERROR")
+    manager = task_manager(include_path)
     tasks = []
     for name in (name.strip() for name in names.split(",") if name.strip()):
         entry = manager.task_index.get(name)

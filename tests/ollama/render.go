@@ -4,7 +4,8 @@
 // but "tool" merge into one, joined by a blank line; the template sees System, Messages (Role, Content, Thinking,
 // ToolCalls with Function.Name and Function.Arguments, the arguments printing as compact JSON), Tools (type and
 // function: name, description and parameters with type, required and properties, each property's type, items,
-// description and enum), Think and IsThinkSet.
+// description and enum), Think and IsThinkSet. A request that leaves `think` out, to a model in whose template ollama
+// finds thinking tags, thinks: ollama turns thinking on by default for such models.
 //
 // It also finds the tags ollama's parsers look for, as ollama finds them in a template: the tool-call tag is the
 // first literal text under the first `if` on .ToolCalls, up to its "{" ("{" when there is none); the thinking tags
@@ -206,9 +207,14 @@ func main() {
 	}
 	functions := template.FuncMap{"json": func(v any) string { text, _ := json.Marshal(v); return string(text) }}
 	tmpl := template.Must(template.New("").Option("missingkey=zero").Funcs(functions).Parse(input.Template))
-	output := map[string]any{"tool_tag": toolTag(tmpl.Tree), "thinking_tags": thinkingTags(tmpl.Tree.Root, false)}
+	tags := thinkingTags(tmpl.Tree.Root, false)
+	output := map[string]any{"tool_tag": toolTag(tmpl.Tree), "thinking_tags": tags}
 	var prompts []string
 	for _, r := range input.Requests {
+		if r.Think == nil && tags != nil {
+			think := true
+			r.Think = &think
+		}
 		system, messages := collate(r.Messages)
 		var prompt strings.Builder
 		err := tmpl.Execute(&prompt, map[string]any{
