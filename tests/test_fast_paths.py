@@ -69,17 +69,24 @@ def test_one_token_moe_decoding_with_relu2_experts_and_a_routing_bias_equals_the
     assert not torch.equal(biased, plain.route(h)[2])  # the bias did change some choices
 
 
+def prefilled(model, lengths):
+    """A decoder of one cache row per length, each prefilled with all but the last token of a random sequence
+    one longer; and the sequences."""
+    sequences = [torch.randint(3, 97, (1, n + 1)) for n in lengths]
+    decoder = PackedDecoder(model, batch=len(lengths), max_len=8)
+    for row, sequence in enumerate(sequences):
+        decoder(sequence[:, :-1], 0, rows=slice(row, row + 1))
+    return decoder, sequences
+
+
 @pytest.mark.parametrize("rows", [[0, 1, 2], [1, 2], [0, 2], [2]], ids=["all", "consecutive", "gapped", "one"])
 def test_decode_of_rows_at_their_own_positions_equals_the_modules(rows):
     """The engine's step: cache rows of different lengths, consecutive (read as a view) or not (gathered),
     one new token each, against each sequence run whole through the modules."""
     model = make_model(use_moe=False)
     lengths = [4, 7, 5]
-    sequences = [torch.randint(3, 97, (1, n + 1)) for n in lengths]
     with torch.no_grad():
-        decoder = PackedDecoder(model, batch=3, max_len=8)
-        for row, sequence in enumerate(sequences):
-            decoder(sequence[:, :-1], 0, rows=slice(row, row + 1))
+        decoder, sequences = prefilled(model, lengths)
         logits = decoder.decode(rows, torch.cat([sequences[row][:, -1] for row in rows]), [lengths[row] for row in rows])
         for index, row in enumerate(rows):
             torch.testing.assert_close(logits[index], model(sequences[row]).logits[0, -1], atol=1e-5, rtol=1e-5)
@@ -92,11 +99,8 @@ def test_the_fixed_shape_decode_step_equals_the_modules_and_traces_to_one_graph(
     model = make_model(use_moe)
     model.set_moe_dispatch("grouped")
     lengths = [4, 7, 1]
-    sequences = [torch.randint(3, 97, (1, n + 1)) for n in lengths]
     with torch.no_grad():
-        decoder = PackedDecoder(model, batch=3, max_len=8)
-        for row, sequence in enumerate(sequences):
-            decoder(sequence[:, :-1], 0, rows=slice(row, row + 1))
+        decoder, sequences = prefilled(model, lengths)
         tokens, positions = torch.cat([sequence[:, -1] for sequence in sequences]), torch.tensor(lengths)
         logits = decoder.step(tokens, positions)
         for row, sequence in enumerate(sequences):
