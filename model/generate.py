@@ -7,7 +7,6 @@ the training forward's bookkeeping. tests/test_fast_paths.py holds it to the mod
 and to Hugging Face `generate`.
 """
 
-import warnings
 from dataclasses import dataclass
 
 import torch
