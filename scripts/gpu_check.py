@@ -219,21 +219,24 @@ def decode_rows(fields, device, quick):
         rows.append({"check": f"decode batch {batch}, {new_tokens} tokens", "tokens/s": round(batch * new_tokens / ours_s),
                      "note": f"transformers generate {batch * new_tokens / theirs_s:.0f} tokens/s: "
                              f"{theirs_s / ours_s:.2f}x; same tokens: {torch.equal(ours, theirs)}"})
-        graphed, graphed_s = engine_run(model, prompt, new_tokens, True, device, quick)
-        eager, eager_s = engine_run(model, prompt, new_tokens, False, device, quick)
-        rows.append({"check": f"server engine batch {batch}, {new_tokens} tokens, compiled step",
-                     "tokens/s": round(batch * new_tokens / graphed_s),
-                     "note": f"{'a CUDA graph' if device.type == 'cuda' else 'compiled'}; the eager decoder "
-                             f"{batch * new_tokens / eager_s:.0f} tokens/s: {eager_s / graphed_s:.2f}x; "
-                             f"same tokens: {graphed == eager == ours.tolist()}"})
+        # As sized here (a slot per request, a cache just long enough), then as `scripts/serve.py` sizes it by
+        # default (8 slots, a 2048-token context): the compiled step decodes every slot over the whole cache.
+        for slots, context in ((batch, prompt.size(1) + new_tokens), (8, 256 if quick else 2048)):
+            graphed, graphed_s = engine_run(model, prompt, new_tokens, True, device, quick, slots, context)
+            eager, eager_s = engine_run(model, prompt, new_tokens, False, device, quick, slots, context)
+            rows.append({"check": f"server engine batch {batch}, {new_tokens} tokens, {slots} slots × {context} "
+                                  f"positions, compiled step", "tokens/s": round(batch * new_tokens / graphed_s),
+                         "note": f"{'a CUDA graph' if device.type == 'cuda' else 'compiled'}; the eager decoder "
+                                 f"{batch * new_tokens / eager_s:.0f} tokens/s: {eager_s / graphed_s:.2f}x; "
+                                 f"same tokens: {graphed == eager == ours.tolist()}"})
     return rows
 
 
-def engine_run(model, prompt, new_tokens, graphs, device, quick):
-    """The server's engine (model/engine.py) decoding the prompt's rows as concurrent greedy requests: their
-    tokens (prompt + answer, per row) and the median seconds, after an untimed run that compiles."""
-    engine = Engine(model, eos_token_id=None, max_batch=prompt.size(0), context=prompt.size(1) + new_tokens,
-                    graphs=graphs)
+def engine_run(model, prompt, new_tokens, graphs, device, quick, slots, context):
+    """The server's engine (model/engine.py) of `slots` cache rows of `context` positions decoding the prompt's
+    rows as concurrent greedy requests: their tokens (prompt + answer, per row) and the median seconds, after an
+    untimed run that compiles."""
+    engine = Engine(model, eos_token_id=None, max_batch=slots, context=context, graphs=graphs)
 
     def run():
         answers = [list(row) for row in prompt.tolist()]
