@@ -118,8 +118,10 @@ class PaddedToMaximum(PretrainDataset):
 
 
 def stage_for(recipe):
+    # No default held-out file: a run evaluates only on the --val_data `train` gives it (the step-time calibration
+    # runs on no held-out data at all).
     return Stage(name="pretrain", description="", dataset=PaddedToMaximum if recipe == "minimind" else PretrainDataset,
-                 default_data="data/pretrain.jsonl", default_val="data/pretrain_val.jsonl", packs=True, z_loss=True)
+                 default_data="data/pretrain.jsonl", default_val="", packs=True, z_loss=True)
 
 
 def run_log(recipe, out_dir, args, *flags):

@@ -4,6 +4,7 @@ scripts as a user runs them (subprocesses). Test files import the helpers with `
 import inspect
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -149,10 +150,42 @@ def shared_by_workers(tmp_path_factory, worker_id, name, build):
     root = tmp_path_factory.getbasetemp()
     root = root.parent if worker_id != "master" else root  # the run's folder, above each worker's own
     path = root / name
+    path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         if not path.is_file():
             build(path)
     return path
+
+
+def shared_run(tmp_path_factory, worker_id, name, script, *args, copies=4):
+    """A folder holding the tiny data files (data/pretrain.jsonl, data/sft.jsonl, `copies` of each text), one run of
+    `script args` in it (its output/) and the run's stdout (stdout.txt), made once per test session for every test
+    that starts from it. Tests copy its output (`copy_output`) rather than write into it."""
+    def build(stdout):
+        folder = stdout.parent
+        pretrain_file(folder / "data", copies)
+        sft_file(folder / "data", copies)
+        stdout.write_text(run_stage(script, *args, cwd=folder).stdout)  # written last: the run finished
+
+    return shared_by_workers(tmp_path_factory, worker_id, f"{name}/stdout.txt", build).parent
+
+
+def copy_output(run, directory):
+    """A shared run's output/ (its checkpoints, logs and resume states) copied into `directory`."""
+    shutil.copytree(run / "output", Path(directory) / "output", dirs_exist_ok=True)
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory, worker_id):
+    """One step of tiny dense pretraining: output/pretrain_dense/pretrain_64.pth and its run folder."""
+    return shared_run(tmp_path_factory, worker_id, "pretrained", "1-pretrain.py", *TINY, "--max_steps", "1")
+
+
+@pytest.fixture(scope="session")
+def sft_trained(tmp_path_factory, worker_id):
+    """Two steps of tiny dense SFT from random init: output/sft_dense/sft_64.pth, where the post-training stages
+    start."""
+    return shared_run(tmp_path_factory, worker_id, "sft_trained", "2-sft.py", *TINY, "--max_steps", "2")
 
 
 @pytest.fixture(scope="session")

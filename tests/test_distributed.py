@@ -10,7 +10,8 @@ import torch
 
 from model import load_model
 
-from conftest import CONVERSATIONS, ROOT, TINY, pretrain_file, run_stage, sft_file, write_jsonl
+from conftest import (CONVERSATIONS, ROOT, TINY, copy_output, pretrain_file, run_stage, sft_file, shared_run,
+                      write_jsonl)
 
 MOE = ["--model_type", "moe", "--n_routed_experts", "4", "--num_experts_per_tok", "2"]
 STEPS = ["--max_steps", 6, "--save_interval", 3, "--log_interval", 1]
@@ -44,18 +45,32 @@ def with_batch(batch_size):
     return flags
 
 
-@pytest.mark.parametrize("recipe", [["--optimizer", "adamw", "--learning_rate", "5e-4"], []], ids=["adamw", "default"])
-def test_two_processes_train_what_one_process_with_double_batch_trains(workdir, recipe):
-    run_stage("1-pretrain.py", *with_batch(4), *MOE, *STEPS, *recipe, "--out_dir", "single", cwd=workdir)
+ADAMW = ["--optimizer", "adamw", "--learning_rate", "5e-4"]
+
+
+@pytest.fixture(scope="session")
+def single_adamw(tmp_path_factory, worker_id):
+    """The MoE run that DDP and FSDP (AdamW) must both equal: one process with their global batch."""
+    return shared_run(tmp_path_factory, worker_id, "single_adamw", "1-pretrain.py", *with_batch(4), *MOE, *STEPS,
+                      *ADAMW, "--out_dir", "single", copies=6)
+
+
+@pytest.mark.parametrize("recipe", [ADAMW, []], ids=["adamw", "default"])
+def test_two_processes_train_what_one_process_with_double_batch_trains(workdir, recipe, request):
+    if recipe == ADAMW:
+        single_dir = request.getfixturevalue("single_adamw") / "single/pretrain_moe"
+    else:
+        run_stage("1-pretrain.py", *with_batch(4), *MOE, *STEPS, *recipe, "--out_dir", "single", cwd=workdir)
+        single_dir = workdir / "single/pretrain_moe"
     torchrun(*with_batch(2), *MOE, *STEPS, *recipe, "--out_dir", "ddp", cwd=workdir)
-    single_log = log(workdir / "single/pretrain_moe/pretrain_64_moe_log.csv")
+    single_log = log(single_dir / "pretrain_64_moe_log.csv")
     ddp_log = log(workdir / "ddp/pretrain_moe/pretrain_64_moe_log.csv")
     assert len(single_log) == len(ddp_log) == 6
     for one, two in zip(single_log, ddp_log):
         assert int(one["tokens"]) == int(two["tokens"])
         for column in ("loss", "ce", "aux", "grad_norm", "load_l0_e0", "load_l1_e3"):
             assert float(two[column]) == pytest.approx(float(one[column]), rel=1e-3, abs=1e-4), column
-    single = torch.load(workdir / "single/pretrain_moe/pretrain_64_moe.pth", weights_only=True)
+    single = torch.load(single_dir / "pretrain_64_moe.pth", weights_only=True)
     ddp = torch.load(workdir / "ddp/pretrain_moe/pretrain_64_moe.pth", weights_only=True)
     if recipe:
         for key in single:
@@ -82,7 +97,7 @@ def test_two_process_checkpoint_resumes_in_one_process(workdir):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_fsdp_trains_and_saves_a_loadable_full_checkpoint(workdir, dtype):
+def test_fsdp_trains_and_saves_a_loadable_full_checkpoint(workdir, dtype, request):
     # Two micro-batches a step: the first backward skips the gradients' reduce-scatter.
     result = torchrun(*with_batch(1), "--accumulation_steps", 2, *MOE, *STEPS, "--fsdp", "--dtype", dtype,
                       "--out_dir", "fsdp", cwd=workdir)
@@ -93,25 +108,23 @@ def test_fsdp_trains_and_saves_a_loadable_full_checkpoint(workdir, dtype):
     rows = log(weights.with_name("pretrain_64_moe_log.csv"))
     assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
     if dtype == "float32":  # the same steps as one process with the whole batch
-        run_stage("1-pretrain.py", *with_batch(4), *MOE, *STEPS, "--optimizer", "adamw", "--learning_rate", "5e-4",
-                  "--out_dir", "single", cwd=workdir)
-        single = log(workdir / "single/pretrain_moe/pretrain_64_moe_log.csv")
+        single = log(request.getfixturevalue("single_adamw") / "single/pretrain_moe/pretrain_64_moe_log.csv")
         for one, two in zip(single, rows, strict=True):
             assert float(two["loss"]) == pytest.approx(float(one["loss"]), rel=1e-3)
             assert float(two["grad_norm"]) == pytest.approx(float(one["grad_norm"]), rel=1e-3)
 
 
-def test_an_error_on_the_main_process_stops_every_process_with_its_one_line(workdir):
-    torchrun(*with_batch(2), "--max_steps", 1, "--out_dir", "out", cwd=workdir)
-    result = torchrun(*with_batch(2), "--max_steps", 1, "--out_dir", "out", cwd=workdir, check=False)
+def test_an_error_on_the_main_process_stops_every_process_with_its_one_line(workdir, pretrained):
+    copy_output(pretrained, workdir)
+    result = torchrun(*with_batch(2), "--max_steps", 1, cwd=workdir, check=False)
     assert result.returncode != 0
-    assert "error: out/pretrain_dense holds an earlier pretrain_64 run (up to step 1)" in result.stderr
+    assert "error: output/pretrain_dense holds an earlier pretrain_64 run (up to step 1)" in result.stderr
     # The other process exits quietly with code 2, not with a broken-connection traceback of its own.
     assert "[rank1]" not in result.stderr and "exitcode: 2" in result.stderr
 
 
 @pytest.fixture
-def sft_workdir(workdir):
+def sft_workdir(workdir, sft_trained):
     """An SFT checkpoint to start the post-training stages from, and their data."""
     sft_file(workdir / "data", copies=6)
     pairs = [{"chosen": c, "rejected": c[:-1] + [{"role": "assistant", "content": "I would rather not say."}]}
@@ -119,7 +132,7 @@ def sft_workdir(workdir):
     write_jsonl(workdir / "data/dpo.jsonl", pairs)
     prompts = [{"conversations": c[:-1], "answer": c[-1]["content"], "reward": "contains"} for c in CONVERSATIONS * 4]
     write_jsonl(workdir / "data/grpo.jsonl", prompts)
-    run_stage("2-sft.py", *TINY, "--max_steps", 2, cwd=workdir)
+    copy_output(sft_trained, workdir)
     return workdir
 
 

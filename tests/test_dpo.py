@@ -15,7 +15,7 @@ from dataset import DataError, PreferenceDataset
 from model import TinyMindForCausalLM
 from trainer import DirectPreference, Step
 
-from conftest import MODEL, TINY, pretrain_file, run_stage, sft_file, tiny_config, write_jsonl
+from conftest import MODEL, TINY, copy_output, run_stage, sft_file, shared_run, tiny_config, write_jsonl
 
 QUESTION = [{"role": "user", "content": "Say something."}]
 
@@ -124,13 +124,10 @@ def rule_pairs(count, seed):
     return pairs
 
 
-def test_dpo_learns_a_held_out_preference_and_resumes_bit_exactly(tmp_path):
-    (tmp_path / "data").mkdir()
-    pretrain_file(tmp_path / "data")
-    sft_file(tmp_path / "data")
+def test_dpo_learns_a_held_out_preference_and_resumes_bit_exactly(tmp_path, sft_trained):
     write_jsonl(tmp_path / "data/dpo.jsonl", rule_pairs(256, seed=0))
     write_jsonl(tmp_path / "data/dpo_val.jsonl", rule_pairs(64, seed=1))
-    run_stage("2-sft.py", *TINY, "--max_steps", 2, cwd=tmp_path)
+    copy_output(sft_trained, tmp_path)
     flags = [*TINY, "--batch_size", 8, "--max_steps", 40, "--learning_rate", 3e-3, "--warmup_steps", 0,
              "--save_interval", 20, "--accumulation_steps", 2]
     result = run_stage("5-dpo.py", *flags, cwd=tmp_path)
@@ -169,11 +166,9 @@ def test_bad_preference_lines_name_file_line_and_fix(tmp_path, tokenizer, line, 
     assert str(error.value).startswith(f"{path}, line 2: ") and "fix or delete that line" in str(error.value)
 
 
-def test_on_policy_pairs_reject_the_models_own_answers(tmp_path, tokenizer):
-    (tmp_path / "data").mkdir()
-    pretrain_file(tmp_path / "data")
+def test_on_policy_pairs_reject_the_models_own_answers(tmp_path, tokenizer, sft_trained):
     sft = sft_file(tmp_path / "data", copies=1)
-    run_stage("2-sft.py", *TINY, "--max_steps", 1, cwd=tmp_path)
+    copy_output(sft_trained, tmp_path)
     result = run_stage("-m", "scripts.sample_pairs", *MODEL, "--limit", 3, "--max_new_tokens", 6, cwd=tmp_path)
     assert "wrote 3 pairs to data/dpo_onpolicy.jsonl" in result.stdout
     pairs = PreferenceDataset(tmp_path / "data/dpo_onpolicy.jsonl", tokenizer, max_length=48)
@@ -187,15 +182,18 @@ def test_on_policy_pairs_reject_the_models_own_answers(tmp_path, tokenizer):
 MOE = ["--model_type", "moe", "--n_routed_experts", 4, "--num_experts_per_tok", 2, "--n_shared_experts", 0]
 
 
+@pytest.fixture(scope="module")
+def moe_sft(tmp_path_factory, worker_id):
+    return shared_run(tmp_path_factory, worker_id, "moe_sft", "2-sft.py", *TINY, *MOE, "--max_steps", 2)
+
+
 @pytest.mark.parametrize("start", ["bare", "flagged"])
-def test_the_reference_is_the_policy_as_the_flags_load_it(tmp_path, start):
+def test_the_reference_is_the_policy_as_the_flags_load_it(tmp_path, start, moe_sft):
     """A bare .pth (its shape from the flags) and a flag override (--norm_topk_prob false) reach the reference
     as they reach the policy: the two are one model at the start, so the first step's rewards are exactly 0."""
-    (tmp_path / "data").mkdir()
-    sft_file(tmp_path / "data")
     write_jsonl(tmp_path / "data/dpo.jsonl", rule_pairs(8, seed=0))
     write_jsonl(tmp_path / "data/dpo_val.jsonl", rule_pairs(16, seed=1))
-    run_stage("2-sft.py", *TINY, *MOE, "--max_steps", 2, cwd=tmp_path)
+    copy_output(moe_sft, tmp_path)
     sft = tmp_path / "output/sft_moe/sft_64_moe.pth"
     if start == "bare":
         (tmp_path / "bare.pth").write_bytes(sft.read_bytes())  # no .json beside it

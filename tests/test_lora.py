@@ -9,24 +9,26 @@ from model import fast_generate, load_model
 from model.convert import export_hf
 from trainer.lora import load_adapter
 
-from conftest import MODEL, TINY, pretrain_file, run_stage, sft_file
+from conftest import MODEL, TINY, copy_output, run_stage, sft_file
 
 MOE = ["--model_type", "moe", "--n_routed_experts", "4", "--num_experts_per_tok", "2"]
 
 
-def train_lora(directory, *flags):
-    (directory / "data").mkdir(parents=True)
-    pretrain_file(directory / "data")
+def train_lora(directory, *flags, sft_run=None):
+    """LoRA on the SFT data from an SFT checkpoint: the shared run `sft_run`'s, or one trained here with `flags`."""
     sft_file(directory / "data")
-    run_stage("2-sft.py", *TINY, *flags, "--max_steps", 2, cwd=directory)
+    if sft_run is None:
+        run_stage("2-sft.py", *TINY, *flags, "--max_steps", 2, cwd=directory)
+    else:
+        copy_output(sft_run, directory)
     return run_stage("4-lora.py", *TINY, *flags, "--max_steps", 4, "--learning_rate", 1e-2, "--data_path",
                      "data/sft.jsonl", cwd=directory)
 
 
 @pytest.fixture(scope="module")
-def dense_run(tmp_path_factory):
+def dense_run(tmp_path_factory, sft_trained):
     directory = tmp_path_factory.mktemp("lora")
-    result = train_lora(directory)
+    result = train_lora(directory, sft_run=sft_trained)
     return directory, result
 
 

@@ -17,7 +17,7 @@ from trainer.loop import Trainer
 from trainer.run_folder import run_paths
 from trainer.objectives import LanguageModeling
 
-from conftest import MODEL, ROOT, TINY, pretrain_file, run_stage, sft_file
+from conftest import MODEL, ROOT, TINY, copy_output, pretrain_file, run_stage, sft_file
 
 
 def tiny_args(tmp_path, *extra):
@@ -80,10 +80,10 @@ def test_init_from_a_hugging_face_directory_keeps_what_no_flag_sets(tmp_path):
         torch.testing.assert_close(trained(ids).logits, stock(ids).logits, atol=1e-4, rtol=1e-4)
 
 
-def test_a_fresh_run_never_overwrites_an_earlier_one(tmp_path):
+def test_a_fresh_run_never_overwrites_an_earlier_one(tmp_path, pretrained):
     (tmp_path / "data").mkdir()
     pretrain_file(tmp_path / "data")
-    run_stage("1-pretrain.py", *TINY, "--max_steps", "1", cwd=tmp_path)
+    copy_output(pretrained, tmp_path)
     weights = tmp_path / "output/pretrain_dense/pretrain_64.pth"
     before = weights.read_bytes()
     result = run_stage("1-pretrain.py", *TINY, "--max_steps", "1", "--seed", "7", cwd=tmp_path, check=False)
@@ -93,10 +93,10 @@ def test_a_fresh_run_never_overwrites_an_earlier_one(tmp_path):
     assert weights.read_bytes() == before
 
 
-def test_mismatched_init_from_names_the_keys(tmp_path):
+def test_mismatched_init_from_names_the_keys(tmp_path, pretrained):
     (tmp_path / "data").mkdir()
     pretrain_file(tmp_path / "data")
-    run_stage("1-pretrain.py", *TINY, "--max_steps", "1", cwd=tmp_path)
+    copy_output(pretrained, tmp_path)
     result = run_stage("1-pretrain.py", *TINY, "--model_type", "moe", "--max_steps", "1",
                        "--init_from", "output/pretrain_dense/pretrain_64.pth", cwd=tmp_path, check=False)
     assert result.returncode == 2
@@ -204,10 +204,10 @@ def test_a_shared_flag_the_stage_has_no_use_for_is_refused_before_any_data_is_re
     assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr
 
 
-def test_ppl_data_reports_perplexity_and_bits_per_byte_of_the_answers(tmp_path, tokenizer):
+def test_ppl_data_reports_perplexity_and_bits_per_byte_of_the_answers(tmp_path, tokenizer, sft_trained):
     (tmp_path / "data").mkdir()
     sft = sft_file(tmp_path / "data")
-    run_stage("2-sft.py", *TINY, "--max_steps", "2", cwd=tmp_path)
+    copy_output(sft_trained, tmp_path)
     checkpoint = tmp_path / "output/sft_dense/sft_64.pth"
     result = run_stage("3-eval.py", *MODEL, "--checkpoint", checkpoint, "--ppl_data", sft, cwd=tmp_path)
     reported = re.search(r": ([\d.]+), bits per byte ([\d.]+)$", result.stdout.strip())
@@ -376,12 +376,9 @@ def test_fsdp_falls_back_to_adamw_at_adamws_rate_unless_a_rate_is_given(capsys):
     assert pretrain_args("--fsdp", "--learning_rate", "1e-3").learning_rate == 1e-3
 
 
-def test_a_run_says_its_optimizer_and_rate_first(tmp_path):
-    (tmp_path / "data").mkdir()
-    pretrain_file(tmp_path / "data")
-    result = run_stage("1-pretrain.py", *TINY, "--max_steps", "1", cwd=tmp_path)
+def test_a_run_says_its_optimizer_and_rate_first(pretrained):
     assert ("optimizer: Muon on the blocks' matrices, AdamW on the rest, peak lr 0.002, 1 warmup step, "
-            "warmup-stable-decay to lr/10") in result.stdout.splitlines()[:3]
+            "warmup-stable-decay to lr/10") in (pretrained / "stdout.txt").read_text().splitlines()[:3]
 
 
 def test_a_stages_own_flag_may_stand_in_a_preset(tmp_path):
