@@ -62,13 +62,14 @@ class Engine:
         self.running = {}  # slot → _Running
         self.waiting = deque()
         self.condition = threading.Condition()
+        self.closed = False
         self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self.thread.start()
 
     def submit(self, request) -> bool:
-        """Queue `request`; False when every slot is busy and the queue is full."""
+        """Queue `request`; False when every slot is busy and the queue is full, or the engine is closed."""
         with self.condition:
-            if not self.free and len(self.waiting) >= self.max_queue:
+            if self.closed or (not self.free and len(self.waiting) >= self.max_queue):
                 return False
             self.waiting.append(request)
             self.condition.notify()
@@ -80,6 +81,14 @@ class Engine:
         with self.condition:
             self.condition.notify()
 
+    def close(self):
+        """Stop the engine: the requests still waiting or running end as "cancelled", its thread exits and the
+        decoder's cache is freed."""
+        with self.condition:
+            self.closed = True
+            self.condition.notify()
+        self.thread.join()
+
     @property
     def load(self):
         with self.condition:
@@ -89,8 +98,10 @@ class Engine:
         with torch.no_grad():
             while True:
                 with self.condition:
-                    while not self.running and not self.waiting:
+                    while not self.running and not self.waiting and not self.closed:
                         self.condition.wait()
+                    if self.closed:
+                        break
                     admitted = []
                     while self.free and self.waiting:
                         request = self.waiting.popleft()
@@ -101,6 +112,11 @@ class Engine:
                 for slot, request in admitted:
                     self._guarded(slot, request, self._prefill)
                 self._step()
+        while self.waiting:
+            self.waiting.popleft().emit(None, "cancelled")
+        for slot in list(self.running):
+            self._finish(slot, "cancelled")
+        self.decoder = self.compiled = None
 
     def _guarded(self, slot, request, work):
         try:

@@ -249,7 +249,10 @@ def engine_run(model, prompt, new_tokens, graphs, device, quick, slots, context)
             event.wait()
         return answers
 
-    return run(), timed(run, device, 2 if quick else 5)
+    try:
+        return run(), timed(run, device, 2 if quick else 5)
+    finally:
+        engine.close()  # its thread and cache go before the next row's engine
 
 
 def print_table(rows):

@@ -19,6 +19,7 @@ import secrets
 import threading
 import time
 import uuid
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -153,7 +154,13 @@ def create_app(model, tokenizer, model_name, max_batch=8, max_queue=16, context=
                api_key=None, tools=None):
     engine = Engine(model, tokenizer.eos_token_id, max_batch=max_batch, max_queue=max_queue, context=context)
     context = engine.max_len
-    app = FastAPI(title="tinymind", docs_url=None, redoc_url=None)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        engine.close()  # the server stops: the engine's thread ends with it
+
+    app = FastAPI(title="tinymind", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.engine, app.state.mailbox = engine, None
 
     @app.exception_handler(APIError)

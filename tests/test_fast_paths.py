@@ -110,7 +110,7 @@ def test_the_fixed_shape_decode_step_equals_the_modules_and_traces_to_one_graph(
 
 
 def engine_answers(model, prompts, graphs):
-    """{request: its greedy tokens} from an engine of 4 slots serving `prompts` together, and the engine."""
+    """{request: its greedy tokens} from an engine of 4 slots serving `prompts` together, and the engine (closed)."""
     from model.engine import Engine, Request
 
     engine = Engine(model, eos_token_id=None, max_batch=4, context=16, graphs=graphs)
@@ -121,19 +121,39 @@ def engine_answers(model, prompts, graphs):
             tokens[i].append(token) if reason is None else done[i].set()
         assert engine.submit(Request(prompt, 6 + i, Sampling(), emit, ignore_eos=True))
     assert all(event.wait(300) for event in done.values())
+    engine.close()
     return tokens, engine
 
 
 PROMPTS = [[5, 9, 13, 2], [7, 7], [3, 30, 31, 32, 33, 34]]
 
 
-def test_the_engine_through_its_compiled_step_answers_as_through_the_eager_decoder():
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_the_engine_through_its_compiled_step_answers_as_through_the_eager_decoder(use_moe):
     """What the server runs on CUDA (there as a CUDA graph), compiled on this CPU: the same greedy tokens for
-    requests that come and go (6, 7 and 8 tokens), idle slots decoding alongside."""
-    model = make_model(use_moe=False)
+    requests that come and go (6, 7 and 8 tokens), idle slots decoding alongside; a MoE with the dispatch CUDA
+    uses."""
+    model = make_model(use_moe)
+    model.set_moe_dispatch("grouped")
     compiled, engine = engine_answers(model, PROMPTS, graphs=True)
-    assert engine.graphs and engine.compiled is not None  # it compiled, rather than falling back
+    assert engine.graphs  # it decoded through the compiled step to the end, rather than falling back
     assert compiled == engine_answers(model, PROMPTS, graphs=False)[0]
+
+
+def test_a_closed_engine_cancels_what_it_holds_and_takes_no_more():
+    from model.engine import Engine, Request
+
+    engine = Engine(make_model(use_moe=False), eos_token_id=None, max_batch=1, context=4096)
+    ends, started = [], threading.Event()
+
+    def emit(token, reason):
+        started.set() if reason is None else ends.append(reason)
+    assert engine.submit(Request([5, 9], 10**6, Sampling(), emit, ignore_eos=True))  # runs until cut off
+    assert engine.submit(Request([7], 4, Sampling(), emit, ignore_eos=True))  # waits for the one slot
+    assert started.wait(60)
+    engine.close()
+    assert ends == ["cancelled", "cancelled"] and not engine.thread.is_alive()
+    assert not engine.submit(Request([7], 4, Sampling(), emit))
 
 
 def test_an_engine_whose_step_fails_to_compile_warns_and_decodes_eagerly(monkeypatch):
