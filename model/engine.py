@@ -12,7 +12,6 @@ The engine speaks token ids; detokenizing, stop strings and the HTTP side are th
 
 import heapq
 import threading
-import warnings
 from collections import deque
 from dataclasses import astuple, dataclass
 from typing import Callable
@@ -56,7 +55,6 @@ class Engine:
         self.max_queue = max_queue
         self.device = next(model.parameters()).device
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
-        self.compiled = None  # the decoder's compiled step, made at the first step that uses it
         self.decoder = None  # built on the engine's thread at the first request
         self.free = list(range(max_batch))  # a heap: the lowest free row first, so running rows tend to stay consecutive
         self.running = {}  # slot → _Running
@@ -116,7 +114,7 @@ class Engine:
             self.waiting.popleft().emit(None, "cancelled")
         for slot in list(self.running):
             self._finish(slot, "cancelled")
-        self.decoder = self.compiled = None
+        self.decoder = None
 
     def _guarded(self, slot, request, work):
         try:
@@ -173,19 +171,11 @@ class Engine:
         every_position = [0] * self.slots
         for slot, position in zip(slots, positions):
             every_position[slot] = position
-        first = self.compiled is None
-        if first:
-            self.compiled = self.decoder.compile_step()
-        try:
-            return self.compiled(every_token, torch.tensor(every_position, device=self.device))[index]
-        except Exception as err:
-            if not first:
-                raise
-            # It failed to compile (or capture): say so once and decode as on a CPU from now on.
-            warnings.warn(f"the engine's compiled decode step failed ({type(err).__name__}: "
-                          f"{(str(err).splitlines() or [''])[0]}); it decodes eagerly")
+        logits = self.decoder.compiled_step(every_token, torch.tensor(every_position, device=self.device))
+        if logits is None:  # it failed to compile (or capture), and said so: decode as on a CPU from now on
             self.graphs = False
             return self.decoder.decode(slots, tokens, positions)
+        return logits[index]
 
     @staticmethod
     def _sample(logits, states):

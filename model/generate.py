@@ -7,6 +7,7 @@ the training forward's bookkeeping. tests/test_fast_paths.py holds it to the mod
 and to Hugging Face `generate`.
 """
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -49,18 +50,23 @@ def next_tokens(logits, seen, sampling, generator=None):
 
 
 @torch.no_grad()
-def stream_tokens(model, input_ids, max_new_tokens, sampling=Sampling(), eos_token_id=None, generator=None):
+def stream_tokens(model, input_ids, max_new_tokens, sampling=Sampling(), eos_token_id=None, generator=None,
+                  compile=False):
     """Yield [batch] tensors of new tokens, one per step, after unpadded prompts `input_ids`.
 
     A row that produced `eos_token_id` yields `pad_token_id` from then on; the stream ends when
-    every row has finished or after `max_new_tokens` steps.
+    every row has finished or after `max_new_tokens` steps. `compile`: decode through the compiled step
+    (`PackedDecoder.compiled_step`; the first call of a process compiles, for some seconds).
     """
     batch, prompt_len = input_ids.shape
     decoder = PackedDecoder(model, batch, prompt_len + max_new_tokens)
     seen, step_input, start = input_ids, input_ids, 0
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    positions = torch.zeros(batch, dtype=torch.long, device=input_ids.device)
     for _ in range(max_new_tokens):
-        logits = decoder(step_input, start)
+        logits = decoder.compiled_step(step_input[:, 0], positions.fill_(start)) if compile and start else None
+        if logits is None:
+            logits = decoder(step_input, start)
         start += step_input.size(1)
         step_input = next_tokens(logits, seen, sampling, generator)
         if eos_token_id is not None:
@@ -72,9 +78,10 @@ def stream_tokens(model, input_ids, max_new_tokens, sampling=Sampling(), eos_tok
             return
 
 
-def fast_generate(model, input_ids, max_new_tokens, sampling=Sampling(), eos_token_id=None, generator=None):
+def fast_generate(model, input_ids, max_new_tokens, sampling=Sampling(), eos_token_id=None, generator=None,
+                  compile=False):
     """Like `generate` for unpadded prompts: the prompt followed by the new tokens."""
-    steps = list(stream_tokens(model, input_ids, max_new_tokens, sampling, eos_token_id, generator))
+    steps = list(stream_tokens(model, input_ids, max_new_tokens, sampling, eos_token_id, generator, compile))
     return torch.cat([input_ids, *(token[:, None] for token in steps)], dim=1)
 
 
@@ -112,6 +119,7 @@ class PackedDecoder:
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros_like(self.keys)
         self.places, self.rows = torch.arange(max_len, device=device), torch.arange(batch, device=device)
+        self.compiled = None  # the compiled step once made (`compiled_step`), False if compiling it failed
 
     @staticmethod
     def pack(block, dtype):
@@ -171,7 +179,7 @@ class PackedDecoder:
         on the device) giving each row's input and place: `decode` with fixed shapes and no host read. Attention
         reads the whole cache under a mask and a MoE routes through its module (grouped dispatch on CUDA), so the
         step is one graph whatever the positions: it compiles once, and on CUDA replays as a CUDA graph
-        (`compile_step`). A row with nothing to decode may pass any token at position 0."""
+        (`compiled_step`). A row with nothing to decode may pass any token at position 0."""
         mask = (self.places <= positions[:, None])[:, None, None]
         batch, heads, kv_heads = tokens.size(0), self.config.num_attention_heads, self.config.num_key_value_heads
 
@@ -186,18 +194,36 @@ class PackedDecoder:
         cos, sin = self.cos[0, 0, positions][:, None, None], self.sin[0, 0, positions][:, None, None]
         return self.run(tokens[:, None], cos, sin, cached_attention, host_routing=False)
 
-    def compile_step(self):
-        """`step` through torch.compile as one graph; on CUDA in `reduce-overhead` mode, which captures it as a
-        CUDA graph and replays it (one launch per token instead of hundreds). Every tensor the step reads or
-        writes (the cache, the packed weights, the rotary tables) is marked as a static address, so a replay
-        copies none of them. Compiling happens at the first call, and fails there if the step does not trace
-        whole (a MoE whose dispatch reads counts back to the host: see MoEFeedForward.grouped)."""
-        tensors = [self.keys, self.values, self.head, self.cos, self.sin, self.places, self.rows]
-        for norm_1, _, qkv, o_proj, norm_2, moe, ffn in self.packed:  # a MoE layer runs on its module's weights
-            tensors += [norm_1, qkv, o_proj, norm_2, *(ffn[:2] if moe is None else ())]
-        for tensor in tensors:
-            torch._dynamo.mark_static_address(tensor)
-        return torch.compile(self.step, fullgraph=True, mode="reduce-overhead" if self.keys.is_cuda else None)
+    def compiled_step(self, tokens, positions):
+        """`step` through torch.compile as one graph, or None once compiling it has failed (the caller then
+        decodes eagerly). On CUDA in `reduce-overhead` mode, which captures the step as a CUDA graph and replays
+        it (one launch per token instead of hundreds), with every tensor it reads or writes (the cache, the
+        packed weights, the rotary tables) marked as a static address, so a replay copies none of them; on a CPU
+        with a C++ wrapper (`cpp_wrapper`: no Python between its kernels). The first call compiles, and fails if
+        the step does not trace whole (a MoE whose dispatch reads counts back to the host: see
+        MoEFeedForward.grouped) or cannot be captured: one warning, and None from then on. Decoders of the same
+        shapes share the compiled code; a new cache length compiles once more, with that length dynamic."""
+        if self.compiled is False:
+            return None
+        if self.compiled is not None:
+            return self.compiled(tokens, positions)
+        if self.keys.is_cuda:
+            tensors = [self.keys, self.values, self.head, self.cos, self.sin, self.places, self.rows]
+            for norm_1, _, qkv, o_proj, norm_2, moe, ffn in self.packed:  # a MoE layer runs on its module's weights
+                tensors += [norm_1, qkv, o_proj, norm_2, *(ffn[:2] if moe is None else ())]
+            for tensor in tensors:
+                torch._dynamo.mark_static_address(tensor)
+            options = {"mode": "reduce-overhead"}
+        else:
+            options = {"options": {"cpp_wrapper": True}}
+        self.compiled = torch.compile(self.step, fullgraph=True, **options)
+        try:
+            return self.compiled(tokens, positions)
+        except Exception as err:
+            warnings.warn(f"the compiled decode step failed ({type(err).__name__}: "
+                          f"{(str(err).splitlines() or [''])[0]}); decoding goes on eagerly")
+            self.compiled = False
+            return None
 
     def run(self, input_ids, cos, sin, cached_attention, host_routing=True):
         """The blocks' forward (model.Block) over the packed weights; `cached_attention(layer, q, k, v)` writes

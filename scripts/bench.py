@@ -75,7 +75,9 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="float32, or autocast to bfloat16/float16 (weights and optimizer stay float32)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--compile", action="store_true", help="torch.compile every training contender")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile every training contender, and fast_generate's decode step (its compiled "
+                             "step, a MoE's with the grouped dispatch)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per contender, after warm-up")
     parser.add_argument("--warmup", type=int, default=1, help="untimed repetitions per contender first")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
@@ -194,13 +196,17 @@ class TrainingStep:
 class Generation:
     """Greedy generation of `--new_tokens` tokens at batch 1 after a fixed random prompt.
 
-    `fast=True` times tinymind's `fast_generate`, else Hugging Face's `generate` (any model).
+    `fast=True` times tinymind's `fast_generate` (with --compile through its compiled step, unless
+    `compile=False`), else Hugging Face's `generate` (any model).
     """
 
-    def __init__(self, name, model, args, flops_per_token, fast=False):
+    def __init__(self, name, model, args, flops_per_token, fast=False, compile=True):
         self.name = name
         self.fast = fast
+        self.compile = fast and compile and args.compile
         self.model = model.to(args.device).eval()
+        if self.compile:
+            self.model.set_moe_dispatch("grouped")  # a MoE's step compiles whole only with it
         self.model.generation_config.eos_token_id = None  # always generate exactly new_tokens tokens
         self.new_tokens = args.new_tokens
         self.autocast = autocast_context(args)
@@ -213,7 +219,7 @@ class Generation:
     def run(self):
         with torch.no_grad(), self.autocast:
             if self.fast:
-                self.output = fast_generate(self.model, self.prompt, self.new_tokens)
+                self.output = fast_generate(self.model, self.prompt, self.new_tokens, compile=self.compile)
             else:
                 self.output = self.model.generate(
                     self.prompt, attention_mask=torch.ones_like(self.prompt), max_new_tokens=self.new_tokens,
@@ -247,6 +253,9 @@ def build_contenders(args):
             add(TrainingStep("tinymind dense, Muon", copy_of(dense), args, train_flops(dense), optimizer="muon"))
         if "generate" in wanted:
             add(Generation("tinymind fast_generate", copy_of(dense), args, gen_flops(dense), fast=True))
+            if args.compile:  # the eager decoder beside the compiled one, in the same rounds
+                add(Generation("tinymind fast_generate, eager", copy_of(dense), args, gen_flops(dense), fast=True,
+                               compile=False))
             add(Generation("tinymind HF generate", copy_of(dense), args, gen_flops(dense)))
             add(Generation("transformers Llama generate", llama_twin(dense), args, gen_flops(dense)))
             add(WeightReadFloor("weight-read floor, dense", dense, args, gen_flops(dense)))
@@ -314,8 +323,9 @@ def synchronize(device):
 
 
 def time_round_robin(contenders, args):
-    """Seconds per run of each contender: `warmup` untimed rounds, then `repeats` timed ones, A B C A B C ..."""
-    seconds = {name: [] for name in contenders}
+    """Seconds per run of each contender: `warmup` untimed rounds, then `repeats` timed ones, A B C A B C ...;
+    and the seconds of each one's first run (compiling included, with --compile)."""
+    seconds, first = {name: [] for name in contenders}, {}
     rounds = args.warmup + args.repeats
     with tqdm(total=rounds * len(contenders), desc="timing", dynamic_ncols=True) as bar:
         for round_index in range(rounds):
@@ -325,10 +335,11 @@ def time_round_robin(contenders, args):
                 started = time.perf_counter()
                 contender.run()
                 synchronize(args.device)
+                first.setdefault(name, time.perf_counter() - started)
                 if round_index >= args.warmup:
                     seconds[name].append(time.perf_counter() - started)
                 bar.update()
-    return seconds
+    return seconds, first
 
 
 class MatmulPeak:
@@ -472,13 +483,16 @@ CASE_PAIRS = {
 }
 
 
+# The bound a decoding case's contender is measured against.
+FLOORS = {"generate": "weight-read floor, dense", "generate_moe": "weight-read floor, MoE"}
+
 # Rows printed under a case for context, without a ratio or target of their own.
 CASE_EXTRA_ROWS = {"dispatch": ("MiniMind2-style MoE dispatch",),
-                   "generate": ("tinymind HF generate", "weight-read floor, dense"),
+                   "generate": ("tinymind fast_generate, eager", "tinymind HF generate", "weight-read floor, dense"),
                    "generate_moe": ("weight-read floor, MoE",)}
 
 
-def summarise(args, contenders, seconds):
+def summarise(args, contenders, seconds, first):
     peak_flops = contenders[MatmulPeak.name].flops / min(seconds[MatmulPeak.name])
     rows = {}
     for name, contender in contenders.items():
@@ -487,6 +501,7 @@ def summarise(args, contenders, seconds):
         median = statistics.median(seconds[name])
         tokens_per_s = contender.tokens / median
         rows[name] = {"seconds": seconds[name], "median_s": median, "tokens_per_s": tokens_per_s,
+                      "first_run_s": first[name],
                       "mfu": contender.flops_per_token * tokens_per_s / peak_flops,
                       "first_loss": getattr(contender, "losses", [None])[0]}
     cases = {}
@@ -516,7 +531,8 @@ def print_table(args, rows, cases, peak_flops, memory):
     print(header)
     print("-" * len(header))
     for case, result in cases.items():
-        names = [result["contender"], *CASE_EXTRA_ROWS.get(case, ()), result["reference"]]
+        names = [result["contender"], *(name for name in CASE_EXTRA_ROWS.get(case, ()) if name in rows),
+                 result["reference"]]
         for name in names:
             row = rows[name]
             is_mine = name == result["contender"]
@@ -533,8 +549,15 @@ def print_table(args, rows, cases, peak_flops, memory):
                   f"{rows[result['reference']]['first_loss']:.4f})")
         if "same_tokens" in result:
             print(f"{'':<13} (tinymind and Llama generate the same {args.new_tokens} tokens: {result['same_tokens']})")
+        floor = FLOORS.get(case)
+        if floor in rows:
+            share = rows[result["contender"]]["tokens_per_s"] / rows[floor]["tokens_per_s"]
+            print(f"{'':<13} ({result['contender']}: {100 * share:.0f}% of the {floor})")
     print("MFU = model FLOP/s (6N + 12·L·d·T per trained token, 2N + 4·L·d·context per generated one) "
           "/ matmul peak")
+    if args.compile:
+        print("first run, compiling included: " + ", ".join(
+            f"{name} {rows[name]['first_run_s']:.1f} s" for name in rows if "floor" not in name))
     if memory:
         print(f"\npeak memory of a training step ({memory['method']}), "
               f"largest batch for {memory['budget_bytes'] / 2**30:.1f} GiB:")
@@ -547,8 +570,8 @@ def print_table(args, rows, cases, peak_flops, memory):
 def main(argv=None):
     args = parse_args(argv)
     contenders = build_contenders(args)
-    seconds = time_round_robin(contenders, args)
-    rows, cases, peak_flops = summarise(args, contenders, seconds)
+    seconds, first = time_round_robin(contenders, args)
+    rows, cases, peak_flops = summarise(args, contenders, seconds, first)
     memory = memory_report(args) if args.peak_mem else None
     print_table(args, rows, cases, peak_flops, memory)
     if args.profile:

@@ -169,8 +169,23 @@ def test_an_engine_whose_step_fails_to_compile_warns_and_decodes_eagerly(monkeyp
         fallen_back, engine = engine_answers(model, PROMPTS, graphs=True)
     assert not engine.graphs
     assert [str(w.message) for w in caught if "compiled decode step" in str(w.message)] == [
-        "the engine's compiled decode step failed (RuntimeError: no C++ compiler); it decodes eagerly"]
+        "the compiled decode step failed (RuntimeError: no C++ compiler); decoding goes on eagerly"]
     assert fallen_back == engine_answers(model, PROMPTS, graphs=False)[0]
+
+
+def test_generation_through_the_compiled_step_equals_the_eager_decoder():
+    """`fast_generate(compile=True)` (3-eval's --compile), two prompts of one length: the same sampled tokens, and a
+    second call of another length compiles once more rather than failing."""
+    model = make_model(use_moe=False)
+    for length in (5, 9):
+        prompt = torch.randint(3, 97, (2, length), generator=torch.Generator().manual_seed(length))
+        sampling = Sampling(temperature=0.8, top_k=20)
+        eager = fast_generate(model, prompt, 12, sampling, generator=torch.Generator().manual_seed(0))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", "the compiled decode step failed")  # else it would decode eagerly
+            compiled = fast_generate(model, prompt, 12, sampling, generator=torch.Generator().manual_seed(0),
+                                     compile=True)
+        assert torch.equal(compiled, eager)
 
 
 @pytest.mark.parametrize("use_moe", [False, True])
