@@ -10,6 +10,7 @@ the batch, so on a machine bound by weight reads, many requests decode for littl
 The engine speaks token ids; detokenizing, stop strings and the HTTP side are the server's.
 """
 
+import contextlib
 import heapq
 import threading
 from collections import deque
@@ -110,10 +111,11 @@ class Engine:
                 for slot, request in admitted:
                     self._guarded(slot, request, self._prefill)
                 self._step()
-        while self.waiting:
-            self.waiting.popleft().emit(None, "cancelled")
-        for slot in list(self.running):
-            self._finish(slot, "cancelled")
+        for request in [*self.waiting, *(state.request for state in self.running.values())]:
+            with contextlib.suppress(Exception):  # one failing callback must not keep the others waiting
+                request.emit(None, "cancelled")
+        self.waiting.clear()
+        self.running.clear()
         self.decoder = None
 
     def _guarded(self, slot, request, work):
@@ -171,7 +173,8 @@ class Engine:
         every_position = [0] * self.slots
         for slot, position in zip(slots, positions):
             every_position[slot] = position
-        logits = self.decoder.compiled_step(every_token, torch.tensor(every_position, device=self.device))
+        logits = self.decoder.compiled_step(every_token, torch.tensor(every_position, device=self.device),
+                                            cuda_graph=True)
         if logits is None:  # it failed to compile (or capture), and said so: decode as on a CPU from now on
             self.graphs = False
             return self.decoder.decode(slots, tokens, positions)

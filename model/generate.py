@@ -62,9 +62,10 @@ def stream_tokens(model, input_ids, max_new_tokens, sampling=Sampling(), eos_tok
     decoder = PackedDecoder(model, batch, prompt_len + max_new_tokens)
     seen, step_input, start = input_ids, input_ids, 0
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-    positions = torch.zeros(batch, dtype=torch.long, device=input_ids.device)
     for _ in range(max_new_tokens):
-        logits = decoder.compiled_step(step_input[:, 0], positions.fill_(start)) if compile and start else None
+        logits = None
+        if compile and start:
+            logits = decoder.compiled_step(step_input[:, 0], torch.full_like(step_input[:, 0], start))
         if logits is None:
             logits = decoder(step_input, start)
         start += step_input.size(1)
@@ -113,11 +114,13 @@ class PackedDecoder:
         positions = torch.arange(max_len, device=device)[None]
         # [1, 1, max_len, head_dim] in the embedding's dtype, as the modules' forward makes them
         self.cos, self.sin = body.rotary(positions, body.embed_tokens.weight.dtype)
-        shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim)
+        shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
+        # A tensor per layer, not one tensor for all: the compiled step writes into each in place, where a write
+        # into one layer's view of a shared tensor compiles into copies of that layer's whole cache.
         # Zeros, not empty: a masked-out place still enters attention's sums times zero, and uninitialised memory
         # may hold NaN, which times zero is NaN (rows shorter than the longest, the fixed-shape step's whole cache).
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros_like(self.keys)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in body.layers]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in body.layers]
         self.places, self.rows = torch.arange(max_len, device=device), torch.arange(batch, device=device)
         self.compiled = None  # the compiled step once made (`compiled_step`), False if compiling it failed
 
@@ -151,8 +154,8 @@ class PackedDecoder:
         assert start == 0 or seq == 1, "a prompt, then one token at a time"
 
         def cached_attention(i, q, k, v):
-            self.keys[i, rows, :, start:end], self.values[i, rows, :, start:end] = k, v
-            return attend(q, self.keys[i, rows, :, :end], self.values[i, rows, :, :end], causal=seq > 1)
+            self.keys[i][rows, :, start:end], self.values[i][rows, :, start:end] = k, v
+            return attend(q, self.keys[i][rows, :, :end], self.values[i][rows, :, :end], causal=seq > 1)
 
         return self.run(input_ids, self.cos[:, :, start:end], self.sin[:, :, start:end], cached_attention)
 
@@ -168,8 +171,8 @@ class PackedDecoder:
         mask = None if min(positions) == length - 1 else (torch.arange(length, device=device) <= at[:, None])[:, None, None]
 
         def cached_attention(i, q, k, v):
-            self.keys[i, index, :, at], self.values[i, index, :, at] = k[:, :, 0], v[:, :, 0]
-            return attend(q, self.keys[i, read, :, :length], self.values[i, read, :, :length], mask)
+            self.keys[i][index, :, at], self.values[i][index, :, at] = k[:, :, 0], v[:, :, 0]
+            return attend(q, self.keys[i][read, :, :length], self.values[i][read, :, :length], mask)
 
         cos, sin = self.cos[0, 0, at][:, None, None], self.sin[0, 0, at][:, None, None]
         return self.run(tokens[:, None], cos, sin, cached_attention)
@@ -184,7 +187,7 @@ class PackedDecoder:
         batch, heads, kv_heads = tokens.size(0), self.config.num_attention_heads, self.config.num_key_value_heads
 
         def cached_attention(i, q, k, v):
-            self.keys[i, self.rows, :, positions], self.values[i, self.rows, :, positions] = k[:, :, 0], v[:, :, 0]
+            self.keys[i][self.rows, :, positions], self.values[i][self.rows, :, positions] = k[:, :, 0], v[:, :, 0]
             # One query per row: the query heads that share a key/value head become that head's query positions,
             # so attention needs no grouped-query support (on CUDA, SDPA takes a mask with GQA only in its slow
             # math kernel) and every query reads the same mask row.
@@ -194,31 +197,40 @@ class PackedDecoder:
         cos, sin = self.cos[0, 0, positions][:, None, None], self.sin[0, 0, positions][:, None, None]
         return self.run(tokens[:, None], cos, sin, cached_attention, host_routing=False)
 
-    def compiled_step(self, tokens, positions):
-        """`step` through torch.compile as one graph, or None once compiling it has failed (the caller then
-        decodes eagerly). On CUDA in `reduce-overhead` mode, which captures the step as a CUDA graph and replays
-        it (one launch per token instead of hundreds), with every tensor it reads or writes (the cache, the
-        packed weights, the rotary tables) marked as a static address, so a replay copies none of them; on a CPU
-        with a C++ wrapper (`cpp_wrapper`: no Python between its kernels). The first call compiles, and fails if
-        the step does not trace whole (a MoE whose dispatch reads counts back to the host: see
-        MoEFeedForward.grouped) or cannot be captured: one warning, and None from then on. Decoders of the same
-        shapes share the compiled code; a new cache length compiles once more, with that length dynamic."""
+    def compiled_step(self, tokens, positions, cuda_graph=False):
+        """`step` through torch.compile as one graph, or None once it has failed (the caller then decodes
+        eagerly). With `cuda_graph` on CUDA (the engine: one decoder for the life of the server) in
+        `reduce-overhead` mode, which captures the step as a CUDA graph and replays it (one launch per token
+        instead of hundreds), with every tensor it reads or writes (the cache, the packed weights, the rotary
+        tables) marked as a static address, so a replay copies none of them; else fused kernels alone, which a
+        decoder made per call (`stream_tokens`) reuses without capturing anything anew. On a CPU with a C++
+        wrapper (`cpp_wrapper`: no Python between its kernels). Decoders of one shape share the compiled code;
+        after a second cache length the length is dynamic.
+
+        A MoE compiles whole only with the grouped dispatch (MoEFeedForward.grouped; the default on CUDA in
+        bf16), which runs its experts in bf16. Any failure, compiling, capturing (a CUDA graph is captured at
+        the second call) or running: one warning, and None from then on."""
+        if self.compiled is None:
+            if any(moe is not None and not moe.grouped(self.head) for *_, moe, _ in self.packed):
+                warnings.warn("the compiled decode step needs a MoE's grouped dispatch (the default on a CUDA GPU "
+                              "in bf16); this MoE decodes eagerly")
+                self.compiled = False
+            elif cuda_graph and self.head.is_cuda:
+                tensors = [*self.keys, *self.values, self.head, self.cos, self.sin, self.places, self.rows]
+                for norm_1, _, qkv, o_proj, norm_2, moe, ffn in self.packed:  # a MoE layer runs on its module's
+                    tensors += [norm_1, qkv, o_proj, norm_2, *(ffn[:2] if moe is None else ())]  # weights
+                for tensor in tensors:
+                    torch._dynamo.mark_static_address(tensor)
+                self.compiled = torch.compile(PackedDecoder.step, fullgraph=True, mode="reduce-overhead")
+            else:
+                options = {} if self.head.is_cuda else {"cpp_wrapper": True}
+                self.compiled = torch.compile(PackedDecoder.step, fullgraph=True, options=options)
         if self.compiled is False:
             return None
-        if self.compiled is not None:
-            return self.compiled(tokens, positions)
-        if self.keys.is_cuda:
-            tensors = [self.keys, self.values, self.head, self.cos, self.sin, self.places, self.rows]
-            for norm_1, _, qkv, o_proj, norm_2, moe, ffn in self.packed:  # a MoE layer runs on its module's weights
-                tensors += [norm_1, qkv, o_proj, norm_2, *(ffn[:2] if moe is None else ())]
-            for tensor in tensors:
-                torch._dynamo.mark_static_address(tensor)
-            options = {"mode": "reduce-overhead"}
-        else:
-            options = {"options": {"cpp_wrapper": True}}
-        self.compiled = torch.compile(self.step, fullgraph=True, **options)
         try:
-            return self.compiled(tokens, positions)
+            # The function, not the bound method: a decoder holding its own bound method would be a reference
+            # cycle, its cache freed only by the cycle collector.
+            return self.compiled(self, tokens, positions)
         except Exception as err:
             warnings.warn(f"the compiled decode step failed ({type(err).__name__}: "
                           f"{(str(err).splitlines() or [''])[0]}); decoding goes on eagerly")

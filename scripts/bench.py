@@ -551,12 +551,14 @@ def print_table(args, rows, cases, peak_flops, memory):
             print(f"{'':<13} (tinymind and Llama generate the same {args.new_tokens} tokens: {result['same_tokens']})")
         floor = FLOORS.get(case)
         if floor in rows:
-            share = rows[result["contender"]]["tokens_per_s"] / rows[floor]["tokens_per_s"]
-            print(f"{'':<13} ({result['contender']}: {100 * share:.0f}% of the {floor})")
+            for name in (result["contender"], f"{result['contender']}, eager"):
+                if name in rows:
+                    share = rows[name]["tokens_per_s"] / rows[floor]["tokens_per_s"]
+                    print(f"{'':<13} ({name}: {100 * share:.0f}% of the {floor})")
     print("MFU = model FLOP/s (6N + 12·L·d·T per trained token, 2N + 4·L·d·context per generated one) "
           "/ matmul peak")
     if args.compile:
-        print("first run, compiling included: " + ", ".join(
+        print("first run (compiling included, where compiled): " + ", ".join(
             f"{name} {rows[name]['first_run_s']:.1f} s" for name in rows if "floor" not in name))
     if memory:
         print(f"\npeak memory of a training step ({memory['method']}), "

@@ -134,9 +134,10 @@ def decode_ceiling(model, batch, position, rounds=15, steps=10):
     at `batch` (the engine's `PackedDecoder.decode`, rows at `position`), interleaved, medians:
     (milliseconds at 1, milliseconds at `batch`, batch · t1 / t_batch)."""
     decoder = PackedDecoder(model, batch, position + 1)
-    decoder.keys.normal_(), decoder.values.normal_()  # keys and values as a prefill leaves them, not stale memory
-    tokens = torch.randint(3, model.config.vocab_size, (batch,), device=decoder.keys.device)
-    sync = torch.cuda.synchronize if decoder.keys.is_cuda else (lambda: None)
+    for cache in decoder.keys + decoder.values:
+        cache.normal_()  # keys and values as a prefill leaves them, not stale memory
+    tokens = torch.randint(3, model.config.vocab_size, (batch,), device=decoder.head.device)
+    sync = torch.cuda.synchronize if decoder.head.is_cuda else (lambda: None)
     times = {1: [], batch: []}
     for _ in range(rounds):
         for rows in times:

@@ -158,7 +158,7 @@ def create_app(model, tokenizer, model_name, max_batch=8, max_queue=16, context=
     @asynccontextmanager
     async def lifespan(app):
         yield
-        engine.close()  # the server stops: the engine's thread ends with it
+        await asyncio.to_thread(engine.close)  # the server stops: the engine's thread ends with it
 
     app = FastAPI(title="tinymind", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.engine, app.state.mailbox = engine, None

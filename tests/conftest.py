@@ -163,6 +163,7 @@ def shared_run(tmp_path_factory, worker_id, name, script, *args, copies=4):
     that starts from it. Tests copy its output (`copy_output`) rather than write into it."""
     def build(stdout):
         folder = stdout.parent
+        shutil.rmtree(folder / "output", ignore_errors=True)  # what a build that failed may have left
         pretrain_file(folder / "data", copies)
         sft_file(folder / "data", copies)
         stdout.write_text(run_stage(script, *args, cwd=folder).stdout)  # written last: the run finished

@@ -13,7 +13,7 @@ from trainer.tools import calculator, load_tools
 
 def chat_args(**overrides):
     return Namespace(**{"max_tool_calls": 4, "think": None, "max_seq_len": 2048, "max_new_tokens": 200, "temperature": 0,
-                        "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0, "compile": False, "device": "cpu",
+                        "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0, "compile_decode": False, "device": "cpu",
                         "dtype": "float32", **overrides})
 
 

@@ -43,7 +43,7 @@ class TinyMindLM(TemplateLM):
         super().__init__()
         self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
         self.tools, self.max_tool_calls = tools, max_tool_calls  # offered in the chat template, run in generate_until
-        # autocast_context reads these flags, generation --compile
+        # autocast_context reads these flags, generation 3-eval's --compile (compile_decode)
         self.dtype_args = dtype_args or SimpleNamespace(dtype="float32", device="cpu")
         self.max_length = max_length or model.config.max_position_embeddings
         self.backend = "causal"
@@ -157,7 +157,7 @@ class TinyMindLM(TemplateLM):
         tokens, text = [], ""
         with autocast_context(self.dtype_args):
             for token in stream_tokens(self.model, torch.tensor([ids], device=self.device), new_tokens, sampling,
-                                       self.eot_token_id, compile=getattr(self.dtype_args, "compile", False)):
+                                       self.eot_token_id, compile=getattr(self.dtype_args, "compile_decode", False)):
                 if int(token) == self.eot_token_id:
                     return tokens, text, True
                 tokens.append(int(token))

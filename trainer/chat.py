@@ -89,7 +89,7 @@ def answer(model, tokenizer, prompt, args, transcript, tools_on=False):
     started, new_tokens, text = time.perf_counter(), [], ""
     with autocast_context(args):
         for token in stream_tokens(model, input_ids.to(args.device), args.max_new_tokens, sampling, tokenizer.eos_token_id,
-                                   compile=args.compile):
+                                   compile=args.compile_decode):
             if int(token) == tokenizer.eos_token_id:
                 break
             new_tokens.append(int(token))
