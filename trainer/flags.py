@@ -170,7 +170,7 @@ def add_chat_flags(parser):
     group.add_argument("--compile", dest="compile_decode", type=boolean, nargs="?", const=True, default=False,
                        help="decode through the compiled decode step (also for --tasks' generation): the first "
                             "answer waits some seconds while it compiles, the second prompt length once more; on "
-                            "this project's 2-core CPU batch-1 decoding then ran 1.11-1.13x faster (README, Serving)")
+                            "this project's 2-core CPU batch-1 decoding then ran 1.36-1.41x faster (README, Serving)")
     group.add_argument("--tools", help="tools the model may call: built-in names (calculator) and Python files of "
                        "functions, comma-separated")
     group.add_argument("--max_tool_calls", type=int, default=4, help="rounds of tool calls before the model must answer")
