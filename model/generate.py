@@ -111,6 +111,10 @@ class PackedDecoder:
         self.packed = [self.pack(block, dtype) for block in body.layers]
         self.body, self.embed_tokens, self.norm = body, body.embed_tokens, body.norm
         self.head = weight_of(model.lm_head).to(dtype)
+        # A MoE layer that runs the grouped dispatch (on CUDA in bf16; see MoEFeedForward.grouped) gets its experts'
+        # weights stacked once here rather than on every step.
+        self.stacked = [moe.stacked_experts(moe.grouped_dtype(self.head)) if moe is not None and moe.grouped(self.head)
+                        else None for *_, moe, _ in self.packed]
         positions = torch.arange(max_len, device=device)[None]
         # [1, 1, max_len, head_dim] in the embedding's dtype, as the modules' forward makes them
         self.cos, self.sin = body.rotary(positions, body.embed_tokens.weight.dtype)
@@ -216,7 +220,8 @@ class PackedDecoder:
                               "in bf16); this MoE decodes eagerly")
                 self.compiled = False
             elif cuda_graph and self.head.is_cuda:
-                tensors = [*self.keys, *self.values, self.head, self.cos, self.sin, self.places, self.rows]
+                tensors = [*self.keys, *self.values, self.head, self.cos, self.sin, self.places, self.rows,
+                           *(weight for stacked in self.stacked if stacked is not None for weight in stacked)]
                 for norm_1, _, qkv, o_proj, norm_2, moe, ffn in self.packed:  # a MoE layer runs on its module's
                     tensors += [norm_1, qkv, o_proj, norm_2, *(ffn[:2] if moe is None else ())]  # weights
                 for tensor in tensors:
@@ -254,14 +259,15 @@ class PackedDecoder:
             y = cached_attention(i, *attn.position(q, k, cos, sin), v)
             x = x + F.linear(y.transpose(1, 2).reshape(batch, seq, -1), o_proj)
             h = rms_norm(x, norm_2, eps)
-            x = x + (feed_forward(h, *ffn) if moe is None else self.moe(moe, ffn, h, host_routing))
+            x = x + (feed_forward(h, *ffn) if moe is None else self.moe(moe, ffn, h, host_routing, self.stacked[i]))
         return softcap(F.linear(rms_norm(x[:, -1], self.norm.weight, eps), self.head), c.logit_softcap).float()
 
     @staticmethod
-    def moe(moe, packed, h, host_routing=True):
-        """One token: run only its k experts. A prompt (several tokens) goes through the module's dispatch."""
+    def moe(moe, packed, h, host_routing=True, stacked=None):
+        """One token: run only its k experts. A prompt (several tokens) goes through the module's dispatch (over the
+        experts' `stacked` weights where the decoder stacked them)."""
         if h.shape[0] * h.shape[1] > 1 or not host_routing:
-            return moe(h, h.new_ones(h.shape[:2]))[0]
+            return moe(h, h.new_ones(h.shape[:2]), stacked)[0]
         experts, shared = packed
         _, weights, chosen = moe.route(h.view(1, -1))
         out = sum(feed_forward(h, *expert) for expert in shared) if shared else torch.zeros_like(h)

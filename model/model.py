@@ -302,8 +302,10 @@ class MoEFeedForward(nn.Module):
         # grouped_mm needs rows whose byte strides are multiples of 16: widths that are multiples of 8 (bfloat16).
         self.groupable = config.hidden_size % 8 == 0 and config.intermediate_size % 8 == 0
 
-    def forward(self, x, token_mask):
-        """x: [batch, seq, hidden]; token_mask: [batch, seq], 1 for real tokens. Returns (output, aux_loss)."""
+    def forward(self, x, token_mask, stacked=None):
+        """x: [batch, seq, hidden]; token_mask: [batch, seq], 1 for real tokens. Returns (output, aux_loss).
+        `stacked`: the experts' weights as `stacked_experts` made them once, for the grouped dispatch (a decoder's;
+        training stacks them anew each forward, as the weights change every step)."""
         batch, seq, hidden = x.shape
         flat = x.reshape(-1, hidden)
         if torch.is_autocast_enabled(x.device.type):
@@ -318,8 +320,8 @@ class MoEFeedForward(nn.Module):
         counts = assigned_expert.new_zeros(self.n_experts).scatter_add_(0, assigned_expert, torch.ones_like(assigned_expert))
         # index_select, not flat[token_of]: its backward is an index_add, much faster on CPU than index_put.
         sorted_inputs = flat.index_select(0, token_of)
-        if self.grouped(flat):
-            routed = self.grouped_experts(sorted_inputs, counts)
+        if stacked is not None or self.grouped(flat):
+            routed = self.grouped_experts(sorted_inputs, counts, stacked)
         else:
             routed = torch.cat([expert(part) for expert, part in zip(self.experts, sorted_inputs.split(counts.tolist()))])
         routed = routed * weights.reshape(-1)[order, None].to(routed.dtype)
@@ -359,14 +361,24 @@ class MoEFeedForward(nn.Module):
                     for expert in self.experts for name in ("gate_proj", "up_proj", "down_proj"))
         return wanted and self.groupable and plain
 
-    def grouped_experts(self, x, counts):
-        """Every expert on its slice of the expert-sorted rows `x` (`counts` rows each, a device tensor), in two
-        `grouped_mm`s over the stacked weights. grouped_mm ignores autocast and compiles only in bfloat16, so on
-        CUDA and under torch.compile both sides are cast to it; eager elsewhere keeps the input's dtype."""
-        ends = counts.cumsum(0).to(torch.int32)
-        dtype = torch.bfloat16 if x.is_cuda or torch.compiler.is_compiling() else x.dtype
+    @staticmethod
+    def grouped_dtype(x):
+        """grouped_mm ignores autocast and compiles only in bfloat16: on CUDA and under torch.compile both sides
+        are cast to it; eager elsewhere keeps the input's dtype."""
+        return torch.bfloat16 if x.is_cuda or torch.compiler.is_compiling() else x.dtype
+
+    def stacked_experts(self, dtype):
+        """The experts' weights stacked for grouped_mm, in `dtype`: gate|up [experts, 2·width, hidden] and down
+        [experts, hidden, width]."""
         gate_up = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in self.experts])
-        down = torch.stack([e.down_proj.weight for e in self.experts])
+        return gate_up.to(dtype), torch.stack([e.down_proj.weight for e in self.experts]).to(dtype)
+
+    def grouped_experts(self, x, counts, stacked=None):
+        """Every expert on its slice of the expert-sorted rows `x` (`counts` rows each, a device tensor), in two
+        `grouped_mm`s over the stacked weights (`stacked`, or stacked here) in `grouped_dtype`."""
+        ends = counts.cumsum(0).to(torch.int32)
+        dtype = self.grouped_dtype(x)
+        gate_up, down = stacked if stacked is not None else self.stacked_experts(dtype)
         gate, up = F.grouped_mm(x.to(dtype), gate_up.to(dtype).transpose(1, 2), offs=ends).chunk(2, dim=-1)
         return F.grouped_mm(gated(gate, up, self.experts[0].act), down.to(dtype).transpose(1, 2), offs=ends).to(x.dtype)
 
