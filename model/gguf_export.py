@@ -223,16 +223,28 @@ OLLAMA_TEMPLATE = CHAT_TEMPLATE.with_suffix(".gotmpl")
 
 def modelfile(tokenizer, gguf_name) -> str:
     """An ollama Modelfile for the GGUF beside it, with the end token as stop and the chat template in ollama's Go
-    template language: the project's own template is translated by hand (chat_template.gotmpl, tools and thinking
-    included, which turns on ollama's tool calling and thinking for the model); another one is derived when it frames
-    each message on its own (prefix + content + suffix per role, as ChatML does), without tools."""
+    template language (`ollama_template`)."""
     lines = [f"FROM ./{gguf_name}"]
-    ours = tokenizer.chat_template == CHAT_TEMPLATE.read_text()
-    template = OLLAMA_TEMPLATE.read_text() if ours else go_template(tokenizer)
+    template, _ = ollama_template(tokenizer)
     if template is not None:
         lines.append(f'TEMPLATE """{template}"""')
     lines.append(f'PARAMETER stop "{tokenizer.eos_token}"')
     return "\n".join(lines) + "\n"
+
+
+def ollama_template(tokenizer):
+    """(the tokenizer's chat template in ollama's Go template language or None, what it is, in words). The project's
+    own template is translated by hand (chat_template.gotmpl, tools and thinking included, which turns on ollama's
+    tool calling and thinking for the model); another one is derived when it frames each message on its own (prefix
+    + content + suffix per role, as ChatML does), without tools; else none, and ollama uses the GGUF's own."""
+    if tokenizer.chat_template == CHAT_TEMPLATE.read_text():
+        return OLLAMA_TEMPLATE.read_text(), "tinymind's, with tools and thinking"
+    template = go_template(tokenizer)
+    if template is None:
+        return None, ("none: the tokenizer's chat template does not frame each message on its own, so ollama uses the "
+                      "GGUF's")
+    return template, ("derived from the tokenizer's chat template, without tools or thinking (only tinymind's own "
+                      "template, model/tokenizer/chat_template.jinja, carries them)")
 
 
 def go_template(tokenizer):

@@ -21,7 +21,7 @@ import torch
 
 from model import TinyMindConfig, atomic_write, load_model, save_weights
 from model.convert import UnsupportedArchitecture, export_hf
-from model.gguf_export import DTYPES, architecture, modelfile, write_gguf
+from model.gguf_export import DTYPES, architecture, modelfile, ollama_template, write_gguf
 from trainer import UserError, load_for_use, run_cli
 from trainer.distributed import say
 
@@ -46,7 +46,8 @@ def to_gguf(args):
         raise UserError(f"{args.checkpoint}: {err}") from None
     recipe = out.with_name("Modelfile")
     atomic_write(recipe, lambda tmp: tmp.write_text(modelfile(tokenizer, out.name)))
-    say(f"wrote {out} ({architecture(model.config)}, {args.dtype}, {out.stat().st_size / 1e6:.1f} MB) and {recipe}")
+    say(f"wrote {out} ({architecture(model.config)}, {args.dtype}, {out.stat().st_size / 1e6:.1f} MB) and {recipe} "
+        f"(its chat template: {ollama_template(tokenizer)[1]})")
 
 
 def read_config(path):

@@ -18,7 +18,7 @@ from dataset import load_tokenizer
 from model import TinyMindConfig, TinyMindForCausalLM, fast_generate
 from trainer.tools import load_tools
 from dataset.chat import chat_messages, render_chat
-from model.gguf_export import architecture, gguf_tensors, modelfile, write_gguf
+from model.gguf_export import architecture, gguf_tensors, modelfile, ollama_template, write_gguf
 
 TOKENIZER = ROOT / "model" / "tokenizer"
 SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1)
@@ -128,6 +128,7 @@ def test_cli_writes_the_gguf_and_a_modelfile_and_refuses_in_one_line(tmp_path):
     result = run_stage("-m", "scripts.convert_hf", "gguf", "--checkpoint", checkpoint, "--out", tmp_path / "g" / "m.gguf",
                        cwd=ROOT)
     assert "(llama, f16," in result.stderr + result.stdout
+    assert "(its chat template: tinymind's, with tools and thinking)" in result.stdout
     recipe = (tmp_path / "g" / "Modelfile").read_text()
     assert recipe.startswith("FROM ./m.gguf\n") and 'PARAMETER stop "<|im_end|>"' in recipe
     assert "{{- range .Tools }}" in recipe and "{{- if .ToolCalls }}" in recipe  # the project's template, by hand
@@ -176,8 +177,10 @@ def test_another_framed_chat_template_becomes_a_go_template_without_tools(tokeni
     recipe = modelfile(tokenizer, "m.gguf")
     assert '{{ if eq .Role "system" }}<|im_start|>system\n{{ .Content }}<|im_end|>\n' in recipe
     assert ".Tools" not in recipe
+    assert ollama_template(tokenizer)[1].startswith("derived from the tokenizer's chat template, without tools")
     tokenizer.chat_template = "{{ messages | length }}"  # frames nothing: no TEMPLATE, ollama takes the GGUF's own
     assert "TEMPLATE" not in modelfile(tokenizer, "m.gguf")
+    assert ollama_template(tokenizer)[1].startswith("none:")
 
 
 def test_the_modelfile_template_renders_tools_and_thinking_as_ollama_would_as_tinymind_does(tokenizer):
