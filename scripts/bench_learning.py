@@ -72,6 +72,11 @@ RECIPES = {
     "default_best_fit_lr_6e-3": [*DEFAULT, "--pack", "shared", "--pack_fit", "best", "--learning_rate", "6e-3"],
     "default_best_fit_lr_6e-3_value_embeds": [*DEFAULT, "--pack", "shared", "--pack_fit", "best", "--learning_rate",
                                               "6e-3", "--value_embeds", "true"],
+    # half the rows a step, twice the steps: in a budget this short, more updates may beat larger batches
+    "default_best_fit_lr_6e-3_batch_8": [*DEFAULT, "--pack", "shared", "--pack_fit", "best", "--learning_rate", "6e-3",
+                                         "--batch_size", "8"],
+    "default_best_fit_lr_4e-3_batch_8": [*DEFAULT, "--pack", "shared", "--pack_fit", "best", "--learning_rate", "4e-3",
+                                         "--batch_size", "8"],
     "default_best_fit_lr_9e-3": [*DEFAULT, "--pack", "shared", "--pack_fit", "best", "--learning_rate", "9e-3"],
     "default_best_fit_lr_9e-3_untied": [*DEFAULT, "--pack", "shared", "--pack_fit", "best", "--learning_rate", "9e-3",
                                         "--tie_word_embeddings", "false"],
