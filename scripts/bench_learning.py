@@ -49,16 +49,19 @@ MOE = ["--model_type", "moe", "--n_routed_experts", "4", "--num_experts_per_tok"
 # nanochat's base_train at this width, in tinymind's flags: Muon + AdamW, ReLU², QK-norm, an untied head, logit
 # softcap 15, one attention head of 128 (its head size), value embeddings in every other block, the blocks' output
 # projections zero at init, no warmup and a warmdown over the last 65% of the steps, rows packed best-fit with
-# attention across documents. Its Muon rate 0.02 gives an update RMS of 0.02/sqrt(128) for these 128 x 128
+# attention across documents, its per-group Adam rates (embedding 0.2 and head 0.004, each x (768/128)^0.5 at this
+# width) and Adam beta1 0.8. Its Muon rate 0.02 gives an update RMS of 0.02/sqrt(128) for these 128 x 128
 # matrices; tinymind's Muon update (scaled to AdamW's RMS) is 0.2 x lr, hence lr 9e-3. Not emulated: its per-layer
-# residual and x0 scalars; per-group Adam rates (nanochat's
-# embedding 0.49, head 0.0098 at this width) and Adam beta1 0.8; its ReLU² feed-forward is ungated and 4x wide
+# residual and x0 scalars; its ReLU² feed-forward is ungated and 4x wide
 # (here gated at 8/3x, the same parameters); its norms have no gains; its rate decays to 0 (here to a tenth); it
 # crops documents to fill rows (here rows hold whole documents).
 NANOCHAT = ["--optimizer", "muon", "--learning_rate", "9e-3", "--schedule", "wsd", "--decay_fraction", "0.65",
             "--warmup_steps", "0", "--hidden_act", "relu2", "--qk_norm", "true", "--tie_word_embeddings", "false",
             "--logit_softcap", "15", "--num_attention_heads", "1", "--num_key_value_heads", "1", "--value_embeds",
-            "true", "--zero_init_out", "--pack", "shared", "--pack_fit", "best"]
+            "true", "--zero_init_out", "--pack", "shared", "--pack_fit", "best", "--embedding_lr", "0.49",
+            "--head_lr", "0.0098", "--adam_beta1", "0.8"]
+BEST = [*DEFAULT, "--pack", "shared", "--pack_fit", "best", "--learning_rate", "6e-3", "--tie_word_embeddings", "false",
+        "--embedding_lr", "0.1"]
 RECIPES = {
     "baseline": BASELINE,
     "minimind": [*BASELINE, "--adam_beta2", "0.999", "--weight_decay", "0.01", "--warmup_steps", "0"],
@@ -77,6 +80,25 @@ RECIPES = {
                                          "--batch_size", "8"],
     "default_best_fit_lr_4e-3_batch_8": [*DEFAULT, "--pack", "shared", "--pack_fit", "best", "--learning_rate", "4e-3",
                                          "--batch_size", "8"],
+    # nanochat's per-group rates on the best recipe: a fast embedding, a slow untied head
+    "default_best_fit_lr_6e-3_group_rates": [*DEFAULT, "--pack", "shared", "--pack_fit", "best", "--learning_rate",
+                                             "6e-3", "--tie_word_embeddings", "false", "--embedding_lr", "0.49",
+                                             "--head_lr", "0.0098", "--adam_beta1", "0.8"],
+    "default_best_fit_lr_6e-3_embedding_lr_0.1": [*DEFAULT, "--pack", "shared", "--pack_fit", "best",
+                                                  "--learning_rate", "6e-3", "--tie_word_embeddings", "false",
+                                                  "--embedding_lr", "0.1"],
+    # the best recipe so far: best-fit packed rows at lr 6e-3, an untied head and the embedding at lr 0.1
+    "best": BEST,
+    "best_embedding_lr_0.3": [*BEST, "--embedding_lr", "0.3"],
+    "best_vocab_2048": [*BEST, "--vocab_size", "2048"],
+    "best_vocab_4096": [*BEST, "--vocab_size", "4096"],
+    # a smaller vocabulary: a cheaper head and embedding (at width 128 the head is about half a step's arithmetic)
+    # against fewer bytes a token; each size gets its own tokenizer fitted to the data (--fit_tokenizer)
+    "default_best_fit_lr_6e-3_vocab_2048": [*DEFAULT, "--pack", "shared", "--pack_fit", "best", "--learning_rate",
+                                            "6e-3", "--vocab_size", "2048"],
+    "default_best_fit_lr_6e-3_vocab_4096": [*DEFAULT, "--pack", "shared", "--pack_fit", "best", "--learning_rate",
+                                            "6e-3", "--vocab_size", "4096"],
+    "nanochat_vocab_2048": [*NANOCHAT, "--vocab_size", "2048"],
     "default_best_fit_lr_9e-3": [*DEFAULT, "--pack", "shared", "--pack_fit", "best", "--learning_rate", "9e-3"],
     "default_best_fit_lr_9e-3_untied": [*DEFAULT, "--pack", "shared", "--pack_fit", "best", "--learning_rate", "9e-3",
                                         "--tie_word_embeddings", "false"],
@@ -129,12 +151,29 @@ def stage_for(recipe):
                  default_data="data/pretrain.jsonl", default_val="", packs=True, z_loss=True)
 
 
+def named(spec):
+    """The recipe a `--recipes` entry names: `default`, or `default@50` for the same recipe with a budget of its own."""
+    return spec.split("@")[0]
+
+
+def budget(spec, args):
+    """The training seconds of a `--recipes` entry: its own after an `@`, else --budget."""
+    return float(spec.split("@")[1]) if "@" in spec else args.budget
+
+
+def vocabulary(recipe):
+    """The recipe's vocabulary size: the benchmark's, unless the recipe gives its own."""
+    flags = [*MODEL, *RECIPES[named(recipe)]]
+    return int(flags[len(flags) - 1 - flags[::-1].index("--vocab_size") + 1])
+
+
 def run_log(recipe, out_dir, args, *flags):
     """Train the recipe with `flags` into `out_dir`; its CSV log."""
-    argv = [*MODEL, *RECIPES[recipe], *flags, "--data_path", args.data, "--seed", str(args.seed), "--device",
-            args.device, "--tokenizer_path", args.tokenizer_path, "--save_interval", str(10**9), "--out_dir", str(out_dir)]
-    train_stage(stage_for(recipe), argv)
-    kind = "moe" if "moe" in RECIPES[recipe] else "dense"
+    argv = [*MODEL, *RECIPES[named(recipe)], *flags, "--data_path", args.data, "--seed", str(args.seed), "--device",
+            args.device, "--tokenizer_path", args.tokenizers[vocabulary(recipe)], "--save_interval", str(10**9),
+            "--out_dir", str(out_dir)]
+    train_stage(stage_for(named(recipe)), argv)
+    kind = "moe" if "moe" in RECIPES[named(recipe)] else "dense"
     return pd.read_csv(Path(out_dir) / f"pretrain_{kind}" / f"pretrain_128{'_moe' * (kind == 'moe')}_log.csv")
 
 
@@ -163,7 +202,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", type=float, default=180, help="training seconds per recipe")
     parser.add_argument("--repeats", type=int, default=2, help="rounds over the recipes, interleaved")
-    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), metavar="RECIPE[@SECONDS]",
+                        help=f"recipes to race, each with --budget or its own budget after an @ (`default@50`: does "
+                             f"it reach the reference's final in half the time?); any of {', '.join(RECIPES)}")
     parser.add_argument("--reference", default="baseline", choices=list(RECIPES),
                         help="the recipe whose final bits per byte the others race to (MoE recipes race moe_baseline "
                              "when it runs)")
@@ -173,7 +214,7 @@ def main(argv=None):
                         help="steps of each recipe timed (twice) to turn the budget into its step count")
     parser.add_argument("--data", default="data/pretrain.jsonl")
     parser.add_argument("--val", default="data/pretrain_val.jsonl")
-    parser.add_argument("--tokenizer_path", default=str(SHIPPED), help="the tokenizer every recipe trains with")
+    parser.add_argument("--tokenizer_path", default=str(SHIPPED), help="the tokenizer every recipe of the benchmark's vocabulary (6,400) trains with")
     parser.add_argument("--fit_tokenizer", action="store_true",
                         help="first fit a tokenizer to --data (scripts.train_tokenizer, the vocabulary of the model) "
                              "and train every recipe with it")
@@ -181,23 +222,35 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out", default="output/bench_learning.png", help="the PNG of bits per byte against seconds")
     args = parser.parse_args(argv)
+    for spec in args.recipes:
+        if named(spec) not in RECIPES or "@" in spec and not spec.split("@")[1].replace(".", "", 1).isdigit():
+            parser.error(f"--recipes {spec}: not a recipe (RECIPE or RECIPE@SECONDS; recipes: {', '.join(RECIPES)})")
     for path in (args.data, args.val):
         if not Path(path).is_file():
             raise SystemExit(f"error: {path}: no such file; run `python -m scripts.prepare_data` first")
     recipes = [args.reference, *[r for r in args.recipes if r != args.reference]]
     curves = {recipe: [] for recipe in recipes}
     with tempfile.TemporaryDirectory() as scratch:
-        if args.fit_tokenizer:
-            args.tokenizer_path = str(Path(scratch) / "tokenizer")
-            fit(Path(args.data), Path(args.tokenizer_path), int(MODEL[MODEL.index("--vocab_size") + 1]))
-            report_compression(Path(args.tokenizer_path), SHIPPED, Path(args.val))
+        # A tokenizer for each vocabulary size the recipes use, fitted to --data (or the one given)
+        args.tokenizers = {}
+        for size in sorted({vocabulary(recipe) for recipe in recipes}):
+            if args.fit_tokenizer:
+                args.tokenizers[size] = str(Path(scratch) / f"tokenizer_{size}")
+                fit(Path(args.data), Path(args.tokenizers[size]), size)
+                report_compression(Path(args.tokenizers[size]), SHIPPED, Path(args.val))
+            elif size == vocabulary("default"):
+                args.tokenizers[size] = args.tokenizer_path
+            else:
+                raise SystemExit(f"error: a recipe has a vocabulary of {size}, --tokenizer_path another: add "
+                                 "--fit_tokenizer")
         # Each recipe's step count, from step times measured twice, interleaved: every round then runs the same
         # schedule, and a neighbour slowing the machine for a while skews no recipe alone.
-        timings = {recipe: [] for recipe in recipes}
+        timings = {named(recipe): [] for recipe in recipes}
         for attempt in range(2):
-            for recipe in recipes:
+            for recipe in timings:
                 timings[recipe].append(seconds_per_step(recipe, args, Path(scratch) / f"calibrate_{recipe}_{attempt}"))
-        steps = {recipe: max(8, int(args.budget / statistics.median(times))) for recipe, times in timings.items()}
+        steps = {recipe: max(8, int(budget(recipe, args) / statistics.median(timings[named(recipe)])))
+                 for recipe in recipes}
         print("steps per recipe:", steps, flush=True)
         for round_ in range(args.repeats):
             for recipe in recipes:

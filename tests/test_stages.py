@@ -118,6 +118,27 @@ def one_step_loss(tmp_path, tokenizer, batch_size, accumulation_steps, *flags, o
     return stats, model
 
 
+def test_embedding_and_head_rates_follow_the_schedule_scaled_to_their_own_peaks(tmp_path, tokenizer):
+    torch.manual_seed(0)
+    before = TinyMindForCausalLM(model_config(tiny_args(tmp_path, "--tie_word_embeddings", "false"))).state_dict()
+    stats, model = one_step_loss(tmp_path, tokenizer, 2, 1, "--tie_word_embeddings", "false", "--learning_rate", 0.002,
+                                 "--embedding_lr", 0.5, "--head_lr", 0.01, "--weight_decay", 0)
+    scale = stats["lr"] / 0.002  # where the schedule stands at this step
+    assert 0 < scale <= 1
+    after = model.state_dict()
+    # AdamW's first step moves every weight with a gradient by its rate (m / sqrt(v) is ±1), so the largest move
+    # in each table is that table's rate
+    for name, peak in (("model.embed_tokens.weight", 0.5), ("lm_head.weight", 0.01),
+                       ("model.layers.0.self_attn.q_proj.weight", 0.002)):
+        moved = (after[name] - before[name]).abs().max().item()
+        assert moved == pytest.approx(peak * scale, rel=1e-3), name
+
+
+def test_a_head_rate_without_an_untied_head_is_refused(tmp_path, tokenizer):
+    with pytest.raises(UserError, match="--head_lr: this run trains no weights of an untied LM head"):
+        one_step_loss(tmp_path, tokenizer, 2, 1, "--head_lr", 0.01)
+
+
 def test_each_optimizer_step_moves_the_balancing_bias_by_the_steps_loads(tmp_path, tokenizer, monkeypatch):
     from trainer.metrics import ExpertLoadWatch
 

@@ -109,6 +109,13 @@ def add_training_flags(parser, default_data):
     group.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw",
                        help="adamw, or muon: Muon for the matrices inside the blocks, AdamW for embedding, head, norms "
                             "and routers")
+    group.add_argument("--embedding_lr", type=float,
+                       help="peak rate of the token embedding (and value embeddings), AdamW's (default: "
+                            "--learning_rate; nanochat: 0.2 x (768 / hidden)^0.5)")
+    group.add_argument("--head_lr", type=float,
+                       help="peak rate of an untied LM head, AdamW's (default: --learning_rate; nanochat: "
+                            "0.004 x (768 / hidden)^0.5)")
+    group.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW's first-moment decay (nanochat: 0.8)")
     group.add_argument("--adam_beta2", type=float, default=0.95, help="AdamW's second-moment decay")
     group.add_argument("--schedule", choices=("cosine", "wsd"), default="cosine",
                        help="after warmup: cosine decay, or warmup-stable-decay (flat, then linear over the last "
@@ -316,7 +323,7 @@ def validate(args):
                                      "accumulation_steps", "epochs", "max_steps", "log_interval", "save_interval",
                                      "keep_last", "val_samples", "max_new_tokens", "yarn_original_length",
                                      "eval_interval"),
-                 not_negative=("learning_rate", "weight_decay", "grad_clip", "warmup_steps", "num_workers",
+                 not_negative=("learning_rate", "embedding_lr", "head_lr", "weight_decay", "grad_clip", "warmup_steps", "num_workers",
                                "temperature"))
     for name, value in vars(args).items():
         if isinstance(value, float) and not math.isfinite(value):
@@ -339,8 +346,9 @@ def validate(args):
             err=True)
     if not 0 < getattr(args, "decay_fraction", 0.5) <= 1:
         raise UserError(f"--decay_fraction {args.decay_fraction}: must lie in (0, 1]")
-    if not 0 <= getattr(args, "adam_beta2", 0.5) < 1:
-        raise UserError(f"--adam_beta2 {args.adam_beta2}: must lie in [0, 1)")
+    for beta in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(args, beta, 0.5) < 1:
+            raise UserError(f"--{beta} {getattr(args, beta)}: must lie in [0, 1)")
     if args.yarn_factor < 1:
         raise UserError(f"--yarn_factor {args.yarn_factor}: must be at least 1 (1 is off)")
     if getattr(args, "top_p", 1.0) is not None and not 0 < getattr(args, "top_p", 1.0) <= 1:

@@ -63,7 +63,10 @@ def make_optimizers(model, args):
     """AdamW over everything, or (`--optimizer muon`) Muon (model/muon.py: torch.optim.Muon's update, batched by
     shape) over the hidden matrices and AdamW over the rest.
     Weight decay on matrices only: decaying norms' gains and the like only hurts. Muon's update is scaled to
-    AdamW's RMS (`match_rms_adamw`), so one --learning_rate serves both."""
+    AdamW's RMS (`match_rms_adamw`), so one --learning_rate serves both. --embedding_lr and --head_lr give the
+    embedding tables and an untied head peak rates of their own (nanochat's per-group rates), in groups of their
+    own after the two above, so a resume state written without them still loads. Every group's rate follows
+    the one schedule, scaled to its peak."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     optimizers = []
     if args.optimizer == "muon":
@@ -71,14 +74,32 @@ def make_optimizers(model, args):
         optimizers.append(BatchedMuon(hidden, lr=args.learning_rate, weight_decay=args.weight_decay,
                                       adjust_lr_fn="match_rms_adamw", compile=getattr(args, "compile", False)))
         named = [(name, p) for name, p in named if not is_hidden_matrix(name, p)]
-    params = [p for _, p in named]
+    own_rates = [("embedding_lr", "the embedding", is_embedding),
+                 ("head_lr", "an untied LM head (pass --tie_word_embeddings false)",
+                  lambda name: name.endswith("lm_head.weight"))]
+    groups = []
+    for flag, what, match in own_rates:
+        if getattr(args, flag, None) is not None:
+            params = [p for name, p in named if match(name)]
+            if not params:
+                raise UserError(f"--{flag}: this run trains no weights of {what}")
+            groups.append({"params": params, "lr": getattr(args, flag)})
+    grouped = {id(p) for group in groups for p in group["params"]}
+    rest = [p for _, p in named if id(p) not in grouped]
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": args.weight_decay},
+        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
+        *groups,
     ]
     fused = args.device.startswith("cuda")
-    adamw = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, args.adam_beta2), fused=fused or None)
+    adamw = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                              weight_decay=args.weight_decay, fused=fused or None)
     return [adamw, *optimizers]
+
+
+def is_embedding(name):
+    """A table of per-token rows (the token embedding, nanochat's value embeddings): --embedding_lr's."""
+    return name.endswith("embed_tokens.weight") or ".value_embeds." in name
 
 
 def write_model_weights(model, state, paths):
@@ -144,6 +165,8 @@ class Trainer:
         for module in objective.frozen:
             module.to(self.device).eval().requires_grad_(False)
         self.optimizers = make_optimizers(self.raw_model, args)
+        # Each group's peak rate, from the flags: a resume state's rates do not override them.
+        self.peak_lrs = [[group["lr"] for group in optimizer.param_groups] for optimizer in self.optimizers]
         self.scaler = grad_scaler(args)
         self.world_size = distributed.world_size()
         self.samples_per_step = args.batch_size * args.accumulation_steps * self.world_size
@@ -263,9 +286,9 @@ class Trainer:
         args, model, objective = self.args, self.model, self.objective
         lr = lr_at(self.progress.step, self.total_steps, self.warmup_steps, args.learning_rate, args.schedule,
                    args.decay_fraction)
-        for optimizer in self.optimizers:
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+        for optimizer, peaks in zip(self.optimizers, self.peak_lrs):
+            for group, peak in zip(optimizer.param_groups, peaks):
+                group["lr"] = lr * peak / args.learning_rate if args.learning_rate else 0.0
         model.train()
         samples = sum(len(batch) for batch in micro_batches) * self.world_size
         micro_batches = objective.prepare(self.raw_model, micro_batches)
