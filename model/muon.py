@@ -15,10 +15,11 @@ import torch.distributed as dist
 from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, DEFAULT_NS_STEPS, EPS, _adjust_lr
 
 
-def newton_schulz(stack, coefficients, steps, eps):
-    """The orthogonalised [n, rows, cols] matrices, in bfloat16: torch.optim.Muon's quintic iteration, batched."""
+def newton_schulz(stack, coefficients, steps, eps, dtype=torch.bfloat16):
+    """The orthogonalised [n, rows, cols] matrices, in `dtype`: torch.optim.Muon's quintic iteration (which runs in
+    bfloat16), batched."""
     a, b, c = coefficients
-    x = stack.bfloat16()
+    x = stack.to(dtype)
     tall = stack.size(1) > stack.size(2)
     if tall:
         x = x.transpose(1, 2)
@@ -38,15 +39,18 @@ def is_hidden_matrix(name, parameter):
 class BatchedMuon(torch.optim.Optimizer):
     def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
                  ns_coefficients=(DEFAULT_A, DEFAULT_B, DEFAULT_C), eps=EPS, ns_steps=DEFAULT_NS_STEPS,
-                 adjust_lr_fn=None, compile=False):
+                 adjust_lr_fn=None, compile=False, ns_dtype=None):
         """`compile`: orthogonalise through torch.compile on CUDA (one fused graph per stack shape); a compile that
-        fails warns once and the iteration runs eagerly."""
+        fails warns once and the iteration runs eagerly. `ns_dtype`: the dtype Newton-Schulz runs in; by default
+        bfloat16 on a GPU, as torch.optim.Muon, and float32 on a CPU, where a bfloat16 batched matmul without
+        native bfloat16 arithmetic (AVX2) measured 17-35x slower than float32 on these shapes and the iteration
+        was most of a small model's step (scripts/bench.py --cases muon)."""
         defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "nesterov": nesterov,
                     "ns_coefficients": ns_coefficients, "eps": eps, "ns_steps": ns_steps, "adjust_lr_fn": adjust_lr_fn}
         super().__init__(params, defaults)
         if any(p.ndim != 2 for group in self.param_groups for p in group["params"]):
             raise ValueError("Muon orthogonalises matrices: every parameter must be 2-D")
-        self.compile = compile
+        self.compile, self.ns_dtype = compile, ns_dtype
         self.orthogonalise = newton_schulz
 
     @torch.no_grad()
@@ -80,7 +84,8 @@ class BatchedMuon(torch.optim.Optimizer):
     def orthogonalised(self, stack, group):
         """Newton-Schulz over the stack; under torchrun each process takes an equal slice (the stack padded with
         zero matrices, which stay zero) and gathers the others' results."""
-        arguments = (group["ns_coefficients"], group["ns_steps"], group["eps"])
+        dtype = self.ns_dtype or (torch.bfloat16 if stack.is_cuda else torch.float32)
+        arguments = (group["ns_coefficients"], group["ns_steps"], group["eps"], dtype)
         processes = dist.get_world_size() if dist.is_initialized() else 1
         if processes == 1:
             return self.newton_schulz(stack, arguments)

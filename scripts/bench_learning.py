@@ -90,6 +90,8 @@ RECIPES = {
     # the best recipe so far: best-fit packed rows at lr 6e-3, an untied head and the embedding at lr 0.1
     "best": BEST,
     "best_embedding_lr_0.3": [*BEST, "--embedding_lr", "0.3"],
+    "best_batch_8": [*BEST, "--batch_size", "8"],
+    "best_warmdown_50": [*BEST, "--decay_fraction", "0.5"],
     "best_vocab_2048": [*BEST, "--vocab_size", "2048"],
     "best_vocab_4096": [*BEST, "--vocab_size", "4096"],
     # a smaller vocabulary: a cheaper head and embedding (at width 128 the head is about half a step's arithmetic)
