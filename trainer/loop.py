@@ -284,11 +284,14 @@ class Trainer:
         metrics in the same transfer: the token counts come from the host-side batches, the normaliser of the
         loss stays a device tensor under torchrun, and the stop signal rides on the step's one all-reduce."""
         args, model, objective = self.args, self.model, self.objective
-        lr = lr_at(self.progress.step, self.total_steps, self.warmup_steps, args.learning_rate, args.schedule,
-                   args.decay_fraction)
+        def scheduled(peak):
+            return lr_at(self.progress.step, self.total_steps, self.warmup_steps, peak, args.schedule,
+                         args.decay_fraction)
+
+        lr = scheduled(args.learning_rate)
         for optimizer, peaks in zip(self.optimizers, self.peak_lrs):
             for group, peak in zip(optimizer.param_groups, peaks):
-                group["lr"] = lr * peak / args.learning_rate if args.learning_rate else 0.0
+                group["lr"] = scheduled(peak)
         model.train()
         samples = sum(len(batch) for batch in micro_batches) * self.world_size
         micro_batches = objective.prepare(self.raw_model, micro_batches)
