@@ -156,7 +156,8 @@ class TrainingStep:
         self.name = name
         self.model = model.to(args.device).train()
         self.optimizers = make_optimizers(self.model, SimpleNamespace(
-            optimizer=optimizer, adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.1, learning_rate=args.learning_rate, device=args.device))
+            optimizer=optimizer, adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.1, learning_rate=args.learning_rate,
+            device=args.device))
         self.forward = torch.compile(self.model) if args.compile else self.model
         self.autocast = autocast_context(args)
         self.aux_coef = aux_coef  # None: the model returns its aux loss ready to add (tinymind, or none)

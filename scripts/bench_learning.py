@@ -208,7 +208,8 @@ def main(argv=None):
                         help="steps of each recipe timed (twice) to turn the budget into its step count")
     parser.add_argument("--data", default="data/pretrain.jsonl")
     parser.add_argument("--val", default="data/pretrain_val.jsonl")
-    parser.add_argument("--tokenizer_path", default=str(SHIPPED), help="the tokenizer every recipe of the benchmark's vocabulary (6,400) trains with")
+    parser.add_argument("--tokenizer_path", default=str(SHIPPED),
+                        help="the tokenizer every recipe of the benchmark's vocabulary (6,400) trains with")
     parser.add_argument("--fit_tokenizer", action="store_true",
                         help="first fit a tokenizer to --data (scripts.train_tokenizer, the vocabulary of the model) "
                              "and train every recipe with it")

@@ -323,8 +323,8 @@ def validate(args):
                                      "accumulation_steps", "epochs", "max_steps", "log_interval", "save_interval",
                                      "keep_last", "val_samples", "max_new_tokens", "yarn_original_length",
                                      "eval_interval"),
-                 not_negative=("learning_rate", "embedding_lr", "head_lr", "weight_decay", "grad_clip", "warmup_steps", "num_workers",
-                               "temperature"))
+                 not_negative=("learning_rate", "embedding_lr", "head_lr", "weight_decay", "grad_clip", "warmup_steps",
+                               "num_workers", "temperature"))
     for name, value in vars(args).items():
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"--{name} {value}: must be a finite number")

@@ -150,7 +150,8 @@ def describe_optimizer(trainer):
     which = "Muon on the blocks' matrices, AdamW on the rest" if args.optimizer == "muon" else "AdamW"
     schedule = "warmup-stable-decay" if args.schedule == "wsd" else "cosine"
     steps = trainer.warmup_steps
-    own = "".join(f", {what} lr {getattr(args, flag):g}" for flag, what in (("embedding_lr", "embedding"), ("head_lr", "head"))
+    own = "".join(f", {what} lr {getattr(args, flag):g}"
+                  for flag, what in (("embedding_lr", "embedding"), ("head_lr", "head"))
                   if getattr(args, flag, None) is not None)
     return (f"optimizer: {which}, peak lr {args.learning_rate:g}{own}, {steps} warmup step{'s' * (steps != 1)}, "
             f"{schedule} to lr/10")
