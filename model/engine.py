@@ -66,9 +66,11 @@ class Engine:
         self.thread.start()
 
     def submit(self, request) -> bool:
-        """Queue `request`; False when every slot is busy and the queue is full, or the engine is closed."""
+        """Queue `request`; False when every slot is busy and the queue is full, or the engine is closed. Requests
+        not yet admitted count against the free slots first: a burst the engine's thread has not yet taken in
+        cannot overfill the queue."""
         with self.condition:
-            if self.closed or (not self.free and len(self.waiting) >= self.max_queue):
+            if self.closed or len(self.waiting) >= len(self.free) + self.max_queue:
                 return False
             self.waiting.append(request)
             self.condition.notify()

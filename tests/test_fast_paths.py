@@ -156,6 +156,16 @@ def test_a_closed_engine_cancels_what_it_holds_and_takes_no_more():
     assert not engine.submit(Request([7], 4, Sampling(), emit))
 
 
+def test_an_engine_takes_no_more_than_its_slots_and_queue_before_its_thread_admits_any():
+    from model.engine import Engine, Request
+
+    engine = Engine(make_model(use_moe=False), eos_token_id=None, max_batch=2, max_queue=1, context=64)
+    with engine.condition:  # a burst: the engine's thread admits nothing meanwhile
+        accepted = [engine.submit(Request([5], 2, Sampling(), lambda token, reason: None)) for _ in range(4)]
+    engine.close()
+    assert accepted == [True, True, True, False]  # two slots and one place in the queue
+
+
 def test_an_engine_whose_step_fails_to_compile_warns_and_decodes_eagerly(monkeypatch):
     def compile_that_fails(function, **options):
         def run(*args):
