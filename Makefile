@@ -67,7 +67,7 @@ demo-seeds: setup
 
 # Tests run in two processes (pytest-xdist) of one thread each: most of a test's time is a stage script's start
 # and tiny tensors, which one core does as well as two.
-TEST := HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 tests
+TEST := HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --durations=10 tests
 
 test: setup
 	$(TEST)
