@@ -72,7 +72,7 @@ TEST := HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --durations=1
 test: setup
 	$(TEST)
 
-# The unit tests alone (about a minute here): every test that runs no stage script, torchrun or server.
+# The unit tests alone (one to two minutes on 2 cores): every test that runs no stage script, torchrun or server.
 test-fast: setup
 	$(TEST) -m "not slow"
 

@@ -29,14 +29,14 @@ def test_bench_learning_races_recipes_to_the_references_final_with_a_fitted_toke
     val = write_jsonl(tmp_path / "pretrain_val.jsonl", [{"text": t} for t in texts[360:]])
     result = run_stage("-m", "scripts.bench_learning", "--budget", "0.5", "--repeats", "1", "--evaluations", "2",
                        "--val_samples", "8", "--calibration_steps", "6", "--data", data, "--val", val,
-                       "--fit_tokenizer", "--reference", "nanochat", "--recipes", "default", "nanochat",
-                       "best_vocab_2048@0.25", "--out", tmp_path / "curve.png", cwd=ROOT, timeout=600)
+                       "--fit_tokenizer", "--reference", "nanochat", "--recipes", "best_vocab_2048@0.25", "nanochat",
+                       "--out", tmp_path / "curve.png", cwd=ROOT, timeout=600)
     out = result.stdout
     assert "a row of fixed length carries" in out and (tmp_path / "curve.png").is_file()
     # a tokenizer fitted for each vocabulary size the recipes use
     assert "training a 2048-token BPE" in out and "training a 6400-token BPE" in out
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in out.splitlines() if line.startswith("| ")}
-    assert list(rows)[1:] == ["nanochat", "default", "best_vocab_2048@0.25"]  # the reference first
+    assert list(rows)[1:] == ["nanochat", "best_vocab_2048@0.25"]  # the reference first
     assert rows["nanochat"][-1] == "1.00x |"  # it reaches its own final at its last second
 
 
