@@ -22,7 +22,8 @@ Cases (`--cases`, comma-separated; all by default):
                   the benchmark's dtype, a bound for batch-1 decoding of those weights on this machine)
     generate_moe  the same, tinymind MoE vs Qwen2MoeForCausalLM (floor: the k routed experts only)
     muon          tinymind dense's whole training step with Muon (1-pretrain.py's default: model/muon.py on
-                  the blocks' matrices, AdamW on the rest) against the same step with AdamW alone
+                  the blocks' matrices, AdamW on the rest) against the same step with AdamW alone (and with
+                  Newton-Schulz in bfloat16, as on a GPU, where a CPU's default is float32)
 
 A training step is forward, masked CE (+ the MoE aux loss), backward, AdamW step, zero_grad. Every
 contender the asked-for cases need is timed in this one process, round-robin (A B C A B C ...) after
@@ -152,12 +153,14 @@ def flops_per_generated_token(config, active_params, context):
 class TrainingStep:
     """One contender's full training step on a fixed random batch."""
 
-    def __init__(self, name, model, args, flops_per_token, aux_coef=None, optimizer="adamw"):
+    def __init__(self, name, model, args, flops_per_token, aux_coef=None, optimizer="adamw", ns_dtype=None):
         self.name = name
         self.model = model.to(args.device).train()
         self.optimizers = make_optimizers(self.model, SimpleNamespace(
             optimizer=optimizer, adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.1, learning_rate=args.learning_rate,
             device=args.device))
+        for muon in self.optimizers[1:]:  # Newton-Schulz's dtype, where one is asked for (BatchedMuon.ns_dtype)
+            muon.ns_dtype = ns_dtype
         self.forward = torch.compile(self.model) if args.compile else self.model
         self.autocast = autocast_context(args)
         self.aux_coef = aux_coef  # None: the model returns its aux loss ready to add (tinymind, or none)
@@ -252,6 +255,8 @@ def build_contenders(args):
             add(TrainingStep("transformers Llama", llama_twin(dense), args, train_flops(dense)))
         if "muon" in wanted:
             add(TrainingStep("tinymind dense, Muon", copy_of(dense), args, train_flops(dense), optimizer="muon"))
+            add(TrainingStep("tinymind dense, Muon in bfloat16", copy_of(dense), args, train_flops(dense),
+                             optimizer="muon", ns_dtype=torch.bfloat16))  # what a GPU runs; a CPU's default is fp32
         if "generate" in wanted:
             add(Generation("tinymind fast_generate", copy_of(dense), args, gen_flops(dense), fast=True))
             if args.compile:  # the eager decoder beside the compiled one, in the same rounds
@@ -488,7 +493,7 @@ CASE_PAIRS = {
 FLOORS = {"generate": "weight-read floor, dense", "generate_moe": "weight-read floor, MoE"}
 
 # Rows printed under a case for context, without a ratio or target of their own.
-CASE_EXTRA_ROWS = {"dispatch": ("MiniMind2-style MoE dispatch",),
+CASE_EXTRA_ROWS = {"dispatch": ("MiniMind2-style MoE dispatch",), "muon": ("tinymind dense, Muon in bfloat16",),
                    "generate": ("tinymind fast_generate, eager", "tinymind HF generate", "weight-read floor, dense"),
                    "generate_moe": ("weight-read floor, MoE",)}
 
