@@ -7,6 +7,7 @@ the training forward's bookkeeping. tests/test_fast_paths.py holds it to the mod
 and to Hugging Face `generate`.
 """
 
+import traceback
 import warnings
 from dataclasses import dataclass
 
@@ -209,7 +210,7 @@ class PackedDecoder:
         tables) marked as a static address, so a replay copies none of them; else fused kernels alone, which a
         decoder made per call (`stream_tokens`) reuses without capturing anything anew. On a CPU with a C++
         wrapper (`cpp_wrapper`: no Python between its kernels). Decoders of one shape share the compiled code;
-        after a second cache length the length is dynamic.
+        without a CUDA graph, after a second cache length the length is dynamic.
 
         A MoE compiles whole only with the grouped dispatch (MoEFeedForward.grouped; the default on CUDA in
         bf16), which runs its experts in bf16. Any failure, compiling, capturing (a CUDA graph is captured at
@@ -226,7 +227,9 @@ class PackedDecoder:
                     tensors += [norm_1, qkv, o_proj, norm_2, *(ffn[:2] if moe is None else ())]  # weights
                 for tensor in tensors:
                     torch._dynamo.mark_static_address(tensor)
-                self.compiled = torch.compile(PackedDecoder.step, fullgraph=True, mode="reduce-overhead")
+                # Static shapes: a CUDA graph replays one shape anyway, and a second engine of another size then
+                # compiles its own graph rather than one over a dynamic cache length.
+                self.compiled = torch.compile(PackedDecoder.step, fullgraph=True, dynamic=False, mode="reduce-overhead")
             else:
                 options = {} if self.head.is_cuda else {"cpp_wrapper": True}
                 self.compiled = torch.compile(PackedDecoder.step, fullgraph=True, options=options)
@@ -237,8 +240,9 @@ class PackedDecoder:
             # cycle, its cache freed only by the cycle collector.
             return self.compiled(self, tokens, positions)
         except Exception as err:
-            warnings.warn(f"the compiled decode step failed ({type(err).__name__}: "
-                          f"{(str(err).splitlines() or [''])[0]}); decoding goes on eagerly")
+            where = traceback.extract_tb(err.__traceback__)[-1]
+            warnings.warn(f"the compiled decode step failed ({type(err).__name__}: {(str(err).splitlines() or [''])[0]} "
+                          f"at {where.filename}:{where.lineno}); decoding goes on eagerly")
             self.compiled = False
             return None
 

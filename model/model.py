@@ -19,6 +19,9 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from .config import TinyMindConfig
 
+# torch.nn.functional.grouped_mm is the public name of torch._grouped_mm; older torch releases have only the latter.
+grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
+
 
 def token_cross_entropy(logits, targets, with_log_z=False):
     """Next-token cross-entropy at every position, [rows, width] float32 from [rows, width, vocab] logits: the one
@@ -379,8 +382,8 @@ class MoEFeedForward(nn.Module):
         ends = counts.cumsum(0).to(torch.int32)
         dtype = self.grouped_dtype(x)
         gate_up, down = stacked if stacked is not None else self.stacked_experts(dtype)
-        gate, up = F.grouped_mm(x.to(dtype), gate_up.to(dtype).transpose(1, 2), offs=ends).chunk(2, dim=-1)
-        return F.grouped_mm(gated(gate, up, self.experts[0].act), down.to(dtype).transpose(1, 2), offs=ends).to(x.dtype)
+        gate, up = grouped_mm(x.to(dtype), gate_up.to(dtype).transpose(1, 2), offs=ends).chunk(2, dim=-1)
+        return grouped_mm(gated(gate, up, self.experts[0].act), down.to(dtype).transpose(1, 2), offs=ends).to(x.dtype)
 
     def route(self, flat):
         """The router's choice for [tokens, hidden] inputs: (softmax scores [tokens, experts], the chosen experts'

@@ -18,9 +18,11 @@ device work (forward, loss, backward, clipping, optimizer, the one read of loss 
 
 import argparse
 import json
+import os
 import statistics
 import threading
 import time
+import traceback
 import warnings
 from pathlib import Path
 
@@ -43,8 +45,58 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny shapes and few steps: checks the code, not the speed")
-    parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--json", help="also write the rows to this file (rewritten after every row)")
+    parser.add_argument("--budget_s", type=float, default=480,
+                        help="rows not started within this many seconds are reported as skipped")
+    parser.add_argument("--profile_dir", help="write the busiest kernels of the compiled training steps and of "
+                                              "batch-1 decoding here, one text table each")
     return parser.parse_args(argv)
+
+
+class Report:
+    """The table as it grows: each row is printed as it is measured and the JSON rewritten, a row that fails
+    says why and the others go on, and rows not started by the deadline say so: a run cut short keeps what
+    it measured."""
+
+    def __init__(self, json_path, budget_s):
+        self.rows, self.json_path = [], json_path
+        self.deadline = time.perf_counter() + budget_s
+
+    def add(self, row):
+        self.rows.append(row)
+        print("row: " + " · ".join(f"{key} {value}" for key, value in row.items() if value not in (None, "")), flush=True)
+        if self.json_path:
+            partial = Path(f"{self.json_path}.partial")
+            partial.write_text(json.dumps(self.rows, indent=1))
+            os.replace(partial, self.json_path)
+
+    def attempt(self, check, measure):
+        """Add the rows `measure()` returns, or one row named `check` saying it failed or was skipped."""
+        if time.perf_counter() > self.deadline:
+            self.add({"check": check, "note": "skipped: past --budget_s"})
+            return
+        try:
+            rows = measure()
+        except Exception as err:  # one broken row must not cost the rest of the table
+            traceback.print_exc()
+            reason = (str(err).strip().splitlines() or [""])[0][:160]
+            self.add({"check": check, "note": f"failed: {type(err).__name__}: {reason}"})
+            return
+        for row in rows:
+            self.add(row)
+
+
+def profile(function, device, path, steps=3):
+    """The kernels `function` spends its time in over `steps` calls, as torch.profiler's table, into `path`."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            function()
+        synchronize(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    Path(path).write_text(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=90))
 
 
 def synchronize(device):
@@ -100,16 +152,17 @@ def model_shapes(quick):
 
 class Step:
     """A training step of `model` on random tokens: autocast forward, chunked loss, backward, clipping, the
-    optimizer, and one read of loss and gradient norm, as trainer/loop.py does it."""
+    optimizer (Muon's Newton-Schulz compiled with the model, as `--compile` does), and one read of loss and
+    gradient norm, as trainer/loop.py does it."""
 
-    def __init__(self, model, forward, optimizer_name, batch, seq, device):
+    def __init__(self, model, forward, optimizer_name, batch, seq, device, compiled):
         self.model, self.forward, self.device = model, forward, device
         named = [(name, p) for name, p in model.named_parameters()]
         matrices = [p for name, p in named if is_hidden_matrix(name, p)] if optimizer_name == "muon" else []
         rest = [p for name, p in named if not (optimizer_name == "muon" and is_hidden_matrix(name, p))]
         self.optimizers = [torch.optim.AdamW(rest, lr=1e-5, fused=device.type == "cuda" or None)]
         if matrices:
-            self.optimizers.append(BatchedMuon(matrices, lr=1e-5, adjust_lr_fn="match_rms_adamw"))
+            self.optimizers.append(BatchedMuon(matrices, lr=1e-5, adjust_lr_fn="match_rms_adamw", compile=compiled))
         generator = torch.Generator().manual_seed(0)
         ids = torch.randint(0, model.config.vocab_size, (batch, seq + 1), generator=generator).to(device)
         self.inputs, self.targets = ids[:, :-1], ids[:, 1:]
@@ -142,64 +195,71 @@ def count_syncs(function, device, steps):
     return sum("synchroniz" in str(warning.message) for warning in caught) / steps
 
 
-def training_rows(shapes, device, quick, peak):
+def training_rows(report, shapes, device, quick, peak, profile_dir):
     batch, seq = (2, 64) if quick else (32, 512)
-    rows = []
     for kind, fields in shapes.items():
         torch.manual_seed(0)
         model = TinyMindForCausalLM(TinyMindConfig(**fields)).to(device).train()
+        model.set_moe_dispatch("grouped")  # CUDA's (auto there): compiles whole, where per_expert recompiles per count
         active = model.parameter_counts()[1]
         config = model.config
         flops_per_token = 6 * active + 6 * config.num_hidden_layers * config.hidden_size * seq  # causal attention
         for compiled in (False, True):
-            compile_seconds = 0.0
-            forward = model
-            if compiled:
-                forward = torch.compile(model, dynamic=False)
+            forward = torch.compile(model, dynamic=False) if compiled else model
             for optimizer_name in ("adamw", "muon"):
-                step = Step(model, forward, optimizer_name, batch, seq, device)
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                started = time.perf_counter()
-                step()  # compiles, the first time
-                compile_seconds = time.perf_counter() - started if compiled and optimizer_name == "adamw" else compile_seconds
-                seconds = timed(step, device, 2 if quick else 10)
-                tokens_per_s = batch * seq / seconds
-                rows.append({
-                    "check": f"train {kind} {'compiled' if compiled else 'eager'} {optimizer_name}",
-                    "tokens/s": round(tokens_per_s),
-                    "MFU %": round(100 * flops_per_token * tokens_per_s / peak, 1),
-                    "syncs/step": count_syncs(step, device, 2 if quick else 5),
-                    "peak GiB": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
-                    "note": f"compile {compile_seconds:.0f} s" if compiled and optimizer_name == "adamw" else "",
-                })
-    return rows
+                check = f"train {kind} {'compiled' if compiled else 'eager'} {optimizer_name}"
+
+                def measure(forward=forward, optimizer_name=optimizer_name, check=check, compiled=compiled):
+                    step = Step(model, forward, optimizer_name, batch, seq, device, compiled)
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(device)
+                    started = time.perf_counter()
+                    step()  # compiles, the first time
+                    first_s = time.perf_counter() - started
+                    seconds = timed(step, device, 2 if quick else 10)
+                    tokens_per_s = batch * seq / seconds
+                    row = {"check": check, "tokens/s": round(tokens_per_s),
+                           "MFU %": round(100 * flops_per_token * tokens_per_s / peak, 1),
+                           "syncs/step": count_syncs(step, device, 2 if quick else 5),
+                           "peak GiB": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+                           if device.type == "cuda" else None,
+                           "note": f"first step (compiling) {first_s:.0f} s" if compiled else ""}
+                    if profile_dir and compiled and optimizer_name == "muon":
+                        profile(step, device, Path(profile_dir) / f"profile_train_{kind}.txt")
+                    return [row]
+
+                report.attempt(check, measure)
+        del model, forward
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
-def loss_memory_rows(device, quick):
+def loss_memory_rows(report, device, quick):
     """Peak memory of the loss, forward and backward, over Qwen3's vocabulary: chunked against one float32 copy."""
     positions = 2 * 64 if quick else 32 * 512
-    rows = []
     for name, loss in (("chunked (tinymind)", lambda logits, targets: token_cross_entropy(logits, targets)),
                        ("float32 F.cross_entropy", lambda logits, targets: F.cross_entropy(
                            logits.float(), targets, reduction="none"))):
-        logits = torch.randn(positions, QWEN3_VOCAB, device=device, dtype=torch.bfloat16, requires_grad=True)
-        targets = torch.randint(0, QWEN3_VOCAB, (positions,), device=device)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            before = torch.cuda.memory_allocated(device)
-        loss(logits, targets).mean().backward()
-        peak = (torch.cuda.max_memory_allocated(device) - before) / 2**30 if device.type == "cuda" else None
-        rows.append({"check": f"loss over {QWEN3_VOCAB:,} tokens × {positions:,} positions, {name}",
-                     "peak GiB": None if peak is None else round(peak, 2),
-                     "note": "the logits and their gradient (bf16) included" if peak is not None else "memory: CUDA only"})
-        del logits
-    return rows
+        check = f"loss over {QWEN3_VOCAB:,} tokens × {positions:,} positions, {name}"
+
+        def measure(loss=loss, check=check):
+            logits = torch.randn(positions, QWEN3_VOCAB, device=device, dtype=torch.bfloat16, requires_grad=True)
+            targets = torch.randint(0, QWEN3_VOCAB, (positions,), device=device)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                before = torch.cuda.memory_allocated(device)
+            loss(logits, targets).mean().backward()
+            peak = (torch.cuda.max_memory_allocated(device) - before) / 2**30 if device.type == "cuda" else None
+            return [{"check": check, "peak GiB": None if peak is None else round(peak, 2),
+                     "note": "the logits and their gradient (bf16) included" if peak is not None else "memory: CUDA only"}]
+
+        report.attempt(check, measure)
 
 
-def decode_rows(fields, device, quick):
+def decode_rows(report, fields, device, quick, profile_dir):
     new_tokens = 16 if quick else 256
+    repeats = 2 if quick else 3
     torch.manual_seed(0)
     model = TinyMindForCausalLM(TinyMindConfig(**fields)).to(device).eval()
     twin = LlamaForCausalLM._from_config(llama_config(model.config), attn_implementation="sdpa")
@@ -207,32 +267,53 @@ def decode_rows(fields, device, quick):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, twin = model.to(dtype), twin.to(device, dtype).eval()
     twin.generation_config.eos_token_id = None
-    rows = []
     for batch in (1, 8):
         prompt = torch.randint(0, model.config.vocab_size, (batch, 32), device=device)
-        ours = fast_generate(model, prompt, new_tokens)
-        theirs = twin.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                               min_new_tokens=new_tokens, do_sample=False)
-        ours_s = timed(lambda: fast_generate(model, prompt, new_tokens), device, 2 if quick else 5)
-        theirs_s = timed(lambda: twin.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                                               min_new_tokens=new_tokens, do_sample=False), device, 2 if quick else 5)
-        rows.append({"check": f"decode batch {batch}, {new_tokens} tokens", "tokens/s": round(batch * new_tokens / ours_s),
+        ours, theirs_rate = [], []  # filled by the first row, read by the engine's
+
+        def generate(prompt=prompt):
+            return twin.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False)
+
+        def measure(batch=batch, prompt=prompt, generate=generate, ours=ours, theirs_rate=theirs_rate):
+            ours.append(fast_generate(model, prompt, new_tokens))
+            theirs = generate()
+            ours_s = timed(lambda: fast_generate(model, prompt, new_tokens), device, repeats)
+            theirs_s = timed(generate, device, repeats)
+            theirs_rate.append(batch * new_tokens / theirs_s)
+            compiled = fast_generate(model, prompt, new_tokens, compile=True)  # compiles (`3-eval.py --compile`)
+            compiled_s = timed(lambda: fast_generate(model, prompt, new_tokens, compile=True), device, repeats)
+            if profile_dir and batch == 1:
+                profile(lambda: fast_generate(model, prompt, new_tokens), device,
+                        Path(profile_dir) / "profile_decode_batch_1.txt", steps=1)
+            return [{"check": f"decode batch {batch}, {new_tokens} tokens", "tokens/s": round(batch * new_tokens / ours_s),
                      "note": f"transformers generate {batch * new_tokens / theirs_s:.0f} tokens/s: "
-                             f"{theirs_s / ours_s:.2f}x; same tokens: {torch.equal(ours, theirs)}"})
+                             f"{theirs_s / ours_s:.2f}x; same tokens: {torch.equal(ours[0], theirs)}; its compiled "
+                             f"step {batch * new_tokens / compiled_s:.0f} tokens/s: {theirs_s / compiled_s:.2f}x "
+                             f"generate, same tokens: {torch.equal(ours[0], compiled)}"}]
+
+        report.attempt(f"decode batch {batch}, {new_tokens} tokens", measure)
         # As sized here (a slot per request, a cache just long enough), then as `scripts/serve.py` sizes it by
         # default (8 slots, a 2048-token context): the compiled step decodes every slot over the whole cache.
         for slots, context in ((batch, prompt.size(1) + new_tokens), (8, 256 if quick else 2048)):
-            graphed, graphed_s = engine_run(model, prompt, new_tokens, True, device, quick, slots, context)
-            eager, eager_s = engine_run(model, prompt, new_tokens, False, device, quick, slots, context)
-            rows.append({"check": f"server engine batch {batch}, {new_tokens} tokens, {slots} slots × {context} "
-                                  f"positions, compiled step", "tokens/s": round(batch * new_tokens / graphed_s),
-                         "note": f"{'a CUDA graph' if device.type == 'cuda' else 'compiled'}; the eager decoder "
-                                 f"{batch * new_tokens / eager_s:.0f} tokens/s: {eager_s / graphed_s:.2f}x; "
-                                 f"same tokens: {graphed == eager == ours.tolist()}"})
-    return rows
+            check = f"server engine batch {batch}, {new_tokens} tokens, {slots} slots × {context} positions, compiled step"
+
+            def measure(batch=batch, prompt=prompt, slots=slots, context=context, check=check, ours=ours,
+                        theirs_rate=theirs_rate):
+                graphed, graphed_s = engine_run(model, prompt, new_tokens, True, device, repeats, slots, context)
+                eager, eager_s = engine_run(model, prompt, new_tokens, False, device, repeats, slots, context)
+                same = graphed == eager == ours[0].tolist() if ours else graphed == eager
+                rate = batch * new_tokens / graphed_s
+                against = f"{rate / theirs_rate[0]:.2f}x transformers generate; " if theirs_rate else ""
+                return [{"check": check, "tokens/s": round(rate),
+                         "note": f"{'a CUDA graph' if device.type == 'cuda' else 'compiled'}: {against}the eager "
+                                 f"decoder {batch * new_tokens / eager_s:.0f} tokens/s: {eager_s / graphed_s:.2f}x; "
+                                 f"same tokens: {same}"}]
+
+            report.attempt(check, measure)
 
 
-def engine_run(model, prompt, new_tokens, graphs, device, quick, slots, context):
+def engine_run(model, prompt, new_tokens, graphs, device, repeats, slots, context):
     """The server's engine (model/engine.py) of `slots` cache rows of `context` positions decoding the prompt's
     rows as concurrent greedy requests: their tokens (prompt + answer, per row) and the median seconds, after an
     untimed run that compiles."""
@@ -250,7 +331,7 @@ def engine_run(model, prompt, new_tokens, graphs, device, quick, slots, context)
         return answers
 
     try:
-        return run(), timed(run, device, 2 if quick else 5)
+        return run(), timed(run, device, repeats)
     finally:
         engine.close()  # its thread and cache go before the next row's engine
 
@@ -266,22 +347,26 @@ def print_table(rows):
 
 def main(argv=None):
     args = parse_args(argv)
+    started = time.perf_counter()
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if args.profile_dir:
+        Path(args.profile_dir).mkdir(parents=True, exist_ok=True)
+    report = Report(args.json, args.budget_s)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     peak = matmul_peak(device, args.quick)
     shapes = model_shapes(args.quick)
     dense = TinyMindConfig(**shapes["dense"])
-    rows = [{"check": f"device: {name}", "note": f"torch {torch.__version__}"},
-            {"check": "bf16 matmul peak (measured)", "note": f"{peak / 1e12:.1f} TFLOP/s"},
-            {"check": "SDPA kernel, training shapes", "note": sdpa_kernel(device, dense, 64 if args.quick else 512)}]
-    rows += training_rows(shapes, device, args.quick, peak)
-    rows += loss_memory_rows(device, args.quick)
-    rows += decode_rows(shapes["dense"], device, args.quick)
-    print_table(rows)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+    report.add({"check": f"device: {name}", "note": f"torch {torch.__version__}"})
+    report.add({"check": "bf16 matmul peak (measured)", "note": f"{peak / 1e12:.1f} TFLOP/s"})
+    report.attempt("SDPA kernel, training shapes", lambda: [{
+        "check": "SDPA kernel, training shapes", "note": sdpa_kernel(device, dense, 64 if args.quick else 512)}])
+    training_rows(report, shapes, device, args.quick, peak, args.profile_dir)
+    loss_memory_rows(report, device, args.quick)
+    decode_rows(report, shapes["dense"], device, args.quick, args.profile_dir)
+    report.add({"check": "this check's wall time", "note": f"{time.perf_counter() - started:.0f} s"})
+    print_table(report.rows)
 
 
 if __name__ == "__main__":

@@ -178,8 +178,9 @@ def test_an_engine_whose_step_fails_to_compile_warns_and_decodes_eagerly(monkeyp
         warnings.simplefilter("always")
         fallen_back, engine = engine_answers(model, PROMPTS, graphs=True)
     assert not engine.graphs
+    raised_at = f"{__file__}:{compile_that_fails.__code__.co_firstlineno + 2}"  # the `raise` line: what a report needs
     assert [str(w.message) for w in caught if "compiled decode step" in str(w.message)] == [
-        "the compiled decode step failed (RuntimeError: no C++ compiler); decoding goes on eagerly"]
+        f"the compiled decode step failed (RuntimeError: no C++ compiler at {raised_at}); decoding goes on eagerly"]
     assert fallen_back == engine_answers(model, PROMPTS, graphs=False)[0]
 
 
