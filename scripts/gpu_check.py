@@ -300,13 +300,14 @@ def decode_rows(report, fields, device, quick, profile_dir):
 
             def measure(batch=batch, prompt=prompt, slots=slots, context=context, check=check, ours=ours,
                         theirs_rate=theirs_rate):
-                graphed, graphed_s = engine_run(model, prompt, new_tokens, True, device, repeats, slots, context)
-                eager, eager_s = engine_run(model, prompt, new_tokens, False, device, repeats, slots, context)
+                graphed, graphed_s, held = engine_run(model, prompt, new_tokens, True, device, repeats, slots, context)
+                eager, eager_s, _ = engine_run(model, prompt, new_tokens, False, device, repeats, slots, context)
                 same = graphed == eager == ours[0].tolist() if ours else graphed == eager
                 rate = batch * new_tokens / graphed_s
                 against = f"{rate / theirs_rate[0]:.2f}x transformers generate; " if theirs_rate else ""
                 return [{"check": check, "tokens/s": round(rate),
-                         "note": f"{'a CUDA graph' if device.type == 'cuda' else 'compiled'}: {against}the eager "
+                         "note": f"{'a CUDA graph' if device.type == 'cuda' else 'compiled'}"
+                                 f"{'' if held else ' FAILED (its warning says where), so eager'}: {against}the eager "
                                  f"decoder {batch * new_tokens / eager_s:.0f} tokens/s: {eager_s / graphed_s:.2f}x; "
                                  f"same tokens: {same}"}]
 
@@ -315,8 +316,8 @@ def decode_rows(report, fields, device, quick, profile_dir):
 
 def engine_run(model, prompt, new_tokens, graphs, device, repeats, slots, context):
     """The server's engine (model/engine.py) of `slots` cache rows of `context` positions decoding the prompt's
-    rows as concurrent greedy requests: their tokens (prompt + answer, per row) and the median seconds, after an
-    untimed run that compiles."""
+    rows as concurrent greedy requests: their tokens (prompt + answer, per row), the median seconds, after an
+    untimed run that compiles, and whether the engine still decodes through its compiled step."""
     engine = Engine(model, eos_token_id=None, max_batch=slots, context=context, graphs=graphs)
 
     def run():
@@ -331,7 +332,7 @@ def engine_run(model, prompt, new_tokens, graphs, device, repeats, slots, contex
         return answers
 
     try:
-        return run(), timed(run, device, repeats)
+        return run(), timed(run, device, repeats), engine.graphs
     finally:
         engine.close()  # its thread and cache go before the next row's engine
 
