@@ -427,3 +427,22 @@ def test_the_rotary_frequencies_stay_float32_when_the_model_is_cast():
     model = TinyMindForCausalLM(tiny_config(rope_theta=1e6)).to(torch.bfloat16)
     rotary = model.model.rotary
     assert rotary.inv_freq.dtype == torch.float32 and torch.equal(rotary.inv_freq, rotary.frequencies())
+
+
+def test_a_starving_expert_is_flagged_only_after_a_window_of_steps():
+    from types import SimpleNamespace
+
+    from trainer.metrics import ExpertLoadWatch
+
+    watch = ExpertLoadWatch([SimpleNamespace(n_experts=4)])  # threshold: a quarter of the fair 1/4
+    starving = torch.tensor([[0.5, 0.3, 0.19, 0.01]])
+    said = []
+    for step in range(2 * ExpertLoadWatch.MIN_STEPS):  # logged every step, as --log_interval 1
+        watch.observe(starving if step else torch.tensor([[0.25, 0.25, 0.25, 0.25]]))
+        shares, warnings = watch.summary()
+        assert shares["load_l0_e3"] == pytest.approx(0.01 if step else 0.25)  # the interval's own mean
+        said.append(warnings)
+    # the first window holds a fair step, so expert 3 was not starved throughout it; the second was
+    assert [i for i, warnings in enumerate(said) if warnings] == [2 * ExpertLoadWatch.MIN_STEPS - 1]
+    assert said[-1] == ["expert 3 of MoE layer 0 got under 0.062 of the tokens at every step of the last 10 "
+                        "(max 0.010): it is collapsing; raise --aux_loss_alpha or lower --learning_rate"]

@@ -61,28 +61,33 @@ class CsvLog:
 
 
 class ExpertLoadWatch:
-    """Averages each MoE layer's expert shares over a log interval and flags experts starving throughout it.
+    """Averages each MoE layer's expert shares over a log interval and flags experts starving throughout a
+    window of at least MIN_STEPS optimizer steps (one log interval or several: an expert starved for a step or
+    two, as at `--log_interval 1` early in a run, is no evidence).
 
     An expert is collapsing when its share of assignments stays below a quarter of the fair
-    share 1/E at every step of the interval.
+    share 1/E at every step of the window.
     """
+
+    MIN_STEPS = 10
 
     def __init__(self, moe_layers):
         self.layers = moe_layers
         self.n_experts = moe_layers[0].n_experts if moe_layers else 0
         self.threshold = 0.25 / self.n_experts if self.n_experts else 0.0
         self.reset()
+        self.window_max, self.window_steps = None, 0
 
     def reset(self):
         self.sum = None
-        self.max = None
         self.steps = 0
 
     def observe(self, step_load):
         """step_load: [layers, experts] mean shares of one optimizer step."""
         self.sum = step_load if self.sum is None else self.sum + step_load
-        self.max = step_load if self.max is None else torch.maximum(self.max, step_load)
         self.steps += 1
+        self.window_max = step_load if self.window_max is None else torch.maximum(self.window_max, step_load)
+        self.window_steps += 1
 
     def take_counts(self, device):
         """[layers, experts] assignments counted by the training forwards since the last call (empty for a
@@ -95,20 +100,24 @@ class ExpertLoadWatch:
         return counts
 
     def summary(self):
-        """(columns → mean share, warnings) for the interval, then starts a new interval."""
+        """(columns → mean share, warnings) for the interval, then starts a new interval; the warnings judge the
+        window once it holds MIN_STEPS steps, and start a new one."""
         if not self.layers or self.sum is None:
             return {}, []
-        mean, most = (self.sum / self.steps).cpu(), self.max.cpu()  # one read of the device per log row
+        mean, most = torch.stack([self.sum / self.steps, self.window_max]).cpu()  # one read of the device per log row
         shares = {
             f"load_l{layer}_e{expert}": round(mean[layer, expert].item(), 4)
             for layer in range(mean.shape[0]) for expert in range(mean.shape[1])
         }
-        warnings = [
-            f"expert {expert} of MoE layer {layer} got under {self.threshold:.3f} of the tokens at every step "
-            f"of the last {self.steps} (max {most[layer, expert].item():.3f}): it is collapsing; "
-            "raise --aux_loss_alpha or lower --learning_rate"
-            for layer, expert in (most < self.threshold).nonzero().tolist()
-        ]
+        warnings = []
+        if self.window_steps >= self.MIN_STEPS:
+            warnings = [
+                f"expert {expert} of MoE layer {layer} got under {self.threshold:.3f} of the tokens at every step "
+                f"of the last {self.window_steps} (max {most[layer, expert].item():.3f}): it is collapsing; "
+                "raise --aux_loss_alpha or lower --learning_rate"
+                for layer, expert in (most < self.threshold).nonzero().tolist()
+            ]
+            self.window_max, self.window_steps = None, 0
         self.reset()
         return shares, warnings
 
