@@ -326,7 +326,7 @@ class MoEFeedForward(nn.Module):
         if stacked is not None or self.grouped(flat):
             routed = self.grouped_experts(sorted_inputs, counts, stacked)
         else:
-            routed = torch.cat([expert(part) for expert, part in zip(self.experts, sorted_inputs.split(counts.tolist()))])
+            routed = self.per_expert(sorted_inputs, counts)
         routed = routed * weights.reshape(-1)[order, None].to(routed.dtype)
         out = routed.new_zeros(flat.shape).index_add_(0, token_of, routed)
         for shared in self.shared_experts:
@@ -363,6 +363,12 @@ class MoEFeedForward(nn.Module):
         plain = all(type(getattr(expert, name)) is nn.Linear
                     for expert in self.experts for name in ("gate_proj", "up_proj", "down_proj"))
         return wanted and self.groupable and plain
+
+    @torch.compiler.disable  # traced, each new set of counts would be a new graph (until the recompile limit)
+    def per_expert(self, x, counts):
+        """The per_expert dispatch: each expert's matmuls over its slice of the sorted tokens `x`, their sizes
+        read back to the host; eager under torch.compile (one graph break, no recompiles)."""
+        return torch.cat([expert(part) for expert, part in zip(self.experts, x.split(counts.tolist()))])
 
     @staticmethod
     def grouped_dtype(x):

@@ -60,11 +60,13 @@ class Report:
 
     def __init__(self, json_path, budget_s):
         self.rows, self.json_path = [], json_path
-        self.deadline = time.perf_counter() + budget_s
+        self.started = time.perf_counter()
+        self.deadline = self.started + budget_s
 
     def add(self, row):
         self.rows.append(row)
-        print("row: " + " · ".join(f"{key} {value}" for key, value in row.items() if value not in (None, "")), flush=True)
+        print(f"row at {time.perf_counter() - self.started:.0f} s: "
+              + " · ".join(f"{key} {value}" for key, value in row.items() if value not in (None, "")), flush=True)
         if self.json_path:
             partial = Path(f"{self.json_path}.partial")
             partial.write_text(json.dumps(self.rows, indent=1))

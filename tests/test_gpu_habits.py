@@ -53,6 +53,24 @@ def test_the_training_forward_is_one_graph(variant):
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
+def test_the_per_expert_dispatch_compiles_once_whatever_the_routing():
+    """The CPU's MoE dispatch reads its experts' token counts back to the host: compiled, it breaks the graph
+    there, and new counts (every step's) must not compile anew."""
+    torch.manual_seed(0)
+    model = TinyMindForCausalLM(tiny_config(**VARIANTS["moe_top2_shared"])).train()
+    model.set_moe_dispatch("per_expert")
+    graphs, counts, compiled_so_far = [], [], []
+    compiled = torch.compile(model, backend=lambda graph, inputs: graphs.append(graph) or graph.forward)
+    for seed in range(3):  # fewer than dynamo's recompile limit (8), past which it would stop compiling anyway
+        training_loss(compiled, padded_batch(seed)).backward()
+        counts.append([layer.expert_counts.tolist() for layer in model.moe_layers()])
+        compiled_so_far.append(len(graphs))
+        for layer in model.moe_layers():
+            layer.expert_counts.zero_()
+    assert counts[0] != counts[1] != counts[2]  # the routing changed between steps
+    assert compiled_so_far[0] == compiled_so_far[1] == compiled_so_far[2]  # all in the first step
+
+
 @pytest.mark.parametrize("variant", ["moe_top2_shared", "moe_top1_qk_norm"])
 def test_grouped_dispatch_equals_the_per_expert_one_with_gradients(variant):
     torch.manual_seed(0)
