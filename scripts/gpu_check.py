@@ -170,7 +170,9 @@ class Step:
         self.inputs, self.targets = ids[:, :-1], ids[:, 1:]
         self.mask = torch.ones_like(self.targets)
 
-    def __call__(self):
+    def __call__(self, read=True):
+        """One step; `read`: wait for its loss and gradient norm (as the trainer does every step, to skip a
+        non-finite one), else leave the device working while the host goes on to the next step."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             out = self.forward(self.inputs, attention_mask=self.mask, one_document_per_row=True)
             loss = masked_cross_entropy(out.logits, self.targets, self.mask) + out.aux_loss
@@ -179,7 +181,7 @@ class Step:
         for optimizer in self.optimizers:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        return torch.stack([loss.detach().float(), grad_norm.float()]).tolist()
+        return torch.stack([loss.detach().float(), grad_norm.float()]).tolist() if read else None
 
 
 def count_syncs(function, device, steps):
@@ -220,12 +222,16 @@ def training_rows(report, shapes, device, quick, peak, profile_dir):
                     first_s = time.perf_counter() - started
                     seconds = timed(step, device, 2 if quick else 10)
                     tokens_per_s = batch * seq / seconds
+                    # The same steps reading the device once in 10 (a log row's read only): what a step
+                    # without the per-step wait would give, where the host's launches overlap the device's work.
+                    unread = timed(lambda: [step(read=n == 9) for n in range(10)], device, 1 if quick else 3) / 10
+                    note = f"one read in 10 steps: {batch * seq / unread:,.0f} tokens/s ({seconds / unread:.2f}x)"
                     row = {"check": check, "tokens/s": round(tokens_per_s),
                            "MFU %": round(100 * flops_per_token * tokens_per_s / peak, 1),
                            "syncs/step": count_syncs(step, device, 2 if quick else 5),
                            "peak GiB": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
                            if device.type == "cuda" else None,
-                           "note": f"first step (compiling) {first_s:.0f} s" if compiled else ""}
+                           "note": note + (f"; first step (compiling) {first_s:.0f} s" if compiled else "")}
                     if profile_dir and compiled and optimizer_name == "muon":
                         profile(step, device, Path(profile_dir) / f"profile_train_{kind}.txt")
                     return [row]
