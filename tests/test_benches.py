@@ -7,6 +7,7 @@ import pytest
 from conftest import CONVERSATIONS, MODEL, ROOT, free_port, run_stage, sft_file, write_jsonl
 
 
+@pytest.mark.slow  # a benchmark end to end, not a unit
 def test_bench_stages_reports_every_stage_against_full_sft(tmp_path, capsys):
     from scripts import bench_stages
 
@@ -40,6 +41,7 @@ def test_bench_learning_races_recipes_to_the_references_final_with_a_fitted_toke
     assert rows["nanochat"][-1] == "1.00x |"  # it reaches its own final at its last second
 
 
+@pytest.mark.slow  # a benchmark end to end, not a unit
 def test_bench_serve_reports_throughput_and_time_to_first_token(capsys):
     from scripts import bench_serve
 
