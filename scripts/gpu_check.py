@@ -209,7 +209,10 @@ def training_rows(report, shapes, device, quick, peak, profile_dir):
         config = model.config
         flops_per_token = 6 * active + 6 * config.num_hidden_layers * config.hidden_size * seq  # causal attention
         for compiled in (False, True):
-            forward = torch.compile(model, dynamic=False) if compiled else model
+            # --quick checks the code: dynamo and autograd's tracing without inductor's code generation (the tests
+            # compile the model with inductor elsewhere), a minute less on a CPU.
+            backend = "aot_eager" if quick else "inductor"
+            forward = torch.compile(model, dynamic=False, backend=backend) if compiled else model
             for optimizer_name in ("adamw", "muon"):
                 check = f"train {kind} {'compiled' if compiled else 'eager'} {optimizer_name}"
 
