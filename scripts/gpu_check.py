@@ -9,17 +9,25 @@ AdamW and Muon, as tokens/s, MFU, host syncs per step (CUDA's sync debug mode, o
 memory; the peak memory of the loss over a 151,936-token vocabulary (Qwen3's) at 32 × 512 positions, chunked
 (tinymind's) and as one float32 cross-entropy; decoding tokens/s at batch 1 and 8, tinymind's fast decoder
 against transformers' `generate` on the same weights as a stock Llama, greedy, equal tokens, and the server's
-engine through its compiled decode step (a CUDA graph on CUDA) against its eager decoder.
+engine through its compiled decode step (a CUDA graph on CUDA) against its eager decoder; last, within the
+budget, `1-pretrain.py --model_type moe` itself for 60 steps, its own tokens/s from its log.
 
 It needs torch and transformers only (the tinymind packages it imports need nothing else), so it runs on a
-machine that lacks `datasets`, `fastapi` or `openai`. The training step here is the loop's step reduced to its
-device work (forward, loss, backward, clipping, optimizer, the one read of loss and gradient norm).
+machine that lacks `datasets`, `fastapi` or `openai` (the `1-pretrain.py` row, which needs `datasets`, then
+says it was skipped). The training step of the other rows is the loop's step reduced to its device work
+(forward, loss, backward, clipping, optimizer, the one read of loss and gradient norm).
 """
 
 import argparse
+import csv
+import importlib.util
 import json
 import os
+import random
 import statistics
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -348,6 +356,42 @@ def engine_run(model, prompt, new_tokens, graphs, device, repeats, slots, contex
         engine.close()  # its thread and cache go before the next row's engine
 
 
+def pretrain_rows(report, device, quick):
+    """`1-pretrain.py --model_type moe --config configs/moe.json` as a user starts it (on CUDA: compiled, batches
+    collated by two workers, rows padded to four widths), for a few log intervals over a synthetic corpus of
+    documents of varied length: the trainer's own tokens/s from its log, every figure of the rows above in one."""
+    check = "1-pretrain.py --model_type moe --config configs/moe.json"
+
+    def measure():
+        if importlib.util.find_spec("datasets") is None:
+            return [{"check": check, "note": "skipped: the trainer reads its data with `datasets`, not installed"}]
+        steps, interval = (4, 2) if quick else (60, 10)
+        shape = ["--hidden_size", "64", "--num_hidden_layers", "2", "--num_attention_heads", "4",
+                 "--num_key_value_heads", "2", "--batch_size", "4", "--max_seq_len", "128"] if quick else []
+        words = "the of and to in a is that for it as was with be by on not he this are or his from at which".split()
+        choose = random.Random(0)
+        with tempfile.TemporaryDirectory() as folder:
+            data = Path(folder) / "pretrain.jsonl"
+            data.write_text("".join(json.dumps({"text": " ".join(choose.choices(words, k=choose.randint(20, 600)))})
+                                    + "\n" for _ in range(steps * 64)))
+            command = [sys.executable, str(ROOT / "1-pretrain.py"), "--model_type", "moe", "--config",
+                       str(ROOT / "configs" / "moe.json"), *shape, "--data_path", str(data), "--max_steps", str(steps),
+                       "--log_interval", str(interval), "--out_dir", folder, "--device", device.type]
+            started = time.perf_counter()
+            result = subprocess.run(command, cwd=folder, capture_output=True, text=True,
+                                    env={**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT)})
+            seconds = time.perf_counter() - started
+            if result.returncode:
+                raise RuntimeError((result.stderr.strip().splitlines() or ["no output"])[-1])
+            with next(Path(folder).rglob("*_log.csv")).open() as log:
+                rates = [float(row["tokens_per_s"]) for row in csv.DictReader(log) if row["step"] != "0"]
+        return [{"check": f"{check}, {steps} steps", "tokens/s": round(rates[-1]),
+                 "note": f"the trainer's log rows, every {interval} steps: {', '.join(f'{r:,.0f}' for r in rates)} "
+                         f"real tokens/s (compiles in the first ones); {seconds:.0f} s with start and saves"}]
+
+    report.attempt(check, measure)
+
+
 def print_table(rows):
     columns = ["check", "tokens/s", "MFU %", "syncs/step", "peak GiB", "note"]
     cells = [[("" if row.get(column) is None else str(row.get(column))) for column in columns] for row in rows]
@@ -376,6 +420,7 @@ def main(argv=None):
     training_rows(report, shapes, device, args.quick, peak, args.profile_dir)
     loss_memory_rows(report, device, args.quick)
     decode_rows(report, shapes["dense"], device, args.quick, args.profile_dir)
+    pretrain_rows(report, device, args.quick)  # last: within --budget_s only if the rows above left time
     report.add({"check": "this check's wall time", "note": f"{time.perf_counter() - report.started:.0f} s"})
     print_table(report.rows)
 
