@@ -231,7 +231,7 @@ class Server:
 
     def __init__(self, model, tokenizer, **options):
         self.port = free_port()
-        app = create_app(model, tokenizer, "tiny", **options)
+        self.app = app = create_app(model, tokenizer, "tiny", **options)
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

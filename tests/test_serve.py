@@ -4,6 +4,7 @@ get their 4xx while good ones go on, keys, back-pressure and disconnects."""
 import asyncio
 import json
 import threading
+import time
 
 import httpx2
 import openai
@@ -138,16 +139,29 @@ def test_an_api_key_is_required_when_set(checkpoint):
 def test_a_full_server_says_429_and_a_disconnect_frees_the_slot_streaming_or_not(checkpoint):
     _, model = checkpoint
     running = Server(model, load_tokenizer(), max_batch=1, max_queue=0, max_tokens_cap=2000)
+    # While `hold` is set the engine's thread waits before each decode step, so the first request keeps its slot
+    # however loaded the cores are (else its 2,000 tokens can all be decoded before the second request arrives).
+    engine, hold = running.app.state.engine, threading.Event()
+    step = engine._step
+
+    def held_step():
+        while hold.is_set():
+            time.sleep(0.01)
+        step()
+
+    engine._step = held_step
 
     async def scenario():
         async with httpx2.AsyncClient(base_url=running.url, timeout=60) as http:
             body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2000,
                     "temperature": 1.0, "stream": True, "ignore_eos": True}  # it holds the slot until it is let go
+            hold.set()
             async with http.stream("POST", "/v1/chat/completions", json=body) as stream:
                 async for _ in stream.aiter_lines():
                     break  # the first event: the request holds the only slot
                 busy = await http.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 2})
                 assert busy.status_code == 429 and busy.json()["error"]["type"] == "rate_limit_error"
+                hold.clear()
             # the client went away mid-stream: its slot is free for the next request
             for _ in range(100):
                 if (await http.get("/health")).json()["running"] == 0:
