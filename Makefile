@@ -65,8 +65,8 @@ demo-seeds: setup
 	$(PY) -m scripts.seed_spread output/demo/agent/grpo_dense output/demo/seed1/agent/grpo_dense \
 		output/demo/seed2/agent/grpo_dense --tool_task output/demo/tools/sft_dense/sft_128.pth
 
-# Tests run in two processes (pytest-xdist) of one thread each: most of a test's time is a stage script's start
-# and tiny tensors, which one core does as well as two.
+# Tests run in two processes (pytest-xdist) of one thread each: most of a test's time is Python and tiny
+# tensors, which one core does as well as two.
 TEST := HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --durations=10 tests
 
 test: setup

@@ -1,17 +1,29 @@
 """What the tests share: tiny model configs, tiny data files, the tokenizer, and a runner for the stage
-scripts as a user runs them (subprocesses). Test files import the helpers with `from conftest import ...`."""
+scripts as a user runs them. Test files import the helpers with `from conftest import ...`."""
 
+import contextlib
 import inspect
+import io
 import json
 import os
+import random
+import runpy
 import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
+import traceback
+import warnings
 from pathlib import Path
 
+# Read when the libraries are imported, so before they are: no hub, no progress bars (the stage scripts run in this
+# process too, see run_stage).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import numpy
 import openai
 import pytest
 import torch
@@ -64,19 +76,70 @@ def sft_file(directory, copies=4):
     return write_jsonl(Path(directory) / "sft.jsonl", [{"conversations": c} for c in CONVERSATIONS * copies])
 
 
-def run_stage(script, *args, cwd, check=True, timeout=300, env=None):
-    """Run `python <script> args` (or `python -m module args` for script "-m") in `cwd` the way a user would, with
-    `env` added to the environment; returns the CompletedProcess."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1", **(env or {})}
-    command = [sys.executable, "-m", *map(str, args)] if script == "-m" else [sys.executable, str(ROOT / script),
-                                                                            *map(str, args)]
-    result = subprocess.run(
-        command,
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
-    )
+def run_stage(script, *args, cwd, check=True, timeout=300, env=None, own_process=None):
+    """Run `python <script> args` (or `python -m module args` for script "-m") in `cwd` as a user would; returns a
+    CompletedProcess. It runs in this process (the script's file executed as `__main__`, with its argv, working
+    folder, stdout, stderr, warnings and exit code its own) unless `own_process`, or `env` is given: settings read
+    from the environment when a library is imported need a fresh interpreter. A fresh interpreter costs about
+    10 s of imports, most of a tiny stage run's time."""
+    args = [str(arg) for arg in args]
+    if own_process or (own_process is None and env):
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1", **(env or {})}
+        command = [sys.executable, "-m", *args] if script == "-m" else [sys.executable, str(ROOT / script), *args]
+        result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    else:
+        result = run_in_this_process(script, args, cwd)
     if check and result.returncode != 0:
         raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+# What a fresh interpreter filters (Python's defaults), for the warnings of a script run in this process.
+FRESH_WARNING_FILTERS = [("default", DeprecationWarning, "__main__"), ("ignore", DeprecationWarning, None),
+                         ("ignore", PendingDeprecationWarning, None), ("ignore", ImportWarning, None),
+                         ("ignore", ResourceWarning, None)]
+
+
+def run_in_this_process(script, args, cwd):
+    """`run_stage`'s script in this process; the test's working folder, argv, random states and warning filters
+    come back as they were."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    saved = os.getcwd(), sys.argv, torch.get_rng_state(), random.getstate(), numpy.random.get_state()
+    returncode = 0
+    try:
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), warnings.catch_warnings():
+            warnings.resetwarnings()
+            for action, category, module in reversed(FRESH_WARNING_FILTERS):
+                warnings.filterwarnings(action, category=category, module=module or "")
+            # runpy's note that a `-m` module was imported before: by an earlier test, not by the script
+            warnings.filterwarnings("ignore", "'.*' found in sys.modules after import of package", RuntimeWarning)
+            warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: sys.stderr.write(
+                warnings.formatwarning(message, category, filename, lineno, line))
+            try:
+                if script == "-m":
+                    sys.argv = args
+                    runpy.run_module(args[0], run_name="__main__", alter_sys=True)
+                else:
+                    sys.argv = [str(ROOT / script), *args]
+                    runpy.run_path(str(ROOT / script), run_name="__main__")
+            except SystemExit as exit:
+                if isinstance(exit.code, int) or exit.code is None:
+                    returncode = exit.code or 0
+                else:
+                    print(exit.code, file=sys.stderr)
+                    returncode = 1
+            except Exception:
+                traceback.print_exc()
+                returncode = 1
+    finally:
+        os.chdir(saved[0])
+        sys.argv = saved[1]
+        torch.set_rng_state(saved[2])
+        random.setstate(saved[3])
+        numpy.random.set_state(saved[4])
+    command = [sys.executable, *(["-m"] if script == "-m" else [str(ROOT / script)]), *args]
+    return subprocess.CompletedProcess(command, returncode, stdout.getvalue(), stderr.getvalue())
 
 
 def tiny_config(**overrides):
