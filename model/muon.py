@@ -5,7 +5,9 @@ a few dozen matrices spends its optimizer step launching kernels, and under DDP 
 every matrix. Here the matrices of one shape (a model has a handful of shapes) are stacked and go through one
 batched iteration (compiled on CUDA), and under torchrun each process orthogonalises its share of every stack
 and all-gathers the rest, as nanochat and modded-nanogpt do. The state (`momentum_buffer` per parameter) and
-the hyperparameters are torch.optim.Muon's, so a resume state of either loads into the other.
+the hyperparameters are torch.optim.Muon's, so a resume state of either loads into the other. Like fused
+AdamW it follows GradScaler's protocol (`found_inf`, `grad_scale`): a step whose `found_inf` is non-zero leaves
+the weights and the momentum as they were, decided on the device without the host reading it.
 """
 
 import warnings
@@ -37,6 +39,8 @@ def is_hidden_matrix(name, parameter):
 
 
 class BatchedMuon(torch.optim.Optimizer):
+    _step_supports_amp_scaling = True  # reads `found_inf` and `grad_scale` (GradScaler sets them for a step)
+
     def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
                  ns_coefficients=(DEFAULT_A, DEFAULT_B, DEFAULT_C), eps=EPS, ns_steps=DEFAULT_NS_STEPS,
                  adjust_lr_fn=None, compile=False, ns_dtype=None):
@@ -75,11 +79,22 @@ class BatchedMuon(torch.optim.Optimizer):
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
             buffers.append(state["momentum_buffer"])
+        decay, step_size = 1 - lr * group["weight_decay"], -_adjust_lr(lr, group["adjust_lr_fn"], shape)
+        if getattr(self, "grad_scale", None) is not None:  # gradients GradScaler has not unscaled
+            grads = torch._foreach_div(grads, self.grad_scale)
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None:  # a skipped step: the momentum as gradient (it stays as it was), no decay, no step
+            keep = found_inf == 0
+            grads = list(torch.where(keep, torch.stack(grads), torch.stack(buffers)).unbind(0))
+            decay, step_size = torch.where(keep, decay, 1.0), torch.where(keep, step_size, 0.0)
         torch._foreach_lerp_(buffers, grads, 1 - momentum)
         updates = torch._foreach_lerp(grads, buffers, momentum) if group["nesterov"] else buffers
         orthogonal = self.orthogonalised(torch.stack(updates), group)
-        torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
-        torch._foreach_add_(params, list(orthogonal.unbind(0)), alpha=-_adjust_lr(lr, group["adjust_lr_fn"], shape))
+        torch._foreach_mul_(params, decay)
+        if found_inf is None:
+            torch._foreach_add_(params, list(orthogonal.unbind(0)), alpha=step_size)
+        else:
+            torch._foreach_add_(params, list((orthogonal * step_size).unbind(0)))
 
     def orthogonalised(self, stack, group):
         """Newton-Schulz over the stack; under torchrun each process takes an equal slice (the stack padded with

@@ -161,16 +161,16 @@ def model_shapes(quick):
 
 
 class Step:
-    """A training step of `model` on random tokens: autocast forward, chunked loss, backward, clipping, the
-    optimizer (Muon's Newton-Schulz compiled with the model, as `--compile` does), and one read of loss and
-    gradient norm, as trainer/loop.py does it."""
+    """A training step of `model` on random tokens as trainer/loop.py takes it: autocast forward, chunked loss,
+    backward, clipping, the optimizers (fused AdamW; Muon's Newton-Schulz compiled with the model, as `--compile`
+    does) skipping a non-finite step on the device, and no read of the device unless asked (a log row's)."""
 
     def __init__(self, model, forward, optimizer_name, batch, seq, device, compiled):
         self.model, self.forward, self.device = model, forward, device
         named = [(name, p) for name, p in model.named_parameters()]
         matrices = [p for name, p in named if is_hidden_matrix(name, p)] if optimizer_name == "muon" else []
         rest = [p for name, p in named if not (optimizer_name == "muon" and is_hidden_matrix(name, p))]
-        self.optimizers = [torch.optim.AdamW(rest, lr=1e-5, fused=device.type == "cuda" or None)]
+        self.optimizers = [torch.optim.AdamW(rest, lr=1e-5, fused=True)]
         if matrices:
             self.optimizers.append(BatchedMuon(matrices, lr=1e-5, adjust_lr_fn="match_rms_adamw", compile=compiled))
         generator = torch.Generator().manual_seed(0)
@@ -178,16 +178,19 @@ class Step:
         self.inputs, self.targets = ids[:, :-1], ids[:, 1:]
         self.mask = torch.ones_like(self.targets)
 
-    def __call__(self, read=True):
-        """One step; `read`: wait for its loss and gradient norm (as the trainer does every step, to skip a
-        non-finite one), else leave the device working while the host goes on to the next step."""
+    def __call__(self, read=False):
+        """One step; `read`: wait for its loss and gradient norm (as the trainer does for a log row), else leave
+        the device working while the host goes on to the next step."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             out = self.forward(self.inputs, attention_mask=self.mask, one_document_per_row=True)
             loss = masked_cross_entropy(out.logits, self.targets, self.mask) + out.aux_loss
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        bad = ~torch.isfinite(loss.detach().float() + grad_norm)
         for optimizer in self.optimizers:
+            optimizer.found_inf = bad.float()
             optimizer.step()
+            del optimizer.found_inf
             optimizer.zero_grad(set_to_none=True)
         return torch.stack([loss.detach().float(), grad_norm.float()]).tolist() if read else None
 
@@ -231,12 +234,13 @@ def training_rows(report, shapes, device, quick, peak, profile_dir):
                     started = time.perf_counter()
                     step()  # compiles, the first time
                     first_s = time.perf_counter() - started
-                    seconds = timed(step, device, 2 if quick else 10)
+                    # Ten steps and a log row's read, as `--log_interval 10`: the host's launches overlap the
+                    # device's work; beside it the same step waiting for the device every time.
+                    seconds = timed(lambda: [step(read=n == 9) for n in range(10)], device, 1 if quick else 3) / 10
                     tokens_per_s = batch * seq / seconds
-                    # The same steps reading the device once in 10 (a log row's read only): what a step
-                    # without the per-step wait would give, where the host's launches overlap the device's work.
-                    unread = timed(lambda: [step(read=n == 9) for n in range(10)], device, 1 if quick else 3) / 10
-                    note = f"one read in 10 steps: {batch * seq / unread:,.0f} tokens/s ({seconds / unread:.2f}x)"
+                    waiting = timed(lambda: step(read=True), device, 2 if quick else 10)
+                    note = (f"reading every step: {batch * seq / waiting:,.0f} tokens/s "
+                            f"({waiting / seconds:.2f}x the time)")
                     row = {"check": check, "tokens/s": round(tokens_per_s),
                            "MFU %": round(100 * flops_per_token * tokens_per_s / peak, 1),
                            "syncs/step": count_syncs(step, device, 2 if quick else 5),

@@ -163,6 +163,17 @@ def test_nan_loss_skips_the_step(dtype, workdir, capsys, monkeypatch):
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
+def test_a_nan_between_log_rows_is_said_and_counted_at_the_next_row(workdir, capsys, monkeypatch):
+    """The skip is decided on the device; the host hears of it with the next log row's read."""
+    poison_loss(monkeypatch, bad_calls={2})
+    code, err = run_in_process(capsys, "--max_steps", 4, "--log_interval", 4, "--save_interval", 4)
+    assert code == 0
+    assert [line for line in err if "skipped" in line] == [
+        "steps 1-4: non-finite loss or gradient norm; update skipped (1 so far)"]
+    state = torch.load(sorted((workdir / "output/pretrain_dense").glob("*_resume_*.pt"))[-1], weights_only=True)
+    assert state["progress"]["skipped_steps"] == 1
+
+
 def test_repeated_nan_stops_and_keeps_the_last_good_checkpoint(workdir, capsys, monkeypatch):
     poison_loss(monkeypatch, bad_calls=set(range(3, 100)))
     code, err = run_in_process(capsys, "--max_steps", 20, "--save_interval", 2)

@@ -114,7 +114,8 @@ def one_step_loss(tmp_path, tokenizer, batch_size, accumulation_steps, *flags, o
     dataset = PretrainDataset(data, tokenizer, args.max_seq_len)
     trainer = Trainer(model, dataset, objective or LanguageModeling(), args, run_paths("pretrain", args))
     batches = [dataset.collate([dataset[i] for i in range(j, j + batch_size)]) for j in range(0, 4, batch_size)]
-    stats = trainer.optimizer_step(batches)
+    trainer.optimizer_step(batches)
+    stats = trainer.read_steps()
     return stats, model
 
 
