@@ -1,6 +1,7 @@
-"""GPU habits, held on the CPU: the training forward is one graph, a step reads the device once, the MoE
-dispatch CUDA uses (grouped matmuls, nothing read back) computes what the per-expert one does, a compiled run
-compiles once per width bucket, and the loss never holds a float32 copy of every position's logits."""
+"""GPU habits, held on the CPU: the training forward is one graph, optimizer steps read the device only for a
+log row, the MoE dispatch CUDA uses (grouped matmuls, nothing read back) computes what the per-expert one does,
+a compiled run compiles once per width bucket, and the loss never holds a float32 copy of every position's
+logits."""
 
 import copy
 import math
