@@ -219,13 +219,18 @@ def training_rows(report, shapes, device, quick, peak, profile_dir):
         active = model.parameter_counts()[1]
         config = model.config
         flops_per_token = 6 * active + 6 * config.num_hidden_layers * config.hidden_size * seq  # causal attention
-        for compiled in (False, True):
-            # --quick checks the code: dynamo and autograd's tracing without inductor's code generation (the tests
-            # compile the model with inductor elsewhere), a minute less on a CPU.
-            backend = "aot_eager" if quick else "inductor"
-            forward = torch.compile(model, dynamic=False, backend=backend) if compiled else model
-            for optimizer_name in ("adamw", "muon"):
-                check = f"train {kind} {'compiled' if compiled else 'eager'} {optimizer_name}"
+        # --quick checks the code: dynamo and autograd's tracing without inductor's code generation (the tests
+        # compile the model with inductor elsewhere), a minute less on a CPU. On CUDA one more row, an experiment
+        # for a step bound by the host's launches: the compiled forward and backward replayed as CUDA graphs.
+        backend = "aot_eager" if quick else "inductor"
+        variants = [("eager", None, ("adamw", "muon")), ("compiled", {"backend": backend}, ("adamw", "muon"))]
+        if device.type == "cuda":
+            variants.append(("compiled as CUDA graphs", {"mode": "reduce-overhead"}, ("adamw",)))
+        for how, options, optimizer_names in variants:
+            compiled = options is not None
+            forward = torch.compile(model, dynamic=False, **options) if compiled else model
+            for optimizer_name in optimizer_names:
+                check = f"train {kind} {how} {optimizer_name}"
 
                 def measure(forward=forward, optimizer_name=optimizer_name, check=check, compiled=compiled):
                     step = Step(model, forward, optimizer_name, batch, seq, device, compiled)
