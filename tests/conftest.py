@@ -76,14 +76,14 @@ def sft_file(directory, copies=4):
     return write_jsonl(Path(directory) / "sft.jsonl", [{"conversations": c} for c in CONVERSATIONS * copies])
 
 
-def run_stage(script, *args, cwd, check=True, timeout=300, env=None, own_process=None):
+def run_stage(script, *args, cwd, check=True, timeout=300, env=None):
     """Run `python <script> args` (or `python -m module args` for script "-m") in `cwd` as a user would; returns a
     CompletedProcess. It runs in this process (the script's file executed as `__main__`, with its argv, working
-    folder, stdout, stderr, warnings and exit code its own) unless `own_process`, or `env` is given: settings read
-    from the environment when a library is imported need a fresh interpreter. A fresh interpreter costs about
-    10 s of imports, most of a tiny stage run's time."""
+    folder, stdout, stderr, warnings and exit code its own) unless `env` is given: settings read from the
+    environment when a library is imported need a fresh interpreter (`timeout` applies to that one). A fresh
+    interpreter costs about 10 s of imports, most of a tiny stage run's time."""
     args = [str(arg) for arg in args]
-    if own_process or (own_process is None and env):
+    if env:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1", **(env or {})}
         command = [sys.executable, "-m", *args] if script == "-m" else [sys.executable, str(ROOT / script), *args]
         result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
