@@ -86,15 +86,14 @@ class BatchedMuon(torch.optim.Optimizer):
         if found_inf is not None:  # a skipped step: the momentum as gradient (it stays as it was), no decay, no step
             keep = found_inf == 0
             grads = list(torch.where(keep, torch.stack(grads), torch.stack(buffers)).unbind(0))
-            decay, step_size = torch.where(keep, decay, 1.0), torch.where(keep, step_size, 0.0)
+            decay = torch.where(keep, decay, 1.0)
         torch._foreach_lerp_(buffers, grads, 1 - momentum)
         updates = torch._foreach_lerp(grads, buffers, momentum) if group["nesterov"] else buffers
         orthogonal = self.orthogonalised(torch.stack(updates), group)
+        if found_inf is not None:  # times 1 or 0: exact, and the step size stays a float32 scalar of the add
+            orthogonal = orthogonal * keep.to(orthogonal.dtype)
         torch._foreach_mul_(params, decay)
-        if found_inf is None:
-            torch._foreach_add_(params, list(orthogonal.unbind(0)), alpha=step_size)
-        else:
-            torch._foreach_add_(params, list((orthogonal * step_size).unbind(0)))
+        torch._foreach_add_(params, list(orthogonal.unbind(0)), alpha=step_size)
 
     def orthogonalised(self, stack, group):
         """Newton-Schulz over the stack; under torchrun each process takes an equal slice (the stack padded with

@@ -101,10 +101,13 @@ FRESH_WARNING_FILTERS = [("default", DeprecationWarning, "__main__"), ("ignore",
 
 
 def run_in_this_process(script, args, cwd):
-    """`run_stage`'s script in this process; the test's working folder, argv, random states and warning filters
-    come back as they were."""
+    """`run_stage`'s script in this process; the test's working folder, argv, random states, warning filters
+    and torch.compile's caches come back as they were. What differs from a fresh interpreter: messages of
+    loggers made at import (transformers') go to the real stderr, and a `*_once` warning shows once per test
+    process."""
     stdout, stderr = io.StringIO(), io.StringIO()
     saved = os.getcwd(), sys.argv, torch.get_rng_state(), random.getstate(), numpy.random.get_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     returncode = 0
     try:
         os.chdir(cwd)
@@ -138,6 +141,9 @@ def run_in_this_process(script, args, cwd):
         torch.set_rng_state(saved[2])
         random.setstate(saved[3])
         numpy.random.set_state(saved[4])
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        torch._dynamo.reset()  # a compiled run's graphs count towards no later run's recompile limit
     command = [sys.executable, *(["-m"] if script == "-m" else [str(ROOT / script)]), *args]
     return subprocess.CompletedProcess(command, returncode, stdout.getvalue(), stderr.getvalue())
 

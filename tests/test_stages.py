@@ -15,6 +15,7 @@ from trainer.flags import add_model_flags, add_training_flags, model_config, new
 from trainer import UserError
 from trainer.loop import Trainer
 from trainer.run_folder import run_paths
+import trainer.objectives
 from trainer.objectives import LanguageModeling
 
 from conftest import MODEL, ROOT, TINY, copy_output, pretrain_file, run_stage, sft_file
@@ -154,6 +155,19 @@ def test_each_optimizer_step_moves_the_balancing_bias_by_the_steps_loads(tmp_pat
     for moe, counts in zip(model.moe_layers(), loads):  # from zero: up for the experts under the mean, down above
         torch.testing.assert_close(moe.expert_bias, 0.01 * torch.sign(counts.mean() - counts))
         assert moe.expert_bias.any() and not moe.expert_counts.any()
+
+
+def test_a_skipped_step_changes_nothing_not_even_the_balancing_bias(tmp_path, tokenizer, monkeypatch):
+    real = trainer.objectives.masked_cross_entropy
+    monkeypatch.setattr(trainer.objectives, "masked_cross_entropy",
+                        lambda *args, **kwargs: real(*args, **kwargs) * float("nan"))
+    flags = ("--model_type", "moe", "--expert_bias_rate", "0.01", "--aux_loss_alpha", "0", "--optimizer", "muon")
+    torch.manual_seed(0)
+    before = TinyMindForCausalLM(model_config(tiny_args(tmp_path, *flags))).state_dict()
+    stats, model = one_step_loss(tmp_path, tokenizer, 2, 1, *flags)
+    assert math.isnan(stats["loss"])
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
 
 
 def test_accumulated_loss_equals_unaccumulated(tmp_path, tokenizer):

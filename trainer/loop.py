@@ -327,8 +327,10 @@ class Trainer:
             self.scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
         grad_norm = distributed.whole(grad_norm).detach().float().reshape(1)
-        # float16's GradScaler skips inf/NaN gradients itself and lowers its scale: that is not divergence.
-        bad = ~torch.isfinite(totals[0]) if self.scaler.is_enabled() else ~torch.isfinite(totals[0] + grad_norm[0])
+        finite_loss, finite_gradients = torch.isfinite(totals[0]), torch.isfinite(grad_norm[0])
+        # float16's GradScaler skips inf/NaN gradients itself and lowers its scale: that is not divergence, unless
+        # the loss was not finite either.
+        bad = ~(finite_loss | finite_gradients) if self.scaler.is_enabled() else ~(finite_loss & finite_gradients)
         for optimizer in self.optimizers:
             if not self.scaler.is_enabled():
                 optimizer.found_inf = bad.float()  # GradScaler's protocol: the optimizer skips the step on the device
@@ -342,7 +344,7 @@ class Trainer:
         if self.expert_loads.layers:
             self.expert_loads.observe(loads / loads.sum(dim=1, keepdim=True).clamp(min=1))
             for layer, counts in zip(self.expert_loads.layers, loads):  # every process: the same, reduced counts
-                layer.update_bias(counts)
+                layer.update_bias(counts * ~bad)  # no counts, no move: a skipped step changes nothing
         self.progress.step += 1
         self.progress.position += samples
         self.unread = torch.cat([totals, grad_norm, agreed]), lr
@@ -378,7 +380,7 @@ class Trainer:
             )
         self.stats = {"loss": loss, **dict(zip(self.objective.metrics, read[1:count])), "lr": lr,
                       "grad_norm": grad_norm}
-        self.agreed = read[count + 1:count + 3]
+        self.agreed = read[count + 1:-3] or None
         return self.stats
 
     def gradient_sync(self, last_micro_batch):
