@@ -9,6 +9,7 @@ and to Hugging Face `generate`.
 
 import traceback
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -60,13 +61,13 @@ def stream_tokens(model, input_ids, max_new_tokens, sampling=Sampling(), eos_tok
     (`PackedDecoder.compiled_step`; the first call of a process compiles, for some seconds).
     """
     batch, prompt_len = input_ids.shape
-    decoder = PackedDecoder(model, batch, prompt_len + max_new_tokens)
+    decoder = decoder_for(model, batch, prompt_len + max_new_tokens)
     seen, step_input, start = input_ids, input_ids, 0
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     for _ in range(max_new_tokens):
         logits = None
         if compile and start:
-            logits = decoder.compiled_step(step_input[:, 0], torch.full_like(step_input[:, 0], start))
+            logits = decoder.compiled_step(step_input[:, 0], torch.full_like(step_input[:, 0], start), cuda_graph=True)
         if logits is None:
             logits = decoder(step_input, start)
         start += step_input.size(1)
@@ -87,8 +88,45 @@ def fast_generate(model, input_ids, max_new_tokens, sampling=Sampling(), eos_tok
     return torch.cat([input_ids, *(token[:, None] for token in steps)], dim=1)
 
 
+# The decoder each model's last token stream ran (`decoder_for`), dropped with the model.
+DECODERS = weakref.WeakKeyDictionary()
+CACHE_STEP = 256  # the streams' cache lengths are rounded up to a multiple of this: few shapes to compile
+
+
+def decoder_for(model, batch, length):
+    """The model's decoder for `batch` rows of up to `length` positions: the one its last stream ran if that has
+    this batch, cache length (`length` rounded up to CACHE_STEP, within the model's positions where they allow),
+    dtype and parameters, its cache cleared and its packed weights made anew in place (the model may have been
+    trained since: fused optimizers change weights without marking them changed), so a compiled step, and on
+    CUDA its captured graph, serve every later stream; else a new one."""
+    length = max(length, min(CACHE_STEP * -(-length // CACHE_STEP), model.config.max_position_embeddings))
+    decoder = DECODERS.get(model)
+    shape = (batch, length, PackedDecoder.compute_dtype(model), [moe.dispatch for moe in model.moe_layers()])
+    if decoder is None or (decoder.shape, decoder.addresses) != (shape, weight_addresses(model)):
+        decoder = DECODERS[model] = PackedDecoder(model, batch, length)
+        return decoder
+    decoder.refresh(model)
+    for cache in (*decoder.keys, *decoder.values):
+        cache.zero_()
+    return decoder
+
+
+def weight_addresses(model):
+    return [p.data_ptr() for p in model.parameters()]
+
+
+def tensors_in(structure):
+    """The tensors of nested tuples and lists, in order (modules, functions and None left out)."""
+    if isinstance(structure, torch.Tensor):
+        yield structure
+    elif isinstance(structure, (tuple, list)):
+        for item in structure:
+            yield from tensors_in(item)
+
+
 class PackedDecoder:
-    """The network as the token stream runs it: inference only, built from the model once per call.
+    """The network as the token stream runs it: inference only, built from the model once and reused while the
+    stream's shape holds (`decoder_for`), the server's engine for its life.
 
     It runs the model's own pieces (model.py's norm, the attention's q/k norm and rotary, the attention core,
     the feed-forward activation, the MoE router) in the block's order, so it computes exactly what the modules
@@ -103,19 +141,13 @@ class PackedDecoder:
         self.config = config = model.config
         body = model.model
         device = body.embed_tokens.weight.device
-        # Under autocast, pack straight into the autocast dtype: a packed matrix is no leaf
-        # parameter, so autocast would otherwise re-cast it on every step.
-        dtype = body.embed_tokens.weight.dtype
-        if torch.is_autocast_enabled(device.type):
-            dtype = torch.get_autocast_dtype(device.type)
+        self.dtype = self.compute_dtype(model)
+        # what `decoder_for` reuses it for: rows, cache length, dtype and the MoE layers' dispatch (what it packs)
+        self.shape = (batch, max_len, self.dtype, [moe.dispatch for moe in model.moe_layers()])
         self.head_split = (config.num_attention_heads, config.num_key_value_heads, config.num_key_value_heads)
-        self.packed = [self.pack(block, dtype) for block in body.layers]
         self.body, self.embed_tokens, self.norm = body, body.embed_tokens, body.norm
-        self.head = weight_of(model.lm_head).to(dtype)
-        # A MoE layer that runs the grouped dispatch (on CUDA in bf16; see MoEFeedForward.grouped) gets its experts'
-        # weights stacked once here rather than on every step.
-        self.stacked = [moe.stacked_experts(moe.grouped_dtype(self.head)) if moe is not None and moe.grouped(self.head)
-                        else None for *_, moe, _ in self.packed]
+        self.packed, self.head, self.stacked = self.weights(model, self.dtype)
+        self.addresses = weight_addresses(model)  # what its packed weights were made from
         positions = torch.arange(max_len, device=device)[None]
         # [1, 1, max_len, head_dim] in the embedding's dtype, as the modules' forward makes them
         self.cos, self.sin = body.rotary(positions, body.embed_tokens.weight.dtype)
@@ -124,10 +156,38 @@ class PackedDecoder:
         # into one layer's view of a shared tensor compiles into copies of that layer's whole cache.
         # Zeros, not empty: a masked-out place still enters attention's sums times zero, and uninitialised memory
         # may hold NaN, which times zero is NaN (rows shorter than the longest, the fixed-shape step's whole cache).
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in body.layers]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in body.layers]
+        self.keys = [torch.zeros(shape, device=device, dtype=self.dtype) for _ in body.layers]
+        self.values = [torch.zeros(shape, device=device, dtype=self.dtype) for _ in body.layers]
         self.places, self.rows = torch.arange(max_len, device=device), torch.arange(batch, device=device)
         self.compiled = None  # the compiled step once made (`compiled_step`), False if compiling it failed
+
+    @staticmethod
+    def compute_dtype(model):
+        """The dtype it packs into: under autocast the autocast dtype (a packed matrix is no leaf parameter, so
+        autocast would otherwise re-cast it on every step), else the weights'."""
+        weight = model.model.embed_tokens.weight
+        if torch.is_autocast_enabled(weight.device.type):
+            return torch.get_autocast_dtype(weight.device.type)
+        return weight.dtype
+
+    @classmethod
+    def weights(cls, model, dtype):
+        """(each block's packed weights (`pack`), the head's weight, and for a MoE layer that runs the grouped
+        dispatch (on CUDA in bf16; see MoEFeedForward.grouped) its experts' weights stacked once here rather than
+        on every step, else None)."""
+        packed = [cls.pack(block, dtype) for block in model.model.layers]
+        head = weight_of(model.lm_head).to(dtype)
+        stacked = [moe.stacked_experts(moe.grouped_dtype(head)) if moe is not None and moe.grouped(head) else None
+                   for *_, moe, _ in packed]
+        return packed, head, stacked
+
+    def refresh(self, model):
+        """The packed weights made again from the model's present ones and copied into this decoder's own (which a
+        captured graph reads where they are); those that are the model's parameters themselves need nothing."""
+        fresh = self.weights(model, self.dtype)
+        for old, new in zip(tensors_in((self.packed, self.head, self.stacked)), tensors_in(fresh)):
+            if old is not new:
+                old.copy_(new)
 
     @staticmethod
     def pack(block, dtype):
@@ -207,8 +267,8 @@ class PackedDecoder:
         eagerly). With `cuda_graph` on CUDA (the engine: one decoder for the life of the server) in
         `reduce-overhead` mode, which captures the step as a CUDA graph and replays it (one launch per token
         instead of hundreds), with every tensor it reads or writes (the cache, the packed weights, the rotary
-        tables) marked as a static address, so a replay copies none of them; else fused kernels alone, which a
-        decoder made per call (`stream_tokens`) reuses without capturing anything anew. On a CPU with a C++
+        tables) marked as a static address, so a replay copies none of them (the engine's decoder lives as long
+        as the server, a stream's is reused by `decoder_for`); else fused kernels alone. On a CPU with a C++
         wrapper (`cpp_wrapper`: no Python between its kernels). Decoders of one shape share the compiled code;
         without a CUDA graph, after a second cache length the length is dynamic.
 

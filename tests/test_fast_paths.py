@@ -1,5 +1,6 @@
 """The fast paths give what the plain path gives: fast_generate / PackedDecoder and sampling, autocast, compile, the bench."""
 
+import copy
 import json
 import shutil
 import threading
@@ -13,7 +14,7 @@ import torch
 from transformers import RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from model import Sampling, TinyMindForCausalLM, fast_generate, masked_cross_entropy
-from model.generate import PackedDecoder, next_tokens
+from model.generate import DECODERS, PackedDecoder, next_tokens, tensors_in
 from model.model import RMSNorm
 
 from conftest import make_model, tiny_config
@@ -358,3 +359,36 @@ def test_the_engine_samples_a_steps_rows_together_as_each_would_alone():
     alone = [next_tokens(logits[row:row + 1], state.seen, state.request.sampling, state.generator)
              for row, state in enumerate(states())]
     assert torch.equal(together, torch.cat(alone))
+
+
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_a_stream_reuses_its_decoder_and_decodes_with_the_weights_the_model_has_now(use_moe):
+    """What lets a compiled step (on CUDA its captured graph) serve every later call: one decoder per model while
+    the shape holds, its packed weights made anew in place each time (after an optimizer step too); the tokens
+    are those of a decoder made afresh."""
+    model = make_model(use_moe)
+    prompt = torch.randint(3, 97, (2, 5))
+    sampling = Sampling(temperature=0.8)
+
+    def sampled(model, prompt, length=12):
+        return fast_generate(model, prompt, length, sampling, generator=torch.Generator().manual_seed(0))
+
+    first = sampled(model, prompt)
+    decoder = DECODERS[model]
+    packed = [id(t) for t in tensors_in((decoder.packed, decoder.head, decoder.stacked))]
+    longer = torch.randint(3, 97, (2, 9))
+    assert torch.equal(sampled(model, longer, 30), sampled(copy.deepcopy(model), longer, 30))
+    assert DECODERS[model] is decoder  # another length within the same cache length (CACHE_STEP)
+    assert torch.equal(sampled(model, prompt), first)  # its cache cleared between streams
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)  # as the trainer: no version bump
+    model.train()
+    model(prompt, labels=prompt).loss.backward()
+    optimizer.step()
+    model.eval()
+    fresh = copy.deepcopy(model)  # the same weights, no decoder yet
+    assert torch.equal(sampled(model, prompt), sampled(fresh, prompt))
+    assert not torch.equal(sampled(model, prompt), first)  # the step changed what it says
+    assert DECODERS[model] is decoder and [id(t) for t in tensors_in(
+        (decoder.packed, decoder.head, decoder.stacked))] == packed  # refreshed in place: a graph reads them there
+    sampled(model, torch.randint(3, 97, (3, 5)))  # another batch: a decoder of its own
+    assert DECODERS[model] is not decoder
