@@ -131,10 +131,10 @@ class PackedDecoder:
     It runs the model's own pieces (model.py's norm, the attention's q/k norm and rotary, the attention core,
     the feed-forward activation, the MoE router) in the block's order, so it computes exactly what the modules
     compute, with: q/k/v and gate/up packed into one matrix each (fewer, larger matmuls; copies of the
-    parameters in the compute dtype, made once per decoder), rotary angles looked up from a table, keys and
-    values written into a preallocated cache (a sequence's attention over its filled part needs no mask; rows
-    of different lengths and the fixed-shape `step` use one), the norms called as functions rather than modules,
-    and none of the forward's position bookkeeping, dropout or aux loss.
+    parameters in the compute dtype, made with the decoder and again for each stream it serves), rotary angles
+    looked up from a table, keys and values written into a preallocated cache (a sequence's attention over its
+    filled part needs no mask; rows of different lengths and the fixed-shape `step` use one), the norms called
+    as functions rather than modules, and none of the forward's position bookkeeping, dropout or aux loss.
     """
 
     def __init__(self, model, batch, max_len):
