@@ -160,6 +160,7 @@ class PackedDecoder:
         self.values = [torch.zeros(shape, device=device, dtype=self.dtype) for _ in body.layers]
         self.places, self.rows = torch.arange(max_len, device=device), torch.arange(batch, device=device)
         self.compiled = None  # the compiled step once made (`compiled_step`), False if compiling it failed
+        self.static = False  # whether a CUDA graph reads its tensors where they are (`compiled_step`)
 
     @staticmethod
     def compute_dtype(model):
@@ -182,9 +183,12 @@ class PackedDecoder:
         return packed, head, stacked
 
     def refresh(self, model):
-        """The packed weights made again from the model's present ones and copied into this decoder's own (which a
-        captured graph reads where they are); those that are the model's parameters themselves need nothing."""
+        """The packed weights made again from the model's present ones; once a CUDA graph reads them where they
+        are (`static`), copied into this decoder's own (those that are the model's parameters need nothing)."""
         fresh = self.weights(model, self.dtype)
+        if not self.static:
+            self.packed, self.head, self.stacked = fresh
+            return
         for old, new in zip(tensors_in((self.packed, self.head, self.stacked)), tensors_in(fresh)):
             if old is not new:
                 old.copy_(new)
@@ -287,6 +291,7 @@ class PackedDecoder:
                     tensors += [norm_1, qkv, o_proj, norm_2, *(ffn[:2] if moe is None else ())]  # weights
                 for tensor in tensors:
                     torch._dynamo.mark_static_address(tensor)
+                self.static = True
                 # Static shapes: a CUDA graph replays one shape anyway, and a second engine of another size then
                 # compiles its own graph rather than one over a dynamic cache length.
                 self.compiled = torch.compile(PackedDecoder.step, fullgraph=True, dynamic=False, mode="reduce-overhead")

@@ -361,11 +361,11 @@ def test_the_engine_samples_a_steps_rows_together_as_each_would_alone():
     assert torch.equal(together, torch.cat(alone))
 
 
-@pytest.mark.parametrize("use_moe", [False, True])
-def test_a_stream_reuses_its_decoder_and_decodes_with_the_weights_the_model_has_now(use_moe):
+@pytest.mark.parametrize("use_moe, graphed", [(False, False), (True, False), (False, True)])
+def test_a_stream_reuses_its_decoder_and_decodes_with_the_weights_the_model_has_now(use_moe, graphed):
     """What lets a compiled step (on CUDA its captured graph) serve every later call: one decoder per model while
-    the shape holds, its packed weights made anew in place each time (after an optimizer step too); the tokens
-    are those of a decoder made afresh."""
+    the shape holds, its packed weights made anew each time (after an optimizer step too; once a CUDA graph
+    reads them, `graphed` here, in place); the tokens are those of a decoder made afresh."""
     model = make_model(use_moe)
     prompt = torch.randint(3, 97, (2, 5))
     sampling = Sampling(temperature=0.8)
@@ -375,7 +375,12 @@ def test_a_stream_reuses_its_decoder_and_decodes_with_the_weights_the_model_has_
 
     first = sampled(model, prompt)
     decoder = DECODERS[model]
-    packed = [id(t) for t in tensors_in((decoder.packed, decoder.head, decoder.stacked))]
+    decoder.static = graphed
+
+    def addresses():
+        return [t.data_ptr() for t in tensors_in((decoder.packed, decoder.head, decoder.stacked))]
+
+    packed = addresses()
     longer = torch.randint(3, 97, (2, 9))
     assert torch.equal(sampled(model, longer, 30), sampled(copy.deepcopy(model), longer, 30))
     assert DECODERS[model] is decoder  # another length within the same cache length (CACHE_STEP)
@@ -388,7 +393,6 @@ def test_a_stream_reuses_its_decoder_and_decodes_with_the_weights_the_model_has_
     fresh = copy.deepcopy(model)  # the same weights, no decoder yet
     assert torch.equal(sampled(model, prompt), sampled(fresh, prompt))
     assert not torch.equal(sampled(model, prompt), first)  # the step changed what it says
-    assert DECODERS[model] is decoder and [id(t) for t in tensors_in(
-        (decoder.packed, decoder.head, decoder.stacked))] == packed  # refreshed in place: a graph reads them there
+    assert DECODERS[model] is decoder and (addresses() == packed) == graphed
     sampled(model, torch.randint(3, 97, (3, 5)))  # another batch: a decoder of its own
     assert DECODERS[model] is not decoder
