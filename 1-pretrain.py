@@ -1,15 +1,16 @@
 """Stage 1: next-token pretraining on {"text": ...} jsonl, from random init (or --init_from).
 
-Its recipe: Muon for the matrices inside the blocks and AdamW for the rest, at lr 2e-3, warmup-stable-decay
-(scripts/bench_learning.py measures it against AdamW with cosine; `--optimizer adamw --learning_rate 5e-4
---schedule cosine` is the earlier recipe).
+Its recipe (trainer.PRETRAIN_DEFAULTS, measured by scripts/bench_learning.py): Muon for the matrices inside the
+blocks and AdamW for the rest at lr 6e-3, warmup-stable-decay; rows packed best-fit with whole documents
+(`--pack shared --pack_fit best`); an untied head, and the embedding at lr 0.1. The recipe before it is
+`--pack none --learning_rate 2e-3 --tie_word_embeddings true`.
 
     python 1-pretrain.py --config configs/tiny.json            # CPU demo size
     python 1-pretrain.py --model_type moe --config configs/moe.json
 """
 
 from dataset import PretrainDataset
-from trainer import Stage, run_cli, train_stage
+from trainer import PRETRAIN_DEFAULTS, Stage, run_cli, train_stage
 
 if __name__ == "__main__":
     run_cli(lambda: train_stage(Stage(
@@ -20,5 +21,5 @@ if __name__ == "__main__":
         z_loss=True,
         default_data="data/pretrain.jsonl",
         default_val="data/pretrain_val.jsonl",
-        defaults={"optimizer": "muon", "learning_rate": 2e-3, "schedule": "wsd"},
+        defaults=PRETRAIN_DEFAULTS,
     )))

@@ -33,6 +33,14 @@ def run_cli(main):
         raise SystemExit(2) from None
 
 
+# 1-pretrain.py's recipe, the one scripts/bench_learning.py measured best (its `default`, and `best`): Muon on the
+# blocks' matrices at lr 6e-3 with warmup-stable-decay, rows packed best-fit with whole documents and attention
+# across them, an untied head, and the embedding at lr 0.1 (for a tied embedding, which is also the head, the
+# embedding's rate is --learning_rate unless --embedding_lr is given).
+PRETRAIN_DEFAULTS = {"optimizer": "muon", "learning_rate": 6e-3, "schedule": "wsd", "pack": "shared",
+                     "pack_fit": "best", "tie_word_embeddings": False, "embedding_lr": 0.1}
+
+
 def language_modeling(model, args, start):
     """The objective of the stages that train on text: next-token cross-entropy (plus --z_loss)."""
     return LanguageModeling(args.z_loss)
@@ -80,7 +88,7 @@ def train_stage(stage: Stage, argv=None):
     if args.pack != "none" and not stage.packs:
         parser.error(f"--pack {args.pack}: only text and chat samples are packed, not {stage.name}'s")
     # Flags that would do nothing as given: refused, naming what they need.
-    if args.pack_fit != "next" and args.pack == "none":
+    if "pack_fit" in args.given_flags and args.pack_fit != "next" and args.pack == "none":
         parser.error(f"--pack_fit {args.pack_fit}: it says how --pack fills rows; add --pack isolated or shared")
     if "decay_fraction" in args.given_flags and args.schedule != "wsd":
         parser.error("--decay_fraction: it shapes the warmup-stable-decay schedule; add --schedule wsd")
@@ -111,7 +119,10 @@ def train(stage, args):
         val = stage.dataset(args.val_data, tokenizer, args.max_seq_len) if args.val_data else None
     for note in dataset.notes() + (val.notes() if val else []):
         say(note, err=True)
-    model = stage.adapt_model(build_model(stage.name, start, args), args)
+    built = build_model(stage.name, start, args)
+    if built.config.tie_word_embeddings and "embedding_lr" not in args.given_flags:
+        args.embedding_lr = None  # a stage's embedding rate is for an embedding of its own, not one that is the head
+    model = stage.adapt_model(built, args)
     objective = stage.make_objective(model, args, start)
     trainer = Trainer(model, dataset, objective, args, paths, stage.write_weights, val, tokenizer)
     say(describe_run(trainer.raw_model, dataset, trainer))
