@@ -11,8 +11,9 @@ its end inside the budget), then trains 1-pretrain's model from scratch with `--
 baseline's final bits per byte; a PNG plots bits per byte against seconds.
 
 `baseline` is the recipe 1-pretrain.py had before this benchmark (AdamW β2 0.95, lr 5e-4, 2% warmup then cosine,
-length-grouped batches); `default` is its recipe now (Muon for the matrices in the blocks, lr 2e-3, warmup-stable-
-decay). The `minimind` recipe emulates MiniMind's own training code: AdamW at lr 5e-4 with PyTorch's betas (0.9, 0.999)
+length-grouped batches); `muon_wsd` the one after it (Muon for the matrices in the blocks, lr 2e-3, warmup-stable-
+decay), which the `default_*` recipes vary; `default` is its recipe now (trainer.PRETRAIN_DEFAULTS: the `best` of
+those variations, rows packed best-fit at lr 6e-3 with an untied head and the embedding at lr 0.1). The `minimind` recipe emulates MiniMind's own training code: AdamW at lr 5e-4 with PyTorch's betas (0.9, 0.999)
 and weight decay 0.01, cosine to lr/10 without warmup, and every row padded to the maximum length in batches
 drawn at random (tinymind groups samples of similar length and pads each batch to its longest). The `nanochat`
 recipe emulates nanochat's base_train in tinymind's flags (see NANOCHAT below); race the others to its final with
@@ -39,12 +40,15 @@ import torch.nn.functional as F  # noqa: E402
 from dataset import PretrainDataset  # noqa: E402
 from dataset.batch import collate  # noqa: E402
 from scripts.train_tokenizer import SHIPPED, fit, report_compression  # noqa: E402
-from trainer import Stage, run_cli, train_stage  # noqa: E402
+from trainer import PRETRAIN_DEFAULTS, Stage, run_cli, train_stage  # noqa: E402
 
 MODEL = ["--hidden_size", "128", "--num_hidden_layers", "4", "--num_attention_heads", "4", "--num_key_value_heads", "2",
          "--vocab_size", "6400", "--max_seq_len", "256", "--batch_size", "16"]
 BASELINE = ["--optimizer", "adamw", "--learning_rate", "5e-4", "--schedule", "cosine"]  # the recipe before Muon
-DEFAULT = ["--optimizer", "muon", "--learning_rate", "2e-3", "--schedule", "wsd"]  # 1-pretrain.py's defaults now
+MUON_WSD = ["--optimizer", "muon", "--learning_rate", "2e-3", "--schedule", "wsd"]  # 1-pretrain.py's defaults before
+# 1-pretrain.py's defaults now, spelled out (the benchmark's stage has none of its own, so every recipe is its flags)
+DEFAULT = [text for name, value in PRETRAIN_DEFAULTS.items()
+           for text in (f"--{name}", str(value).lower() if isinstance(value, bool) else str(value))]
 MOE = ["--model_type", "moe", "--n_routed_experts", "4", "--num_experts_per_tok", "2", "--n_shared_experts", "1"]
 # nanochat's base_train at this width, in tinymind's flags: Muon + AdamW, ReLU², QK-norm, an untied head, logit
 # softcap 15, one attention head of 128 (its head size), value embeddings in every other block, the blocks' output
@@ -60,28 +64,29 @@ NANOCHAT = ["--optimizer", "muon", "--learning_rate", "9e-3", "--schedule", "wsd
             "--logit_softcap", "15", "--num_attention_heads", "1", "--num_key_value_heads", "1", "--value_embeds",
             "true", "--zero_init_out", "--pack", "shared", "--pack_fit", "best", "--embedding_lr", "0.49",
             "--head_lr", "0.0098", "--adam_beta1", "0.8"]
-BEST = [*DEFAULT, "--pack", "shared", "--pack_fit", "best", "--learning_rate", "6e-3", "--tie_word_embeddings", "false",
+BEST = [*MUON_WSD, "--pack", "shared", "--pack_fit", "best", "--learning_rate", "6e-3", "--tie_word_embeddings", "false",
         "--embedding_lr", "0.1"]
 RECIPES = {
     "baseline": BASELINE,
     "minimind": [*BASELINE, "--adam_beta2", "0.999", "--weight_decay", "0.01", "--warmup_steps", "0"],
     "adamw_lr_2e-3": [*BASELINE, "--learning_rate", "2e-3"],
     "muon": [*BASELINE, "--optimizer", "muon", "--learning_rate", "2e-3"],
-    "default": DEFAULT,  # muon + wsd
-    "default_qk_norm": [*DEFAULT, "--qk_norm", "true"],
-    "default_packed": [*DEFAULT, "--pack", "isolated"],
-    "default_packed_shared": [*DEFAULT, "--pack", "shared"],
-    "default_untied": [*DEFAULT, "--tie_word_embeddings", "false"],
-    "default_best_fit_lr_6e-3": [*DEFAULT, "--pack", "shared", "--pack_fit", "best", "--learning_rate", "6e-3"],
-    "default_best_fit_lr_6e-3_value_embeds": [*DEFAULT, "--pack", "shared", "--pack_fit", "best", "--learning_rate",
+    "muon_wsd": MUON_WSD,
+    "default": DEFAULT,  # equal to `best`
+    "default_qk_norm": [*MUON_WSD, "--qk_norm", "true"],
+    "default_packed": [*MUON_WSD, "--pack", "isolated"],
+    "default_packed_shared": [*MUON_WSD, "--pack", "shared"],
+    "default_untied": [*MUON_WSD, "--tie_word_embeddings", "false"],
+    "default_best_fit_lr_6e-3": [*MUON_WSD, "--pack", "shared", "--pack_fit", "best", "--learning_rate", "6e-3"],
+    "default_best_fit_lr_6e-3_value_embeds": [*MUON_WSD, "--pack", "shared", "--pack_fit", "best", "--learning_rate",
                                               "6e-3", "--value_embeds", "true"],
     # half the rows a step, twice the steps: in a budget this short, more updates may beat larger batches
-    "default_best_fit_lr_6e-3_batch_8": [*DEFAULT, "--pack", "shared", "--pack_fit", "best", "--learning_rate", "6e-3",
+    "default_best_fit_lr_6e-3_batch_8": [*MUON_WSD, "--pack", "shared", "--pack_fit", "best", "--learning_rate", "6e-3",
                                          "--batch_size", "8"],
-    "default_best_fit_lr_4e-3_batch_8": [*DEFAULT, "--pack", "shared", "--pack_fit", "best", "--learning_rate", "4e-3",
+    "default_best_fit_lr_4e-3_batch_8": [*MUON_WSD, "--pack", "shared", "--pack_fit", "best", "--learning_rate", "4e-3",
                                          "--batch_size", "8"],
     # nanochat's per-group rates on the best recipe: a fast embedding, a slow untied head
-    "default_best_fit_lr_6e-3_group_rates": [*DEFAULT, "--pack", "shared", "--pack_fit", "best", "--learning_rate",
+    "default_best_fit_lr_6e-3_group_rates": [*MUON_WSD, "--pack", "shared", "--pack_fit", "best", "--learning_rate",
                                              "6e-3", "--tie_word_embeddings", "false", "--embedding_lr", "0.49",
                                              "--head_lr", "0.0098", "--adam_beta1", "0.8"],
     # the best recipe measured: best-fit packed rows at lr 6e-3, an untied head and the embedding at lr 0.1
@@ -93,31 +98,32 @@ RECIPES = {
     # arithmetic) against fewer bytes a token; each size gets its own tokenizer fitted to the data (--fit_tokenizer)
     "best_vocab_2048": [*BEST, "--vocab_size", "2048"],
     "best_vocab_4096": [*BEST, "--vocab_size", "4096"],
-    "default_best_fit_lr_9e-3": [*DEFAULT, "--pack", "shared", "--pack_fit", "best", "--learning_rate", "9e-3"],
-    "default_best_fit_lr_9e-3_untied": [*DEFAULT, "--pack", "shared", "--pack_fit", "best", "--learning_rate", "9e-3",
+    "default_best_fit_lr_9e-3": [*MUON_WSD, "--pack", "shared", "--pack_fit", "best", "--learning_rate", "9e-3"],
+    "default_best_fit_lr_9e-3_untied": [*MUON_WSD, "--pack", "shared", "--pack_fit", "best", "--learning_rate", "9e-3",
                                         "--tie_word_embeddings", "false"],
-    "default_best_fit_lr_9e-3_untied_wd65": [*DEFAULT, "--pack", "shared", "--pack_fit", "best", "--learning_rate",
+    "default_best_fit_lr_9e-3_untied_wd65": [*MUON_WSD, "--pack", "shared", "--pack_fit", "best", "--learning_rate",
                                              "9e-3", "--tie_word_embeddings", "false", "--decay_fraction", "0.65"],
-    "default_z_loss": [*DEFAULT, "--z_loss", "1e-4"],
+    "default_z_loss": [*MUON_WSD, "--z_loss", "1e-4"],
     "nanochat": NANOCHAT,
-    "default_relu2": [*DEFAULT, "--hidden_act", "relu2"],
-    "default_value_embeds": [*DEFAULT, "--value_embeds", "true"],
-    "default_head64": [*DEFAULT, "--num_attention_heads", "2", "--num_key_value_heads", "2"],
-    "default_softcap": [*DEFAULT, "--logit_softcap", "15"],
-    "default_zero_init": [*DEFAULT, "--zero_init_out"],
-    "default_warmdown65": [*DEFAULT, "--decay_fraction", "0.65"],
-    "default_best_fit": [*DEFAULT, "--pack", "shared", "--pack_fit", "best"],
-    "default_lr_4e-3": [*DEFAULT, "--learning_rate", "4e-3"],
-    "default_lr_9e-3": [*DEFAULT, "--learning_rate", "9e-3"],
+    "default_relu2": [*MUON_WSD, "--hidden_act", "relu2"],
+    "default_value_embeds": [*MUON_WSD, "--value_embeds", "true"],
+    "default_head64": [*MUON_WSD, "--num_attention_heads", "2", "--num_key_value_heads", "2"],
+    "default_softcap": [*MUON_WSD, "--logit_softcap", "15"],
+    "default_zero_init": [*MUON_WSD, "--zero_init_out"],
+    "default_warmdown65": [*MUON_WSD, "--decay_fraction", "0.65"],
+    "default_best_fit": [*MUON_WSD, "--pack", "shared", "--pack_fit", "best"],
+    "default_lr_4e-3": [*MUON_WSD, "--learning_rate", "4e-3"],
+    "default_lr_9e-3": [*MUON_WSD, "--learning_rate", "9e-3"],
     "moe_baseline": [*BASELINE, *MOE],
-    "moe_default": [*DEFAULT, *MOE],
+    "moe": [*DEFAULT, *MOE],  # `1-pretrain.py --model_type moe` now
+    "moe_default": [*MUON_WSD, *MOE],
     # top-1 with the router's probability as the expert's weight (renormalised, it would be 1: no gradient)
-    "moe_top1": [*DEFAULT, *MOE, "--num_experts_per_tok", "1", "--norm_topk_prob", "false"],
+    "moe_top1": [*MUON_WSD, *MOE, "--num_experts_per_tok", "1", "--norm_topk_prob", "false"],
     # DeepSeek-V3's balancing: a per-expert routing bias instead of the aux loss
-    "moe_top1_bias": [*DEFAULT, *MOE, "--num_experts_per_tok", "1", "--norm_topk_prob", "false",
+    "moe_top1_bias": [*MUON_WSD, *MOE, "--num_experts_per_tok", "1", "--norm_topk_prob", "false",
                       "--expert_bias_rate", "1e-3", "--aux_loss_alpha", "0"],
     # finer experts: 8 of half the width, top-2, and a shared one of that width (active width 576; top-1: 768)
-    "moe_fine_bias": [*DEFAULT, *MOE, "--n_routed_experts", "8", "--intermediate_size", "192",
+    "moe_fine_bias": [*MUON_WSD, *MOE, "--n_routed_experts", "8", "--intermediate_size", "192",
                       "--expert_bias_rate", "1e-3", "--aux_loss_alpha", "0"],
 }
 

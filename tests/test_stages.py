@@ -12,7 +12,8 @@ from dataset import LENGTH_GROUP_STEPS, PretrainDataset, SFTDataset, epoch_order
 from model import TinyMindConfig, TinyMindForCausalLM, load_model, save_weights
 from model import model as model_module
 from trainer.flags import add_model_flags, add_training_flags, model_config, new_parser, parse
-from trainer import UserError
+from trainer import PRETRAIN_DEFAULTS, Stage, UserError
+from trainer.stages import stage_parser
 from trainer.loop import Trainer
 from trainer.run_folder import run_paths
 import trainer.objectives
@@ -392,18 +393,44 @@ def test_dropout_is_a_model_flag_that_reaches_the_config_and_is_checked(tmp_path
 
 
 def pretrain_args(*argv):
-    """The flags as 1-pretrain.py parses them: its own defaults (Muon at 2e-3), then a preset, then the command line."""
-    parser = new_parser("test")
-    add_model_flags(parser)
-    add_training_flags(parser, default_data="data/pretrain.jsonl")
-    parser.set_defaults(optimizer="muon", learning_rate=2e-3, schedule="wsd")
-    return parse(parser, ["--device", "cpu", *argv])
+    """The flags as 1-pretrain.py parses them: its own defaults, then a preset, then the command line."""
+    stage = Stage(name="pretrain", description="", dataset=PretrainDataset, default_data="data/pretrain.jsonl",
+                  default_val="", defaults=PRETRAIN_DEFAULTS)
+    return parse(stage_parser(stage), ["--device", "cpu", *argv])
 
 
 @pytest.mark.parametrize("preset", ["small", "moe", "minimind2_768", "minimind3_moe_768"])
 def test_a_shape_preset_keeps_the_pretraining_recipe(preset):
     args = pretrain_args("--config", ROOT / f"configs/{preset}.json")
-    assert (args.optimizer, args.learning_rate) == ("muon", 2e-3)
+    assert (args.optimizer, args.learning_rate, args.pack, args.pack_fit) == ("muon", 6e-3, "shared", "best")
+    # MiniMind's shapes keep its tied head, so its released weights load into a model these presets make
+    assert args.tie_word_embeddings == preset.startswith("minimind")
+
+
+def test_the_learning_benchmarks_default_is_1_pretrains_and_its_best_recipe():
+    from scripts.bench_learning import MODEL as BENCH_MODEL, RECIPES, stage_for
+
+    def without_given(args):
+        return {key: value for key, value in vars(args).items() if key != "given_flags"}
+
+    def recipe(name):  # as the benchmark runs it: its stage has no defaults, a recipe is its flags
+        return without_given(parse(stage_parser(stage_for(name)), ["--device", "cpu", *BENCH_MODEL, *RECIPES[name]]))
+
+    assert recipe("default") == recipe("best") == without_given(pretrain_args(*BENCH_MODEL))
+    assert recipe("muon_wsd")["pack"] == "none" and recipe("muon_wsd")["learning_rate"] == 2e-3
+
+
+def test_a_tied_embedding_trains_at_the_runs_rate_unless_its_own_is_given(tmp_path):
+    data = pretrain_file(tmp_path)
+    said = {}
+    for name, flags in (("default", []), ("tied", ["--tie_word_embeddings", "true"]),
+                        ("tied_own", ["--tie_word_embeddings", "true", "--embedding_lr", "0.05"])):
+        result = run_stage("1-pretrain.py", *TINY, "--max_steps", "1", "--data_path", data, "--out_dir",
+                           tmp_path / name, *flags, cwd=tmp_path)
+        said[name] = next(line for line in result.stdout.splitlines() if line.startswith("optimizer:"))
+    assert "peak lr 0.006, embedding lr 0.1," in said["default"]
+    assert "embedding lr" not in said["tied"]
+    assert "peak lr 0.006, embedding lr 0.05," in said["tied_own"]
 
 
 def test_fsdp_falls_back_to_adamw_at_adamws_rate_unless_a_rate_is_given(capsys):
@@ -413,8 +440,8 @@ def test_fsdp_falls_back_to_adamw_at_adamws_rate_unless_a_rate_is_given(capsys):
 
 
 def test_a_run_says_its_optimizer_and_rate_first(pretrained):
-    assert ("optimizer: Muon on the blocks' matrices, AdamW on the rest, peak lr 0.002, 1 warmup step, "
-            "warmup-stable-decay to lr/10") in (pretrained / "stdout.txt").read_text().splitlines()[:3]
+    assert ("optimizer: Muon on the blocks' matrices, AdamW on the rest, peak lr 0.006, embedding lr 0.1, "
+            "1 warmup step, warmup-stable-decay to lr/10") in (pretrained / "stdout.txt").read_text().splitlines()[:3]
 
 
 def test_a_stages_own_flag_may_stand_in_a_preset(tmp_path):

@@ -73,13 +73,20 @@ class Stage:
     compiles_by_default: bool = True
 
 
-def train_stage(stage: Stage, argv=None):
-    """Parse the flags and train `stage`."""
+def stage_parser(stage: Stage):
+    """The stage's flags (the model's, the loop's and its own), with its own defaults under any preset and command
+    line."""
     parser = new_parser(stage.description)
     add_model_flags(parser)
     add_training_flags(parser, stage.default_data)
     stage.add_flags(parser)
     parser.set_defaults(**stage.defaults)
+    return parser
+
+
+def train_stage(stage: Stage, argv=None):
+    """Parse the flags and train `stage`."""
+    parser = stage_parser(stage)
     args = parse(parser, argv)
     stage.check_flags(args)
     # Shared flags some stages have no use for: refused before any data is read, not silently ignored.
