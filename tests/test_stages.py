@@ -73,7 +73,8 @@ def test_init_from_a_hugging_face_directory_keeps_what_no_flag_sets(tmp_path):
     torch.manual_seed(0)
     stock = LlamaForCausalLM(config).eval()
     stock.save_pretrained(tmp_path / "llama")
-    run_stage("1-pretrain.py", *TINY, "--max_steps", "1", "--learning_rate", "0", "--init_from", "llama", cwd=tmp_path)
+    run_stage("1-pretrain.py", *TINY, "--max_steps", "1", "--learning_rate", "0", "--embedding_lr", "0", "--init_from",
+              "llama", cwd=tmp_path)
     trained = load_model(tmp_path / "output/pretrain_dense/pretrain_64.pth").eval()
     c = trained.config
     assert (c.rope_theta, c.rms_norm_eps, c.intermediate_size, c.tie_word_embeddings) == (10000.0, 1e-6, 128, False)
@@ -305,7 +306,8 @@ def test_safetensors_checkpoints_chain_through_the_stages(tmp_path):
     (tmp_path / "data").mkdir()
     pretrain_file(tmp_path / "data")
     sft_file(tmp_path / "data")
-    run_stage("1-pretrain.py", *TINY, "--max_steps", "1", "--save_format", "safetensors", cwd=tmp_path)
+    run_stage("1-pretrain.py", *TINY, "--max_steps", "1", "--save_format", "safetensors", "--tie_word_embeddings",
+              "true", cwd=tmp_path)
     weights = tmp_path / "output/pretrain_dense/pretrain_64.safetensors"
     assert weights.is_file() and not weights.with_suffix(".pth").exists()
     sft = run_stage("2-sft.py", *TINY, "--max_steps", "1", cwd=tmp_path)

@@ -47,7 +47,7 @@ MODEL_FLAGS = {
 }
 
 
-ADAMW_LEARNING_RATE = 5e-4  # AdamW's peak rate when a stage sets none (Muon's, where pretraining defaults to it: 2e-3)
+ADAMW_LEARNING_RATE = 5e-4  # AdamW's peak rate when a stage sets none (pretraining's Muon: PRETRAIN_DEFAULTS)
 
 
 def boolean(text):
