@@ -8,7 +8,7 @@ DEMO := --config configs/tiny.json --out_dir output/demo
 TUNE := --learning_rate 2e-3
 STUDENT := --hidden_size 64 --num_hidden_layers 2 --num_attention_heads 4 --max_steps 600
 # A second SFT pass on the calculator chats alone: in the mixed SFT the model miscopies three-digit numbers into
-# its calls (0.25 of the held-out questions right with the tool); after this pass, 0.95.
+# its calls or its answers (0.81 of the held-out questions right with the tool); after this pass, 0.97.
 TOOLS := --config configs/tiny.json --out_dir output/demo/tools --init_from output/demo/sft_dense/sft_128.pth \
 	--data_path data/tools.jsonl --val_data data/tools_val.jsonl --max_seq_len 512 --learning_rate 1e-3
 # Agentic GRPO: the tool-tuned model answers arithmetic beyond it by calling the calculator; the reward reads its
@@ -111,7 +111,7 @@ bench-nanochat: setup
 	$(PY) -m scripts.prepare_data --sources shakespeare,reviews --out_dir data/prose
 	$(PY) -m scripts.bench_learning --data data/prose/pretrain.jsonl --val data/prose/pretrain_val.jsonl \
 		--fit_tokenizer --reference nanochat --budget 100 --repeats 1 --out docs/learning_nanochat.png \
-		--calibration_steps 32 --recipes nanochat muon_wsd default_best_fit_lr_6e-3 default default@50
+		--calibration_steps 32 --recipes nanochat muon_wsd default_best_fit_lr_6e-3 best best@50
 
 bench-data: setup
 	$(PY) -m scripts.bench_data --size_gb 2

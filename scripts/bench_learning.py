@@ -13,7 +13,8 @@ baseline's final bits per byte; a PNG plots bits per byte against seconds.
 `baseline` is the recipe 1-pretrain.py had before this benchmark (AdamW β2 0.95, lr 5e-4, 2% warmup then cosine,
 length-grouped batches); `muon_wsd` the one after it (Muon for the matrices in the blocks, lr 2e-3, warmup-stable-
 decay), which the `default_*` recipes vary; `default` is its recipe now (trainer.PRETRAIN_DEFAULTS: the `best` of
-those variations, rows packed best-fit at lr 6e-3 with an untied head and the embedding at lr 0.1). The `minimind` recipe emulates MiniMind's own training code: AdamW at lr 5e-4 with PyTorch's betas (0.9, 0.999)
+those variations, rows packed best-fit at lr 6e-3 with an untied head and the embedding at lr 0.1). The `minimind`
+recipe emulates MiniMind's own training code: AdamW at lr 5e-4 with PyTorch's betas (0.9, 0.999)
 and weight decay 0.01, cosine to lr/10 without warmup, and every row padded to the maximum length in batches
 drawn at random (tinymind groups samples of similar length and pads each batch to its longest). The `nanochat`
 recipe emulates nanochat's base_train in tinymind's flags (see NANOCHAT below); race the others to its final with
@@ -64,8 +65,8 @@ NANOCHAT = ["--optimizer", "muon", "--learning_rate", "9e-3", "--schedule", "wsd
             "--logit_softcap", "15", "--num_attention_heads", "1", "--num_key_value_heads", "1", "--value_embeds",
             "true", "--zero_init_out", "--pack", "shared", "--pack_fit", "best", "--embedding_lr", "0.49",
             "--head_lr", "0.0098", "--adam_beta1", "0.8"]
-BEST = [*MUON_WSD, "--pack", "shared", "--pack_fit", "best", "--learning_rate", "6e-3", "--tie_word_embeddings", "false",
-        "--embedding_lr", "0.1"]
+BEST = [*MUON_WSD, "--pack", "shared", "--pack_fit", "best", "--learning_rate", "6e-3", "--tie_word_embeddings",
+        "false", "--embedding_lr", "0.1"]
 RECIPES = {
     "baseline": BASELINE,
     "minimind": [*BASELINE, "--adam_beta2", "0.999", "--weight_decay", "0.01", "--warmup_steps", "0"],
