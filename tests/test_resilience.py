@@ -118,6 +118,15 @@ def test_resume_with_another_batch_size_names_the_flag(workdir, capsys):
     assert err[-1].startswith("error: --resume: --batch_size is 2 but the run in output/pretrain_dense used 4")
 
 
+def test_resume_keeps_the_runs_rate_unless_the_command_line_changes_it(workdir, capsys):
+    assert run_in_process(capsys, "--max_steps", 2, "--learning_rate", 1e-3)[0] == 0
+    code, err = run_in_process(capsys, "--max_steps", 4, "--resume")  # the default rate is not the run's
+    assert code == 2
+    assert err[-1].startswith("error: --resume: the run in output/pretrain_dense used --learning_rate 0.001 and this "
+                              "run's default is 0.0005; pass --learning_rate 0.001")
+    assert run_in_process(capsys, "--max_steps", 4, "--learning_rate", 5e-4, "--resume")[0] == 0  # said: changed
+
+
 def test_resume_state_without_its_data_order_is_resumed_with_a_warning(workdir, capsys):
     assert run_in_process(capsys, "--max_steps", 2)[0] == 0
     latest = sorted((workdir / "output/pretrain_dense").glob("*_resume_*.pt"))[-1]

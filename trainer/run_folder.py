@@ -24,7 +24,10 @@ from .flags import MODEL_FLAGS
 SAME_RUN_FLAGS = ("model_type", *MODEL_FLAGS, "max_seq_len", "seed", "optimizer", "eval_tasks", "pack", "pack_fit",
                   "decay_fraction")
 BATCH_FLAGS = ("batch_size", "accumulation_steps")
-RESUME_FLAGS = SAME_RUN_FLAGS + BATCH_FLAGS
+# The recipe's rates and schedule: a resumed run may change them when its command line says so, but a default that
+# differs from the run's (a stage's default changed since it started) is refused, naming the flag.
+RECIPE_FLAGS = ("learning_rate", "embedding_lr", "head_lr", "schedule")
+RESUME_FLAGS = SAME_RUN_FLAGS + BATCH_FLAGS + RECIPE_FLAGS
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,12 @@ def check_resume_flags(state, args, world_size, paths):
         if name in saved and getattr(args, name) != saved[name]:
             raise UserError(f"--resume: --{name} is {getattr(args, name)} but the run in {paths.dir} used "
                             f"{saved[name]}; pass --{name} {saved[name]} or start a new run without --resume")
+    given = getattr(args, "given_flags", set())
+    for name in RECIPE_FLAGS:
+        if saved.get(name) is not None and name not in given and getattr(args, name) != saved[name]:
+            raise UserError(f"--resume: the run in {paths.dir} used --{name} {saved[name]} and this run's default is "
+                            f"{getattr(args, name)}; pass --{name} {saved[name]} to continue it as it was (or the value "
+                            "you want)")
     samples_per_step = args.batch_size * args.accumulation_steps * world_size
     saved_global = saved["batch_size"] * saved["accumulation_steps"] * saved_world_size
     if samples_per_step != saved_global:
