@@ -51,18 +51,26 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     it: d CE / d logits = softmax − one-hot, d log Z / d logits = softmax."""
 
     CHUNK_ELEMENTS = 1 << 24  # 64 MB of float32 logits per chunk
+    # On a CPU a chunk small enough to stay in its cache while the softmax passes over it: 4 MB made the loss of
+    # a 16 x 256-token batch over 6,400 tokens 1.4x faster, forward and backward, than 64 MB chunks.
+    CPU_CHUNK_ELEMENTS = 1 << 20
 
     @staticmethod
-    def chunks(rows, vocab):
-        """Slices of rows holding at most CHUNK_ELEMENTS logits each (shared by every chunked loss)."""
-        size = max(1, ChunkedCrossEntropy.CHUNK_ELEMENTS // vocab)
+    def chunks(logits):
+        """Slices of the rows of [rows, vocab] `logits`, each holding at most CHUNK_ELEMENTS of them
+        (CPU_CHUNK_ELEMENTS on a CPU, if fewer): shared by every chunked loss."""
+        rows, vocab = logits.shape
+        limit = ChunkedCrossEntropy.CHUNK_ELEMENTS
+        if logits.device.type == "cpu":
+            limit = min(limit, ChunkedCrossEntropy.CPU_CHUNK_ELEMENTS)
+        size = max(1, limit // vocab)
         return [slice(start, min(start + size, rows)) for start in range(0, rows, size)]
 
     @staticmethod
     def forward(ctx, logits, targets):
         per_token = logits.new_empty(logits.size(0), dtype=torch.float32)
         log_z = torch.empty_like(per_token)
-        for rows in ChunkedCrossEntropy.chunks(*logits.shape):
+        for rows in ChunkedCrossEntropy.chunks(logits):
             chunk = logits[rows].float()
             log_z[rows] = torch.logsumexp(chunk, dim=-1)
             per_token[rows] = log_z[rows] - chunk.gather(1, targets[rows, None]).squeeze(1)
@@ -77,7 +85,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             grad_per_token = torch.zeros_like(log_z)
         weight = grad_per_token if grad_log_z is None else grad_per_token + grad_log_z
         in_place = logits.dtype == torch.float32  # the chunk's softmax is computed in the gradient's own memory
-        for rows in ChunkedCrossEntropy.chunks(*logits.shape):
+        for rows in ChunkedCrossEntropy.chunks(logits):
             softmax = grad[rows] if in_place else None
             softmax = torch.sub(logits[rows].float(), log_z[rows, None], out=softmax).exp_()
             softmax.mul_(weight[rows, None]).scatter_add_(1, targets[rows, None], -grad_per_token[rows, None])

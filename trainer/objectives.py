@@ -245,7 +245,7 @@ class ChunkedSoftKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, teacher, student, temperature):
         kl = student.new_empty(student.size(0), dtype=torch.float32)
-        for rows in ChunkedCrossEntropy.chunks(*student.shape):
+        for rows in ChunkedCrossEntropy.chunks(student):
             log_p = (teacher[rows].float() / temperature).log_softmax(dim=-1)
             log_q = (student[rows].float() / temperature).log_softmax(dim=-1)
             kl[rows] = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
@@ -258,7 +258,7 @@ class ChunkedSoftKL(torch.autograd.Function):
         teacher, student = ctx.saved_tensors
         temperature = ctx.temperature
         grad = torch.empty_like(student)
-        for rows in ChunkedCrossEntropy.chunks(*student.shape):
+        for rows in ChunkedCrossEntropy.chunks(student):
             p = (teacher[rows].float() / temperature).softmax(dim=-1)
             q = (student[rows].float() / temperature).softmax(dim=-1)
             grad[rows] = q.sub_(p).mul_(grad_kl[rows, None] / temperature)
