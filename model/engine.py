@@ -1,8 +1,8 @@
 """Continuous batching: one thread decodes every active request together, one token for each per step.
 
 A request waits in a queue until a cache row (a slot) is free, is prefilled alone into that row,
-and from the next step on decodes in the shared batch (`PackedDecoder.decode`: every row at its
-own position; on CUDA `PackedDecoder.step`, every slot at fixed shapes, replayed as a CUDA graph).
+and from the next step on decodes in the shared batch (`Decoder.decode`: every row at its
+own position; on CUDA `Decoder.step`, every slot at fixed shapes, replayed as a CUDA graph).
 A request that finishes (end token, its token budget, the context) or is cancelled leaves at once
 and frees its row for the next. A step reads every weight once whatever
 the batch, so on a machine bound by weight reads, many requests decode for little more than one.
@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from .generate import PackedDecoder, Sampling, next_tokens
+from .generate import Decoder, Sampling, next_tokens
 
 
 @dataclass
@@ -130,7 +130,7 @@ class Engine:
         state = _Running(request, None, len(request.prompt))
         self.running[slot] = state  # first, so that any failure below frees the slot through _finish
         if self.decoder is None:
-            self.decoder = PackedDecoder(self.model, self.slots, self.max_len)
+            self.decoder = Decoder(self.model, self.slots, self.max_len)
         state.seen = torch.tensor([request.prompt], device=self.device)
         if request.seed is not None:
             state.generator = torch.Generator(device=self.device).manual_seed(request.seed)

@@ -1,9 +1,9 @@
-"""Fast decoding: the `PackedDecoder` that runs the network for inference, sampling, and the token stream.
+"""Fast decoding: the `Decoder` that runs the network for inference, sampling, and the token stream.
 
 `3-eval.py` chats through `stream_tokens`, and `model.fast_generate` is the same loop collected
 into a tensor. At batch 1 a decode step is some sixty small matmuls and a few hundred tiny ops;
-on a CPU their per-call cost rivals the arithmetic, so the decoder packs matrices and skips
-the training forward's bookkeeping. tests/test_fast_paths.py holds it to the modules' logits
+on a CPU their per-call cost rivals the arithmetic, so the decoder calls the model's weights as plain
+matmuls and skips the modules' calls and the training forward's bookkeeping. tests/test_fast_paths.py holds it to the modules' logits
 and to Hugging Face `generate`.
 """
 
@@ -58,7 +58,7 @@ def stream_tokens(model, input_ids, max_new_tokens, sampling=Sampling(), eos_tok
 
     A row that produced `eos_token_id` yields `pad_token_id` from then on; the stream ends when
     every row has finished or after `max_new_tokens` steps. `compile`: decode through the compiled step
-    (`PackedDecoder.compiled_step`; the first call of a process compiles, for some seconds).
+    (`Decoder.compiled_step`; the first call of a process compiles, for some seconds).
     """
     batch, prompt_len = input_ids.shape
     decoder = decoder_for(model, batch, prompt_len + max_new_tokens)
@@ -96,14 +96,14 @@ CACHE_STEP = 256  # the streams' cache lengths are rounded up to a multiple of t
 def decoder_for(model, batch, length):
     """The model's decoder for `batch` rows of up to `length` positions: the one its last stream ran if that has
     this batch, cache length (`length` rounded up to CACHE_STEP, within the model's positions where they allow),
-    dtype and parameters, its cache cleared and its packed weights made anew in place (the model may have been
-    trained since: fused optimizers change weights without marking them changed), so a compiled step, and on
-    CUDA its captured graph, serve every later stream; else a new one."""
+    dtype and parameters, its cache cleared and any weights it copies (`Decoder.weights`) made anew in place (the
+    model may have been trained since: fused optimizers change weights without marking them changed), so a
+    compiled step, and on CUDA its captured graph, serve every later stream; else a new one."""
     length = max(length, min(CACHE_STEP * -(-length // CACHE_STEP), model.config.max_position_embeddings))
     decoder = DECODERS.get(model)
-    shape = (batch, length, PackedDecoder.compute_dtype(model), [moe.dispatch for moe in model.moe_layers()])
+    shape = (batch, length, Decoder.compute_dtype(model), [moe.dispatch for moe in model.moe_layers()])
     if decoder is None or (decoder.shape, decoder.addresses) != (shape, weight_addresses(model)):
-        decoder = DECODERS[model] = PackedDecoder(model, batch, length)
+        decoder = DECODERS[model] = Decoder(model, batch, length)
         return decoder
     decoder.refresh(model)
     for cache in (*decoder.keys, *decoder.values):
@@ -124,14 +124,14 @@ def tensors_in(structure):
             yield from tensors_in(item)
 
 
-class PackedDecoder:
+class Decoder:
     """The network as the token stream runs it: inference only, built from the model once and reused while the
     stream's shape holds (`decoder_for`), the server's engine for its life.
 
     It runs the model's own pieces (model.py's norm, the attention's q/k norm and rotary, the attention core,
     the feed-forward activation, the MoE router) in the block's order, so it computes exactly what the modules
-    compute, with: q/k/v and gate/up packed into one matrix each (fewer, larger matmuls; copies of the
-    parameters in the compute dtype, made with the decoder and again for each stream it serves), rotary angles
+    compute, over the modules' own weight tensors (copies only where it computes in another dtype, under
+    autocast, or a LoRA adapter is merged into them; made again for each stream it serves), with: rotary angles
     looked up from a table, keys and values written into a preallocated cache (a sequence's attention over its
     filled part needs no mask; rows of different lengths and the fixed-shape `step` use one), the norms called
     as functions rather than modules, and none of the forward's position bookkeeping, dropout or aux loss.
@@ -142,12 +142,11 @@ class PackedDecoder:
         body = model.model
         device = body.embed_tokens.weight.device
         self.dtype = self.compute_dtype(model)
-        # what `decoder_for` reuses it for: rows, cache length, dtype and the MoE layers' dispatch (what it packs)
+        # what `decoder_for` reuses it for: rows, cache length, dtype and the MoE layers' dispatch (what it stacks)
         self.shape = (batch, max_len, self.dtype, [moe.dispatch for moe in model.moe_layers()])
-        self.head_split = (config.num_attention_heads, config.num_key_value_heads, config.num_key_value_heads)
         self.body, self.embed_tokens, self.norm = body, body.embed_tokens, body.norm
-        self.packed, self.head, self.stacked = self.weights(model, self.dtype)
-        self.addresses = weight_addresses(model)  # what its packed weights were made from
+        self.blocks, self.head, self.stacked = self.weights(model, self.dtype)
+        self.addresses = weight_addresses(model)  # what its weights were taken from
         positions = torch.arange(max_len, device=device)[None]
         # [1, 1, max_len, head_dim] in the embedding's dtype, as the modules' forward makes them
         self.cos, self.sin = body.rotary(positions, body.embed_tokens.weight.dtype)
@@ -164,8 +163,8 @@ class PackedDecoder:
 
     @staticmethod
     def compute_dtype(model):
-        """The dtype it packs into: under autocast the autocast dtype (a packed matrix is no leaf parameter, so
-        autocast would otherwise re-cast it on every step), else the weights'."""
+        """The dtype it computes in: under autocast the autocast dtype (its weights are cast once, where autocast
+        would cast them again on every step), else the weights'."""
         weight = model.model.embed_tokens.weight
         if torch.is_autocast_enabled(weight.device.type):
             return torch.get_autocast_dtype(weight.device.type)
@@ -173,45 +172,45 @@ class PackedDecoder:
 
     @classmethod
     def weights(cls, model, dtype):
-        """(each block's packed weights (`pack`), the head's weight, and for a MoE layer that runs the grouped
+        """(each block's weights (`block_weights`), the head's weight, and for a MoE layer that runs the grouped
         dispatch (on CUDA in bf16; see MoEFeedForward.grouped) its experts' weights stacked once here rather than
         on every step, else None)."""
-        packed = [cls.pack(block, dtype) for block in model.model.layers]
+        blocks = [cls.block_weights(block, dtype) for block in model.model.layers]
         head = weight_of(model.lm_head).to(dtype)
         stacked = [moe.stacked_experts(moe.grouped_dtype(head)) if moe is not None and moe.grouped(head) else None
-                   for *_, moe, _ in packed]
-        return packed, head, stacked
+                   for *_, moe, _ in blocks]
+        return blocks, head, stacked
 
     def refresh(self, model):
-        """The packed weights made again from the model's present ones; once a CUDA graph reads them where they
-        are (`static`), copied into this decoder's own (those that are the model's parameters need nothing)."""
+        """The weights taken again from the model's present ones; once a CUDA graph reads them where they are
+        (`static`), copied into this decoder's own (those that are the model's parameters need nothing)."""
         fresh = self.weights(model, self.dtype)
         if not self.static:
-            self.packed, self.head, self.stacked = fresh
+            self.blocks, self.head, self.stacked = fresh
             return
-        for old, new in zip(tensors_in((self.packed, self.head, self.stacked)), tensors_in(fresh)):
+        for old, new in zip(tensors_in((self.blocks, self.head, self.stacked)), tensors_in(fresh)):
             if old is not new:
                 old.copy_(new)
 
     @staticmethod
-    def pack(block, dtype):
-        """(first norm's weight, the attention module (its q/k norm + rotary and value-embedding gate), packed
-        q|k|v, o, second norm's weight, the MoE module or None, the packed feed-forward: gate|up and down, or for a
-        MoE ([experts'], [shared experts']))."""
+    def block_weights(block, dtype):
+        """(first norm's weight, the attention module (its q/k norm + rotary and value-embedding gate), q, k and
+        v, o, second norm's weight, the MoE module or None, the feed-forward's gate, up and down, or for a MoE
+        ([experts'], [shared experts'])): the modules' own weights, copies only in another dtype or with a LoRA
+        adapter merged in."""
         def cast(weight):
             return weight.to(dtype)
 
-        def packed_ffn(ffn):
-            return (cast(torch.cat([weight_of(ffn.gate_proj), weight_of(ffn.up_proj)])), cast(weight_of(ffn.down_proj)),
-                    ffn.act)
+        def ffn_weights(ffn):
+            return (*(cast(weight_of(linear)) for linear in (ffn.gate_proj, ffn.up_proj, ffn.down_proj)), ffn.act)
 
         attn, mlp = block.self_attn, block.mlp
-        qkv = cast(torch.cat([weight_of(attn.q_proj), weight_of(attn.k_proj), weight_of(attn.v_proj)]))
+        qkv = tuple(cast(weight_of(linear)) for linear in (attn.q_proj, attn.k_proj, attn.v_proj))
         moe = mlp if isinstance(mlp, MoEFeedForward) else None
         if moe is not None:
-            ffn = ([packed_ffn(expert) for expert in mlp.experts], [packed_ffn(shared) for shared in mlp.shared_experts])
+            ffn = ([ffn_weights(expert) for expert in mlp.experts], [ffn_weights(shared) for shared in mlp.shared_experts])
         else:
-            ffn = packed_ffn(mlp)
+            ffn = ffn_weights(mlp)
         return (block.input_layernorm.weight, attn, qkv, cast(weight_of(attn.o_proj)),
                 block.post_attention_layernorm.weight, moe, ffn)
 
@@ -270,7 +269,7 @@ class PackedDecoder:
         """`step` through torch.compile as one graph, or None once it has failed (the caller then decodes
         eagerly). With `cuda_graph` on CUDA (the engine: one decoder for the life of the server) in
         `reduce-overhead` mode, which captures the step as a CUDA graph and replays it (one launch per token
-        instead of hundreds), with every tensor it reads or writes (the cache, the packed weights, the rotary
+        instead of hundreds), with every tensor it reads or writes (the cache, the weights, the rotary
         tables) marked as a static address, so a replay copies none of them (the engine's decoder lives as long
         as the server, a stream's is reused by `decoder_for`); else fused kernels alone. On a CPU with a C++
         wrapper (`cpp_wrapper`: no Python between its kernels). Decoders of one shape share the compiled code;
@@ -280,24 +279,24 @@ class PackedDecoder:
         bf16), which runs its experts in bf16. Any failure, compiling, capturing (a CUDA graph is captured at
         the second call) or running: one warning, and None from then on."""
         if self.compiled is None:
-            if any(moe is not None and not moe.grouped(self.head) for *_, moe, _ in self.packed):
+            if any(moe is not None and not moe.grouped(self.head) for *_, moe, _ in self.blocks):
                 warnings.warn("the compiled decode step needs a MoE's grouped dispatch (the default on a CUDA GPU "
                               "in bf16); this MoE decodes eagerly")
                 self.compiled = False
             elif cuda_graph and self.head.is_cuda:
                 tensors = [*self.keys, *self.values, self.head, self.cos, self.sin, self.places, self.rows,
                            *(weight for stacked in self.stacked if stacked is not None for weight in stacked)]
-                for norm_1, _, qkv, o_proj, norm_2, moe, ffn in self.packed:  # a MoE layer runs on its module's
-                    tensors += [norm_1, qkv, o_proj, norm_2, *(ffn[:2] if moe is None else ())]  # weights
+                for norm_1, _, qkv, o_proj, norm_2, moe, ffn in self.blocks:  # a MoE layer runs on its module's
+                    tensors += [norm_1, *qkv, o_proj, norm_2, *(ffn[:3] if moe is None else ())]  # weights
                 for tensor in tensors:
                     torch._dynamo.mark_static_address(tensor)
                 self.static = True
                 # Static shapes: a CUDA graph replays one shape anyway, and a second engine of another size then
                 # compiles its own graph rather than one over a dynamic cache length.
-                self.compiled = torch.compile(PackedDecoder.step, fullgraph=True, dynamic=False, mode="reduce-overhead")
+                self.compiled = torch.compile(Decoder.step, fullgraph=True, dynamic=False, mode="reduce-overhead")
             else:
                 options = {} if self.head.is_cuda else {"cpp_wrapper": True}
-                self.compiled = torch.compile(PackedDecoder.step, fullgraph=True, options=options)
+                self.compiled = torch.compile(Decoder.step, fullgraph=True, options=options)
         if self.compiled is False:
             return None
         try:
@@ -312,16 +311,16 @@ class PackedDecoder:
             return None
 
     def run(self, input_ids, cos, sin, cached_attention, host_routing=True):
-        """The blocks' forward (model.Block) over the packed weights; `cached_attention(layer, q, k, v)` writes
+        """The blocks' forward (model.Block) over the decoder's weights; `cached_attention(layer, q, k, v)` writes
         the new keys and values into the cache and attends over it. `host_routing`: a single token's MoE runs
         only its k experts, read back to the host (fastest eagerly); otherwise MoE layers route in their module."""
         c = self.config
         batch, seq = input_ids.shape
         x = self.embed_tokens(input_ids)
         eps, head_dim = c.rms_norm_eps, c.head_dim
-        for i, (norm_1, attn, qkv, o_proj, norm_2, moe, ffn) in enumerate(self.packed):
+        for i, (norm_1, attn, qkv, o_proj, norm_2, moe, ffn) in enumerate(self.blocks):
             h = rms_norm(x, norm_1, eps)
-            q, k, v = F.linear(h, qkv).view(batch, seq, -1, head_dim).transpose(1, 2).split(self.head_split, 1)
+            q, k, v = (F.linear(h, weight).view(batch, seq, -1, head_dim).transpose(1, 2) for weight in qkv)
             value_embed = self.body.value_embed(i, input_ids)
             if value_embed is not None:
                 v = attn.add_value_embed(v, h, value_embed)
@@ -332,12 +331,12 @@ class PackedDecoder:
         return softcap(F.linear(rms_norm(x[:, -1], self.norm.weight, eps), self.head), c.logit_softcap).float()
 
     @staticmethod
-    def moe(moe, packed, h, host_routing=True, stacked=None):
+    def moe(moe, weights, h, host_routing=True, stacked=None):
         """One token: run only its k experts. A prompt (several tokens) goes through the module's dispatch (over the
         experts' `stacked` weights where the decoder stacked them)."""
         if h.shape[0] * h.shape[1] > 1 or not host_routing:
             return moe(h, h.new_ones(h.shape[:2]), stacked)[0]
-        experts, shared = packed
+        experts, shared = weights
         _, weights, chosen = moe.route(h.view(1, -1))
         out = sum(feed_forward(h, *expert) for expert in shared) if shared else torch.zeros_like(h)
         for weight, index in zip(weights.view(-1).tolist(), chosen.view(-1).tolist()):
@@ -353,6 +352,6 @@ def weight_of(linear):
     return linear.weight
 
 
-def feed_forward(x, gate_up, down, act):
-    """model.FeedForward over its packed gate/up matrix."""
-    return F.linear(gated(*F.linear(x, gate_up).chunk(2, dim=-1), act), down)
+def feed_forward(x, gate, up, down, act):
+    """model.FeedForward over its weights."""
+    return F.linear(gated(F.linear(x, gate), F.linear(x, up), act), down)

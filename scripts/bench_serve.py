@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from dataset import load_tokenizer
 from model import TinyMindForCausalLM, load_model
-from model.generate import PackedDecoder
+from model.generate import Decoder
 from scripts.serve import create_app
 from trainer.flags import add_model_flags, model_config, new_parser, parse
 
@@ -131,9 +131,9 @@ def main(argv=None):
 @torch.no_grad()
 def decode_ceiling(model, batch, position, rounds=15, steps=10):
     """How much `batch` rows can gain over one with no server around them: the decode step alone at batch 1 and
-    at `batch` (the engine's `PackedDecoder.decode`, rows at `position`), interleaved, medians:
+    at `batch` (the engine's `Decoder.decode`, rows at `position`), interleaved, medians:
     (milliseconds at 1, milliseconds at `batch`, batch · t1 / t_batch)."""
-    decoder = PackedDecoder(model, batch, position + 1)
+    decoder = Decoder(model, batch, position + 1)
     for cache in decoder.keys + decoder.values:
         cache.normal_()  # keys and values as a prefill leaves them, not stale memory
     tokens = torch.randint(3, model.config.vocab_size, (batch,), device=decoder.head.device)

@@ -1,4 +1,4 @@
-"""The fast paths give what the plain path gives: fast_generate / PackedDecoder and sampling, autocast, compile, the bench."""
+"""The fast paths give what the plain path gives: fast_generate / Decoder and sampling, autocast, compile, the bench."""
 
 import copy
 import json
@@ -14,7 +14,7 @@ import torch
 from transformers import RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from model import Sampling, TinyMindForCausalLM, fast_generate, masked_cross_entropy
-from model.generate import DECODERS, PackedDecoder, next_tokens, tensors_in
+from model.generate import DECODERS, Decoder, next_tokens, tensors_in
 from model.model import RMSNorm
 
 from conftest import make_model, tiny_config
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.parametrize("use_moe, qk_norm, nanochat", [(False, False, False), (True, False, False),
                                                        (False, True, False), (False, False, True), (True, False, True)])
-def test_packed_decoder_logits_equal_the_modules(use_moe, qk_norm, nanochat):
+def test_the_decoder_logits_equal_the_modules(use_moe, qk_norm, nanochat):
     model = make_model(use_moe)
     if nanochat:  # ReLU² feed-forwards, capped logits (a cap the random logits reach), gated value embeddings
         torch.manual_seed(1)
@@ -42,7 +42,7 @@ def test_packed_decoder_logits_equal_the_modules(use_moe, qk_norm, nanochat):
     ids = torch.randint(3, 97, (2, 9))
     with torch.no_grad():
         full = model(ids).logits
-        decoder = PackedDecoder(model, batch=2, max_len=9)
+        decoder = Decoder(model, batch=2, max_len=9)
         prompt_logits = decoder(ids[:, :6], 0)  # the prompt in one go, then one token at a time
         step_logits = [decoder(ids[:, t:t + 1], t) for t in range(6, 9)]
     torch.testing.assert_close(prompt_logits, full[:, 5], atol=1e-5, rtol=1e-5)
@@ -59,7 +59,7 @@ def test_one_token_moe_decoding_with_relu2_experts_and_a_routing_bias_equals_the
             moe.expert_bias.normal_(0, 0.05)  # enough to overrule the router's first choice for some tokens
         ids = torch.randint(3, 97, (1, 9))
         full = model(ids).logits
-        decoder = PackedDecoder(model, batch=1, max_len=9)
+        decoder = Decoder(model, batch=1, max_len=9)
         decoder(ids[:, :4], 0)
         for t in range(4, 9):
             torch.testing.assert_close(decoder(ids[:, t:t + 1], t), full[:, t], atol=1e-5, rtol=1e-5)
@@ -74,7 +74,7 @@ def prefilled(model, lengths):
     """A decoder of one cache row per length, each prefilled with all but the last token of a random sequence
     one longer; and the sequences."""
     sequences = [torch.randint(3, 97, (1, n + 1)) for n in lengths]
-    decoder = PackedDecoder(model, batch=len(lengths), max_len=8)
+    decoder = Decoder(model, batch=len(lengths), max_len=8)
     for row, sequence in enumerate(sequences):
         decoder(sequence[:, :-1], 0, rows=slice(row, row + 1))
     return decoder, sequences
@@ -270,7 +270,7 @@ def test_fast_generate_under_bf16_autocast_tracks_the_modules():
     ids = torch.randint(3, 97, (1, 8))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         full = model(ids).logits.float()
-        decoder = PackedDecoder(model, batch=1, max_len=8)
+        decoder = Decoder(model, batch=1, max_len=8)
         decoder(ids[:, :7], 0)
         last = decoder(ids[:, 7:], 7)
     torch.testing.assert_close(last, full[:, 7], atol=3e-2, rtol=3e-2)
@@ -361,26 +361,31 @@ def test_the_engine_samples_a_steps_rows_together_as_each_would_alone():
     assert torch.equal(together, torch.cat(alone))
 
 
-@pytest.mark.parametrize("use_moe, graphed", [(False, False), (True, False), (False, True)])
-def test_a_stream_reuses_its_decoder_and_decodes_with_the_weights_the_model_has_now(use_moe, graphed):
+@pytest.mark.parametrize("use_moe, graphed, bf16", [(False, False, False), (True, False, False), (False, True, False),
+                                                   (False, False, True), (False, True, True)])
+def test_a_stream_reuses_its_decoder_and_decodes_with_the_weights_the_model_has_now(use_moe, graphed, bf16):
     """What lets a compiled step (on CUDA its captured graph) serve every later call: one decoder per model while
-    the shape holds, its packed weights made anew each time (after an optimizer step too; once a CUDA graph
-    reads them, `graphed` here, in place); the tokens are those of a decoder made afresh."""
+    the shape holds, computing with the model's own weight tensors (under bf16 autocast, copies made anew each
+    stream: after an optimizer step too; once a CUDA graph reads them, `graphed` here, in place); the tokens are
+    those of a decoder made afresh."""
     model = make_model(use_moe)
     prompt = torch.randint(3, 97, (2, 5))
     sampling = Sampling(temperature=0.8)
 
     def sampled(model, prompt, length=12):
-        return fast_generate(model, prompt, length, sampling, generator=torch.Generator().manual_seed(0))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return fast_generate(model, prompt, length, sampling, generator=torch.Generator().manual_seed(0))
 
     first = sampled(model, prompt)
     decoder = DECODERS[model]
     decoder.static = graphed
 
-    def addresses():
-        return [t.data_ptr() for t in tensors_in((decoder.packed, decoder.head, decoder.stacked))]
+    def addresses():  # of the matrices (the norms' gains are the parameters in any dtype)
+        return [t.data_ptr() for t in tensors_in((decoder.blocks, decoder.head, decoder.stacked)) if t.dim() > 1]
 
-    packed = addresses()
+    taken = addresses()
+    parameters = {p.data_ptr() for p in model.parameters()}
+    assert all((address in parameters) != bf16 for address in taken)  # the parameters themselves, or copies
     longer = torch.randint(3, 97, (2, 9))
     assert torch.equal(sampled(model, longer, 30), sampled(copy.deepcopy(model), longer, 30))
     assert DECODERS[model] is decoder  # another length within the same cache length (CACHE_STEP)
@@ -393,6 +398,6 @@ def test_a_stream_reuses_its_decoder_and_decodes_with_the_weights_the_model_has_
     fresh = copy.deepcopy(model)  # the same weights, no decoder yet
     assert torch.equal(sampled(model, prompt), sampled(fresh, prompt))
     assert not torch.equal(sampled(model, prompt), first)  # the step changed what it says
-    assert DECODERS[model] is decoder and (addresses() == packed) == graphed
+    assert DECODERS[model] is decoder and (addresses() == taken) == (graphed or not bf16)
     sampled(model, torch.randint(3, 97, (3, 5)))  # another batch: a decoder of its own
     assert DECODERS[model] is not decoder

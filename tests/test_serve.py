@@ -202,7 +202,7 @@ def test_a_stop_string_ends_the_answer_before_it_even_across_tokens(server):
 def test_a_model_failing_mid_stream_ends_the_stream_with_an_error_event(checkpoint, monkeypatch):
     import model.generate
 
-    decode, steps = model.generate.PackedDecoder.decode, []
+    decode, steps = model.generate.Decoder.decode, []
 
     def failing(self, rows, tokens, positions):
         steps.append(len(rows))
@@ -210,7 +210,7 @@ def test_a_model_failing_mid_stream_ends_the_stream_with_an_error_event(checkpoi
             raise RuntimeError("out of memory (simulated)")
         return decode(self, rows, tokens, positions)
 
-    monkeypatch.setattr(model.generate.PackedDecoder, "decode", failing)
+    monkeypatch.setattr(model.generate.Decoder, "decode", failing)
     running = Server(checkpoint[1], load_tokenizer())
     try:
         stream = running.client().chat.completions.create(
@@ -219,7 +219,7 @@ def test_a_model_failing_mid_stream_ends_the_stream_with_an_error_event(checkpoi
         with pytest.raises(openai.APIError, match="the model failed on this request .RuntimeError: out of memory"):
             for _ in stream:
                 pass
-        monkeypatch.setattr(model.generate.PackedDecoder, "decode", decode)
+        monkeypatch.setattr(model.generate.Decoder, "decode", decode)
         assert greedy(running.client(), "hi").choices[0].finish_reason in ("stop", "length")  # still serving
     finally:
         running.stop()
