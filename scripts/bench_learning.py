@@ -3,6 +3,7 @@ the project's training split, with held-out bits per byte over time on its valid
 
     python -m scripts.bench_learning                                # every recipe, 180 s each, twice
     python -m scripts.bench_learning --budget 60 --repeats 1 --recipes baseline muon
+    python -m scripts.bench_learning --config configs/small.json --recipes muon_wsd default   # at a preset's shape
 
 Each recipe first times a few steps to turn the budget into a step count (so its learning-rate schedule runs to
 its end inside the budget), then trains 1-pretrain's model from scratch with `--val_data` evaluated
@@ -25,6 +26,7 @@ recipe emulates nanochat's base_train in tinymind's flags (see NANOCHAT below); 
 """
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -162,20 +164,34 @@ def budget(spec, args):
     return float(spec.split("@")[1]) if "@" in spec else args.budget
 
 
-def vocabulary(recipe):
+def shape_flags(config):
+    """The model's shape and batch: the benchmark's (MODEL), or a preset's (its keys are flag names)."""
+    if config is None:
+        return MODEL
+    preset = json.loads(Path(config).read_text())
+    return [text for key, value in preset.items()
+            for text in (f"--{key}", str(value).lower() if isinstance(value, bool) else str(value))]
+
+
+def flag_value(flags, name):
+    """The last value given for `--name` in `flags`."""
+    return flags[len(flags) - 1 - flags[::-1].index(f"--{name}") + 1]
+
+
+def vocabulary(recipe, args):
     """The recipe's vocabulary size: the benchmark's, unless the recipe gives its own."""
-    flags = [*MODEL, *RECIPES[named(recipe)]]
-    return int(flags[len(flags) - 1 - flags[::-1].index("--vocab_size") + 1])
+    return int(flag_value([*args.model, *RECIPES[named(recipe)]], "vocab_size"))
 
 
 def run_log(recipe, out_dir, args, *flags):
     """Train the recipe with `flags` into `out_dir`; its CSV log."""
-    argv = [*MODEL, *RECIPES[named(recipe)], *flags, "--data_path", args.data, "--seed", str(args.seed), "--device",
-            args.device, "--tokenizer_path", args.tokenizers[vocabulary(recipe)], "--save_interval", str(10**9),
-            "--out_dir", str(out_dir)]
+    argv = [*args.model, *RECIPES[named(recipe)], *flags, "--data_path", args.data, "--seed", str(args.seed),
+            "--device", args.device, "--tokenizer_path", args.tokenizers[vocabulary(recipe, args)], "--save_interval",
+            str(10**9), "--out_dir", str(out_dir)]
     train_stage(stage_for(named(recipe)), argv)
     kind = "moe" if "moe" in RECIPES[named(recipe)] else "dense"
-    return pd.read_csv(Path(out_dir) / f"pretrain_{kind}" / f"pretrain_128{'_moe' * (kind == 'moe')}_log.csv")
+    width = flag_value([*args.model, *RECIPES[named(recipe)]], "hidden_size")
+    return pd.read_csv(Path(out_dir) / f"pretrain_{kind}" / f"pretrain_{width}{'_moe' * (kind == 'moe')}_log.csv")
 
 
 def train(recipe, steps, args, out_dir):
@@ -220,10 +236,13 @@ def main(argv=None):
     parser.add_argument("--fit_tokenizer", action="store_true",
                         help="first fit a tokenizer to --data (scripts.train_tokenizer, the vocabulary of the model) "
                              "and train every recipe with it")
+    parser.add_argument("--config", help="a preset (configs/small.json) whose shape and batch replace the benchmark's "
+                                         "(width 128, 4 layers, 16 x 256 tokens a step)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out", default="output/bench_learning.png", help="the PNG of bits per byte against seconds")
     args = parser.parse_args(argv)
+    args.model = shape_flags(args.config)
     for spec in args.recipes:
         if named(spec) not in RECIPES or "@" in spec and not spec.split("@")[1].replace(".", "", 1).isdigit():
             parser.error(f"--recipes {spec}: not a recipe (RECIPE or RECIPE@SECONDS; recipes: {', '.join(RECIPES)})")
@@ -235,12 +254,12 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as scratch:
         # A tokenizer for each vocabulary size the recipes use, fitted to --data (or the one given)
         args.tokenizers = {}
-        for size in sorted({vocabulary(recipe) for recipe in recipes}):
+        for size in sorted({vocabulary(recipe, args) for recipe in recipes}):
             if args.fit_tokenizer:
                 args.tokenizers[size] = str(Path(scratch) / f"tokenizer_{size}")
                 fit(Path(args.data), Path(args.tokenizers[size]), size)
                 report_compression(Path(args.tokenizers[size]), SHIPPED, Path(args.val))
-            elif size == vocabulary("default"):
+            elif size == vocabulary("default", args):
                 args.tokenizers[size] = args.tokenizer_path
             else:
                 raise SystemExit(f"error: a recipe has a vocabulary of {size}, --tokenizer_path another: add "
@@ -292,7 +311,9 @@ def report(curves, args):
                     alpha=1.0 if index == 0 else 0.45, label=recipe if index == 0 else None)
     ax.set_xlabel("training seconds (this CPU)")
     ax.set_ylabel("held-out bits per byte")
-    ax.set_title(f"hidden 128 × 4 layers, batch 16 × 256, {args.budget:.0f} s per recipe")
+    model = args.model
+    ax.set_title(f"hidden {flag_value(model, 'hidden_size')} × {flag_value(model, 'num_hidden_layers')} layers, batch "
+                 f"{flag_value(model, 'batch_size')} × {flag_value(model, 'max_seq_len')}, {args.budget:.0f} s per recipe")
     ax.legend()
     fig.tight_layout()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

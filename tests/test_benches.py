@@ -28,10 +28,13 @@ def test_bench_learning_races_recipes_to_the_references_final_with_a_fitted_toke
     texts = [f"Line {i}: to be, or not to be, that is the question; 床前明月光。" for i in range(400)]
     data = write_jsonl(tmp_path / "pretrain.jsonl", [{"text": t} for t in texts[:360]])
     val = write_jsonl(tmp_path / "pretrain_val.jsonl", [{"text": t} for t in texts[360:]])
+    shape = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+             "vocab_size": 6400, "max_seq_len": 64, "batch_size": 4}  # a preset's shape, not the benchmark's
+    (tmp_path / "shape.json").write_text(json.dumps(shape))
     result = run_stage("-m", "scripts.bench_learning", "--budget", "0.5", "--repeats", "1", "--evaluations", "2",
                        "--val_samples", "8", "--calibration_steps", "6", "--data", data, "--val", val,
                        "--fit_tokenizer", "--reference", "nanochat", "--recipes", "best_vocab_2048@0.25", "nanochat",
-                       "--out", tmp_path / "curve.png", cwd=ROOT, timeout=600)
+                       "--config", tmp_path / "shape.json", "--out", tmp_path / "curve.png", cwd=ROOT, timeout=600)
     out = result.stdout
     assert "a row of fixed length carries" in out and (tmp_path / "curve.png").is_file()
     # a tokenizer fitted for each vocabulary size the recipes use
