@@ -2,9 +2,9 @@
 
 `3-eval.py` chats through `stream_tokens`, and `model.fast_generate` is the same loop collected
 into a tensor. At batch 1 a decode step is some sixty small matmuls and a few hundred tiny ops;
-on a CPU their per-call cost rivals the arithmetic, so the decoder calls the model's weights as plain
-matmuls and skips the modules' calls and the training forward's bookkeeping. tests/test_fast_paths.py holds it to the modules' logits
-and to Hugging Face `generate`.
+on a CPU their per-call cost rivals the arithmetic, so the decoder runs the model's weights through plain
+function calls, skipping the modules' calls and the training forward's bookkeeping. tests/test_fast_paths.py
+holds it to the modules' logits and to Hugging Face `generate`.
 """
 
 import traceback
