@@ -96,9 +96,10 @@ CACHE_STEP = 256  # the streams' cache lengths are rounded up to a multiple of t
 def decoder_for(model, batch, length):
     """The model's decoder for `batch` rows of up to `length` positions: the one its last stream ran if that has
     this batch, cache length (`length` rounded up to CACHE_STEP, within the model's positions where they allow),
-    dtype and parameters, its cache cleared and any weights it copies (`Decoder.weights`) made anew in place (the
-    model may have been trained since: fused optimizers change weights without marking them changed), so a
-    compiled step, and on CUDA its captured graph, serve every later stream; else a new one."""
+    dtype and parameters, its cache cleared and any weights it copies (`Decoder.weights`) made anew, in place once
+    a CUDA graph reads them (the model may have been trained since: fused optimizers change weights without
+    marking them changed), so a compiled step, and on CUDA its captured graph, serve every later stream; else a
+    new one."""
     length = max(length, min(CACHE_STEP * -(-length // CACHE_STEP), model.config.max_position_embeddings))
     decoder = DECODERS.get(model)
     shape = (batch, length, Decoder.compute_dtype(model), [moe.dispatch for moe in model.moe_layers()])
@@ -331,12 +332,12 @@ class Decoder:
         return softcap(F.linear(rms_norm(x[:, -1], self.norm.weight, eps), self.head), c.logit_softcap).float()
 
     @staticmethod
-    def moe(moe, weights, h, host_routing=True, stacked=None):
+    def moe(moe, expert_weights, h, host_routing=True, stacked=None):
         """One token: run only its k experts. A prompt (several tokens) goes through the module's dispatch (over the
         experts' `stacked` weights where the decoder stacked them)."""
         if h.shape[0] * h.shape[1] > 1 or not host_routing:
             return moe(h, h.new_ones(h.shape[:2]), stacked)[0]
-        experts, shared = weights
+        experts, shared = expert_weights
         _, weights, chosen = moe.route(h.view(1, -1))
         out = sum(feed_forward(h, *expert) for expert in shared) if shared else torch.zeros_like(h)
         for weight, index in zip(weights.view(-1).tolist(), chosen.view(-1).tolist()):

@@ -26,7 +26,6 @@ recipe emulates nanochat's base_train in tinymind's flags (see NANOCHAT below); 
 """
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -40,10 +39,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from dataset import PretrainDataset  # noqa: E402
+from dataset import PretrainDataset, load_tokenizer  # noqa: E402
 from dataset.batch import collate  # noqa: E402
 from scripts.train_tokenizer import SHIPPED, fit, report_compression  # noqa: E402
 from trainer import PRETRAIN_DEFAULTS, Stage, run_cli, train_stage  # noqa: E402
+from trainer.flags import parse  # noqa: E402
+from trainer.stages import stage_parser  # noqa: E402
 
 MODEL = ["--hidden_size", "128", "--num_hidden_layers", "4", "--num_attention_heads", "4", "--num_key_value_heads", "2",
          "--vocab_size", "6400", "--max_seq_len", "256", "--batch_size", "16"]
@@ -132,6 +133,11 @@ RECIPES = {
 }
 
 
+# Recipes whose flags hold at the benchmark's width of 128 only: nanochat's one head of 128 and its rates scaled to
+# that width, head size 64 as 2 heads, experts of half the width.
+WIDTH_128 = {"nanochat", "default_head64", "moe_fine_bias"}
+
+
 class PaddedToMaximum(PretrainDataset):
     """MiniMind's batches: every row padded to the maximum length, samples in random order (all lengths look
     alike to the length grouping, which then leaves the seeded permutation as it is)."""
@@ -165,23 +171,22 @@ def budget(spec, args):
     return float(spec.split("@")[1]) if "@" in spec else args.budget
 
 
-def shape_flags(config):
-    """The model's shape and batch: the benchmark's (MODEL), or a preset's (its keys are flag names)."""
-    if config is None:
-        return MODEL
-    preset = json.loads(Path(config).read_text())
-    return [text for key, value in preset.items()
-            for text in (f"--{key}", str(value).lower() if isinstance(value, bool) else str(value))]
+def shape(args):
+    """The reference recipe's model and batch, in words."""
+    run = resolved(args.reference, args)
+    return (f"hidden {run.hidden_size} × {run.num_hidden_layers} layers{' MoE' * (run.model_type == 'moe')}, batch "
+            f"{run.batch_size} × {run.max_seq_len}")
 
 
-def flag_value(flags, name):
-    """The last value given for `--name` in `flags`."""
-    return flags[len(flags) - 1 - flags[::-1].index(f"--{name}") + 1]
+def resolved(recipe, args):
+    """The recipe's flags as its run reads them: the benchmark's shape (or the --config preset, as
+    1-pretrain.py --config reads it), then the recipe's own."""
+    return parse(stage_parser(stage_for(named(recipe))), [*args.model, *RECIPES[named(recipe)], "--device", args.device])
 
 
 def vocabulary(recipe, args):
     """The recipe's vocabulary size: the benchmark's, unless the recipe gives its own."""
-    return int(flag_value([*args.model, *RECIPES[named(recipe)]], "vocab_size"))
+    return resolved(recipe, args).vocab_size
 
 
 def run_log(recipe, out_dir, args, *flags):
@@ -190,9 +195,9 @@ def run_log(recipe, out_dir, args, *flags):
             "--device", args.device, "--tokenizer_path", args.tokenizers[vocabulary(recipe, args)], "--save_interval",
             str(10**9), "--out_dir", str(out_dir)]
     train_stage(stage_for(named(recipe)), argv)
-    kind = "moe" if "moe" in RECIPES[named(recipe)] else "dense"
-    width = flag_value([*args.model, *RECIPES[named(recipe)]], "hidden_size")
-    return pd.read_csv(Path(out_dir) / f"pretrain_{kind}" / f"pretrain_{width}{'_moe' * (kind == 'moe')}_log.csv")
+    run = resolved(recipe, args)
+    moe = run.model_type == "moe"
+    return pd.read_csv(Path(out_dir) / f"pretrain_{run.model_type}" / f"pretrain_{run.hidden_size}{'_moe' * moe}_log.csv")
 
 
 def train(recipe, steps, args, out_dir):
@@ -237,20 +242,27 @@ def main(argv=None):
     parser.add_argument("--fit_tokenizer", action="store_true",
                         help="first fit a tokenizer to --data (scripts.train_tokenizer, the vocabulary of the model) "
                              "and train every recipe with it")
-    parser.add_argument("--config", help="a preset (configs/small.json) whose shape and batch replace the benchmark's "
-                                         "(width 128, 4 layers, 16 x 256 tokens a step)")
+    parser.add_argument("--config", help="a preset (configs/small.json) every recipe starts from, as 1-pretrain.py "
+                                         "--config reads it, in place of the benchmark's shape (width 128, 4 layers, "
+                                         "16 x 256 tokens a step); a recipe's own flags still win")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out", default="output/bench_learning.png", help="the PNG of bits per byte against seconds")
     args = parser.parse_args(argv)
-    args.model = shape_flags(args.config)
+    args.model = ["--config", args.config] if args.config else MODEL
     for spec in args.recipes:
         if named(spec) not in RECIPES or "@" in spec and not spec.split("@")[1].replace(".", "", 1).isdigit():
             parser.error(f"--recipes {spec}: not a recipe (RECIPE or RECIPE@SECONDS; recipes: {', '.join(RECIPES)})")
+    width = resolved(args.reference, args).hidden_size
+    for spec in [args.reference, *args.recipes]:
+        if named(spec) in WIDTH_128 and width != 128:
+            parser.error(f"--recipes {spec}: its flags hold at width 128 only (head sizes, widths and rates set for "
+                         f"it), and --config's model is {width} wide")
     for path in (args.data, args.val):
         if not Path(path).is_file():
             raise SystemExit(f"error: {path}: no such file; run `python -m scripts.prepare_data` first")
     recipes = [args.reference, *[r for r in args.recipes if r != args.reference]]
+    print(f"shape: {shape(args)}", flush=True)
     curves = {recipe: [] for recipe in recipes}
     with tempfile.TemporaryDirectory() as scratch:
         # A tokenizer for each vocabulary size the recipes use, fitted to --data (or the one given)
@@ -260,7 +272,7 @@ def main(argv=None):
                 args.tokenizers[size] = str(Path(scratch) / f"tokenizer_{size}")
                 fit(Path(args.data), Path(args.tokenizers[size]), size)
                 report_compression(Path(args.tokenizers[size]), SHIPPED, Path(args.val))
-            elif size == vocabulary("default", args):
+            elif size == len(load_tokenizer(args.tokenizer_path)):
                 args.tokenizers[size] = args.tokenizer_path
             else:
                 raise SystemExit(f"error: a recipe has a vocabulary of {size}, --tokenizer_path another: add "
@@ -312,9 +324,7 @@ def report(curves, args):
                     alpha=1.0 if index == 0 else 0.45, label=recipe if index == 0 else None)
     ax.set_xlabel("training seconds (this CPU)")
     ax.set_ylabel("held-out bits per byte")
-    model = args.model
-    ax.set_title(f"hidden {flag_value(model, 'hidden_size')} × {flag_value(model, 'num_hidden_layers')} layers, batch "
-                 f"{flag_value(model, 'batch_size')} × {flag_value(model, 'max_seq_len')}, {args.budget:.0f} s per recipe")
+    ax.set_title(f"{shape(args)}, {args.budget:.0f} s per recipe")
     ax.legend()
     fig.tight_layout()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

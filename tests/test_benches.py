@@ -25,23 +25,42 @@ def test_bench_stages_reports_every_stage_against_full_sft(tmp_path, capsys):
 
 
 def test_bench_learning_races_recipes_to_the_references_final_with_a_fitted_tokenizer(tmp_path):
-    texts = [f"Line {i}: to be, or not to be, that is the question; 床前明月光。" for i in range(400)]
-    data = write_jsonl(tmp_path / "pretrain.jsonl", [{"text": t} for t in texts[:360]])
-    val = write_jsonl(tmp_path / "pretrain_val.jsonl", [{"text": t} for t in texts[360:]])
-    shape = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
-             "vocab_size": 6400, "max_seq_len": 64, "batch_size": 4}  # a preset's shape, not the benchmark's
-    (tmp_path / "shape.json").write_text(json.dumps(shape))
+    data, val = learning_data(tmp_path)
     result = run_stage("-m", "scripts.bench_learning", "--budget", "0.5", "--repeats", "1", "--evaluations", "2",
                        "--val_samples", "8", "--calibration_steps", "6", "--data", data, "--val", val,
                        "--fit_tokenizer", "--reference", "nanochat", "--recipes", "best_vocab_2048@0.25", "nanochat",
-                       "--config", tmp_path / "shape.json", "--out", tmp_path / "curve.png", cwd=ROOT, timeout=600)
+                       "--out", tmp_path / "curve.png", cwd=ROOT, timeout=600)
     out = result.stdout
     assert "a row of fixed length carries" in out and (tmp_path / "curve.png").is_file()
+    assert "shape: hidden 128 × 4 layers, batch 16 × 256" in out  # the benchmark's own
     # a tokenizer fitted for each vocabulary size the recipes use
     assert "training a 2048-token BPE" in out and "training a 6400-token BPE" in out
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in out.splitlines() if line.startswith("| ")}
     assert list(rows)[1:] == ["nanochat", "best_vocab_2048@0.25"]  # the reference first
     assert rows["nanochat"][-1] == "1.00x |"  # it reaches its own final at its last second
+
+
+def learning_data(tmp_path):
+    texts = [f"Line {i}: to be, or not to be, that is the question; 床前明月光。" for i in range(400)]
+    return (write_jsonl(tmp_path / "pretrain.jsonl", [{"text": t} for t in texts[:360]]),
+            write_jsonl(tmp_path / "pretrain_val.jsonl", [{"text": t} for t in texts[360:]]))
+
+
+def test_bench_learning_races_at_a_presets_shape_and_refuses_recipes_set_for_width_128(tmp_path):
+    data, val = learning_data(tmp_path)
+    preset = {"model_type": "moe", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "num_key_value_heads": 1, "max_seq_len": 64, "batch_size": 4}  # the vocabulary: 1-pretrain's
+    (tmp_path / "shape.json").write_text(json.dumps(preset))
+    race = ["-m", "scripts.bench_learning", "--budget", "0.5", "--repeats", "1", "--evaluations", "2", "--val_samples",
+            "8", "--calibration_steps", "6", "--data", data, "--val", val, "--config", tmp_path / "shape.json",
+            "--reference", "muon_wsd", "--out", tmp_path / "curve.png"]
+    result = run_stage(*race, "--recipes", "default", cwd=ROOT, timeout=600)
+    assert "shape: hidden 64 × 2 layers MoE, batch 4 × 64" in result.stdout
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert [row.split(" | ")[0].strip("| ") for row in rows[1:]] == ["muon_wsd", "default"]  # under the header
+    refused = run_stage(*race, "--recipes", "nanochat", cwd=ROOT, check=False)
+    assert refused.returncode == 2
+    assert "--recipes nanochat: its flags hold at width 128 only" in refused.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.slow  # a benchmark end to end, not a unit
