@@ -98,6 +98,8 @@ RECIPES = {
     "best_embedding_lr_0.3": [*BEST, "--embedding_lr", "0.3"],
     "best_batch_8": [*BEST, "--batch_size", "8"],
     "best_batch_32": [*BEST, "--batch_size", "32"],
+    "best_momentum_0.9": [*BEST, "--muon_momentum", "0.9"],
+    "best_momentum_0.85": [*BEST, "--muon_momentum", "0.85"],
     "best_warmdown_50": [*BEST, "--decay_fraction", "0.5"],
     # a smaller vocabulary: a cheaper head and embedding (at width 128 the head is about a third of a step's
     # arithmetic) against fewer bytes a token; each size gets its own tokenizer fitted to the data (--fit_tokenizer)

@@ -127,6 +127,16 @@ def test_resume_keeps_the_runs_rate_unless_the_command_line_changes_it(workdir, 
     assert run_in_process(capsys, "--max_steps", 4, "--learning_rate", 5e-4, "--resume")[0] == 0  # said: changed
 
 
+def test_resume_takes_muons_momentum_from_the_command_line_and_refuses_a_changed_default(workdir, capsys):
+    assert run_in_process(capsys, "--max_steps", 2, "--optimizer", "muon", "--muon_momentum", 0.9)[0] == 0
+    code, err = run_in_process(capsys, "--max_steps", 4, "--optimizer", "muon", "--resume")
+    assert code == 2 and "used --muon_momentum 0.9 and this run's default is 0.95" in err[-1]
+    assert run_in_process(capsys, "--max_steps", 4, "--optimizer", "muon", "--muon_momentum", 0.8, "--resume")[0] == 0
+    latest = sorted((workdir / "output/pretrain_dense").glob("*_resume_*.pt"))[-1]
+    groups = torch.load(latest, weights_only=True)["optimizer"]["param_groups"]
+    assert [group["momentum"] for group in groups if "momentum" in group] == [0.8]  # Muon's group (AdamW has betas)
+
+
 def test_resume_state_without_its_data_order_is_resumed_with_a_warning(workdir, capsys):
     assert run_in_process(capsys, "--max_steps", 2)[0] == 0
     latest = sorted((workdir / "output/pretrain_dense").glob("*_resume_*.pt"))[-1]

@@ -138,6 +138,17 @@ def test_embedding_and_head_rates_follow_the_schedule_scaled_to_their_own_peaks(
         assert moved == pytest.approx(peak * scale, rel=1e-3), name
 
 
+def test_muon_takes_its_momentum_from_the_flag_within_its_range(tmp_path):
+    from trainer.loop import make_optimizers
+
+    model = TinyMindForCausalLM(model_config(tiny_args(tmp_path)))
+    for flags, momentum in (((), 0.95), (("--muon_momentum", 0.85), 0.85)):
+        muon = make_optimizers(model, tiny_args(tmp_path, "--optimizer", "muon", *flags))[1]
+        assert [group["momentum"] for group in muon.param_groups] == [momentum]
+    with pytest.raises(UserError, match=r"^--muon_momentum 1.0: must be at least 0 and below 1"):
+        tiny_args(tmp_path, "--muon_momentum", 1)
+
+
 def test_a_head_rate_without_an_untied_head_is_refused(tmp_path, tokenizer):
     with pytest.raises(UserError, match="--head_lr: this run trains no weights of an untied LM head"):
         one_step_loss(tmp_path, tokenizer, 2, 1, "--head_lr", 0.01)

@@ -115,6 +115,9 @@ def add_training_flags(parser, default_data):
     group.add_argument("--head_lr", type=float,
                        help="peak rate of an untied LM head, AdamW's (default: --learning_rate; nanochat: "
                             "0.004 x (768 / hidden)^0.5)")
+    group.add_argument("--muon_momentum", type=float, default=0.95,
+                       help="Muon's momentum (Nesterov), torch.optim.Muon's default (nanochat: 0.85 rising to 0.95 "
+                            "over its first 300 steps)")
     group.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW's first-moment decay (nanochat: 0.8)")
     group.add_argument("--adam_beta2", type=float, default=0.95, help="AdamW's second-moment decay")
     group.add_argument("--schedule", choices=("cosine", "wsd"), default="cosine",
@@ -328,6 +331,8 @@ def validate(args):
     for name, value in vars(args).items():
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"--{name} {value}: must be a finite number")
+    if not 0 <= getattr(args, "muon_momentum", 0) < 1:
+        raise UserError(f"--muon_momentum {args.muon_momentum}: must be at least 0 and below 1 (default 0.95)")
     if getattr(args, "optimizer", None) == "muon" and args.fsdp:
         if "optimizer" in args.given_flags:
             raise UserError("--optimizer muon with --fsdp: Muon orthogonalises whole matrices, which FSDP2 shards; "

@@ -72,7 +72,8 @@ def make_optimizers(model, args):
     if args.optimizer == "muon":
         hidden = [p for name, p in named if is_hidden_matrix(name, p)]
         optimizers.append(BatchedMuon(hidden, lr=args.learning_rate, weight_decay=args.weight_decay,
-                                      adjust_lr_fn="match_rms_adamw", compile=getattr(args, "compile", False)))
+                                      momentum=args.muon_momentum, adjust_lr_fn="match_rms_adamw",
+                                      compile=getattr(args, "compile", False)))
         named = [(name, p) for name, p in named if not is_hidden_matrix(name, p)]
     own_rates = [("embedding_lr", "the embedding", is_embedding),
                  ("head_lr", "an untied LM head (pass --tie_word_embeddings false)",
@@ -453,6 +454,10 @@ class Trainer:
 
     def load_state_dict(self, state):
         distributed.load_full_state_dicts(self.model, self.optimizers, state["model"], state["optimizer"])
+        for optimizer in self.optimizers:  # Muon's momentum is the run's flag, as its rate (the schedule sets that)
+            if isinstance(optimizer, BatchedMuon):
+                for group in optimizer.param_groups:
+                    group["momentum"] = self.args.muon_momentum
         self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"], self.device)
         self.objective.load_state_dict(state.get("objective", {}))
