@@ -98,6 +98,10 @@ RECIPES = {
     "best_embedding_lr_0.3": [*BEST, "--embedding_lr", "0.3"],
     "best_batch_8": [*BEST, "--batch_size", "8"],
     "best_batch_32": [*BEST, "--batch_size", "32"],
+    # nanochat's learning-rate scaling by batch: every rate x sqrt(batch / the reference batch), here 16 rows
+    "best_batch_4_sqrt_lr": [*BEST, "--batch_size", "4", "--learning_rate", "3e-3", "--embedding_lr", "0.05"],
+    "best_batch_8_sqrt_lr": [*BEST, "--batch_size", "8", "--learning_rate", "4.24e-3", "--embedding_lr", "0.0707"],
+    "best_batch_32_sqrt_lr": [*BEST, "--batch_size", "32", "--learning_rate", "8.49e-3", "--embedding_lr", "0.141"],
     "best_momentum_0.9": [*BEST, "--muon_momentum", "0.9"],
     "best_momentum_0.85": [*BEST, "--muon_momentum", "0.85"],
     "best_warmdown_50": [*BEST, "--decay_fraction", "0.5"],
