@@ -157,8 +157,8 @@ class TrainingStep:
         self.name = name
         self.model = model.to(args.device).train()
         self.optimizers = make_optimizers(self.model, SimpleNamespace(
-            optimizer=optimizer, adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.1, learning_rate=args.learning_rate,
-            device=args.device))
+            optimizer=optimizer, adam_beta1=0.9, adam_beta2=0.95, muon_momentum=0.95, weight_decay=0.1,
+            learning_rate=args.learning_rate, device=args.device))
         for muon in self.optimizers[1:]:  # Newton-Schulz's dtype, where one is asked for (BatchedMuon.ns_dtype)
             muon.ns_dtype = ns_dtype
         self.forward = torch.compile(self.model) if args.compile else self.model
