@@ -127,14 +127,23 @@ def test_resume_keeps_the_runs_rate_unless_the_command_line_changes_it(workdir, 
     assert run_in_process(capsys, "--max_steps", 4, "--learning_rate", 5e-4, "--resume")[0] == 0  # said: changed
 
 
-def test_resume_takes_muons_momentum_from_the_command_line_and_refuses_a_changed_default(workdir, capsys):
-    assert run_in_process(capsys, "--max_steps", 2, "--optimizer", "muon", "--muon_momentum", 0.9)[0] == 0
+def test_resume_takes_the_optimizer_settings_from_the_command_line_and_refuses_a_changed_default(workdir, capsys):
+    first = ("--max_steps", 2, "--optimizer", "muon", "--muon_momentum", 0.9, "--weight_decay", 0.05,
+             "--adam_beta2", 0.99)
+    assert run_in_process(capsys, *first)[0] == 0
     code, err = run_in_process(capsys, "--max_steps", 4, "--optimizer", "muon", "--resume")
     assert code == 2 and "used --muon_momentum 0.9 and this run's default is 0.95" in err[-1]
-    assert run_in_process(capsys, "--max_steps", 4, "--optimizer", "muon", "--muon_momentum", 0.8, "--resume")[0] == 0
+    code, err = run_in_process(capsys, "--max_steps", 4, "--optimizer", "muon", "--muon_momentum", 0.8, "--resume")
+    assert code == 2 and "used --weight_decay 0.05 and this run's default is 0.1" in err[-1]
+    assert run_in_process(capsys, "--max_steps", 4, "--optimizer", "muon", "--muon_momentum", 0.8, "--weight_decay",
+                          0.02, "--adam_beta2", 0.9, "--resume")[0] == 0
     latest = sorted((workdir / "output/pretrain_dense").glob("*_resume_*.pt"))[-1]
     groups = torch.load(latest, weights_only=True)["optimizer"]["param_groups"]
-    assert [group["momentum"] for group in groups if "momentum" in group] == [0.8]  # Muon's group (AdamW has betas)
+    muon = [group for group in groups if "momentum" in group]
+    adamw = [group for group in groups if "betas" in group]
+    assert [(group["momentum"], group["weight_decay"]) for group in muon] == [(0.8, 0.02)]
+    assert {tuple(group["betas"]) for group in adamw} == {(0.9, 0.9)}  # the saved run's 0.99 is not brought back
+    assert sorted(group["weight_decay"] for group in adamw) == [0.0, 0.02]  # matrices decay, norms and biases not
 
 
 def test_resume_state_without_its_data_order_is_resumed_with_a_warning(workdir, capsys):

@@ -126,7 +126,8 @@ def add_training_flags(parser, default_data):
     group.add_argument("--decay_fraction", type=float, default=0.2,
                        help="wsd: the share of the steps over which the rate falls to a tenth (nanochat: 0.65)")
     group.add_argument("--warmup_steps", type=int, help="linear warmup length; 2%% of the steps when not given")
-    group.add_argument("--weight_decay", type=float, default=0.1, help="AdamW decay, on weight matrices only")
+    group.add_argument("--weight_decay", type=float, default=0.1,
+                       help="weight decay (AdamW's and Muon's), on weight matrices only")
     group.add_argument("--zero_init_out", action="store_true",
                        help="a model from random init starts its blocks' output projections (attention o_proj, "
                             "feed-forward down_proj) at zero, as nanochat: every block begins as the identity")

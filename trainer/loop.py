@@ -453,11 +453,14 @@ class Trainer:
         }
 
     def load_state_dict(self, state):
+        # The groups' settings (weight decay, betas, Muon's momentum) are this run's flags, as their rates are:
+        # loading an optimizer's state brings back the saved run's, so this run's are put back over them.
+        settings = [[{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+                    for optimizer in self.optimizers]
         distributed.load_full_state_dicts(self.model, self.optimizers, state["model"], state["optimizer"])
-        for optimizer in self.optimizers:  # Muon's momentum is the run's flag, as its rate (the schedule sets that)
-            if isinstance(optimizer, BatchedMuon):
-                for group in optimizer.param_groups:
-                    group["momentum"] = self.args.muon_momentum
+        for optimizer, groups in zip(self.optimizers, settings):
+            for group, own in zip(optimizer.param_groups, groups):
+                group.update(own)
         self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"], self.device)
         self.objective.load_state_dict(state.get("objective", {}))
