@@ -61,13 +61,13 @@ MOE = ["--model_type", "moe", "--n_routed_experts", "4", "--num_experts_per_tok"
 # width) and Adam beta1 0.8. Its Muon rate 0.02 gives an update RMS of 0.02/sqrt(128) for these 128 x 128
 # matrices; tinymind's Muon update (scaled to AdamW's RMS) is 0.2 x lr, hence lr 9e-3. Not emulated: its per-layer
 # residual and x0 scalars; its ReLU² feed-forward is ungated and 4x wide
-# (here gated at 8/3x, the same parameters); its norms have no gains; its rate decays to 0 (here to a tenth); it
-# crops documents to fill rows (here rows hold whole documents).
+# (here gated at 8/3x, the same parameters); its norms have no gains; it crops documents to fill rows (here rows
+# hold whole documents).
 NANOCHAT = ["--optimizer", "muon", "--learning_rate", "9e-3", "--schedule", "wsd", "--decay_fraction", "0.65",
             "--warmup_steps", "0", "--hidden_act", "relu2", "--qk_norm", "true", "--tie_word_embeddings", "false",
             "--logit_softcap", "15", "--num_attention_heads", "1", "--num_key_value_heads", "1", "--value_embeds",
             "true", "--zero_init_out", "--pack", "shared", "--pack_fit", "best", "--embedding_lr", "0.49",
-            "--head_lr", "0.0098", "--adam_beta1", "0.8"]
+            "--head_lr", "0.0098", "--adam_beta1", "0.8", "--final_lr_fraction", "0"]
 BEST = [*MUON_WSD, "--pack", "shared", "--pack_fit", "best", "--learning_rate", "6e-3", "--tie_word_embeddings",
         "false", "--embedding_lr", "0.1"]
 RECIPES = {
@@ -92,7 +92,7 @@ RECIPES = {
     # nanochat's per-group rates on the best recipe: a fast embedding, a slow untied head
     "default_best_fit_lr_6e-3_group_rates": [*MUON_WSD, "--pack", "shared", "--pack_fit", "best", "--learning_rate",
                                              "6e-3", "--tie_word_embeddings", "false", "--embedding_lr", "0.49",
-                                             "--head_lr", "0.0098", "--adam_beta1", "0.8"],
+                                             "--head_lr", "0.0098", "--adam_beta1", "0.8", "--final_lr_fraction", "0"],
     # the best recipe measured: best-fit packed rows at lr 6e-3, an untied head and the embedding at lr 0.1
     "best": BEST,
     "best_embedding_lr_0.3": [*BEST, "--embedding_lr", "0.3"],
@@ -105,6 +105,12 @@ RECIPES = {
     "best_momentum_0.9": [*BEST, "--muon_momentum", "0.9"],
     "best_momentum_0.85": [*BEST, "--muon_momentum", "0.85"],
     "best_warmdown_50": [*BEST, "--decay_fraction", "0.5"],
+    "best_final_lr_0": [*BEST, "--final_lr_fraction", "0"],
+    "best_batch_8_sqrt_lr_momentum_0.9": [*BEST, "--batch_size", "8", "--learning_rate", "4.24e-3", "--embedding_lr",
+                                          "0.0707", "--muon_momentum", "0.9"],
+    "best_batch_8_sqrt_lr_momentum_0.9_final_lr_0": [*BEST, "--batch_size", "8", "--learning_rate", "4.24e-3",
+                                                     "--embedding_lr", "0.0707", "--muon_momentum", "0.9",
+                                                     "--final_lr_fraction", "0"],
     # a smaller vocabulary: a cheaper head and embedding (at width 128 the head is about a third of a step's
     # arithmetic) against fewer bytes a token; each size gets its own tokenizer fitted to the data (--fit_tokenizer)
     "best_vocab_2048": [*BEST, "--vocab_size", "2048"],

@@ -383,6 +383,18 @@ def test_warmdown_over_the_last_decay_fraction_of_the_steps(tmp_path):
         tiny_args(tmp_path, "--decay_fraction", "0")
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_the_schedule_ends_at_the_final_lr_fraction_of_the_peak(schedule, tmp_path):
+    from trainer.loop import lr_at
+
+    rates = [lr_at(step, 100, 0, 2.0, schedule, final_fraction=0.0) for step in range(100)]
+    assert rates[0] == 2.0 and rates[-1] == pytest.approx(0.0, abs=1e-3)  # nanochat's decay to zero
+    if schedule == "wsd":
+        assert rates[89] == pytest.approx(2.0 * 10 / 20)
+    with pytest.raises(UserError, match=r"^--final_lr_fraction 1\.5: must lie in \[0, 1\] \(default 0\.1\)$"):
+        tiny_args(tmp_path, "--final_lr_fraction", "1.5")
+
+
 def test_zero_init_out_starts_every_block_as_the_identity_and_still_learns(tmp_path):
     from trainer.stages import new_model
 
@@ -454,7 +466,7 @@ def test_fsdp_falls_back_to_adamw_at_adamws_rate_unless_a_rate_is_given(capsys):
 
 def test_a_run_says_its_optimizer_and_rate_first(pretrained):
     assert ("optimizer: Muon on the blocks' matrices, AdamW on the rest, peak lr 0.006, embedding lr 0.1, "
-            "1 warmup step, warmup-stable-decay to lr/10") in (pretrained / "stdout.txt").read_text().splitlines()[:3]
+            "1 warmup step, warmup-stable-decay to 0.1 x lr") in (pretrained / "stdout.txt").read_text().splitlines()[:3]
 
 
 def test_a_stages_own_flag_may_stand_in_a_preset(tmp_path):

@@ -105,7 +105,7 @@ def add_training_flags(parser, default_data):
     group.add_argument("--batch_size", type=int, default=32, help="samples per micro-batch (per process)")
     group.add_argument("--accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
     group.add_argument("--learning_rate", type=float, default=ADAMW_LEARNING_RATE,
-                       help="peak learning rate; decays to a tenth of it")
+                       help="peak learning rate; decays to --final_lr_fraction of it")
     group.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw",
                        help="adamw, or muon: Muon for the matrices inside the blocks, AdamW for embedding, head, norms "
                             "and routers")
@@ -124,7 +124,10 @@ def add_training_flags(parser, default_data):
                        help="after warmup: cosine decay, or warmup-stable-decay (flat, then linear over the last "
                             "--decay_fraction of the steps)")
     group.add_argument("--decay_fraction", type=float, default=0.2,
-                       help="wsd: the share of the steps over which the rate falls to a tenth (nanochat: 0.65)")
+                       help="wsd: the share of the steps over which the rate falls to --final_lr_fraction of the peak "
+                            "(nanochat: 0.65)")
+    group.add_argument("--final_lr_fraction", type=float, default=0.1,
+                       help="the rate at the last step, as a fraction of the peak (nanochat: 0)")
     group.add_argument("--warmup_steps", type=int, help="linear warmup length; 2%% of the steps when not given")
     group.add_argument("--weight_decay", type=float, default=0.1,
                        help="weight decay (AdamW's and Muon's), on weight matrices only")
@@ -352,6 +355,8 @@ def validate(args):
             err=True)
     if not 0 < getattr(args, "decay_fraction", 0.5) <= 1:
         raise UserError(f"--decay_fraction {args.decay_fraction}: must lie in (0, 1]")
+    if not 0 <= getattr(args, "final_lr_fraction", 0) <= 1:
+        raise UserError(f"--final_lr_fraction {args.final_lr_fraction}: must lie in [0, 1] (default 0.1)")
     for beta in ("adam_beta1", "adam_beta2"):
         if not 0 <= getattr(args, beta, 0.5) < 1:
             raise UserError(f"--{beta} {getattr(args, beta)}: must lie in [0, 1)")

@@ -46,17 +46,18 @@ class Progress:
     skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient
 
 
-def lr_at(step, total_steps, warmup_steps, peak, schedule="cosine", decay_fraction=0.2):
-    """Linear warmup to `peak`, then either cosine decay to peak/10 at the last step, or warmup-stable-decay:
-    `peak` until the last `decay_fraction` of the steps, then linear decay to peak/10."""
+def lr_at(step, total_steps, warmup_steps, peak, schedule="cosine", decay_fraction=0.2, final_fraction=0.1):
+    """Linear warmup to `peak`, then either cosine decay to `final_fraction` of the peak at the last step, or
+    warmup-stable-decay: `peak` until the last `decay_fraction` of the steps, then linear decay to that end."""
     if step < warmup_steps:
         return peak * (step + 1) / warmup_steps
+    final = peak * final_fraction
     if schedule == "wsd":
         decay_steps = max(1, round(decay_fraction * total_steps))
         left = (total_steps - 1 - step) / decay_steps  # 1 where the decay starts, 0 at the last step
-        return peak / 10 + 0.9 * peak * min(max(left, 0.0), 1.0)
+        return final + (peak - final) * min(max(left, 0.0), 1.0)
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return peak / 10 + 0.9 * peak * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return final + (peak - final) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def make_optimizers(model, args):
@@ -293,7 +294,7 @@ class Trainer:
         args, model, objective = self.args, self.model, self.objective
         def scheduled(peak):
             return lr_at(self.progress.step, self.total_steps, self.warmup_steps, peak, args.schedule,
-                         args.decay_fraction)
+                         args.decay_fraction, args.final_lr_fraction)
 
         lr = scheduled(args.learning_rate)
         for optimizer, peaks in zip(self.optimizers, self.peak_lrs):

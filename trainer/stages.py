@@ -172,7 +172,7 @@ def describe_optimizer(trainer):
                   for flag, what in (("embedding_lr", "embedding"), ("head_lr", "head"))
                   if getattr(args, flag, None) is not None)
     return (f"optimizer: {which}, peak lr {args.learning_rate:g}{own}, {steps} warmup step{'s' * (steps != 1)}, "
-            f"{schedule} to lr/10")
+            f"{schedule} to {args.final_lr_fraction:g} x lr")
 
 
 def build_model(stage_name, start, args):
