@@ -7,7 +7,9 @@ the project's training split, with held-out bits per byte over time on its valid
 
 Each recipe first times a few steps to turn the budget into a step count (so its learning-rate schedule runs to
 its end inside the budget), then trains 1-pretrain's model from scratch with `--val_data` evaluated
-`--evaluations` times. Seconds are training time only (evaluation left out). Printed per recipe: steps, real
+`--evaluations` times; a run that ends more than `--time_tolerance` (5%) away from its budget, since the
+machine's speed drifts, is trained once more with the step time it measured. Seconds are training time only
+(evaluation left out). Printed per recipe: steps, real
 (non-padding) tokens, seconds, held-out bits per byte at the end, and the seconds at which it first reached the
 baseline's final bits per byte; a PNG plots bits per byte against seconds.
 
@@ -70,6 +72,8 @@ NANOCHAT = ["--optimizer", "muon", "--learning_rate", "9e-3", "--schedule", "wsd
             "--head_lr", "0.0098", "--adam_beta1", "0.8", "--final_lr_fraction", "0"]
 BEST = [*MUON_WSD, "--pack", "shared", "--pack_fit", "best", "--learning_rate", "6e-3", "--tie_word_embeddings",
         "false", "--embedding_lr", "0.1"]
+# BEST at 8 rows a step, its rates scaled as nanochat scales them: x sqrt(8 / 16)
+BATCH_8 = [*BEST, "--batch_size", "8", "--learning_rate", "4.24e-3", "--embedding_lr", "0.0707"]
 RECIPES = {
     "baseline": BASELINE,
     "minimind": [*BASELINE, "--adam_beta2", "0.999", "--weight_decay", "0.01", "--warmup_steps", "0"],
@@ -100,17 +104,18 @@ RECIPES = {
     "best_batch_32": [*BEST, "--batch_size", "32"],
     # nanochat's learning-rate scaling by batch: every rate x sqrt(batch / the reference batch), here 16 rows
     "best_batch_4_sqrt_lr": [*BEST, "--batch_size", "4", "--learning_rate", "3e-3", "--embedding_lr", "0.05"],
-    "best_batch_8_sqrt_lr": [*BEST, "--batch_size", "8", "--learning_rate", "4.24e-3", "--embedding_lr", "0.0707"],
+    "best_batch_8_sqrt_lr": BATCH_8,
     "best_batch_32_sqrt_lr": [*BEST, "--batch_size", "32", "--learning_rate", "8.49e-3", "--embedding_lr", "0.141"],
     "best_momentum_0.9": [*BEST, "--muon_momentum", "0.9"],
     "best_momentum_0.85": [*BEST, "--muon_momentum", "0.85"],
     "best_warmdown_50": [*BEST, "--decay_fraction", "0.5"],
     "best_final_lr_0": [*BEST, "--final_lr_fraction", "0"],
-    "best_batch_8_sqrt_lr_momentum_0.9": [*BEST, "--batch_size", "8", "--learning_rate", "4.24e-3", "--embedding_lr",
-                                          "0.0707", "--muon_momentum", "0.9"],
-    "best_batch_8_sqrt_lr_momentum_0.9_final_lr_0": [*BEST, "--batch_size", "8", "--learning_rate", "4.24e-3",
-                                                     "--embedding_lr", "0.0707", "--muon_momentum", "0.9",
-                                                     "--final_lr_fraction", "0"],
+    "best_batch_8_sqrt_lr_momentum_0.9": [*BATCH_8, "--muon_momentum", "0.9"],
+    "best_batch_8_sqrt_lr_momentum_0.9_final_lr_0": [*BATCH_8, "--muon_momentum", "0.9", "--final_lr_fraction", "0"],
+    "best_batch_8_sqrt_lr_momentum_0.85": [*BATCH_8, "--muon_momentum", "0.85"],
+    "best_batch_8_lr_5e-3_momentum_0.9": [*BEST, "--batch_size", "8", "--learning_rate", "5e-3", "--embedding_lr",
+                                          "0.0833", "--muon_momentum", "0.9"],
+    "best_batch_8_sqrt_lr_momentum_0.9_warmdown_30": [*BATCH_8, "--muon_momentum", "0.9", "--decay_fraction", "0.3"],
     # a smaller vocabulary: a cheaper head and embedding (at width 128 the head is about a third of a step's
     # arithmetic) against fewer bytes a token; each size gets its own tokenizer fitted to the data (--fit_tokenizer)
     "best_vocab_2048": [*BEST, "--vocab_size", "2048"],
@@ -245,6 +250,9 @@ def main(argv=None):
                              "when it runs)")
     parser.add_argument("--evaluations", type=int, default=10, help="held-out evaluations per run")
     parser.add_argument("--val_samples", type=int, default=128)
+    parser.add_argument("--time_tolerance", type=float, default=0.05,
+                        help="a run whose training time ends further than this share from its budget is trained "
+                             "again, its step count scaled by budget / seconds (default 0.05; 1 never re-runs)")
     parser.add_argument("--calibration_steps", type=int, default=64,
                         help="steps of each recipe timed (twice) to turn the budget into its step count")
     parser.add_argument("--data", default="data/pretrain.jsonl")
@@ -302,6 +310,15 @@ def main(argv=None):
             for recipe in recipes:
                 started = time.perf_counter()
                 curve = train(recipe, steps[recipe], args, Path(scratch) / f"{recipe}_{round_}")
+                seconds = curve["seconds"].iloc[-1]
+                if abs(seconds / budget(recipe, args) - 1) > args.time_tolerance:
+                    # The machine's speed drifted since the calibration: this schedule ended too early or too
+                    # late for the budget. Trained again with the step time this run measured (for later rounds too).
+                    again = max(8, round(steps[recipe] * budget(recipe, args) / seconds))
+                    print(f"round {round_ + 1}, {recipe}: {steps[recipe]} steps took {seconds:.0f} s of its "
+                          f"{budget(recipe, args):g}; trained again with {again}", flush=True)
+                    steps[recipe] = again
+                    curve = train(recipe, again, args, Path(scratch) / f"{recipe}_{round_}_again")
                 curves[recipe].append(curve)
                 print(f"round {round_ + 1}, {recipe}: {steps[recipe]} steps, {curve['seconds'].iloc[-1]:.0f} s of "
                       f"training ({time.perf_counter() - started:.0f} s with evaluation), held-out bits per byte "
