@@ -147,12 +147,16 @@ RECIPES = {
     # finer experts: 8 of half the width, top-2, and a shared one of that width (active width 576; top-1: 768)
     "moe_fine_bias": [*MUON_WSD, *MOE, "--n_routed_experts", "8", "--intermediate_size", "192",
                       "--expert_bias_rate", "1e-3", "--aux_loss_alpha", "0"],
+    # the same two changes on the present recipe: the bias alone, then with the finer experts
+    "moe_bias": [*DEFAULT, *MOE, "--expert_bias_rate", "1e-3", "--aux_loss_alpha", "0"],
+    "moe_fine": [*DEFAULT, *MOE, "--n_routed_experts", "8", "--intermediate_size", "192", "--expert_bias_rate", "1e-3",
+                 "--aux_loss_alpha", "0"],
 }
 
 
 # Recipes whose flags hold at the benchmark's width of 128 only: nanochat's one head of 128 and its rates scaled to
 # that width, head size 64 as 2 heads, experts of half the width.
-WIDTH_128 = {"nanochat", "default_head64", "moe_fine_bias"}
+WIDTH_128 = {"nanochat", "default_head64", "moe_fine_bias", "moe_fine"}
 
 
 class PaddedToMaximum(PretrainDataset):
@@ -317,7 +321,7 @@ def main(argv=None):
                     again = max(8, round(steps[recipe] * budget(recipe, args) / seconds))
                     print(f"round {round_ + 1}, {recipe}: {steps[recipe]} steps took {seconds:.0f} s of its "
                           f"{budget(recipe, args):g}; trained again with {again}", flush=True)
-                    steps[recipe] = again
+                    steps[recipe], started = again, time.perf_counter()
                     curve = train(recipe, again, args, Path(scratch) / f"{recipe}_{round_}_again")
                 curves[recipe].append(curve)
                 print(f"round {round_ + 1}, {recipe}: {steps[recipe]} steps, {curve['seconds'].iloc[-1]:.0f} s of "
