@@ -100,6 +100,12 @@ RECIPES = {
     # the best recipe measured: best-fit packed rows at lr 6e-3, an untied head and the embedding at lr 0.1
     "best": BEST,
     "best_embedding_lr_0.3": [*BEST, "--embedding_lr", "0.3"],
+    "best_embedding_lr_0.05": [*BEST, "--embedding_lr", "0.05"],
+    "best_head_lr_3e-3": [*BEST, "--head_lr", "3e-3"],
+    "best_head_lr_1.2e-2": [*BEST, "--head_lr", "1.2e-2"],
+    "best_head_lr_2.4e-2": [*BEST, "--head_lr", "2.4e-2"],
+    "best_head_lr_1.2e-2_weight_decay_0": [*BEST, "--head_lr", "1.2e-2", "--weight_decay", "0"],
+    "best_weight_decay_0": [*BEST, "--weight_decay", "0"],
     "best_batch_8": [*BEST, "--batch_size", "8"],
     "best_batch_32": [*BEST, "--batch_size", "32"],
     # nanochat's learning-rate scaling by batch: every rate x sqrt(batch / the reference batch), here 16 rows
