@@ -96,7 +96,7 @@ RECIPES = {
     # nanochat's per-group rates on the best recipe: a fast embedding, a slow untied head
     "default_best_fit_lr_6e-3_group_rates": [*MUON_WSD, "--pack", "shared", "--pack_fit", "best", "--learning_rate",
                                              "6e-3", "--tie_word_embeddings", "false", "--embedding_lr", "0.49",
-                                             "--head_lr", "0.0098", "--adam_beta1", "0.8", "--final_lr_fraction", "0"],
+                                             "--head_lr", "0.0098", "--adam_beta1", "0.8"],
     # the best recipe measured: best-fit packed rows at lr 6e-3, an untied head and the embedding at lr 0.1
     "best": BEST,
     "best_embedding_lr_0.3": [*BEST, "--embedding_lr", "0.3"],
