@@ -43,14 +43,19 @@ class BatchedMuon(torch.optim.Optimizer):
 
     def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
                  ns_coefficients=(DEFAULT_A, DEFAULT_B, DEFAULT_C), eps=EPS, ns_steps=DEFAULT_NS_STEPS,
-                 adjust_lr_fn=None, compile=False, ns_dtype=None):
-        """`compile`: orthogonalise through torch.compile on CUDA (one fused graph per stack shape); a compile that
-        fails warns once and the iteration runs eagerly. `ns_dtype`: the dtype Newton-Schulz runs in; by default
-        bfloat16 on a GPU, as torch.optim.Muon, and float32 on a CPU, where bfloat16 matmuls without native
-        bfloat16 arithmetic (AVX2) are far slower: a whole training step of configs/tiny.json with Newton-Schulz
-        in bfloat16 measured 1.76x AdamW's, in float32 1.02x (scripts/bench.py --cases muon)."""
+                 adjust_lr_fn=None, row_beta2=0.0, compile=False, ns_dtype=None):
+        """`row_beta2`: above 0, NorMuon (arXiv 2510.05491, as nanochat): each row of the orthogonalised update
+        (one output neuron) is divided by the root of a running mean of its squares, decaying by `row_beta2`,
+        and the update then rescaled to its norm before; the running means are the state's
+        `second_momentum_buffer` ([rows, 1] per parameter). `compile`: orthogonalise through torch.compile on CUDA
+        (one fused graph per stack shape); a compile that fails warns once and the iteration runs eagerly.
+        `ns_dtype`: the dtype Newton-Schulz runs in; by default bfloat16 on a GPU, as torch.optim.Muon, and float32
+        on a CPU, where bfloat16 matmuls without native bfloat16 arithmetic (AVX2) are far slower: a whole training
+        step of configs/tiny.json with Newton-Schulz in bfloat16 measured 1.76x AdamW's, in float32 1.02x
+        (scripts/bench.py --cases muon)."""
         defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "nesterov": nesterov,
-                    "ns_coefficients": ns_coefficients, "eps": eps, "ns_steps": ns_steps, "adjust_lr_fn": adjust_lr_fn}
+                    "ns_coefficients": ns_coefficients, "eps": eps, "ns_steps": ns_steps, "adjust_lr_fn": adjust_lr_fn,
+                    "row_beta2": row_beta2}
         super().__init__(params, defaults)
         if any(p.ndim != 2 for group in self.param_groups for p in group["params"]):
             raise ValueError("Muon orthogonalises matrices: every parameter must be 2-D")
@@ -90,10 +95,30 @@ class BatchedMuon(torch.optim.Optimizer):
         torch._foreach_lerp_(buffers, grads, 1 - momentum)
         updates = torch._foreach_lerp(grads, buffers, momentum) if group["nesterov"] else buffers
         orthogonal = self.orthogonalised(torch.stack(updates), group)
+        if group.get("row_beta2", 0.0) > 0:
+            orthogonal = self.rows_normalised(orthogonal.float(), params, group["row_beta2"], found_inf).to(orthogonal.dtype)
         if found_inf is not None:  # times 1 or 0: exact, and the step size stays a float32 scalar of the add
             orthogonal = orthogonal * keep.to(orthogonal.dtype)
         torch._foreach_mul_(params, decay)
         torch._foreach_add_(params, list(orthogonal.unbind(0)), alpha=step_size)
+
+    def rows_normalised(self, orthogonal, params, beta2, found_inf):
+        """NorMuon's step on a stack of orthogonalised updates [n, rows, cols] in float32: every row divided by the
+        root of its running mean square, the whole update then rescaled to its norm before. A skipped step
+        (`found_inf`) leaves the running means as they were."""
+        for p in params:
+            if "second_momentum_buffer" not in self.state[p]:
+                self.state[p]["second_momentum_buffer"] = orthogonal.new_zeros(p.shape[0], 1)
+        buffers = torch.stack([self.state[p]["second_momentum_buffer"] for p in params])
+        row_mean_square = orthogonal.square().mean(dim=2, keepdim=True)
+        if found_inf is not None:
+            row_mean_square = torch.where(found_inf == 0, row_mean_square, buffers)
+        buffers.lerp_(row_mean_square, 1 - beta2)
+        for p, buffer in zip(params, buffers.unbind(0)):
+            self.state[p]["second_momentum_buffer"].copy_(buffer)
+        normalised = orthogonal * buffers.clamp(min=1e-20).rsqrt()
+        norm = orthogonal.norm(dim=(1, 2), keepdim=True)
+        return normalised * (norm / normalised.norm(dim=(1, 2), keepdim=True).clamp(min=1e-10))
 
     def orthogonalised(self, stack, group):
         """Newton-Schulz over the stack; under torchrun each process takes an equal slice (the stack padded with

@@ -61,10 +61,11 @@ MOE = ["--model_type", "moe", "--n_routed_experts", "4", "--num_experts_per_tok"
 # projections zero at init, no warmup and a warmdown over the last 65% of the steps, rows packed best-fit with
 # attention across documents, its per-group Adam rates (embedding 0.2 and head 0.004, each x (768/128)^0.5 at this
 # width) and Adam beta1 0.8. Its Muon rate 0.02 gives an update RMS of 0.02/sqrt(128) for these 128 x 128
-# matrices; tinymind's Muon update (scaled to AdamW's RMS) is 0.2 x lr, hence lr 9e-3. Not emulated: its per-layer
-# residual and x0 scalars; its ReLU² feed-forward is ungated and 4x wide
-# (here gated at 8/3x, the same parameters); its norms have no gains; it crops documents to fill rows (here rows
-# hold whole documents).
+# matrices; tinymind's Muon update (scaled to AdamW's RMS) is 0.2 x lr, hence lr 9e-3. Its initialisation of the
+# other weights by width (`nanochat_init_width`) made it weaker here, so the emulation keeps transformers' normal
+# init, the stronger reference. Not emulated: its per-layer residual and x0 scalars; its ReLU² feed-forward is
+# ungated and 4x wide (here gated at 8/3x, the same parameters); its norms have no gains; it crops documents to
+# fill rows (here rows hold whole documents).
 NANOCHAT = ["--optimizer", "muon", "--learning_rate", "9e-3", "--schedule", "wsd", "--decay_fraction", "0.65",
             "--warmup_steps", "0", "--hidden_act", "relu2", "--qk_norm", "true", "--tie_word_embeddings", "false",
             "--logit_softcap", "15", "--num_attention_heads", "1", "--num_key_value_heads", "1", "--value_embeds",
@@ -116,6 +117,17 @@ RECIPES = {
     "best_momentum_0.85": [*BEST, "--muon_momentum", "0.85"],
     "best_warmdown_50": [*BEST, "--decay_fraction", "0.5"],
     "best_final_lr_0": [*BEST, "--final_lr_fraction", "0"],
+    # nanochat's initialisation by width (matrices std 1/sqrt(128), embedding std 1, head std 0.001)
+    "best_init_width": [*BEST, "--init", "width"],
+    "best_init_width_zero_out": [*BEST, "--init", "width", "--zero_init_out"],
+    "best_init_width_zero_out_lr_1.2e-2": [*BEST, "--init", "width", "--zero_init_out", "--learning_rate", "1.2e-2"],
+    "best_init_width_zero_out_embedding_lr_0.5": [*BEST, "--init", "width", "--zero_init_out", "--embedding_lr", "0.5"],
+    "best_init_width_zero_out_lr_1.2e-2_embedding_lr_0.5": [*BEST, "--init", "width", "--zero_init_out",
+                                                            "--learning_rate", "1.2e-2", "--embedding_lr", "0.5"],
+    "nanochat_init_width": [*NANOCHAT, "--init", "width"],
+    # NorMuon: Muon's update normalised per output neuron (nanochat's present optimizer)
+    "best_normuon": [*BEST, "--normuon"],
+    "best_normuon_lr_9e-3": [*BEST, "--normuon", "--learning_rate", "9e-3"],
     "best_batch_8_sqrt_lr_momentum_0.9": [*BATCH_8, "--muon_momentum", "0.9"],
     "best_batch_8_sqrt_lr_momentum_0.9_final_lr_0": [*BATCH_8, "--muon_momentum", "0.9", "--final_lr_fraction", "0"],
     "best_batch_8_sqrt_lr_momentum_0.85": [*BATCH_8, "--muon_momentum", "0.85"],

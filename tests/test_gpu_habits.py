@@ -271,10 +271,42 @@ def test_batched_muon_makes_torch_muons_update_and_shares_its_state():
                for p, q in zip(fresh.param_groups[0]["params"], reference))
 
 
+def test_normuon_divides_each_row_of_muons_update_by_its_running_root_mean_square_and_keeps_the_norm():
+    torch.manual_seed(0)
+    shapes = [(64, 64)] * 2 + [(96, 64), (48, 200)]
+    plain = [torch.nn.Parameter(torch.randn(shape)) for shape in shapes]
+    normed = [torch.nn.Parameter(p.detach().clone()) for p in plain]
+    options = {"lr": 2e-3, "weight_decay": 0.0, "adjust_lr_fn": "match_rms_adamw"}
+    muon, normuon = BatchedMuon(plain, **options), BatchedMuon(normed, **options, row_beta2=0.9)
+    running = [torch.zeros(shape[0], 1) for shape in shapes]
+    for _ in range(3):
+        for p, q in zip(plain, normed):
+            p.grad = torch.randn(p.shape)
+            q.grad = p.grad.clone()
+        before = [p.detach().clone() for p in plain]
+        before_normed = [q.detach().clone() for q in normed]
+        muon.step()
+        normuon.step()
+        for p, q, start, start_normed, v in zip(plain, normed, before, before_normed, running):
+            update = p.detach() - start  # Muon's update: the orthogonalised momentum times the step size
+            v.mul_(0.9).add_(0.1 * update.square().mean(dim=1, keepdim=True))  # a constant step size cancels below
+            rows = update / v.sqrt()
+            expected = rows * update.norm() / rows.norm()
+            torch.testing.assert_close(q.detach() - start_normed, expected, atol=1e-6, rtol=1e-4)
+            assert (q.detach() - start_normed - update).abs().max() > 1e-2 * update.abs().max()  # it did change
+    # the running means are state, saved and restored with it
+    assert all(normuon.state[q]["second_momentum_buffer"].shape == (q.shape[0], 1) for q in normed)
+    fresh = BatchedMuon([torch.nn.Parameter(q.detach().clone()) for q in normed], **options, row_beta2=0.9)
+    fresh.load_state_dict(normuon.state_dict())
+    assert all(torch.equal(fresh.state[p]["second_momentum_buffer"], normuon.state[q]["second_momentum_buffer"])
+               for p, q in zip(fresh.param_groups[0]["params"], normed))
+
+
 @pytest.mark.parametrize("make_optimizer", [
     lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, fused=True),
     lambda params: BatchedMuon(params, lr=1e-2, weight_decay=0.1, adjust_lr_fn="match_rms_adamw"),
-], ids=["fused_adamw", "batched_muon"])
+    lambda params: BatchedMuon(params, lr=1e-2, weight_decay=0.1, adjust_lr_fn="match_rms_adamw", row_beta2=0.95),
+], ids=["fused_adamw", "batched_muon", "normuon"])
 def test_a_step_with_found_inf_leaves_weights_and_state_as_they_were_without_a_host_read(make_optimizer):
     """The trainer's non-finite skip: NaN gradients, `found_inf` set, and nothing moves, bit for bit; the next good
     step is the step it would have been."""

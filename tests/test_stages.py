@@ -410,6 +410,29 @@ def test_zero_init_out_starts_every_block_as_the_identity_and_still_learns(tmp_p
     assert not new_model(tiny_args(tmp_path)).model.layers[0].self_attn.o_proj.weight.eq(0).all()
 
 
+def test_init_by_width_sets_each_table_to_nanochats_scale_and_refuses_a_tied_head(tmp_path):
+    from trainer.stages import new_model
+
+    torch.manual_seed(0)
+    model = new_model(tiny_args(tmp_path, "--init", "width", "--tie_word_embeddings", "false", "--value_embeds", "true"))
+    width = model.config.hidden_size
+    for name, parameter in model.named_parameters():
+        if name.endswith("_proj.weight") or ".value_embeds." in name:
+            assert parameter.abs().max() <= (3 / width) ** 0.5, name  # uniform within sqrt(3) std
+            assert parameter.std().item() == pytest.approx(width ** -0.5, rel=0.1), name
+    assert model.model.embed_tokens.weight.std().item() == pytest.approx(1.0, rel=0.05)
+    assert model.lm_head.weight.std().item() == pytest.approx(0.001, rel=0.05)
+    gates = [p for name, p in model.named_parameters() if "ve_gate" in name]
+    assert gates and not any(p.any() for p in gates)  # value embeddings still start at a gate of 1
+    ids = torch.randint(3, 97, (2, 8))
+    loss = model(ids, labels=ids).loss
+    assert loss.item() == pytest.approx(math.log(model.config.vocab_size), rel=0.01)  # a head of 0.001: near uniform
+    with pytest.raises(UserError, match=r"^--init width .* add --tie_word_embeddings false$"):
+        new_model(tiny_args(tmp_path, "--init", "width", "--tie_word_embeddings", "true"))
+    normal = new_model(tiny_args(tmp_path))
+    assert normal.lm_head.weight.std().item() == pytest.approx(0.02, rel=0.05)
+
+
 def test_dropout_is_a_model_flag_that_reaches_the_config_and_is_checked(tmp_path):
     assert model_config(tiny_args(tmp_path, "--dropout", "0.1")).dropout == 0.1
     assert model_config(tiny_args(tmp_path)).dropout == 0.0

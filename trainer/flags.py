@@ -118,6 +118,9 @@ def add_training_flags(parser, default_data):
     group.add_argument("--muon_momentum", type=float, default=0.95,
                        help="Muon's momentum (Nesterov), torch.optim.Muon's default (nanochat: 0.85 rising to 0.95 "
                             "over its first 300 steps)")
+    group.add_argument("--normuon", type=boolean, nargs="?", const=True, default=False,
+                       help="NorMuon (as nanochat): each output neuron's row of Muon's update divided by the root of "
+                            "its running mean square (decay 0.95), the update keeping its norm")
     group.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW's first-moment decay (nanochat: 0.8)")
     group.add_argument("--adam_beta2", type=float, default=0.95, help="AdamW's second-moment decay")
     group.add_argument("--schedule", choices=("cosine", "wsd"), default="cosine",
@@ -131,6 +134,10 @@ def add_training_flags(parser, default_data):
     group.add_argument("--warmup_steps", type=int, help="linear warmup length; 2%% of the steps when not given")
     group.add_argument("--weight_decay", type=float, default=0.1,
                        help="weight decay (AdamW's and Muon's), on weight matrices only")
+    group.add_argument("--init", choices=("normal", "width"), default="normal",
+                       help="a model from random init: every weight normal with std 0.02 (transformers'), or by "
+                            "width as nanochat: the blocks' matrices and value embeddings uniform with std "
+                            "1/sqrt(hidden_size), the embedding std 1, the untied head std 0.001")
     group.add_argument("--zero_init_out", action="store_true",
                        help="a model from random init starts its blocks' output projections (attention o_proj, "
                             "feed-forward down_proj) at zero, as nanochat: every block begins as the identity")

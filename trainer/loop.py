@@ -74,6 +74,7 @@ def make_optimizers(model, args):
         hidden = [p for name, p in named if is_hidden_matrix(name, p)]
         optimizers.append(BatchedMuon(hidden, lr=args.learning_rate, weight_decay=args.weight_decay,
                                       momentum=args.muon_momentum, adjust_lr_fn="match_rms_adamw",
+                                      row_beta2=0.95 if getattr(args, "normuon", False) else 0.0,
                                       compile=getattr(args, "compile", False)))
         named = [(name, p) for name, p in named if not is_hidden_matrix(name, p)]
     own_rates = [("embedding_lr", "the embedding", is_embedding),

@@ -185,8 +185,9 @@ def build_model(stage_name, start, args):
         return TinyMindForCausalLM(checked_config({**TinyMindConfig.from_json_file(own).to_dict(), **flag_overrides(args)}))
     if start is None:
         return new_model(args)
-    if args.zero_init_out:
-        raise UserError(f"--zero_init_out: it shapes a model from random init, and this one starts from {start}")
+    for flag, shaped in (("zero_init_out", args.zero_init_out), ("init", args.init != "normal")):
+        if shaped:
+            raise UserError(f"--{flag}: it shapes a model from random init, and this one starts from {start}")
     model = load_flagged(start, args)
     if args.max_seq_len > model.config.max_position_embeddings:
         raise UserError(f"--max_seq_len {args.max_seq_len} exceeds the max_position_embeddings "
@@ -196,10 +197,21 @@ def build_model(stage_name, start, args):
 
 
 def new_model(args):
-    """A model from random init, its blocks' output projections zeroed with --zero_init_out."""
+    """A model from random init: --init's scheme, then the blocks' output projections zeroed with --zero_init_out."""
     model = TinyMindForCausalLM(model_config(args))
-    if args.zero_init_out:
-        with torch.no_grad():
+    config = model.config
+    with torch.no_grad():
+        if args.init == "width":
+            if config.tie_word_embeddings:
+                raise UserError("--init width gives the embedding std 1 and the head std 0.001, which a tied table "
+                                "cannot be: add --tie_word_embeddings false")
+            bound = (3 / config.hidden_size) ** 0.5  # uniform on [-bound, bound]: std 1/sqrt(hidden_size)
+            for name, parameter in model.named_parameters():
+                if name.endswith("_proj.weight") or ".value_embeds." in name:
+                    parameter.uniform_(-bound, bound)
+            model.model.embed_tokens.weight.normal_(0.0, 1.0)
+            model.lm_head.weight.normal_(0.0, 0.001)
+        if args.zero_init_out:
             for name, parameter in model.named_parameters():
                 if name.endswith(("o_proj.weight", "down_proj.weight")):
                     parameter.zero_()
