@@ -95,8 +95,9 @@ class BatchedMuon(torch.optim.Optimizer):
         torch._foreach_lerp_(buffers, grads, 1 - momentum)
         updates = torch._foreach_lerp(grads, buffers, momentum) if group["nesterov"] else buffers
         orthogonal = self.orthogonalised(torch.stack(updates), group)
-        if group.get("row_beta2", 0.0) > 0:
-            orthogonal = self.rows_normalised(orthogonal.float(), params, group["row_beta2"], found_inf).to(orthogonal.dtype)
+        if group.get("row_beta2", 0.0) > 0:  # NorMuon
+            normalised = self.rows_normalised(orthogonal.float(), params, group["row_beta2"], found_inf)
+            orthogonal = normalised.to(orthogonal.dtype)
         if found_inf is not None:  # times 1 or 0: exact, and the step size stays a float32 scalar of the add
             orthogonal = orthogonal * keep.to(orthogonal.dtype)
         torch._foreach_mul_(params, decay)

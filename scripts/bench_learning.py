@@ -125,6 +125,8 @@ RECIPES = {
     "best_init_width_zero_out_lr_1.2e-2_embedding_lr_0.5": [*BEST, "--init", "width", "--zero_init_out",
                                                             "--learning_rate", "1.2e-2", "--embedding_lr", "0.5"],
     "nanochat_init_width": [*NANOCHAT, "--init", "width"],
+    "nanochat_grad_clip_0": [*NANOCHAT, "--grad_clip", "0"],  # its later base_train clips no gradient
+    "best_grad_clip_0": [*BEST, "--grad_clip", "0"],
     # NorMuon: Muon's update normalised per output neuron (nanochat's present optimizer)
     "best_normuon": [*BEST, "--normuon"],
     "best_normuon_lr_9e-3": [*BEST, "--normuon", "--learning_rate", "9e-3"],
