@@ -44,8 +44,8 @@ class BatchedMuon(torch.optim.Optimizer):
     def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
                  ns_coefficients=(DEFAULT_A, DEFAULT_B, DEFAULT_C), eps=EPS, ns_steps=DEFAULT_NS_STEPS,
                  adjust_lr_fn=None, row_beta2=0.0, compile=False, ns_dtype=None):
-        """`row_beta2`: above 0, NorMuon (arXiv 2510.05491, as nanochat): each row of the orthogonalised update
-        (one output neuron) is divided by the root of a running mean of its squares, decaying by `row_beta2`,
+        """`row_beta2`: above 0, NorMuon (arXiv 2510.05491, as its authors' code): each row of the orthogonalised
+        update (one output neuron) is divided by the root of a running mean of its squares, decaying by `row_beta2`,
         and the update then rescaled to its norm before; the running means are the state's
         `second_momentum_buffer` ([rows, 1] per parameter). `compile`: orthogonalise through torch.compile on CUDA
         (one fused graph per stack shape); a compile that fails warns once and the iteration runs eagerly.

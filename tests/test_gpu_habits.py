@@ -294,12 +294,17 @@ def test_normuon_divides_each_row_of_muons_update_by_its_running_root_mean_squar
             expected = rows * update.norm() / rows.norm()
             torch.testing.assert_close(q.detach() - start_normed, expected, atol=1e-6, rtol=1e-4)
             assert (q.detach() - start_normed - update).abs().max() > 1e-2 * update.abs().max()  # it did change
-    # the running means are state, saved and restored with it
+    # the running means are state: a resumed optimizer takes the next step exactly
     assert all(normuon.state[q]["second_momentum_buffer"].shape == (q.shape[0], 1) for q in normed)
-    fresh = BatchedMuon([torch.nn.Parameter(q.detach().clone()) for q in normed], **options, row_beta2=0.9)
-    fresh.load_state_dict(normuon.state_dict())
-    assert all(torch.equal(fresh.state[p]["second_momentum_buffer"], normuon.state[q]["second_momentum_buffer"])
-               for p, q in zip(fresh.param_groups[0]["params"], normed))
+    resumed = [torch.nn.Parameter(q.detach().clone()) for q in normed]
+    fresh = BatchedMuon(resumed, **options, row_beta2=0.9)
+    fresh.load_state_dict(copy.deepcopy(normuon.state_dict()))  # as from a file: tensors of its own
+    for p, q in zip(resumed, normed):
+        p.grad = torch.randn(p.shape)
+        q.grad = p.grad.clone()
+    fresh.step()
+    normuon.step()
+    assert all(torch.equal(p, q) for p, q in zip(resumed, normed))  # the next step is the one it would have been
 
 
 @pytest.mark.parametrize("make_optimizer", [

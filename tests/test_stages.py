@@ -138,13 +138,13 @@ def test_embedding_and_head_rates_follow_the_schedule_scaled_to_their_own_peaks(
         assert moved == pytest.approx(peak * scale, rel=1e-3), name
 
 
-def test_muon_takes_its_momentum_from_the_flag_within_its_range(tmp_path):
+def test_muon_takes_its_momentum_and_normuon_from_the_flags_within_range(tmp_path):
     from trainer.loop import make_optimizers
 
     model = TinyMindForCausalLM(model_config(tiny_args(tmp_path)))
-    for flags, momentum in (((), 0.95), (("--muon_momentum", 0.85), 0.85)):
+    for flags, momentum, row_beta2 in (((), 0.95, 0.0), (("--muon_momentum", 0.85, "--normuon"), 0.85, 0.95)):
         muon = make_optimizers(model, tiny_args(tmp_path, "--optimizer", "muon", *flags))[1]
-        assert [group["momentum"] for group in muon.param_groups] == [momentum]
+        assert [(group["momentum"], group["row_beta2"]) for group in muon.param_groups] == [(momentum, row_beta2)]
     with pytest.raises(UserError, match=r"^--muon_momentum 1.0: must be at least 0 and below 1"):
         tiny_args(tmp_path, "--muon_momentum", 1)
 

@@ -119,8 +119,8 @@ def add_training_flags(parser, default_data):
                        help="Muon's momentum (Nesterov), torch.optim.Muon's default (nanochat: 0.85 rising to 0.95 "
                             "over its first 300 steps)")
     group.add_argument("--normuon", type=boolean, nargs="?", const=True, default=False,
-                       help="NorMuon (as nanochat): each output neuron's row of Muon's update divided by the root of "
-                            "its running mean square (decay 0.95), the update keeping its norm")
+                       help="NorMuon: each output neuron's row of Muon's update divided by the root of its running "
+                            "mean square (decay 0.95), the update keeping its norm")
     group.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW's first-moment decay (nanochat: 0.8)")
     group.add_argument("--adam_beta2", type=float, default=0.95, help="AdamW's second-moment decay")
     group.add_argument("--schedule", choices=("cosine", "wsd"), default="cosine",
