@@ -61,9 +61,9 @@ MOE = ["--model_type", "moe", "--n_routed_experts", "4", "--num_experts_per_tok"
 # projections zero at init, no warmup and a warmdown over the last 65% of the steps, rows packed best-fit with
 # attention across documents, its per-group Adam rates (embedding 0.2 and head 0.004, each x (768/128)^0.5 at this
 # width) and Adam beta1 0.8. Its Muon rate 0.02 gives an update RMS of 0.02/sqrt(128) for these 128 x 128
-# matrices; tinymind's Muon update (scaled to AdamW's RMS) is 0.2 x lr, hence lr 9e-3. Its initialisation of the
-# other weights by width (`nanochat_init_width`) made it weaker here, so the emulation keeps transformers' normal
-# init, the stronger reference. Not emulated: its per-layer residual and x0 scalars; its ReLU² feed-forward is
+# matrices; tinymind's Muon update (scaled to AdamW's RMS) is 0.2 x lr, hence lr 9e-3. Its initialisation by width
+# of the weights it does not zero (`nanochat_init_width`) made it weaker here, so the emulation keeps transformers'
+# normal init, the stronger reference. Not emulated: its per-layer residual and x0 scalars; its ReLU² feed-forward is
 # ungated and 4x wide (here gated at 8/3x, the same parameters); its norms have no gains; it crops documents to
 # fill rows (here rows hold whole documents).
 NANOCHAT = ["--optimizer", "muon", "--learning_rate", "9e-3", "--schedule", "wsd", "--decay_fraction", "0.65",
@@ -127,7 +127,7 @@ RECIPES = {
     "nanochat_init_width": [*NANOCHAT, "--init", "width"],
     "nanochat_grad_clip_0": [*NANOCHAT, "--grad_clip", "0"],  # its later base_train clips no gradient
     "best_grad_clip_0": [*BEST, "--grad_clip", "0"],
-    # NorMuon: Muon's update normalised per output neuron (nanochat's present optimizer)
+    # NorMuon: Muon's update normalised per output neuron (nanochat's optimizer normalises along the longer side)
     "best_normuon": [*BEST, "--normuon"],
     "best_normuon_lr_9e-3": [*BEST, "--normuon", "--learning_rate", "9e-3"],
     "best_batch_8_sqrt_lr_momentum_0.9": [*BATCH_8, "--muon_momentum", "0.9"],
