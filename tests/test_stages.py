@@ -147,6 +147,12 @@ def test_muon_takes_its_momentum_and_normuon_from_the_flags_within_range(tmp_pat
         assert [(group["momentum"], group["row_beta2"]) for group in muon.param_groups] == [(momentum, row_beta2)]
     with pytest.raises(UserError, match=r"^--muon_momentum 1.0: must be at least 0 and below 1"):
         tiny_args(tmp_path, "--muon_momentum", 1)
+    with pytest.raises(UserError, match=r"^--normuon: .* this run's optimizer is adamw; pass --optimizer muon"):
+        tiny_args(tmp_path, "--optimizer", "adamw", "--normuon")
+    from trainer.stages import describe_optimizer
+
+    said = describe_optimizer(argparse.Namespace(args=pretrain_args("--normuon"), warmup_steps=1))
+    assert said.startswith("optimizer: NorMuon on the blocks' matrices, AdamW on the rest, peak lr 0.006")
 
 
 def test_a_head_rate_without_an_untied_head_is_refused(tmp_path, tokenizer):

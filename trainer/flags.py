@@ -353,6 +353,9 @@ def validate(args):
             args.learning_rate = ADAMW_LEARNING_RATE
         say(f"note: --fsdp: AdamW at lr {args.learning_rate:g} instead of the default Muon (Muon orthogonalises "
             "whole matrices, which FSDP2 shards)", err=True)
+    if getattr(args, "normuon", False) and args.optimizer != "muon":
+        raise UserError(f"--normuon: NorMuon normalises Muon's update and this run's optimizer is {args.optimizer}; "
+                        "pass --optimizer muon (without --fsdp)")
     if not 0 <= args.dropout < 1:
         raise UserError(f"--dropout {args.dropout}: must lie in [0, 1)")
     if (hasattr(args, "learning_rate") and args.model_type == "moe" and args.num_experts_per_tok == 1

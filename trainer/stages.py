@@ -165,7 +165,8 @@ def describe_run(model, dataset, trainer):
 
 def describe_optimizer(trainer):
     args = trainer.args
-    which = "Muon on the blocks' matrices, AdamW on the rest" if args.optimizer == "muon" else "AdamW"
+    muon = "NorMuon" if getattr(args, "normuon", False) else "Muon"
+    which = f"{muon} on the blocks' matrices, AdamW on the rest" if args.optimizer == "muon" else "AdamW"
     schedule = "warmup-stable-decay" if args.schedule == "wsd" else "cosine"
     steps = trainer.warmup_steps
     own = "".join(f", {what} lr {getattr(args, flag):g}"
