@@ -9,8 +9,9 @@ Each recipe first times a few steps to turn the budget into a step count (so its
 its end inside the budget), then trains 1-pretrain's model from scratch with `--val_data` evaluated
 `--evaluations` times; a run that ends more than `--time_tolerance` (5%) away from its budget, since the
 machine's speed drifts, is trained once more with the step time it measured. Seconds are training time only
-(evaluation left out). Printed per recipe: steps, real (non-padding) tokens, seconds, held-out bits per byte at the end, and the seconds at which it first reached the
-baseline's final bits per byte; a PNG plots bits per byte against seconds.
+(evaluation left out). Printed per recipe: steps, real (non-padding) tokens, seconds, held-out bits per byte at
+the end, and the seconds at which it first reached the baseline's final bits per byte; a PNG plots bits per byte
+against seconds.
 
 `baseline` is the recipe 1-pretrain.py had before this benchmark (AdamW β2 0.95, lr 5e-4, 2% warmup then cosine,
 length-grouped batches); `muon_wsd` the one after it (Muon for the matrices in the blocks, lr 2e-3, warmup-stable-
