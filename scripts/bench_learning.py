@@ -126,10 +126,15 @@ RECIPES = {
                                                             "--learning_rate", "1.2e-2", "--embedding_lr", "0.5"],
     "nanochat_init_width": [*NANOCHAT, "--init", "width"],
     "nanochat_grad_clip_0": [*NANOCHAT, "--grad_clip", "0"],  # its later base_train clips no gradient
+    # the vocabulary nanochat fits (scripts/tok_train.py's default, which its tiny CPU run runs/runcpu.sh keeps)
+    "nanochat_vocab_32768": [*NANOCHAT, "--vocab_size", "32768"],
     "best_grad_clip_0": [*BEST, "--grad_clip", "0"],
     # NorMuon: Muon's update normalised per output neuron (nanochat's optimizer normalises along the longer side)
     "best_normuon": [*BEST, "--normuon"],
     "best_normuon_lr_9e-3": [*BEST, "--normuon", "--learning_rate", "9e-3"],
+    # Polar Express: a quintic of its own for each Newton-Schulz step (nanochat's orthogonalisation)
+    "best_polar_express": [*BEST, "--polar_express"],
+    "best_polar_express_normuon": [*BEST, "--polar_express", "--normuon"],
     "best_batch_8_sqrt_lr_momentum_0.9": [*BATCH_8, "--muon_momentum", "0.9"],
     "best_batch_8_sqrt_lr_momentum_0.9_final_lr_0": [*BATCH_8, "--muon_momentum", "0.9", "--final_lr_fraction", "0"],
     "best_batch_8_sqrt_lr_momentum_0.85": [*BATCH_8, "--muon_momentum", "0.85"],
@@ -176,7 +181,8 @@ RECIPES = {
 
 # Recipes whose flags hold at the benchmark's width of 128 only: nanochat's one head of 128 and its rates scaled to
 # that width, head size 64 as 2 heads, experts of half the width.
-WIDTH_128 = {"nanochat", "default_head64", "moe_fine_bias", "moe_fine"}
+WIDTH_128 = {"nanochat", "nanochat_init_width", "nanochat_grad_clip_0", "nanochat_vocab_32768", "default_head64",
+             "moe_fine_bias", "moe_fine"}
 
 
 class PaddedToMaximum(PretrainDataset):

@@ -138,21 +138,25 @@ def test_embedding_and_head_rates_follow_the_schedule_scaled_to_their_own_peaks(
         assert moved == pytest.approx(peak * scale, rel=1e-3), name
 
 
-def test_muon_takes_its_momentum_and_normuon_from_the_flags_within_range(tmp_path):
+def test_muon_takes_its_momentum_normuon_and_polar_express_from_the_flags_within_range(tmp_path):
+    from model.muon import POLAR_EXPRESS, QUINTIC
     from trainer.loop import make_optimizers
 
     model = TinyMindForCausalLM(model_config(tiny_args(tmp_path)))
-    for flags, momentum, row_beta2 in (((), 0.95, 0.0), (("--muon_momentum", 0.85, "--normuon"), 0.85, 0.95)):
+    for flags, expected in (((), (0.95, 0.0, QUINTIC)),
+                            (("--muon_momentum", 0.85, "--normuon", "--polar_express"), (0.85, 0.95, POLAR_EXPRESS))):
         muon = make_optimizers(model, tiny_args(tmp_path, "--optimizer", "muon", *flags))[1]
-        assert [(group["momentum"], group["row_beta2"]) for group in muon.param_groups] == [(momentum, row_beta2)]
+        assert [(group["momentum"], group["row_beta2"], group["ns_coefficients"])
+                for group in muon.param_groups] == [expected]
     with pytest.raises(UserError, match=r"^--muon_momentum 1.0: must be at least 0 and below 1"):
         tiny_args(tmp_path, "--muon_momentum", 1)
-    with pytest.raises(UserError, match=r"^--normuon: .* this run's optimizer is adamw; pass --optimizer muon"):
-        tiny_args(tmp_path, "--optimizer", "adamw", "--normuon")
+    for flag in ("--normuon", "--polar_express"):
+        with pytest.raises(UserError, match=rf"^{flag}: .* this run's optimizer is adamw; pass --optimizer muon"):
+            tiny_args(tmp_path, "--optimizer", "adamw", flag)
     from trainer.stages import describe_optimizer
 
-    said = describe_optimizer(argparse.Namespace(args=pretrain_args("--normuon"), warmup_steps=1))
-    assert said.startswith("optimizer: NorMuon on the blocks' matrices, AdamW on the rest, peak lr 0.006")
+    said = describe_optimizer(argparse.Namespace(args=pretrain_args("--normuon", "--polar_express"), warmup_steps=1))
+    assert said.startswith("optimizer: NorMuon (Polar Express) on the blocks' matrices, AdamW on the rest, peak lr 0.006")
 
 
 def test_a_head_rate_without_an_untied_head_is_refused(tmp_path, tokenizer):

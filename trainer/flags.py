@@ -121,6 +121,9 @@ def add_training_flags(parser, default_data):
     group.add_argument("--normuon", type=boolean, nargs="?", const=True, default=False,
                        help="NorMuon: each output neuron's row of Muon's update divided by the root of its running "
                             "mean square (decay 0.95), the update keeping its norm")
+    group.add_argument("--polar_express", type=boolean, nargs="?", const=True, default=False,
+                       help="orthogonalise Muon's update with Polar Express's five quintics (one of its own per "
+                            "step, as nanochat) instead of torch.optim.Muon's one")
     group.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW's first-moment decay (nanochat: 0.8)")
     group.add_argument("--adam_beta2", type=float, default=0.95, help="AdamW's second-moment decay")
     group.add_argument("--schedule", choices=("cosine", "wsd"), default="cosine",
@@ -353,9 +356,10 @@ def validate(args):
             args.learning_rate = ADAMW_LEARNING_RATE
         say(f"note: --fsdp: AdamW at lr {args.learning_rate:g} instead of the default Muon (Muon orthogonalises "
             "whole matrices, which FSDP2 shards)", err=True)
-    if getattr(args, "normuon", False) and args.optimizer != "muon":
-        raise UserError(f"--normuon: NorMuon normalises Muon's update and this run's optimizer is {args.optimizer}; "
-                        "pass --optimizer muon (without --fsdp)")
+    for flag, what in (("normuon", "NorMuon normalises"), ("polar_express", "Polar Express orthogonalises")):
+        if getattr(args, flag, False) and args.optimizer != "muon":
+            raise UserError(f"--{flag}: {what} Muon's update and this run's optimizer is {args.optimizer}; "
+                            "pass --optimizer muon (without --fsdp)")
     if not 0 <= args.dropout < 1:
         raise UserError(f"--dropout {args.dropout}: must lie in [0, 1)")
     if (hasattr(args, "learning_rate") and args.model_type == "moe" and args.num_experts_per_tok == 1

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from dataset import LENGTH_GROUP_STEPS, epoch_order
 from model import atomic_write, save_weights
-from model.muon import BatchedMuon, is_hidden_matrix
+from model.muon import POLAR_EXPRESS, QUINTIC, BatchedMuon, is_hidden_matrix
 
 from . import distributed
 from .distributed import say
@@ -75,6 +75,8 @@ def make_optimizers(model, args):
         optimizers.append(BatchedMuon(hidden, lr=args.learning_rate, weight_decay=args.weight_decay,
                                       momentum=args.muon_momentum, adjust_lr_fn="match_rms_adamw",
                                       row_beta2=0.95 if getattr(args, "normuon", False) else 0.0,
+                                      ns_coefficients=POLAR_EXPRESS if getattr(args, "polar_express", False)
+                                      else QUINTIC,
                                       compile=getattr(args, "compile", False)))
         named = [(name, p) for name, p in named if not is_hidden_matrix(name, p)]
     own_rates = [("embedding_lr", "the embedding", is_embedding),

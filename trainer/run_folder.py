@@ -27,7 +27,7 @@ BATCH_FLAGS = ("batch_size", "accumulation_steps")
 # The recipe's rates and schedule: a resumed run may change them when its command line says so, but a default that
 # differs from the run's (a stage's default changed since it started) is refused, naming the flag.
 RECIPE_FLAGS = ("learning_rate", "embedding_lr", "head_lr", "schedule", "final_lr_fraction", "muon_momentum", "normuon",
-                "weight_decay", "adam_beta1", "adam_beta2")
+                "polar_express", "weight_decay", "adam_beta1", "adam_beta2")
 RESUME_FLAGS = SAME_RUN_FLAGS + BATCH_FLAGS + RECIPE_FLAGS
 
 

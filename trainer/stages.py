@@ -166,6 +166,7 @@ def describe_run(model, dataset, trainer):
 def describe_optimizer(trainer):
     args = trainer.args
     muon = "NorMuon" if getattr(args, "normuon", False) else "Muon"
+    muon += " (Polar Express)" if getattr(args, "polar_express", False) else ""
     which = f"{muon} on the blocks' matrices, AdamW on the rest" if args.optimizer == "muon" else "AdamW"
     schedule = "warmup-stable-decay" if args.schedule == "wsd" else "cosine"
     steps = trainer.warmup_steps
