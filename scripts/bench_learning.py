@@ -145,6 +145,10 @@ RECIPES = {
     # arithmetic) against fewer bytes a token; each size gets its own tokenizer fitted to the data (--fit_tokenizer)
     "best_vocab_2048": [*BEST, "--vocab_size", "2048"],
     "best_vocab_4096": [*BEST, "--vocab_size", "4096"],
+    # a larger one: more text a row, a dearer head
+    "best_vocab_8192": [*BEST, "--vocab_size", "8192"],
+    "best_vocab_12288": [*BEST, "--vocab_size", "12288"],
+    "best_vocab_16384": [*BEST, "--vocab_size", "16384"],
     "default_best_fit_lr_9e-3": [*MUON_WSD, "--pack", "shared", "--pack_fit", "best", "--learning_rate", "9e-3"],
     "default_best_fit_lr_9e-3_untied": [*MUON_WSD, "--pack", "shared", "--pack_fit", "best", "--learning_rate", "9e-3",
                                         "--tie_word_embeddings", "false"],
