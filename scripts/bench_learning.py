@@ -126,12 +126,21 @@ RECIPES = {
                                                             "--learning_rate", "1.2e-2", "--embedding_lr", "0.5"],
     "nanochat_init_width": [*NANOCHAT, "--init", "width"],
     "nanochat_grad_clip_0": [*NANOCHAT, "--grad_clip", "0"],  # its later base_train clips no gradient
+    # without the two choices that do not export to a stock transformers architecture, one at a time and both
+    "nanochat_no_value_embeds": [*NANOCHAT, "--value_embeds", "false"],
+    "nanochat_no_softcap": [*NANOCHAT, "--logit_softcap", "0"],
+    "nanochat_stock": [*NANOCHAT, "--value_embeds", "false", "--logit_softcap", "0"],
     # the vocabulary nanochat fits (scripts/tok_train.py's default, which its tiny CPU run runs/runcpu.sh keeps)
     "nanochat_vocab_32768": [*NANOCHAT, "--vocab_size", "32768"],
     "best_grad_clip_0": [*BEST, "--grad_clip", "0"],
     # NorMuon: Muon's update normalised per output neuron (nanochat's optimizer normalises along the longer side)
     "best_normuon": [*BEST, "--normuon"],
     "best_normuon_lr_9e-3": [*BEST, "--normuon", "--learning_rate", "9e-3"],
+    # larger attention heads at the same width: 2 of 64 (tinymind's head size at its default width), with 2 or 1
+    # key-value heads, and nanochat's one of 128
+    "best_head64": [*BEST, "--num_attention_heads", "2", "--num_key_value_heads", "2"],
+    "best_head64_kv1": [*BEST, "--num_attention_heads", "2", "--num_key_value_heads", "1"],
+    "best_head128": [*BEST, "--num_attention_heads", "1", "--num_key_value_heads", "1"],
     # Polar Express: a quintic of its own for each Newton-Schulz step (nanochat's orthogonalisation)
     "best_polar_express": [*BEST, "--polar_express"],
     "best_polar_express_normuon": [*BEST, "--polar_express", "--normuon"],
@@ -185,8 +194,9 @@ RECIPES = {
 
 # Recipes whose flags hold at the benchmark's width of 128 only: nanochat's one head of 128 and its rates scaled to
 # that width, head size 64 as 2 heads, experts of half the width.
-WIDTH_128 = {"nanochat", "nanochat_init_width", "nanochat_grad_clip_0", "nanochat_vocab_32768", "default_head64",
-             "moe_fine_bias", "moe_fine"}
+WIDTH_128 = {"nanochat", "nanochat_init_width", "nanochat_grad_clip_0", "nanochat_vocab_32768", "nanochat_no_value_embeds",
+             "nanochat_no_softcap", "nanochat_stock", "default_head64",
+             "best_head64", "best_head64_kv1", "best_head128", "moe_fine_bias", "moe_fine"}
 
 
 class PaddedToMaximum(PretrainDataset):

@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from dataset import PretrainDataset, collate
 from model import TinyMindForCausalLM, masked_cross_entropy, token_cross_entropy
-from model.model import ChunkedCrossEntropy
+from model.model import ChunkedCrossEntropy, softcap
 from trainer.flags import add_model_flags, add_training_flags, model_config, new_parser, parse
 from trainer.loop import Trainer
 from model.muon import POLAR_EXPRESS, QUINTIC, BatchedMuon, newton_schulz
@@ -213,6 +213,22 @@ def test_a_batch_pins_and_moves_every_tensor_and_keeps_its_host_counts(monkeypat
     moved = batch.pin_memory().to("cpu")
     assert len(pinned) == 4 and (moved.tokens, moved.trained, moved.one_document_per_row) == (25, 25, True)
     assert all(torch.equal(a, b) for a, b in zip(moved.tensors().values(), batch.tensors().values()))
+
+
+@pytest.mark.parametrize("chunk_rows", [7, 1000])
+def test_the_chunked_softcap_equals_the_formula_bit_for_bit_with_its_gradient(monkeypatch, chunk_rows):
+    vocab = 1000
+    monkeypatch.setattr(ChunkedCrossEntropy, "CHUNK_ELEMENTS", chunk_rows * vocab)  # 22 chunks, or one
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 50, vocab) * 20).requires_grad_()
+    weights = torch.randn(3, 50, vocab)
+    expected = 15.0 * torch.tanh(logits / 15.0)
+    expected_grad, = torch.autograd.grad((expected * weights).sum(), logits)
+    capped = softcap(logits, 15.0)
+    grad, = torch.autograd.grad((capped * weights).sum(), logits)
+    assert torch.equal(capped, expected) and capped.abs().max() < 15
+    torch.testing.assert_close(grad, expected_grad, atol=1e-6, rtol=1e-5)
+    assert softcap(logits, 0.0) is logits
 
 
 @pytest.mark.parametrize("chunk_rows", [7, 1000])
