@@ -215,13 +215,17 @@ def test_a_batch_pins_and_moves_every_tensor_and_keeps_its_host_counts(monkeypat
     assert all(torch.equal(a, b) for a, b in zip(moved.tensors().values(), batch.tensors().values()))
 
 
-@pytest.mark.parametrize("chunk_rows", [7, 1000])
-def test_the_chunked_softcap_equals_the_formula_bit_for_bit_with_its_gradient(monkeypatch, chunk_rows):
-    vocab = 1000
-    monkeypatch.setattr(ChunkedCrossEntropy, "CHUNK_ELEMENTS", chunk_rows * vocab)  # 22 chunks, or one
+def chunked_logits(monkeypatch, chunk_rows, scale, vocab=1000):
+    """Random [3, 50, vocab] logits to differentiate, with the chunked functions set to chunks of `chunk_rows` rows."""
+    monkeypatch.setattr(ChunkedCrossEntropy, "CHUNK_ELEMENTS", chunk_rows * vocab)
     torch.manual_seed(0)
-    logits = (torch.randn(3, 50, vocab) * 20).requires_grad_()
-    weights = torch.randn(3, 50, vocab)
+    return (torch.randn(3, 50, vocab) * scale).requires_grad_()
+
+
+@pytest.mark.parametrize("chunk_rows", [7, 1000])  # 22 chunks, or one
+def test_the_chunked_softcap_equals_the_formula_bit_for_bit_with_its_gradient(monkeypatch, chunk_rows):
+    logits = chunked_logits(monkeypatch, chunk_rows, scale=20)
+    weights = torch.randn(logits.shape)
     expected = 15.0 * torch.tanh(logits / 15.0)
     expected_grad, = torch.autograd.grad((expected * weights).sum(), logits)
     capped = softcap(logits, 15.0)
@@ -234,9 +238,7 @@ def test_the_chunked_softcap_equals_the_formula_bit_for_bit_with_its_gradient(mo
 @pytest.mark.parametrize("chunk_rows", [7, 1000])
 def test_the_chunked_loss_equals_the_whole_vocabulary_one_with_its_gradients(monkeypatch, chunk_rows):
     vocab = 1000
-    monkeypatch.setattr(ChunkedCrossEntropy, "CHUNK_ELEMENTS", chunk_rows * vocab)  # 22 chunks, or one
-    torch.manual_seed(0)
-    logits = (torch.randn(3, 50, vocab) * 3).requires_grad_()
+    logits = chunked_logits(monkeypatch, chunk_rows, scale=3, vocab=vocab)
     targets = torch.randint(0, vocab, (3, 50))
     weights = torch.rand(2, 3, 50)
     flat = logits.reshape(-1, vocab)
