@@ -401,3 +401,35 @@ def test_a_stream_reuses_its_decoder_and_decodes_with_the_weights_the_model_has_
     assert DECODERS[model] is decoder and (addresses() == taken) == (graphed or not bf16)
     sampled(model, torch.randint(3, 97, (3, 5)))  # another batch: a decoder of its own
     assert DECODERS[model] is not decoder
+
+
+FAULTS_OF_A_FRESH_BUFFER = """
+import resource, sys, torch
+sys.path.insert(0, {root!r})
+from trainer.loop import keep_freed_memory
+
+def faults():  # minor page faults taken by a 128 MB buffer made, written and freed
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(1 << 25).fill_(1.0)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+faults()
+plain = faults()
+keep_freed_memory()
+faults()
+print(plain, faults())
+"""
+
+
+def test_a_cpu_run_reuses_freed_large_buffers_instead_of_faulting_them_in_again():
+    """What a training step frees (the logits and their gradients are buffers of 100 MB and more) is reused by
+    the next step, not handed back to the kernel and faulted in page by page again. Counted in page faults, in a
+    process of its own: the setting lasts for the process."""
+    import subprocess
+    import sys
+
+    code = FAULTS_OF_A_FRESH_BUFFER.format(root=str(Path(__file__).resolve().parents[1]))
+    plain, kept = map(int, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                          check=True).stdout.split())
+    assert plain > 20_000  # 32,768 pages of 4 KB, each faulted in again
+    assert kept < plain / 20
