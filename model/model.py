@@ -288,7 +288,8 @@ class ChunkedSoftcap(torch.autograd.Function):
     """cap · tanh(logits / cap) over [..., vocab] logits, computed and differentiated a chunk of rows at a time
     (ChunkedCrossEntropy's chunks) into one buffer. Written as three whole-tensor operations, each pass and each of
     its three gradients takes a fresh buffer the size of the logits: on a CPU, for 16 x 256 positions over 6,400
-    tokens, that cost 3.5x the cross-entropy itself, forward and backward."""
+    tokens, forward and backward, that took 0.32 s over the cross-entropy's 0.09, and chunked 0.16 (0.09 and 0.07
+    over 0.05 once freed memory is kept, as a training run keeps it: trainer/loop.py's keep_freed_memory)."""
 
     @staticmethod
     def forward(ctx, logits, cap):
