@@ -6,7 +6,7 @@ micro-batch), rewards them (a line's own "reward" or --reward exact|numeric|cont
 --reward_fn path.py:function taking (completion, answer) and returning a number), and follows each
 group's relative advantages.
 
-    python 6-grpo.py --config configs/tiny.json --batch_size 8 --learning_rate 3e-4
+    python 6-grpo.py --config configs/tiny.json --batch_size 8 --learning_rate 3e-5
 """
 
 from dataset import PromptDataset, load_tokenizer

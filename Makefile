@@ -1,4 +1,4 @@
-# tinymind: `make demo` runs the whole pipeline on a CPU in minutes, `make test` runs the test suite
+# tinymind: `make demo` runs the whole pipeline on a CPU in under an hour, `make test` runs the test suite
 # (`make test-fast` its unit tests).
 PYTHON ?= python3
 VENV := .venv
