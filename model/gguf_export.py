@@ -112,14 +112,27 @@ def write_hyperparameters(writer, config, arch, file_type):
         writer.add_leading_dense_block_count(0)
 
 
+# Llama-3's pre-tokenizer pattern, as its tokenizer.json holds it: scripts/train_tokenizer.py fits with it by
+# default, and llama.cpp cuts text the same way under the name "llama-bpe".
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
 def pre_tokenizer(tokenizer) -> str:
-    """llama.cpp's name for the tokenizer's pre-tokenizer: GPT-2's byte-level split ("gpt-2"), the one
-    scripts/train_tokenizer.py makes."""
+    """llama.cpp's name for the tokenizer's pre-tokenizer, one of the two scripts/train_tokenizer.py makes:
+    GPT-2's byte-level split ("gpt-2", the shipped tokenizer's), or Llama-3's pattern before a byte-level
+    alphabet ("llama-bpe")."""
     pre = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space"):
         return "gpt-2"
+    pieces = pre.get("pretokenizers") or [{}, {}]
+    if (pre.get("type") == "Sequence" and len(pieces) == 2
+            and pieces[0] == {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated", "invert": False}
+            and pieces[1].get("type") == "ByteLevel" and not pieces[1].get("use_regex", True)
+            and not pieces[1].get("add_prefix_space")):
+        return "llama-bpe"
     raise UnsupportedArchitecture(f"tokenizer {tokenizer.name_or_path}: pre-tokenizer {json.dumps(pre)[:120]} has no "
-                                  "llama.cpp counterpart written here (only GPT-2's byte-level one)")
+                                  "llama.cpp counterpart written here (GPT-2's byte-level split and Llama-3's pattern)")
 
 
 def write_tokenizer(writer, tokenizer, tokenizer_dir, vocab_size, pre):

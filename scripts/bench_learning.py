@@ -43,7 +43,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from dataset import PretrainDataset, load_tokenizer  # noqa: E402
 from dataset.batch import collate  # noqa: E402
-from scripts.train_tokenizer import SHIPPED, fit, report_compression  # noqa: E402
+from scripts.train_tokenizer import SHIPPED, SPLITS, fit, report_compression  # noqa: E402
 from trainer import PRETRAIN_DEFAULTS, Stage, run_cli, train_stage  # noqa: E402
 from trainer.flags import parse  # noqa: E402
 from trainer.stages import stage_parser  # noqa: E402
@@ -158,6 +158,8 @@ RECIPES = {
     "best_vocab_8192": [*BEST, "--vocab_size", "8192"],
     "best_vocab_12288": [*BEST, "--vocab_size", "12288"],
     "best_vocab_16384": [*BEST, "--vocab_size", "16384"],
+    # the default with its tokenizer fitted with GPT-2's split, as the shipped one was (TOKENIZER_SPLITS)
+    "best_gpt2_split": BEST,
     "default_best_fit_lr_9e-3": [*MUON_WSD, "--pack", "shared", "--pack_fit", "best", "--learning_rate", "9e-3"],
     "default_best_fit_lr_9e-3_untied": [*MUON_WSD, "--pack", "shared", "--pack_fit", "best", "--learning_rate", "9e-3",
                                         "--tie_word_embeddings", "false"],
@@ -197,6 +199,12 @@ RECIPES = {
 WIDTH_128 = {"nanochat", "nanochat_init_width", "nanochat_grad_clip_0", "nanochat_vocab_32768", "nanochat_no_value_embeds",
              "nanochat_no_softcap", "nanochat_stock", "default_head64",
              "best_head64", "best_head64_kv1", "best_head128", "moe_fine_bias", "moe_fine"}
+
+
+# With --fit_tokenizer each recipe trains with a tokenizer fitted with Llama-3's split (scripts.train_tokenizer's
+# default), or with the split named here. nanochat's own split (GPT-4's pattern, digits in pairs) carried as many bytes
+# a token as Llama-3's on the prose corpus at 6,400 tokens (3.40), so the emulation shares the default's tokenizer.
+TOKENIZER_SPLITS = {"best_gpt2_split": "gpt2"}
 
 
 class PaddedToMaximum(PretrainDataset):
@@ -245,15 +253,16 @@ def resolved(recipe, args):
     return parse(stage_parser(stage_for(named(recipe))), [*args.model, *RECIPES[named(recipe)], "--device", args.device])
 
 
-def vocabulary(recipe, args):
-    """The recipe's vocabulary size: the benchmark's, unless the recipe gives its own."""
-    return resolved(recipe, args).vocab_size
+def tokenizer_kind(recipe, args):
+    """(vocabulary size, split) of the recipe's tokenizer: the benchmark's size unless the recipe gives its own, and
+    the split its TOKENIZER_SPLITS entry names (None: the benchmark's tokenizer, fitted or given)."""
+    return resolved(recipe, args).vocab_size, TOKENIZER_SPLITS.get(named(recipe))
 
 
 def run_log(recipe, out_dir, args, *flags):
     """Train the recipe with `flags` into `out_dir`; its CSV log."""
     argv = [*args.model, *RECIPES[named(recipe)], *flags, "--data_path", args.data, "--seed", str(args.seed),
-            "--device", args.device, "--tokenizer_path", args.tokenizers[vocabulary(recipe, args)], "--save_interval",
+            "--device", args.device, "--tokenizer_path", args.tokenizers[tokenizer_kind(recipe, args)], "--save_interval",
             str(10**9), "--out_dir", str(out_dir)]
     train_stage(stage_for(named(recipe)), argv)
     run = resolved(recipe, args)
@@ -329,15 +338,18 @@ def main(argv=None):
     print(f"shape: {shape(args)}", flush=True)
     curves = {recipe: [] for recipe in recipes}
     with tempfile.TemporaryDirectory() as scratch:
-        # A tokenizer for each vocabulary size the recipes use, fitted to --data (or the one given)
+        # A tokenizer for each vocabulary size and split the recipes use, fitted to --data (or the one given)
         args.tokenizers = {}
-        for size in sorted({vocabulary(recipe, args) for recipe in recipes}):
+        for size, split in sorted({tokenizer_kind(recipe, args) for recipe in recipes}, key=str):
             if args.fit_tokenizer:
-                args.tokenizers[size] = str(Path(scratch) / f"tokenizer_{size}")
-                fit(Path(args.data), Path(args.tokenizers[size]), size)
-                report_compression(Path(args.tokenizers[size]), SHIPPED, Path(args.val))
+                args.tokenizers[size, split] = str(Path(scratch) / f"tokenizer_{size}_{split or SPLITS[0]}")
+                fit(Path(args.data), Path(args.tokenizers[size, split]), size, split=split or SPLITS[0])
+                report_compression(Path(args.tokenizers[size, split]), SHIPPED, Path(args.val))
+            elif split:
+                raise SystemExit(f"error: a recipe trains with a tokenizer fitted with the {split} split: add "
+                                 "--fit_tokenizer")
             elif size == len(load_tokenizer(args.tokenizer_path)):
-                args.tokenizers[size] = args.tokenizer_path
+                args.tokenizers[size, split] = args.tokenizer_path
             else:
                 raise SystemExit(f"error: a recipe has a vocabulary of {size}, --tokenizer_path another: add "
                                  "--fit_tokenizer")

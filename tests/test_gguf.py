@@ -48,6 +48,21 @@ def tokenizer():
     return load_tokenizer(TOKENIZER)
 
 
+# Text where the two splits cut differently: punctuation before letters, Chinese commas, runs of digits, newlines
+# after spaces, contractions.
+SPLIT_TEXTS = ["床前明月光，疑是地上霜。举头望明月，低头思故乡。", "To be, or not to be: that's the question.\n\n",
+               "In 1998年 there were 123456789 reviews -- \"great\"!  \n  Next line...", "HE'LL say 'no'; we'd (maybe) go."]
+
+
+@pytest.fixture(scope="module", params=["llama3", "gpt2"])
+def fitted(request, tmp_path_factory):
+    """(split, tokenizer folder): a tokenizer scripts.train_tokenizer fits with that split."""
+    from scripts.train_tokenizer import save, train
+    folder = tmp_path_factory.mktemp(f"tokenizer_{request.param}")
+    save(train(SPLIT_TEXTS * 40, vocab_size=500, split=request.param), folder)
+    return request.param, folder
+
+
 def field(reader, key):
     value = reader.fields[key]
     if value.types and value.types[0].name == "ARRAY":
@@ -98,6 +113,14 @@ def test_gguf_reads_back_every_tensor_and_key_as_written(dtype, tokenizer, tmp_p
             assert np.abs(values - tensor.numpy()).max() <= np.abs(tensor.numpy()).max() / 127 + 1e-6, name
     vectors = [t for t in reader.tensors if len(t.shape) == 1 or ".ffn_gate_inp." in t.name]
     assert vectors and all(t.tensor_type == GGMLQuantizationType.F32 for t in vectors)  # norms and routers stay f32
+
+
+def test_a_fitted_tokenizer_names_its_split_as_llama_cpp_knows_it(fitted, tmp_path):
+    split, folder = fitted
+    fitted_tokenizer = load_tokenizer(folder)
+    path = tmp_path / "model.gguf"
+    write_gguf(tiny_model(vocab_size=len(fitted_tokenizer)), fitted_tokenizer, folder, path, "f32")
+    assert field(GGUFReader(path), "tokenizer.ggml.pre") == {"llama3": "llama-bpe", "gpt2": "gpt-2"}[split]
 
 
 def test_paired_rotary_rows_put_each_half_pair_side_by_side():
@@ -285,3 +308,14 @@ def test_llama_cpp_tokenizes_a_tool_using_chat_as_tinymind_does(tokenizer, tmp_p
     assert "<tool_call>" in text and "<tool_response>" in text and "<think>" in text
     _, their_ids = llama_cpp_greedy(path, tokenizer("x").input_ids, 0, text)
     assert their_ids == tokenizer(text).input_ids
+
+
+def test_llama_cpp_tokenizes_text_as_a_fitted_tokenizer_does(fitted, tmp_path):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: `make test-llama-cpp` builds it")
+    _, folder = fitted
+    fitted_tokenizer = load_tokenizer(folder)
+    path = tmp_path / "model.gguf"
+    write_gguf(tiny_model(vocab_size=len(fitted_tokenizer)), fitted_tokenizer, folder, path, "f32")
+    for text in [*SPLIT_TEXTS, "".join(SPLIT_TEXTS), "  leading spaces\tand tabs 42 4242 ，，。"]:
+        _, their_ids = llama_cpp_greedy(path, fitted_tokenizer("x").input_ids, 0, text)
+        assert their_ids == fitted_tokenizer(text).input_ids, text

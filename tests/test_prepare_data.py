@@ -165,6 +165,15 @@ def test_trained_tokenizer_round_trips_and_speaks_chatml(tmp_path):
     train_tokenizer.check(tmp_path)  # raises on any broken promise
 
 
+def test_the_split_before_the_merges_keeps_punctuation_with_the_letters_after_it_and_digits_in_threes():
+    text = "明月光，疑是霜。 It's 12345!\n\n  Go"
+
+    def pieces(split):
+        return [text[start:end] for _, (start, end) in train_tokenizer.pre_tokenizer(split).pre_tokenize_str(text)]
+    assert pieces("llama3") == ["明月光", "，疑是霜", "。", " It", "'s", " ", "123", "45", "!\n\n", " ", " Go"]
+    assert pieces("gpt2") == ["明月光", "，", "疑是霜", "。", " It", "'s", " 12345", "!", "\n\n ", " Go"]
+
+
 def test_a_tokenizer_fitted_to_a_corpus_reports_its_compression_beside_the_shipped_one(tmp_path, capsys):
     from transformers import AutoTokenizer
 
