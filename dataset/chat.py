@@ -119,6 +119,8 @@ def _calls_problem(number, calls):
                 arguments = json.loads(arguments)
             except json.JSONDecodeError as error:
                 return f'turn {number}, tool call {index}: "arguments" is not valid JSON ({error.msg}, column {error.colno})'
+            except (ValueError, RecursionError) as error:  # nested past the parser's depth, or a number too long
+                return f'turn {number}, tool call {index}: "arguments" is not valid JSON ({type(error).__name__})'
         if not isinstance(arguments, dict):
             return f'turn {number}, tool call {index}: "arguments" must be a JSON object, got {json_type(arguments)}'
     return None
@@ -201,7 +203,7 @@ def _loaded(value):
     if isinstance(value, str):
         try:
             return json.loads(value)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             return value
     return value
 
@@ -336,7 +338,7 @@ def parse_call(text):
     {"name": ..., "arguments": {...}}."""
     try:
         value = json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON, nested past the parser's depth, or a number too long
         return None
     if not isinstance(value, dict) or not isinstance(value.get("name"), str) or not value["name"]:
         return None

@@ -3,12 +3,12 @@ that travels with a checkpoint: every training run saves the tokenizer it traine
 `tokenizer/` beside the weights, and whatever reads those weights later takes it from there unless told
 otherwise (a Hugging Face directory carries its own)."""
 
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer
+
+from model import atomic_folder
 
 from .jsonl import DataError
 
@@ -41,14 +41,7 @@ def tokenizer_beside(weights) -> Path | None:
 def save_tokenizer(tokenizer, directory):
     """`tokenizer.save_pretrained` into a temporary folder swapped in for `directory`: a crash leaves the previous
     one whole."""
-    directory = Path(directory)
-    tmp, old = directory.with_name(f".{directory.name}.tmp"), directory.with_name(f".{directory.name}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer.save_pretrained(str(tmp))
-    if directory.exists():
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    shutil.rmtree(old, ignore_errors=True)
+    atomic_folder(directory, lambda tmp: tokenizer.save_pretrained(str(tmp)))
 
 
 def token_bytes(tokenizer):

@@ -16,6 +16,7 @@ import hashlib
 import os
 import pickle
 import re
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -48,6 +49,28 @@ def atomic_write(path, write):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_folder(directory, write):
+    """Call `write(tmp_folder)` and swap the result in for the folder `directory`: a crash leaves the previous
+    folder whole (between the two renames, as `.NAME.old` beside it, which the next call clears)."""
+    directory = Path(directory)
+    tmp, old = directory.with_name(f".{directory.name}.tmp"), directory.with_name(f".{directory.name}.old")
+    for stale in (tmp, old):
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        write(tmp)
+        if directory.exists():
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not write {directory}: {err.strerror or err}; the previous folder there is "
+                              "untouched") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def config_path(weights_path) -> Path:

@@ -43,6 +43,8 @@ from trainer.tools import load_tools
 
 PAGE = Path(__file__).with_name("chat.html")
 MAX_BODY_BYTES = 1 << 20
+# Every new token is checked against each stop's prefixes (what to hold back), work that grows with the stop's square.
+MAX_STOP_CHARS = 512
 
 
 class APIError(Exception):
@@ -87,8 +89,9 @@ class Sampled(BaseModel):
 
     def stops(self):
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stops) > 4 or not all(stops):
-            raise APIError(400, "stop: at most 4 non-empty strings", param="stop")
+        if len(stops) > 4 or not all(stops) or max(map(len, stops), default=0) > MAX_STOP_CHARS:
+            raise APIError(400, f"stop: at most 4 non-empty strings of at most {MAX_STOP_CHARS} characters",
+                           param="stop")
         return stops
 
 
@@ -188,8 +191,8 @@ def create_app(model, tokenizer, model_name, max_batch=8, max_queue=16, context=
                 raise APIError(413, f"request body over {MAX_BODY_BYTES} bytes")
         try:
             body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise APIError(400, f"the body is not valid JSON ({err})") from None
+        except (ValueError, RecursionError) as err:  # bad JSON or UTF-8, an integer past Python's digit limit, nesting
+            raise APIError(400, f"the body is not valid JSON ({type(err).__name__}: {str(err)[:200]})") from None
         if not isinstance(body, dict):
             raise APIError(400, "the body must be a JSON object")
         try:
@@ -207,7 +210,8 @@ def create_app(model, tokenizer, model_name, max_batch=8, max_queue=16, context=
     def start(request, prompt_ids, max_tokens):
         if len(prompt_ids) >= context:
             raise APIError(400, f"the prompt is {len(prompt_ids)} tokens, over the model's context of {context} "
-                                f"tokens", param="messages", code="context_length_exceeded")
+                                f"tokens", param="messages" if isinstance(request, ChatRequest) else "prompt",
+                           code="context_length_exceeded")
         max_tokens = max_tokens or min(max_tokens_cap, context - len(prompt_ids))
         if max_tokens > max_tokens_cap:
             raise APIError(400, f"max_tokens {max_tokens} is over this server's cap of {max_tokens_cap}",
@@ -476,8 +480,8 @@ class TokenStream:
             if text.endswith("\ufffd"):
                 continue  # the rest of a multi-byte character is still to come
             self.settled, self.settled_text = len(self.ids), text
-            safe = len(text) - max((k for stop in self.stops for k in range(1, len(stop)) if text.endswith(stop[:k])),
-                                   default=0)
+            safe = len(text) - max((k for stop in self.stops for k in range(1, min(len(stop), len(text) + 1))
+                                    if text.endswith(stop[:k])), default=0)
             if safe > len(self.sent):
                 piece, self.sent = text[len(self.sent):safe], text[:safe]
                 yield piece, None

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,6 +117,14 @@ def test_resume_with_another_batch_size_names_the_flag(workdir, capsys):
     code, err = run_in_process(capsys, "--max_steps", 4, "--batch_size", 2, "--resume")
     assert code == 2
     assert err[-1].startswith("error: --resume: --batch_size is 2 but the run in output/pretrain_dense used 4")
+
+
+def test_a_run_resumes_in_another_precision_its_loss_scale_fresh_or_dropped(workdir, capsys):
+    assert run_in_process(capsys, "--max_steps", 2, "--dtype", "float32")[0] == 0
+    assert run_in_process(capsys, "--max_steps", 4, "--dtype", "float16", "--resume")[0] == 0
+    latest = sorted((workdir / "output/pretrain_dense").glob("*_resume_*.pt"))[-1]
+    assert torch.load(latest, weights_only=True)["scaler"]["scale"] > 0  # float16 kept a loss scale of its own
+    assert run_in_process(capsys, "--max_steps", 6, "--dtype", "float32", "--resume")[0] == 0
 
 
 def test_resume_keeps_the_runs_rate_unless_the_command_line_changes_it(workdir, capsys):
@@ -316,6 +325,27 @@ def test_full_disk_during_save_keeps_the_previous_checkpoint(workdir, capsys, mo
                       "the previous file there is untouched"
     assert weights.read_bytes() == before
     assert no_partial_files(workdir / "output")
+
+
+def test_a_folder_left_by_a_crash_between_the_swaps_does_not_block_the_next_save(tmp_path):
+    from dataset import load_tokenizer, save_tokenizer
+
+    tokenizer, saved = load_tokenizer(), tmp_path / "run" / "tokenizer"
+    save_tokenizer(tokenizer, saved)
+    (tmp_path / "run" / ".tokenizer.old").mkdir()  # what a crash after the first rename leaves
+    (tmp_path / "run" / ".tokenizer.old" / "tokenizer.json").write_text("{}")
+    save_tokenizer(tokenizer, saved)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["tokenizer"]
+    assert load_tokenizer(saved).encode("床前明月光") == tokenizer.encode("床前明月光")
+
+    def full_disk(folder):
+        Path(folder).mkdir()
+        (Path(folder) / "part").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(weights_io.CheckpointError, match="could not write .*tokenizer: No space left on device; the "
+                                                         "previous folder there is untouched"):
+        weights_io.atomic_folder(saved, full_disk)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["tokenizer"]
 
 
 @pytest.mark.parametrize("suffix", ["pth", "safetensors"])

@@ -81,6 +81,9 @@ def test_eight_concurrent_streams_each_equal_their_solo_answer(server):
 
 def test_raw_completions_and_models_and_health(server):
     client = server.client()
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client.completions.create(model="tiny", prompt="长" * 3000, max_tokens=5)
+    assert too_long.value.body["param"] == "prompt" and "context of 2048 tokens" in too_long.value.body["message"]
     assert [m.id for m in client.models.list()] == ["tiny"]
     text = client.completions.create(model="tiny", prompt="床前明月光", max_tokens=5, temperature=0)
     assert text.choices[0].finish_reason in ("stop", "length") and text.usage.completion_tokens <= 5
@@ -101,6 +104,15 @@ BAD = [
     (json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "长" * 3000}]}).encode(), 400,
      "context of 2048 tokens"),
     (b"x" * (2 << 20), 413, "bytes"),
+    (b"[" * 100_000, 400, "not valid JSON"),  # nested past the parser's depth
+    (b'{"model": "tiny", "max_tokens": 1' + b"0" * 5000 + b"}", 400, "not valid JSON"),  # past Python's digit limit
+    (json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stop": "z" * 200_000}).encode(),
+     400, "stop"),
+    (json.dumps({"model": "tiny", "messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+            "name": "calculator", "arguments": "[" * 100_000}}]},
+        {"role": "tool", "content": "1"}]}).encode(), 400, "arguments"),
 ]
 
 

@@ -57,7 +57,7 @@ def lr_at(step, total_steps, warmup_steps, peak, schedule="cosine", decay_fracti
         decay_steps = max(1, round(decay_fraction * total_steps))
         left = (total_steps - 1 - step) / decay_steps  # 1 where the decay starts, 0 at the last step
         return final + (peak - final) * min(max(left, 0.0), 1.0)
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = (step - warmup_steps) / max(1, total_steps - 1 - warmup_steps)  # 0 after warmup, 1 at the last step
     return final + (peak - final) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
@@ -484,7 +484,8 @@ class Trainer:
         for optimizer, groups in zip(self.optimizers, settings):
             for group, own in zip(optimizer.param_groups, groups):
                 group.update(own)
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when the run trained without float16; a float16 run then starts a fresh scale
+            self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"], self.device)
         self.objective.load_state_dict(state.get("objective", {}))
         self.progress = Progress(**state["progress"])

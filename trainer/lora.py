@@ -8,14 +8,12 @@ ordinary checkpoint that every later stage, `3-eval.py` and `convert_hf` take.
 
 import contextlib
 import copy
-import os
-import shutil
 import warnings
 from pathlib import Path
 
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from model import save_weights
+from model import atomic_folder, save_weights
 
 from .distributed import say
 from .errors import UserError
@@ -86,18 +84,7 @@ def adapter_dir(paths) -> Path:
 
 def save_adapter(peft_model, directory):
     """peft's `save_pretrained` into a temporary folder, then swapped in, so a crash keeps the previous one."""
-    directory = Path(directory)
-    tmp, old = directory.with_name(f".{directory.name}.tmp"), directory.with_name(f".{directory.name}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        peft_model.save_pretrained(str(tmp))
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"could not write {directory}: {err.strerror or err}; the previous adapter is untouched") from None
-    if directory.exists():
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    shutil.rmtree(old, ignore_errors=True)
+    atomic_folder(directory, lambda tmp: peft_model.save_pretrained(str(tmp)))
 
 
 def load_adapter(model, directory):
