@@ -506,11 +506,13 @@ class TinyMindModel(nn.Module):
             str(i): nn.Embedding(config.vocab_size, config.num_key_value_heads * config.head_dim)
             for i in range(config.num_hidden_layers) if has_value_embed(config, i)})
 
-    def forward(self, input_ids, attention_mask, position_ids, past_key_values, one_document_per_row=False):
+    def forward(self, input_ids, attention_mask, position_ids, past_key_values, one_document_per_row=None):
         """`attention_mask` numbers each position's document (0: padding), as `dataset.Batch` describes.
-        `one_document_per_row`: the caller knows (as `collate` does, on the host) that no row holds two documents
-        and padding only ends rows, so positions count from 0 and SDPA's causal kernel masks right, without a
-        look at the mask's values: the training forward then never waits for the device."""
+        `one_document_per_row`, what the caller knows of the mask (as `collate` does, on the host): True, no row
+        holds two documents and padding only ends rows, so positions count from 0 and SDPA's causal kernel masks
+        right; False, some row holds several, so the documents' mask is built. Either way nothing looks at the
+        mask's values and the training forward never waits for the device. None (unknown: generation, Hugging Face
+        callers): the mask is read to choose."""
         batch, seq = input_ids.shape
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         if one_document_per_row and past == 0:
@@ -520,7 +522,8 @@ class TinyMindModel(nn.Module):
         else:
             if position_ids is None:
                 position_ids = document_positions(attention_mask, past, seq, input_ids.device).expand(batch, -1)
-            attn_mask = causal_mask(attention_mask, batch, seq, past, input_ids.device)
+            attn_mask = causal_mask(attention_mask, batch, seq, past, input_ids.device,
+                                    look=one_document_per_row is None)
         token_mask = attention_mask[:, -seq:] > 0 if attention_mask is not None else input_ids.new_ones(batch, seq)
 
         x = self.dropout(self.embed_tokens(input_ids))
@@ -555,16 +558,17 @@ def document_positions(attention_mask, past, seq, device):
     return (index - first)[:, -seq:]
 
 
-def causal_mask(attention_mask, batch, seq, past, device):
+def causal_mask(attention_mask, batch, seq, past, device, look=True):
     """Boolean [batch, 1, seq, past+seq] mask (True = may attend), or None when SDPA's own causal flag suffices.
 
     The flag suffices without padding, and also when padding only trails the single document of
     each row of a fresh (uncached) batch, as in padded training batches: a real token never looks
     ahead to a pad, and what the pads compute is never used. Otherwise a query sees the earlier
     positions of its own document (a pad sees earlier pads, so no row is all-masked and NaN).
-    Explicit masks push SDPA onto slower kernels.
+    Explicit masks push SDPA onto slower kernels. Finding that out reads the mask back from the device; with
+    `look` False the caller knows a mask is needed, and none is read.
     """
-    trailing_padding_only = (
+    trailing_padding_only = look and (
         attention_mask is not None and past == 0 and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
         and int(attention_mask.max()) <= 1
     )
@@ -606,7 +610,7 @@ class TinyMindForCausalLM(PreTrainedModel, GenerationMixin):
         labels=None,
         position_ids=None,
         logits_to_keep=0,
-        one_document_per_row=False,
+        one_document_per_row=None,
         **kwargs,
     ):
         """Logits, the summed MoE aux loss, the KV cache and, given HF-style `labels`, `.loss` = masked CE + aux.

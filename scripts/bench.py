@@ -55,7 +55,7 @@ import torch
 from tqdm import tqdm
 from transformers import LlamaForCausalLM, Qwen2MoeForCausalLM
 
-from model import TinyMindConfig, TinyMindForCausalLM, fast_generate, masked_cross_entropy
+from model import TinyMindConfig, TinyMindForCausalLM, atomic_write, fast_generate, masked_cross_entropy
 from model.convert import llama_config, qwen2_moe_config, to_qwen2_moe
 from trainer.flags import MODEL_FLAGS
 from trainer.loop import make_optimizers
@@ -595,7 +595,7 @@ def main(argv=None):
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    atomic_write(out, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
     print(f"\nwrote {out}")
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dataset import PretrainDataset, collate
+from dataset import Packed, PretrainDataset, collate
 from model import TinyMindForCausalLM, masked_cross_entropy, token_cross_entropy
 from model.model import ChunkedCrossEntropy, softcap
 from trainer.flags import add_model_flags, add_training_flags, model_config, new_parser, parse
@@ -107,7 +107,7 @@ class HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("variant", ["dense", "moe_top2_shared"])
+@pytest.mark.parametrize("variant", ["dense", "moe_top2_shared", "dense_packed_isolated"])
 def test_optimizer_steps_read_the_device_only_for_a_log_row(tmp_path, tokenizer, monkeypatch, variant):
     moe = ["--model_type", "moe", "--n_routed_experts", "4", "--num_experts_per_tok", "2",
            "--moe_dispatch", "grouped"] if variant.startswith("moe") else []
@@ -119,9 +119,12 @@ def test_optimizer_steps_read_the_device_only_for_a_log_row(tmp_path, tokenizer,
                           "--optimizer", "muon"])
     torch.manual_seed(0)
     dataset = PretrainDataset(data, tokenizer, args.max_seq_len)
+    if variant.endswith("packed_isolated"):  # several documents a row, attention kept inside each
+        dataset = Packed(dataset, isolated=True)
     trainer = Trainer(TinyMindForCausalLM(model_config(args)), dataset, LanguageModeling(), args,
                       run_paths("pretrain", args))
-    steps = [[dataset.collate([dataset[i] for i in range(j, j + 4)])] for j in range(0, 40, 4)]
+    steps = [[dataset.collate([dataset[i % len(dataset)] for i in range(j, j + 4)])] for j in range(0, 40, 4)]
+    assert any(not batch.one_document_per_row for [batch] in steps) or not variant.endswith("packed_isolated")
     reads = HostReads()
     tolist = torch.Tensor.tolist
 

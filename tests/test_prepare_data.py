@@ -1,6 +1,7 @@
 """Offline tests for scripts/prepare_data.py, scripts/data/ and scripts/train_tokenizer.py (no registry, no hub)."""
 
 import argparse
+import errno
 import json
 import re
 from pathlib import Path
@@ -151,6 +152,26 @@ def test_run_writes_jsonl_from_the_cache(tmp_path, capsys):
     assert not (tmp_path / "dpo.jsonl").exists()  # the preference pairs come from the dict source
     agent = [json.loads(line) for name in ("agent.jsonl", "agent_val.jsonl") for line in open(tmp_path / name)]
     assert len(agent) == 40 and {p["reward"] for p in agent} == {"numeric"} and not any("tools" in p for p in agent)
+
+
+def test_an_interrupted_write_leaves_the_previous_data_file_whole(tmp_path):
+    from scripts.data.pipeline import write_lines
+
+    path = tmp_path / "pretrain.jsonl"
+    write_lines(path, ['{"text": "before"}\n'])
+
+    def cut_short():
+        yield '{"text": "after"}\n'
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        write_lines(path, cut_short())
+
+    def full_disk():
+        yield '{"text": "after"}\n'
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(DataError, match="could not write .*pretrain.jsonl: No space left on device"):
+        write_lines(path, full_disk())
+    assert path.read_text() == '{"text": "before"}\n' and [p.name for p in tmp_path.iterdir()] == ["pretrain.jsonl"]
 
 
 def test_unknown_source_is_one_clear_error(tmp_path):

@@ -5,10 +5,14 @@ import json
 import random
 import re
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import pandas as pd
 from tqdm import tqdm
+
+from model import CheckpointError, atomic_write
+
+from . import DataError
 
 MAX_DOC_CHARS = 1500  # long works are cut into passages so one record is never a whole book
 MIN_DOC_CHARS = 10
@@ -141,21 +145,32 @@ def write_splits(corpus: dict[str, list], out_dir: Path, stem: str, field: str |
     itself when `field` is None); returns one row per record."""
     records = [(name, record) for name, items in corpus.items() for record in items]
     random.Random(f"{seed}:{stem}").shuffle(records)
-    rows = []
-    with open(out_dir / f"{stem}.jsonl", "w", encoding="utf-8") as train, \
-            open(out_dir / f"{stem}_val.jsonl", "w", encoding="utf-8") as val:
-        for name, record in tqdm(records, desc=f"writing {stem}"):
-            split = "val" if is_validation(record) else "train"
-            line = record if field is None or isinstance(record, dict) else {field: record}
-            (val if split == "val" else train).write(json.dumps(line, ensure_ascii=False) + "\n")
-            if isinstance(record, dict):
-                turns = [*record["chosen"], record["rejected"][-1]] if "chosen" in record else record["conversations"]
-            else:
-                turns = record
-            chars = len(record) if isinstance(record, str) else sum(len(t["content"] or "") for t in turns)
-            turns = 1 if isinstance(record, str) else len(turns)
-            rows.append((name, split, chars, turns))
+    rows, lines = [], {"train": [], "val": []}
+    for name, record in tqdm(records, desc=f"writing {stem}"):
+        split = "val" if is_validation(record) else "train"
+        line = record if field is None or isinstance(record, dict) else {field: record}
+        lines[split].append(json.dumps(line, ensure_ascii=False) + "\n")
+        if isinstance(record, dict):
+            turns = [*record["chosen"], record["rejected"][-1]] if "chosen" in record else record["conversations"]
+        else:
+            turns = record
+        chars = len(record) if isinstance(record, str) else sum(len(t["content"] or "") for t in turns)
+        turns = 1 if isinstance(record, str) else len(turns)
+        rows.append((name, split, chars, turns))
+    write_lines(out_dir / f"{stem}.jsonl", lines["train"])
+    write_lines(out_dir / f"{stem}_val.jsonl", lines["val"])
     return pd.DataFrame(rows, columns=["source", "split", "chars", "turns"])
+
+
+def write_lines(path: Path, lines: Iterable[str]) -> None:
+    """The lines written to a temporary file renamed over `path`: an interrupted run leaves the previous file whole."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(lines)
+    try:
+        atomic_write(path, write)
+    except CheckpointError as err:
+        raise DataError(str(err)) from None
 
 
 def summary(stats: pd.DataFrame) -> pd.DataFrame:

@@ -20,7 +20,7 @@ import random
 import re
 from pathlib import Path
 
-from .pipeline import is_validation
+from .pipeline import is_validation, write_lines
 
 IDIOM = re.compile(r"^(?P<word>[^（\n]+)（[^）]*）：(?P<meaning>[^\n]+)")
 NEXT_LINE = re.compile(r"^下一句是“(?P<next>[^”]+)”")
@@ -79,6 +79,5 @@ def write_tasks(tasks: dict[str, list], out_dir: Path) -> dict[str, int]:
     directory = Path(out_dir) / "tasks"
     directory.mkdir(parents=True, exist_ok=True)
     for name, lines in tasks.items():
-        with open(directory / f"{name}.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+        write_lines(directory / f"{name}.jsonl", [json.dumps(line, ensure_ascii=False) + "\n" for line in lines])
     return {name: len(lines) for name, lines in tasks.items()}
