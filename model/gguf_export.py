@@ -112,8 +112,8 @@ def write_hyperparameters(writer, config, arch, file_type):
         writer.add_leading_dense_block_count(0)
 
 
-# Llama-3's pre-tokenizer pattern, as its tokenizer.json holds it: scripts/train_tokenizer.py fits with it by
-# default, and llama.cpp cuts text the same way under the name "llama-bpe".
+# Llama-3's pre-tokenizer pattern, as its tokenizer.json holds it: `scripts.train_tokenizer --split llama3` fits with
+# it, and llama.cpp cuts text the same way under the name "llama-bpe".
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
 
