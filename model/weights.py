@@ -52,10 +52,16 @@ def atomic_write(path, write):
 
 
 def atomic_folder(directory, write):
-    """Call `write(tmp_folder)` and swap the result in for the folder `directory`: a crash leaves the previous
-    folder whole (between the two renames, as `.NAME.old` beside it, which the next call clears)."""
+    """Call `write(tmp_folder)` and swap the result in for the folder `directory`: a crash or a failed write leaves
+    the previous folder whole (a crash between the two renames leaves it as `.NAME.old` beside, which the next call
+    puts back before anything else)."""
     directory = Path(directory)
     tmp, old = directory.with_name(f".{directory.name}.tmp"), directory.with_name(f".{directory.name}.old")
+
+    def put_back():
+        if old.exists() and not directory.exists():
+            os.replace(old, directory)
+    put_back()
     for stale in (tmp, old):
         shutil.rmtree(stale, ignore_errors=True)
     try:
@@ -63,12 +69,12 @@ def atomic_folder(directory, write):
         if directory.exists():
             os.replace(directory, old)
         os.replace(tmp, directory)
-    except OSError as err:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"could not write {directory}: {err.strerror or err}; the previous folder there is "
-                              "untouched") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        put_back()
+        if isinstance(err, OSError):
+            raise CheckpointError(f"could not write {directory}: {err.strerror or err}; the previous folder there is "
+                                  "untouched") from None
         raise
     shutil.rmtree(old, ignore_errors=True)
 

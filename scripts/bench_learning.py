@@ -314,8 +314,8 @@ def main(argv=None):
     parser.add_argument("--tokenizer_path", default=str(SHIPPED),
                         help="the tokenizer every recipe of the benchmark's vocabulary (6,400) trains with")
     parser.add_argument("--fit_tokenizer", action="store_true",
-                        help="first fit a tokenizer to --data (scripts.train_tokenizer, the vocabulary of the model) "
-                             "and train every recipe with it")
+                        help="first fit tokenizers to --data (scripts.train_tokenizer), one for each vocabulary size "
+                             "and split the recipes use, and train each recipe with its own")
     parser.add_argument("--config", help="a preset (configs/small.json) every recipe starts from, as 1-pretrain.py "
                                          "--config reads it, in place of the benchmark's shape (width 128, 4 layers, "
                                          "16 x 256 tokens a step); a recipe's own flags still win")
@@ -341,19 +341,20 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as scratch:
         # A tokenizer for each vocabulary size and split the recipes use, fitted to --data (or the one given)
         args.tokenizers = {}
-        for size, split in sorted({tokenizer_kind(recipe, args) for recipe in recipes}, key=str):
+        kinds = {tokenizer_kind(recipe, args): named(recipe) for recipe in recipes}
+        for (size, split), recipe in sorted(kinds.items(), key=str):
             if args.fit_tokenizer:
                 args.tokenizers[size, split] = str(Path(scratch) / f"tokenizer_{size}_{split or SPLITS[0]}")
                 fit(Path(args.data), Path(args.tokenizers[size, split]), size, split=split or SPLITS[0])
                 report_compression(Path(args.tokenizers[size, split]), SHIPPED, Path(args.val))
             elif split:
-                raise SystemExit(f"error: a recipe trains with a tokenizer fitted with the {split} split: add "
-                                 "--fit_tokenizer")
+                raise SystemExit(f"error: --recipes {recipe} trains with a tokenizer fitted with the {split} split: "
+                                 "add --fit_tokenizer")
             elif size == len(load_tokenizer(args.tokenizer_path)):
                 args.tokenizers[size, split] = args.tokenizer_path
             else:
-                raise SystemExit(f"error: a recipe has a vocabulary of {size}, --tokenizer_path another: add "
-                                 "--fit_tokenizer")
+                raise SystemExit(f"error: --recipes {recipe} has a vocabulary of {size}, --tokenizer_path another: "
+                                 "add --fit_tokenizer")
         # Each recipe's step count, from step times measured twice, interleaved: every round then runs the same
         # schedule, and a neighbour slowing the machine for a while skews no recipe alone.
         timings = {named(recipe): [] for recipe in recipes}

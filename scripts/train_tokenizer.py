@@ -6,8 +6,8 @@ GPT-2's byte-level pattern (a space joins the letters after it, punctuation stan
 `--split llama3`, Llama-3's pattern, which keeps one leading non-letter with each run of letters (a space, or
 punctuation such as a Chinese comma), digits in threes and newlines with the spaces before them. At 6,400 tokens
 Llama-3's carries 7% more bytes a token on held-out English and Chinese prose (3.40 against 3.17), so a model
-generates that much more text per token, but a model pretrained with it learned no more per byte (README, Learning
-per second). Three special tokens come first, at fixed ids:
+generates that much more text per token, but a model pretrained with it learned no more per byte (docs/learning.md,
+"The tokenizer's split"). Three special tokens come first, at fixed ids:
     0 <|endoftext|>   padding and unknown
     1 <|im_start|>    beginning of a document or a chat turn (bos)
     2 <|im_end|>      end of a document or a chat turn (eos)
@@ -75,7 +75,7 @@ def sample_chars(texts: list[str], max_chars: int | None, seed: int) -> list[str
     return sample
 
 
-def pre_tokenizer(split: str):
+def splitter(split: str):
     """The pieces BPE merges within, each then spelled in GPT-2's byte alphabet (see the module's docstring)."""
     if split == "gpt2":
         return pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -85,7 +85,7 @@ def pre_tokenizer(split: str):
 
 def train(texts: list[str], vocab_size: int, split: str = SPLITS[0]) -> Tokenizer:
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizer(split)
+    tokenizer.pre_tokenizer = splitter(split)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

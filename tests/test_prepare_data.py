@@ -190,7 +190,7 @@ def test_the_split_before_the_merges_keeps_punctuation_with_the_letters_after_it
     text = "明月光，疑是霜。 It's 12345!\n\n  Go"
 
     def pieces(split):
-        return [text[start:end] for _, (start, end) in train_tokenizer.pre_tokenizer(split).pre_tokenize_str(text)]
+        return [text[start:end] for _, (start, end) in train_tokenizer.splitter(split).pre_tokenize_str(text)]
     assert pieces("llama3") == ["明月光", "，疑是霜", "。", " It", "'s", " ", "123", "45", "!\n\n", " ", " Go"]
     assert pieces("gpt2") == ["明月光", "，", "疑是霜", "。", " It", "'s", " 12345", "!", "\n\n ", " Go"]
 

@@ -327,16 +327,14 @@ def test_full_disk_during_save_keeps_the_previous_checkpoint(workdir, capsys, mo
     assert no_partial_files(workdir / "output")
 
 
-def test_a_folder_left_by_a_crash_between_the_swaps_does_not_block_the_next_save(tmp_path):
+def test_a_folder_left_by_a_crash_between_the_swaps_comes_back_and_a_failed_save_keeps_it(tmp_path):
     from dataset import load_tokenizer, save_tokenizer
 
-    tokenizer, saved = load_tokenizer(), tmp_path / "run" / "tokenizer"
-    save_tokenizer(tokenizer, saved)
-    (tmp_path / "run" / ".tokenizer.old").mkdir()  # what a crash after the first rename leaves
-    (tmp_path / "run" / ".tokenizer.old" / "tokenizer.json").write_text("{}")
-    save_tokenizer(tokenizer, saved)
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["tokenizer"]
-    assert load_tokenizer(saved).encode("床前明月光") == tokenizer.encode("床前明月光")
+    tokenizer, run = load_tokenizer(), tmp_path / "run"
+    save_tokenizer(tokenizer, run / "tokenizer")
+    (run / "tokenizer").rename(run / ".tokenizer.old")  # a crash after the first rename: the previous folder aside,
+    (run / ".tokenizer.tmp").mkdir()  # the new one half written
+    (run / ".tokenizer.tmp" / "part").write_bytes(b"partial")
 
     def full_disk(folder):
         Path(folder).mkdir()
@@ -344,8 +342,11 @@ def test_a_folder_left_by_a_crash_between_the_swaps_does_not_block_the_next_save
         raise OSError(errno.ENOSPC, "No space left on device")
     with pytest.raises(weights_io.CheckpointError, match="could not write .*tokenizer: No space left on device; the "
                                                          "previous folder there is untouched"):
-        weights_io.atomic_folder(saved, full_disk)
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["tokenizer"]
+        weights_io.atomic_folder(run / "tokenizer", full_disk)
+    assert sorted(p.name for p in run.iterdir()) == ["tokenizer"]
+    assert load_tokenizer(run / "tokenizer").encode("床前明月光") == tokenizer.encode("床前明月光")
+    save_tokenizer(tokenizer, run / "tokenizer")
+    assert sorted(p.name for p in run.iterdir()) == ["tokenizer"]
 
 
 @pytest.mark.parametrize("suffix", ["pth", "safetensors"])

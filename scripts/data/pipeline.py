@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from model import CheckpointError, atomic_write
 
-from . import DataError
+from scripts.data import DataError
 
 MAX_DOC_CHARS = 1500  # long works are cut into passages so one record is never a whole book
 MIN_DOC_CHARS = 10
@@ -145,11 +145,10 @@ def write_splits(corpus: dict[str, list], out_dir: Path, stem: str, field: str |
     itself when `field` is None); returns one row per record."""
     records = [(name, record) for name, items in corpus.items() for record in items]
     random.Random(f"{seed}:{stem}").shuffle(records)
-    rows, lines = [], {"train": [], "val": []}
-    for name, record in tqdm(records, desc=f"writing {stem}"):
+    rows, splits = [], []
+    for name, record in tqdm(records, desc=f"splitting {stem}"):
         split = "val" if is_validation(record) else "train"
-        line = record if field is None or isinstance(record, dict) else {field: record}
-        lines[split].append(json.dumps(line, ensure_ascii=False) + "\n")
+        splits.append(split)
         if isinstance(record, dict):
             turns = [*record["chosen"], record["rejected"][-1]] if "chosen" in record else record["conversations"]
         else:
@@ -157,8 +156,14 @@ def write_splits(corpus: dict[str, list], out_dir: Path, stem: str, field: str |
         chars = len(record) if isinstance(record, str) else sum(len(t["content"] or "") for t in turns)
         turns = 1 if isinstance(record, str) else len(turns)
         rows.append((name, split, chars, turns))
-    write_lines(out_dir / f"{stem}.jsonl", lines["train"])
-    write_lines(out_dir / f"{stem}_val.jsonl", lines["val"])
+
+    def lines(wanted):
+        for (_, record), split in zip(records, splits):
+            if split == wanted:
+                line = record if field is None or isinstance(record, dict) else {field: record}
+                yield json.dumps(line, ensure_ascii=False) + "\n"
+    write_lines(out_dir / f"{stem}.jsonl", lines("train"))
+    write_lines(out_dir / f"{stem}_val.jsonl", lines("val"))
     return pd.DataFrame(rows, columns=["source", "split", "chars", "turns"])
 
 
