@@ -9,14 +9,14 @@ group's relative advantages.
     python 6-grpo.py --config configs/tiny.json --batch_size 8 --learning_rate 3e-5
 """
 
-from dataset import PromptDataset, load_tokenizer
+from dataset import PromptDataset
 from trainer import Stage, load_flagged, run_cli, train_stage
 from trainer.grpo import GroupRelativePolicy, add_grpo_flags, check_grpo_flags
 
 
-def grpo(model, args, start):
+def grpo(model, args, start, tokenizer):
     reference = load_flagged(start, args) if args.beta > 0 else None
-    return GroupRelativePolicy(reference, load_tokenizer(args.tokenizer_path), args, start)
+    return GroupRelativePolicy(reference, tokenizer, args, start)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Stage 7: distil a teacher into a student: (1 - alpha) * CE + alpha * T^2 * KL(teacher_T || student_T).
 
 The teacher is any checkpoint 3-eval.py loads (a tinymind .pth/.safetensors or a Hugging Face directory,
-dense or MoE, with its config beside it), frozen; it must share the student's vocabulary. The student starts from --init_from or
-random init with the shape the flags give. Pretrain-format jsonl trains on every token, SFT-format on
+dense or MoE, with its config beside it), frozen; it must share the student's tokenizer (a student from random
+init takes the teacher's). The student starts from --init_from or random init with the shape the flags give. Pretrain-format jsonl trains on every token, SFT-format on
 the answers.
 
     python 7-distill.py --config configs/tiny.json --hidden_size 64 --num_hidden_layers 2 \\
@@ -14,11 +14,15 @@ from trainer import Distillation, Stage, UserError, load_for_use, run_cli, train
 from trainer.objectives import add_distill_flags, check_distill_flags
 
 
-def distillation(student, args, start):
-    teacher, _ = load_for_use(args.teacher, tokenizer_path=args.tokenizer_path)  # the flags are the student's shape
+def distillation(student, args, start, tokenizer):
+    teacher, teachers = load_for_use(args.teacher)  # with its own tokenizer; the flags are the student's shape
     if teacher.config.vocab_size != student.config.vocab_size:
         raise UserError(f"--teacher {args.teacher} has a vocabulary of {teacher.config.vocab_size} tokens but the "
                         f"student has {student.config.vocab_size}: distillation needs one vocabulary (one tokenizer)")
+    if teachers.get_vocab() != tokenizer.get_vocab():
+        raise UserError(f"--teacher {args.teacher} was trained with the tokenizer {teachers.name_or_path}, the student "
+                        f"trains with {tokenizer.name_or_path}: distillation needs one tokenizer; pass --tokenizer_path "
+                        f"{teachers.name_or_path}")
     return Distillation(teacher, args.alpha, args.distill_temperature, args.teacher)
 
 
@@ -33,4 +37,5 @@ if __name__ == "__main__":
         add_flags=add_distill_flags,
         check_flags=check_distill_flags,
         make_objective=distillation,
+        tokenizer_from=lambda args: args.teacher,  # a student from random init speaks the teacher's tokenizer
     )))

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoTokenizer
 
 from model import atomic_folder
+from model.convert import local_directory, names_hf_model
 
 from .jsonl import DataError
 
@@ -30,7 +31,12 @@ def load_tokenizer(path=None):
 
 def tokenizer_beside(weights) -> Path | None:
     """The tokenizer saved with the weights at `weights`: the `tokenizer/` folder beside a weights file, or a
-    Hugging Face directory's own files; None when there is none."""
+    Hugging Face directory's (or Hub repo's) own files; None when there is none."""
+    if names_hf_model(weights) and not Path(weights).is_dir():
+        try:
+            weights = local_directory(weights)  # a Hub repo id: its snapshot, as the weights load from
+        except OSError:
+            return None  # loading the weights says why they cannot be fetched
     weights = Path(weights)
     for directory in (weights, weights.parent / "tokenizer") if weights.is_dir() else (weights.parent / "tokenizer",):
         if (directory / "tokenizer.json").is_file():

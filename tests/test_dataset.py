@@ -339,3 +339,21 @@ def test_worker_processes_report_a_bad_line_and_skip_bad_lines_as_one_process_do
     pooled = PretrainDataset(path, tokenizer, max_length=64, skip_bad_lines=True)
     assert (len(pooled), pooled.bad_lines) == (len(alone), alone.bad_lines) == (39, 1)
     assert all(torch.equal(a, b) for i in range(39) for a, b in zip(pooled[i], alone[i]))
+
+
+def test_a_hub_repo_id_brings_its_own_tokenizer_and_an_unreachable_one_none(tmp_path, monkeypatch):
+    import model.convert
+    from dataset import load_tokenizer, tokenizer_beside
+
+    load_tokenizer().save_pretrained(tmp_path / "snapshot")
+    fetched = []
+
+    def snapshot_download(repo, allow_patterns):
+        fetched.append(repo)
+        if repo != "owner/name":
+            raise OSError("offline")
+        return str(tmp_path / "snapshot")
+    monkeypatch.setattr(model.convert, "snapshot_download", snapshot_download)
+    monkeypatch.chdir(tmp_path)
+    assert tokenizer_beside("owner/name") == tmp_path / "snapshot"
+    assert tokenizer_beside("owner/elsewhere") is None and fetched == ["owner/name", "owner/elsewhere"]

@@ -9,7 +9,7 @@ from dataset import SFTDataset
 from model import TinyMindForCausalLM
 from trainer import Distillation, Step
 
-from conftest import MODEL, TINY, pretrain_file, run_stage, sft_file, tiny_config
+from conftest import MODEL, ROOT, TINY, pretrain_file, run_stage, sft_file, tiny_config, write_jsonl
 
 
 @pytest.fixture
@@ -81,6 +81,26 @@ def test_distillation_trains_a_smaller_student_packed_or_not_and_refuses_another
     assert "saved packed/distill_dense/distill_64.pth" in packed.stdout
     missing = run_stage("7-distill.py", *MODEL, cwd=tmp_path, check=False)
     assert missing.returncode == 2 and "--teacher" in missing.stderr.strip().splitlines()[-1]
+
+
+def test_a_student_speaks_its_teachers_tokenizer_and_another_is_refused_naming_it(tmp_path):
+    from scripts import train_tokenizer
+
+    (tmp_path / "data").mkdir()
+    sft_file(tmp_path / "data")
+    texts = [{"text": "To be, or not to be: that is the question. 床前明月光，疑是地上霜。"}] * 40
+    train_tokenizer.fit(write_jsonl(tmp_path / "corpus.jsonl", texts), tmp_path / "fitted", vocab_size=400)
+    run_stage("2-sft.py", *TINY, "--hidden_size", 128, "--tokenizer_path", "fitted", "--max_steps", 1, cwd=tmp_path)
+    teacher = "output/sft_dense/sft_128.pth"
+    result = run_stage("7-distill.py", *TINY, "--teacher", teacher, "--max_steps", 1, cwd=tmp_path)
+    assert "tokenizer: output/sft_dense/tokenizer (" in result.stdout  # from random init: the teacher's
+    refused = run_stage("7-distill.py", *TINY, "--teacher", teacher, "--tokenizer_path", str(ROOT / "model/tokenizer"),
+                        "--max_steps", 1, "--out_dir", "other", cwd=tmp_path, check=False)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"error: --teacher {teacher} was trained with the tokenizer output/sft_dense/tokenizer, the student trains "
+        f"with {ROOT / 'model/tokenizer'}: distillation needs one tokenizer; pass --tokenizer_path "
+        "output/sft_dense/tokenizer")
 
 
 def test_a_moe_teacher_from_a_hugging_face_directory_distils_on_pretraining_text(tmp_path):

@@ -112,6 +112,28 @@ def test_grpo_learns_a_checkable_reward_and_resumes_bit_exactly(tmp_path):
     assert rewards(tmp_path) == curve
 
 
+def test_grpo_reads_completions_with_the_tokenizer_its_run_trains_with(tmp_path):
+    """A model fitted with its own tokenizer (saved beside its SFT weights): GRPO decodes and scores the completions
+    with that one, not the project's."""
+    from scripts import train_tokenizer
+
+    (tmp_path / "data").mkdir()
+    fruits = ["apple", "banana", "cherry", "damson"]
+    question = [{"role": "user", "content": "Name a fruit."}]
+    write_jsonl(tmp_path / "data/sft.jsonl", [{"conversations": [*question, {"role": "assistant", "content": fruit}]}
+                                              for fruit in fruits * 8])
+    write_jsonl(tmp_path / "data/grpo.jsonl", [{"conversations": question, "answer": "any"}] * 16)
+    write_jsonl(tmp_path / "corpus.jsonl", [{"text": f"Name a fruit. {fruit}"} for fruit in fruits * 30])
+    train_tokenizer.fit(tmp_path / "corpus.jsonl", tmp_path / "fitted", vocab_size=300)
+    letters = "".join(sorted(set("".join(fruits))))  # a completion spelled with them: the fruits read right
+    (tmp_path / "reward.py").write_text(f"def a_fruit(completion, answer):\n    return float(bool(completion) and "
+                                        f"set(completion) <= set({letters!r}))\n")
+    run_stage("2-sft.py", *TINY, "--tokenizer_path", "fitted", "--max_steps", 30, "--learning_rate", 1e-2, cwd=tmp_path)
+    run_stage("6-grpo.py", *TINY, "--reward_fn", "reward.py:a_fruit", "--num_generations", 8, "--max_new_tokens", 4,
+              "--batch_size", 2, "--max_steps", 1, "--log_interval", 1, cwd=tmp_path)
+    assert rewards(tmp_path)[0] > 0.5  # 0.06 when the completions were read with the project's tokenizer
+
+
 def test_a_failing_reward_function_names_the_prompts_line(tmp_path):
     letter_task(tmp_path)
     (tmp_path / "reward.py").write_text("def starts_with(completion, answer):\n    return 'yes'\n")

@@ -76,7 +76,7 @@ class PairPreference(Objective):
 
 def train_pairs(tmp_path, capsys, *flags):
     stage = Stage(name="pairs", description="", dataset=TextPairs, default_data=str(tmp_path / "pretrain.jsonl"),
-                  default_val="none", make_objective=lambda model, args, start: PairPreference(model))
+                  default_val="none", make_objective=lambda model, args, start, tokenizer: PairPreference(model))
     argv = [*TINY, "--device", "cpu", "--save_interval", 2, "--out_dir", tmp_path / "output", *flags]
     code = 0
     try:

@@ -526,3 +526,23 @@ def test_compile_alone_means_true_and_takes_a_value(tmp_path):
 def test_a_stage_checks_its_own_flags_before_anything_is_read(tmp_path, script, flags, words):
     result = run_stage(script, *TINY, *flags, cwd=tmp_path, check=False)  # no data, no checkpoint here
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(words)
+
+
+def test_a_later_stage_fits_the_tokenizer_to_the_vocabulary_of_the_weights_it_starts_from(tmp_path):
+    from dataset import load_tokenizer
+
+    larger = load_tokenizer()  # more tokens than the default --vocab_size of 6,400
+    larger.add_tokens([f"<extra_{i}>" for i in range(100)])
+    larger.save_pretrained(tmp_path / "larger")
+    (tmp_path / "data").mkdir()
+    pretrain_file(tmp_path / "data")
+    sft_file(tmp_path / "data")
+    run_stage("1-pretrain.py", *TINY, "--vocab_size", 6528, "--tokenizer_path", "larger", "--max_steps", 1,
+              cwd=tmp_path)
+    result = run_stage("2-sft.py", *TINY, "--max_steps", 1, cwd=tmp_path)  # the weights' 6,528, not the flag's 6,400
+    assert "tokenizer: output/pretrain_dense/tokenizer (6,500 tokens)" in result.stdout
+    refused = run_stage("1-pretrain.py", *TINY, "--tokenizer_path", "larger", "--max_steps", 1, "--out_dir", "other",
+                        cwd=tmp_path, check=False)
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1] == (
+        "error: the tokenizer larger has 6500 tokens but --vocab_size is 6400; pass the --tokenizer_path the weights "
+        "were trained with (or --vocab_size for a new model)")

@@ -41,7 +41,7 @@ PRETRAIN_DEFAULTS = {"optimizer": "muon", "learning_rate": 6e-3, "schedule": "ws
                      "pack_fit": "best", "tie_word_embeddings": False, "embedding_lr": 0.1}
 
 
-def language_modeling(model, args, start):
+def language_modeling(model, args, start, tokenizer):
     """The objective of the stages that train on text: next-token cross-entropy (plus --z_loss)."""
     return LanguageModeling(args.z_loss)
 
@@ -58,8 +58,11 @@ class Stage:
     default_val: str
     start_from: str | None = None  # the stage whose matching checkpoint it starts from, unless --init_from
     start_required: bool = False  # True where training from random weights is pointless: missing start = error
-    # (model, args, start weights or None) → the Objective the loop optimises
+    # (model, args, start weights or None, the run's tokenizer) → the Objective the loop optimises
     make_objective: Callable = language_modeling
+    # args → the weights whose tokenizer a run takes when no flag, resume state or starting weights give one
+    # (distillation: the teacher's)
+    tokenizer_from: Callable = lambda args: None
     add_flags: Callable = lambda parser: None  # the stage's own flags
     check_flags: Callable = lambda args: None  # and their checks (a value no run can use: a UserError)
     adapt_model: Callable = lambda model, args: model  # the module to train, made from the built model
@@ -118,7 +121,8 @@ def train(stage, args):
     distributed.main_process_alone(lambda: prepare_run_dir(paths, args))
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    tokenizer = run_tokenizer(args, paths, start)
+    built = build_model(stage.name, start, args)
+    tokenizer = run_tokenizer(args, paths, start or stage.tokenizer_from(args), built.config.vocab_size)
     with distributed.main_process_first():
         dataset = stage.dataset(args.data_path, tokenizer, args.max_seq_len, skip_bad_lines=args.skip_bad_lines)
         if args.pack != "none":
@@ -126,11 +130,10 @@ def train(stage, args):
         val = stage.dataset(args.val_data, tokenizer, args.max_seq_len) if args.val_data else None
     for note in dataset.notes() + (val.notes() if val else []):
         say(note, err=True)
-    built = build_model(stage.name, start, args)
     if built.config.tie_word_embeddings and "embedding_lr" not in args.given_flags:
         args.embedding_lr = None  # a stage's embedding rate is for an embedding of its own, not one that is the head
     model = stage.adapt_model(built, args)
-    objective = stage.make_objective(model, args, start)
+    objective = stage.make_objective(model, args, start, tokenizer)
     trainer = Trainer(model, dataset, objective, args, paths, stage.write_weights, val, tokenizer)
     say(describe_run(trainer.raw_model, dataset, trainer))
     say(describe_optimizer(trainer))
@@ -138,14 +141,16 @@ def train(stage, args):
     say(f"saved {paths.weights}")
 
 
-def run_tokenizer(args, paths, start):
-    """--tokenizer_path, else the run's own (resumed), else the one saved with the starting weights, else the
-    project's; saved in the run folder, so it travels with the run's checkpoints."""
+def run_tokenizer(args, paths, start, vocab_size):
+    """--tokenizer_path, else the run's own (resumed), else the one saved with the starting weights `start`, else
+    the project's; it must fit the model's `vocab_size`. Saved in the run folder, so it travels with the run's
+    checkpoints."""
     tokenizer = load_tokenizer(args.tokenizer_path or (tokenizer_beside(paths.weights) if args.resume else None)
                                or (tokenizer_beside(start) if start else None))
-    if len(tokenizer) > args.vocab_size:
-        raise UserError(f"the tokenizer {tokenizer.name_or_path} has {len(tokenizer)} tokens but --vocab_size is "
-                        f"{args.vocab_size}")
+    if len(tokenizer) > vocab_size:
+        shape = f"--vocab_size is {vocab_size}" if vocab_size == args.vocab_size else f"the model has {vocab_size}"
+        raise UserError(f"the tokenizer {tokenizer.name_or_path} has {len(tokenizer)} tokens but {shape}; pass the "
+                        "--tokenizer_path the weights were trained with (or --vocab_size for a new model)")
     saved = paths.dir / "tokenizer"
     distributed.main_process_alone(lambda: save_tokenizer(tokenizer, saved))
     say(f"tokenizer: {tokenizer.name_or_path} ({len(tokenizer):,} tokens), saved with the run in {saved}")
