@@ -14,7 +14,7 @@ from datasets import Features, Value
 
 from .batch import Batch, collate
 from .jsonl import FIX
-from .sft import SFTDataset
+from .sft import SFTDataset, encode_together
 from .tokenized import ENCODED_FEATURES, TokenizedJsonlDataset, shifted
 
 
@@ -71,11 +71,11 @@ class PreferenceDataset(TokenizedJsonlDataset):
 
     @staticmethod
     def encode(records, tokenizer, max_length):
-        sides = [SFTDataset.encode([{"conversations": record[side], "tools": record.get("tools")} for record in records],
-                                   tokenizer, max_length)
-                 for side in ("chosen", "rejected")]
+        # Both sides lose the same older exchanges, so the two answers follow one prompt.
+        pairs = encode_together([[(record[side], record.get("tools")) for side in ("chosen", "rejected")]
+                                 for record in records], tokenizer, max_length)
         encoded = {"input_ids": [], "loss_spans": [], "rejected_start": []}
-        for chosen, chosen_spans, rejected, rejected_spans in zip(*sides[0].values(), *sides[1].values()):
+        for (chosen, chosen_spans), (rejected, rejected_spans) in pairs:
             # A pair is kept while each side's last span still holds its own final answer: cut to the turns the
             # sides share (an earlier tool call, say), it would compare the same tokens with themselves.
             kept = bool(chosen_spans) and bool(rejected_spans) and (

@@ -60,17 +60,32 @@ class SFTDataset(TokenizedJsonlDataset):
 
     @staticmethod
     def encode(records, tokenizer, max_length):
-        chats = [_exchanges(*chat_messages(record["conversations"], record.get("tools")), max_length) for record in records]
         encoded = {"input_ids": [], "loss_spans": []}
-        for (system, exchanges, tools), (ids, spans) in zip(chats, _tokenize_chats([_chat(*chat) for chat in chats], tokenizer)):
-            # Older exchanges matter least for learning the last answer, so they go first.
-            while len(ids) > max_length and len(exchanges) > 1:
-                exchanges = exchanges[1:]
-                [(ids, spans)] = _tokenize_chats([_chat(system, exchanges, tools)], tokenizer)
-            ids, spans = _cut_tail(ids, spans, max_length)
+        for [(ids, spans)] in encode_together([[(record["conversations"], record.get("tools"))] for record in records],
+                                              tokenizer, max_length):
             encoded["input_ids"].append(ids)
             encoded["loss_spans"].append(spans)
         return encoded
+
+
+def encode_together(groups, tokenizer, max_length):
+    """[(ids, loss_spans) of each chat] for each group of chats, (conversations, tools), that share their earlier
+    exchanges, each at most `max_length` ids. Older exchanges matter least for learning the last answer, so they
+    go first, from every chat of a group alike until the longest fits (a preference pair keeps one prompt on both
+    sides); then each is cut to `max_length`."""
+    chats = [[_exchanges(*chat_messages(conversations, tools), max_length) for conversations, tools in group]
+             for group in groups]
+    tokenized = iter(_tokenize_chats([_chat(*chat) for group in chats for chat in group], tokenizer))
+    results = []
+    for group in chats:
+        encoded, dropped = [next(tokenized) for _ in group], 0
+        while (max(len(ids) for ids, _ in encoded) > max_length
+               and min(len(exchanges) for _, exchanges, _ in group) - dropped > 1):
+            dropped += 1
+            encoded = _tokenize_chats([_chat(system, exchanges[dropped:], tools) for system, exchanges, tools in group],
+                                      tokenizer)
+        results.append([_cut_tail(ids, spans, max_length) for ids, spans in encoded])
+    return results
 
 
 def _exchanges(messages, tools, max_length):

@@ -145,6 +145,21 @@ def test_dpo_learns_a_held_out_preference_and_resumes_bit_exactly(tmp_path, sft_
         assert torch.equal(straight[key], weights[key]), key
 
 
+def test_a_long_pair_drops_the_same_older_exchanges_from_both_sides(tmp_path, tokenizer):
+    earlier = []
+    for n in range(1, 4):
+        earlier += [{"role": "user", "content": f"Question {n}: what comes next?"},
+                    {"role": "assistant", "content": f"Answer {n} is right here."}]
+    question = {"role": "user", "content": "And the last one?"}
+    pair = {"chosen": [*earlier, question, {"role": "assistant", "content": "A long and careful answer " * 2}],
+            "rejected": [*earlier, question, {"role": "assistant", "content": "No."}]}
+    data = PreferenceDataset(write_jsonl(tmp_path / "dpo.jsonl", [pair]), tokenizer, max_length=100)
+    (chosen, _, chosen_mask), (rejected, _, rejected_mask) = data[0]
+    prompts = [tokenizer.decode(ids[:int(mask.nonzero()[0])]) for ids, mask in ((chosen, chosen_mask),
+                                                                                   (rejected, rejected_mask))]
+    assert "Question 2:" not in prompts[0] and prompts[0] == prompts[1]  # one prompt, cut alike on both sides
+
+
 def test_dpo_needs_an_sft_checkpoint(tmp_path):
     write_jsonl(tmp_path / "data/dpo.jsonl", PAIRS)
     result = run_stage("5-dpo.py", *MODEL, "--max_steps", 1, cwd=tmp_path, check=False)
