@@ -24,6 +24,7 @@ if __name__ == "__main__":
         start_from="sft",
         start_required=True,
         add_flags=add_lora_flags,
+        same_run_flags=("lora_rank", "lora_alpha", "lora_targets"),  # the adapters the resume state holds
         check_flags=check_lora_flags,
         adapt_model=with_adapters,
         write_weights=write_lora,

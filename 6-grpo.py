@@ -29,6 +29,7 @@ if __name__ == "__main__":
         start_from="sft",
         start_required=True,
         add_flags=add_grpo_flags,
+        same_run_flags=("num_generations", "num_iterations"),  # the shape of the rollouts a resume state holds
         check_flags=check_grpo_flags,
         make_objective=grpo,
         compiles_by_default=False,

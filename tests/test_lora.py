@@ -100,3 +100,16 @@ def test_lora_without_an_sft_checkpoint_is_one_line_naming_the_flag(tmp_path):
         "error: no output/sft_dense/sft_64.pth: lora starts from a trained model; run the sft stage first or pass "
         "--init_from PATH")
     assert not (tmp_path / "output").exists()  # said before anything was made
+
+
+def test_a_resumed_lora_run_keeps_its_adapters_shape_or_says_which_flag_to_pass(tmp_path, sft_trained):
+    sft_file(tmp_path / "data")
+    copy_output(sft_trained, tmp_path)
+    lora = [*TINY, "--data_path", "data/sft.jsonl", "--save_interval", 1]
+    run_stage("4-lora.py", *lora, "--lora_rank", 4, "--max_steps", 2, cwd=tmp_path)
+    result = run_stage("4-lora.py", *lora, "--max_steps", 3, "--resume", cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: --resume: --lora_rank is 8 but the run in output/lora_dense used 4; pass --lora_rank 4 or start a "
+        "new run without --resume")
+    run_stage("4-lora.py", *lora, "--lora_rank", 4, "--max_steps", 3, "--resume", cwd=tmp_path)

@@ -171,9 +171,11 @@ def keep_freed_memory():
 
 
 class Trainer:
-    def __init__(self, model, dataset, objective, args, paths, write_weights=None, val=None, tokenizer=None):
+    def __init__(self, model, dataset, objective, args, paths, write_weights=None, val=None, tokenizer=None,
+                 same_run_flags=()):
         """`write_weights(model, state_dict, paths)` writes what later stages read (default: `write_model_weights`);
-        `tokenizer` scores `--eval_tasks`."""
+        `tokenizer` scores `--eval_tasks`; `same_run_flags`, the stage's own flags a resumed run must keep."""
+        self.same_run_flags = tuple(same_run_flags)
         self.args, self.dataset, self.objective, self.paths, self.val = args, dataset, objective, paths, val
         self.write_weights = write_weights or write_model_weights
         self.device = torch.device(args.device)
@@ -470,7 +472,7 @@ class Trainer:
         return {
             "progress": asdict(self.progress), "model": model_state, "optimizer": optimizer_state,
             "scaler": self.scaler.state_dict(), "rng": rng_state(self.device), "objective": self.objective.state_dict(),
-            "flags": {name: getattr(self.args, name) for name in RESUME_FLAGS},
+            "flags": {name: getattr(self.args, name) for name in RESUME_FLAGS + self.same_run_flags},
             "world_size": self.world_size, "data_order": LENGTH_GROUP_STEPS, "log_rows": self.log.rows(),
             "run_id": self.run_id,
         }
@@ -496,6 +498,6 @@ class Trainer:
 
     def resume(self):
         path, state = read_resume_state(self.paths)
-        check_resume_flags(state, self.args, self.world_size, self.paths)
+        check_resume_flags(state, self.args, self.world_size, self.paths, self.same_run_flags)
         self.load_state_dict(state)
         say(f"resumed {path.name}: step {self.progress.step} of {self.total_steps}", err=True)

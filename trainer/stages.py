@@ -64,6 +64,7 @@ class Stage:
     # (distillation: the teacher's)
     tokenizer_from: Callable = lambda args: None
     add_flags: Callable = lambda parser: None  # the stage's own flags
+    same_run_flags: tuple = ()  # those of them a resumed run must keep (what its saved state was built with)
     check_flags: Callable = lambda args: None  # and their checks (a value no run can use: a UserError)
     adapt_model: Callable = lambda model, args: model  # the module to train, made from the built model
     write_weights: Callable = write_model_weights  # (model, its full state dict, RunPaths): what later stages read
@@ -134,7 +135,8 @@ def train(stage, args):
         args.embedding_lr = None  # a stage's embedding rate is for an embedding of its own, not one that is the head
     model = stage.adapt_model(built, args)
     objective = stage.make_objective(model, args, start, tokenizer)
-    trainer = Trainer(model, dataset, objective, args, paths, stage.write_weights, val, tokenizer)
+    trainer = Trainer(model, dataset, objective, args, paths, stage.write_weights, val, tokenizer,
+                      stage.same_run_flags)
     say(describe_run(trainer.raw_model, dataset, trainer))
     say(describe_optimizer(trainer))
     trainer.train()
