@@ -27,9 +27,10 @@ NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 def numeric_match(completion, answer):
-    """1.0 when the completion's last number equals the answer's number."""
+    """1.0 when the completion's last number equals the answer's number (thousands' commas ignored in both)."""
     found = NUMBER.findall(completion.replace(",", ""))
-    return float(bool(found) and math.isclose(float(found[-1]), float(answer), rel_tol=1e-9, abs_tol=1e-9))
+    return float(bool(found) and math.isclose(float(found[-1]), float(answer.replace(",", "")), rel_tol=1e-9,
+                                              abs_tol=1e-9))
 
 
 def contains(completion, answer):

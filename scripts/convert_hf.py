@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from model import TinyMindConfig, atomic_write, load_model, save_weights
+from model import TinyMindConfig, atomic_folder, atomic_write, load_model, save_weights
 from model.convert import UnsupportedArchitecture, export_hf
 from model.gguf_export import DTYPES, architecture, modelfile, ollama_template, write_gguf
 from trainer import UserError, load_for_use, run_cli
@@ -28,12 +28,16 @@ from trainer.distributed import say
 
 def export(args):
     model, tokenizer = load_for_use(args.checkpoint, tokenizer_path=args.tokenizer_path, shape=read_config(args.config))
+    written = {}
+
+    def write(folder):  # into a folder swapped in whole: no mix with an earlier export, nothing half written
+        written["architecture"] = export_hf(model, folder, dtype=getattr(torch, args.dtype) if args.dtype else None)
+        tokenizer.save_pretrained(folder)
     try:
-        architecture = export_hf(model, args.out, dtype=getattr(torch, args.dtype) if args.dtype else None)
+        atomic_folder(args.out, write)
     except UnsupportedArchitecture as err:
         raise UserError(f"{args.checkpoint}: {err}") from None
-    tokenizer.save_pretrained(args.out)
-    say(f"wrote {args.out} ({architecture})")
+    say(f"wrote {args.out} ({written['architecture']})")
 
 
 def to_gguf(args):

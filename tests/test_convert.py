@@ -224,6 +224,22 @@ def test_cli_export_of_a_model_no_stock_architecture_computes_is_one_line_and_ex
                                                "--value_embeds false to export")
 
 
+def test_an_export_replaces_an_earlier_one_whole_and_a_refused_one_leaves_it(tmp_path, capsys):
+    checkpoint, model = tmp_path / "sft_64.pth", tiny_model(6400)
+    save_weights(model.state_dict(), model.config, checkpoint)
+    convert_main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "hf")])
+    (tmp_path / "hf" / "from_an_earlier_export.bin").write_bytes(b"stale")
+    convert_main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "hf")])
+    written = sorted(p.name for p in (tmp_path / "hf").iterdir())
+    assert "from_an_earlier_export.bin" not in written and "model.safetensors" in written
+    refused = tmp_path / "nanochat.pth"
+    save_weights(tiny_model(6400, value_embeds=True).state_dict(), tiny_model(6400, value_embeds=True).config, refused)
+    with pytest.raises(SystemExit):
+        convert_main(["export", "--checkpoint", str(refused), "--out", str(tmp_path / "hf")])
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == written
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
 def test_cli_round_trip(tokens, tmp_path):
     """Export as a user runs it (a subprocess), import in-process: each Python start costs seconds."""
     _, vocab_size = tokens

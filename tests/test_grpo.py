@@ -59,6 +59,7 @@ def test_kl_is_zero_while_the_policy_is_the_reference():
     (exact_match, "Paris, France", "Paris", 0.0),
     (numeric_match, "3 + 4 = 7", "7", 1.0),
     (numeric_match, "it is 1,250.0 in all", "1250", 1.0),
+    (numeric_match, "the total is 1000", "1,000", 1.0),
     (numeric_match, "7 or maybe 8", "7", 0.0),
     (numeric_match, "no number", "7", 0.0),
     (contains, "下一句是“疑是地上霜”，出自李白的《静夜思》。", "疑是地上霜", 1.0),
@@ -169,6 +170,15 @@ def test_a_prompt_of_only_a_system_turn_is_described_as_written(tmp_path, tokeni
     message = str(error.value)
     assert message.startswith(f"{path}, line 1: the conversation holds only a system turn: after an optional system "
                               "turn: user, then the assistant;") and "ending with user or tool;" in message
+
+
+def test_a_numeric_prompt_whose_answer_is_no_number_is_refused_before_training(tmp_path, tokenizer):
+    question = [{"role": "user", "content": "How many?"}]
+    path = write_jsonl(tmp_path / "grpo.jsonl", [{"conversations": question, "answer": "1,000", "reward": "numeric"},
+                                                  {"conversations": question, "answer": "many", "reward": "numeric"}])
+    with pytest.raises(DataError, match=r'line 2: "answer" "many" is not a number, which the "numeric" reward '
+                                        r'compares with'):
+        PromptDataset(path, tokenizer, max_length=48)
 
 
 # ---- agentic rollouts: the model calls tools while it answers ---------------------------------------------

@@ -50,6 +50,9 @@ def test_pretrain_sft_eval_chain_moe(tmp_path):
                      cwd=tmp_path)
     assert "loaded output/sft_moe/sft_64_moe.pth" in chat.stderr
     assert "tokens/s" in chat.stderr
+    missing = run_stage("3-eval.py", *MODEL, *moe, "--prompts_file", "prompts.txt", cwd=tmp_path, check=False)
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1] == (
+        "error: --prompts_file prompts.txt: no such file (one prompt a line)")
 
 
 def test_missing_pretrain_checkpoint_falls_back_to_random_init(tmp_path):

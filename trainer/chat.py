@@ -17,6 +17,7 @@ from dataset.chat import THINKING_PREFIX, ReplyReader, render_chat
 from model import Sampling, stream_tokens
 
 from .distributed import say
+from .errors import UserError
 from .evaluate import language_model_scores
 from .flags import add_benchmark_flags, add_chat_flags, add_model_flags, check_ranges, new_parser, parse
 from .loading import add_checkpoint_flags, load_checkpoint_flags
@@ -50,7 +51,10 @@ def eval_stage(argv=None):
     if args.prompt is not None:
         prompts = [args.prompt]
     elif args.prompts_file:
-        prompts = [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+        if not Path(args.prompts_file).is_file():
+            raise UserError(f"--prompts_file {args.prompts_file}: no such file (one prompt a line)")
+        prompts = [line.strip() for line in Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
+                   if line.strip()]
     else:
         interactive_chat(model, tokenizer, args, tools)
         return
