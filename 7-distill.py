@@ -9,20 +9,22 @@ the answers.
         --teacher output/sft_dense/sft_128.pth --data_path data/sft.jsonl
 """
 
-from dataset import text_or_chat_dataset
+from dataset import text_or_chat_dataset, tokenizer_beside
 from trainer import Distillation, Stage, UserError, load_for_use, run_cli, train_stage
 from trainer.objectives import add_distill_flags, check_distill_flags
 
 
 def distillation(student, args, start, tokenizer):
-    teacher, teachers = load_for_use(args.teacher)  # with its own tokenizer; the flags are the student's shape
+    # With its own tokenizer, or (none saved with it) the student's; the flags are the student's shape.
+    teacher, teacher_tokenizer = load_for_use(args.teacher, tokenizer_path=None if tokenizer_beside(args.teacher)
+                                              else args.tokenizer_path)
     if teacher.config.vocab_size != student.config.vocab_size:
         raise UserError(f"--teacher {args.teacher} has a vocabulary of {teacher.config.vocab_size} tokens but the "
                         f"student has {student.config.vocab_size}: distillation needs one vocabulary (one tokenizer)")
-    if teachers.get_vocab() != tokenizer.get_vocab():
-        raise UserError(f"--teacher {args.teacher} was trained with the tokenizer {teachers.name_or_path}, the student "
-                        f"trains with {tokenizer.name_or_path}: distillation needs one tokenizer; pass --tokenizer_path "
-                        f"{teachers.name_or_path}")
+    if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise UserError(f"--teacher {args.teacher} was trained with the tokenizer {teacher_tokenizer.name_or_path}, the "
+                        f"student trains with {tokenizer.name_or_path}: distillation needs one tokenizer; pass "
+                        f"--tokenizer_path {teacher_tokenizer.name_or_path}")
     return Distillation(teacher, args.alpha, args.distill_temperature, args.teacher)
 
 

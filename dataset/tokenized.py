@@ -8,6 +8,7 @@ Only these two short lists are stored in Arrow; the one-token shift happens in
 `__getitem__` and padding in `collate`, so the cache does not depend on batch layout and stays small.
 """
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -20,6 +21,10 @@ from .batch import collate
 from .jsonl import DataError, bad_line_error, load_jsonl
 
 ENCODED_FEATURES = Features({"input_ids": List(Value("int32")), "loss_spans": List(Value("int32"))})
+# The cache key `datasets` makes names the encoding functions but not their code: a hash of this package's sources
+# joins it, so rows cached by earlier code (another truncation, another chat rendering) are never served.
+CODE_VERSION = hashlib.sha256(b"".join(path.read_bytes() for path in sorted(Path(__file__).parent.glob("*.py")))
+                              ).hexdigest()[:16]
 
 
 class TokenizedJsonlDataset(torch.utils.data.Dataset):
@@ -67,6 +72,7 @@ class TokenizedJsonlDataset(torch.utils.data.Dataset):
                     tokenizer=tokenizer,
                     max_length=max_length,
                     skip_bad_lines=skip_bad_lines,
+                    code_version=CODE_VERSION,
                 ),
                 desc=f"Tokenizing {path}",
                 num_proc=tokenizing_processes(path),
@@ -147,7 +153,8 @@ class _BadRecord(Exception):
         self.index, self.problem = index, problem
 
 
-def _encode_batch(batch, indices, columns, record_problem, encode, names, tokenizer, max_length, skip_bad_lines):
+def _encode_batch(batch, indices, columns, record_problem, encode, names, tokenizer, max_length, skip_bad_lines,
+                  code_version):
     records = [dict(zip(columns, values)) for values in zip(*(batch[column] for column in columns))]
     good = []
     for index, record in zip(indices, records):

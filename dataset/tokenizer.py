@@ -32,12 +32,12 @@ def load_tokenizer(path=None):
 def tokenizer_beside(weights) -> Path | None:
     """The tokenizer saved with the weights at `weights`: the `tokenizer/` folder beside a weights file, or a
     Hugging Face directory's (or Hub repo's) own files; None when there is none."""
-    if names_hf_model(weights) and not Path(weights).is_dir():
+    weights = Path(weights)
+    if names_hf_model(weights) and not weights.is_dir():
         try:
             weights = local_directory(weights)  # a Hub repo id: its snapshot, as the weights load from
-        except OSError:
-            return None  # loading the weights says why they cannot be fetched
-    weights = Path(weights)
+        except (OSError, ValueError):  # unreachable, or no valid repo id: loading the weights says which
+            return None
     for directory in (weights, weights.parent / "tokenizer") if weights.is_dir() else (weights.parent / "tokenizer",):
         if (directory / "tokenizer.json").is_file():
             return directory

@@ -33,8 +33,12 @@ def export(args):
     def write(folder):  # into a folder swapped in whole: no mix with an earlier export, nothing half written
         written["architecture"] = export_hf(model, folder, dtype=getattr(torch, args.dtype) if args.dtype else None)
         tokenizer.save_pretrained(folder)
+    out = Path(args.out).resolve()
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise UserError(f"--out {args.out}: the folder holds files and no earlier export (no config.json); an export "
+                        "replaces its folder whole, so give a new or empty one")
     try:
-        atomic_folder(args.out, write)
+        atomic_folder(out, write)
     except UnsupportedArchitecture as err:
         raise UserError(f"{args.checkpoint}: {err}") from None
     say(f"wrote {args.out} ({written['architecture']})")
@@ -76,7 +80,8 @@ def main(argv=None):
 
     to_hf = commands.add_parser("export", help="tinymind .pth → Hugging Face directory")
     to_hf.add_argument("--checkpoint", required=True, help=".pth or .safetensors weights")
-    to_hf.add_argument("--out", required=True, help="directory to write")
+    to_hf.add_argument("--out", required=True, help="directory to write: a new or empty one, or an earlier export, "
+                                                     "which it replaces whole")
     to_hf.add_argument("--config", help="model config JSON, for a checkpoint without one beside it")
     to_hf.add_argument("--tokenizer_path", help="tokenizer directory copied alongside (default: the one saved with "
                                                 "the checkpoint, else model/tokenizer)")

@@ -238,6 +238,13 @@ def test_an_export_replaces_an_earlier_one_whole_and_a_refused_one_leaves_it(tmp
         convert_main(["export", "--checkpoint", str(refused), "--out", str(tmp_path / "hf")])
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == written
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("not an export")
+    with pytest.raises(SystemExit):
+        convert_main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "notes")])
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        f"error: --out {tmp_path / 'notes'}: the folder holds files and no earlier export")
+    assert (tmp_path / "notes" / "mine.txt").read_text() == "not an export"
 
 
 def test_cli_round_trip(tokens, tmp_path):

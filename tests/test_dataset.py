@@ -270,6 +270,15 @@ def test_rebuilding_a_dataset_reads_the_cache_and_gives_the_same_items(tmp_path,
     assert all(torch.equal(a, b) for a, b in zip(first[2], second[2]))
 
 
+def test_a_change_to_the_encoding_code_is_not_served_rows_cached_before_it(tmp_path, tokenizer, monkeypatch):
+    import dataset.tokenized
+
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"conversations": MULTI_TURN}] * 3)
+    before = SFTDataset(path, tokenizer, 64).samples.cache_files
+    monkeypatch.setattr(dataset.tokenized, "CODE_VERSION", "edited")  # the package's sources changed
+    assert SFTDataset(path, tokenizer, 64).samples.cache_files != before
+
+
 @pytest.mark.skipif(not (ROOT / "data" / "sft.jsonl").exists(), reason="data/sft.jsonl not prepared (scripts/prepare_data.py)")
 def test_prepared_sft_data_trains_answers_only(tmp_path, tokenizer):
     with open(ROOT / "data" / "sft.jsonl", encoding="utf-8") as lines:

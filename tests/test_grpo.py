@@ -172,15 +172,6 @@ def test_a_prompt_of_only_a_system_turn_is_described_as_written(tmp_path, tokeni
                               "turn: user, then the assistant;") and "ending with user or tool;" in message
 
 
-def test_a_numeric_prompt_whose_answer_is_no_number_is_refused_before_training(tmp_path, tokenizer):
-    question = [{"role": "user", "content": "How many?"}]
-    path = write_jsonl(tmp_path / "grpo.jsonl", [{"conversations": question, "answer": "1,000", "reward": "numeric"},
-                                                  {"conversations": question, "answer": "many", "reward": "numeric"}])
-    with pytest.raises(DataError, match=r'line 2: "answer" "many" is not a number, which the "numeric" reward '
-                                        r'compares with'):
-        PromptDataset(path, tokenizer, max_length=48)
-
-
 # ---- agentic rollouts: the model calls tools while it answers ---------------------------------------------
 
 

@@ -53,6 +53,10 @@ def test_pretrain_sft_eval_chain_moe(tmp_path):
     missing = run_stage("3-eval.py", *MODEL, *moe, "--prompts_file", "prompts.txt", cwd=tmp_path, check=False)
     assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1] == (
         "error: --prompts_file prompts.txt: no such file (one prompt a line)")
+    (tmp_path / "prompts.txt").write_text("\n  \n")
+    empty = run_stage("3-eval.py", *MODEL, *moe, "--prompts_file", "prompts.txt", cwd=tmp_path, check=False)
+    assert empty.returncode == 2 and empty.stderr.strip().splitlines()[-1] == (
+        "error: --prompts_file prompts.txt: no prompt in it (one prompt a line)")
 
 
 def test_missing_pretrain_checkpoint_falls_back_to_random_init(tmp_path):
@@ -547,5 +551,4 @@ def test_a_later_stage_fits_the_tokenizer_to_the_vocabulary_of_the_weights_it_st
     refused = run_stage("1-pretrain.py", *TINY, "--tokenizer_path", "larger", "--max_steps", 1, "--out_dir", "other",
                         cwd=tmp_path, check=False)
     assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1] == (
-        "error: the tokenizer larger has 6500 tokens but --vocab_size is 6400; pass the --tokenizer_path the weights "
-        "were trained with (or --vocab_size for a new model)")
+        "error: the tokenizer larger has 6500 tokens but --vocab_size is 6400; pass --vocab_size 6500 or more")

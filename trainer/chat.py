@@ -25,6 +25,20 @@ from .precision import autocast_context
 from .tools import load_tools
 
 
+def read_prompts(args):
+    """--prompt, or the lines of --prompts_file (one prompt a line); None for an interactive chat."""
+    if args.prompt is not None:
+        return [args.prompt]
+    if not args.prompts_file:
+        return None
+    if not Path(args.prompts_file).is_file():
+        raise UserError(f"--prompts_file {args.prompts_file}: no such file (one prompt a line)")
+    prompts = [line.strip() for line in Path(args.prompts_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise UserError(f"--prompts_file {args.prompts_file}: no prompt in it (one prompt a line)")
+    return prompts
+
+
 def eval_stage(argv=None):
     parser = new_parser("Chat with a tinymind checkpoint, report its perplexity on a jsonl file, or score it on "
                         "lm-eval tasks.")
@@ -35,6 +49,7 @@ def eval_stage(argv=None):
     check_ranges(args, not_negative=("max_tool_calls",))
     torch.manual_seed(args.seed)
     tools = load_tools(args.tools)
+    prompts = read_prompts(args)
     model, tokenizer, checkpoint = load_checkpoint_flags(args)
 
     if args.tasks:
@@ -48,14 +63,7 @@ def eval_stage(argv=None):
         say(f"perplexity on {args.ppl_data} ({type(dataset).__name__}, {len(dataset)} samples): "
             f"{scores['perplexity']:.4f}, bits per byte {scores['bits per byte']:.4f}")
         return
-    if args.prompt is not None:
-        prompts = [args.prompt]
-    elif args.prompts_file:
-        if not Path(args.prompts_file).is_file():
-            raise UserError(f"--prompts_file {args.prompts_file}: no such file (one prompt a line)")
-        prompts = [line.strip() for line in Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
-                   if line.strip()]
-    else:
+    if prompts is None:
         interactive_chat(model, tokenizer, args, tools)
         return
     for prompt in prompts:

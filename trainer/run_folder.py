@@ -111,11 +111,11 @@ def read_resume_state(paths):
     return path, state
 
 
-def check_resume_flags(state, args, world_size, paths, own=()):
-    """The flags of this run must continue the saved one (the shared ones and the stage's `own`); else one line
-    naming the flag and its value."""
+def check_resume_flags(state, args, world_size, paths, same_run_flags=()):
+    """The flags of this run must continue the saved one (the shared ones and the stage's `same_run_flags`); else
+    one line naming the flag and its value."""
     saved, saved_world_size = state["flags"], state["world_size"]
-    for name in SAME_RUN_FLAGS + tuple(own) + (BATCH_FLAGS if saved_world_size == world_size else ()):
+    for name in SAME_RUN_FLAGS + tuple(same_run_flags) + (BATCH_FLAGS if saved_world_size == world_size else ()):
         if name in saved and getattr(args, name) != saved[name]:
             raise UserError(f"--resume: --{name} is {getattr(args, name)} but the run in {paths.dir} used "
                             f"{saved[name]}; pass --{name} {saved[name]} or start a new run without --resume")

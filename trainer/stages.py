@@ -123,7 +123,8 @@ def train(stage, args):
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     built = build_model(stage.name, start, args)
-    tokenizer = run_tokenizer(args, paths, start or stage.tokenizer_from(args), built.config.vocab_size)
+    tokenizer = run_tokenizer(args, paths, [start, stage.tokenizer_from(args)], built.config.vocab_size,
+                              fresh=start is None and not args.resume)
     with distributed.main_process_first():
         dataset = stage.dataset(args.data_path, tokenizer, args.max_seq_len, skip_bad_lines=args.skip_bad_lines)
         if args.pack != "none":
@@ -143,16 +144,16 @@ def train(stage, args):
     say(f"saved {paths.weights}")
 
 
-def run_tokenizer(args, paths, start, vocab_size):
-    """--tokenizer_path, else the run's own (resumed), else the one saved with the starting weights `start`, else
-    the project's; it must fit the model's `vocab_size`. Saved in the run folder, so it travels with the run's
-    checkpoints."""
+def run_tokenizer(args, paths, weights, vocab_size, fresh):
+    """--tokenizer_path, else the run's own (resumed), else the first one saved with `weights` (the starting weights,
+    then any the stage names: a distillation's teacher), else the project's; it must fit the model's `vocab_size`
+    (a `fresh` model's from --vocab_size). Saved in the run folder, so it travels with the run's checkpoints."""
     tokenizer = load_tokenizer(args.tokenizer_path or (tokenizer_beside(paths.weights) if args.resume else None)
-                               or (tokenizer_beside(start) if start else None))
+                               or next(filter(None, (tokenizer_beside(w) for w in weights if w)), None))
     if len(tokenizer) > vocab_size:
-        shape = f"--vocab_size is {vocab_size}" if vocab_size == args.vocab_size else f"the model has {vocab_size}"
-        raise UserError(f"the tokenizer {tokenizer.name_or_path} has {len(tokenizer)} tokens but {shape}; pass the "
-                        "--tokenizer_path the weights were trained with (or --vocab_size for a new model)")
+        fix = (f"--vocab_size is {vocab_size}; pass --vocab_size {len(tokenizer)} or more" if fresh else
+               f"the model has {vocab_size}; pass the --tokenizer_path its weights were trained with")
+        raise UserError(f"the tokenizer {tokenizer.name_or_path} has {len(tokenizer)} tokens but {fix}")
     saved = paths.dir / "tokenizer"
     distributed.main_process_alone(lambda: save_tokenizer(tokenizer, saved))
     say(f"tokenizer: {tokenizer.name_or_path} ({len(tokenizer):,} tokens), saved with the run in {saved}")
