@@ -202,9 +202,9 @@ WIDTH_128 = {"nanochat", "nanochat_init_width", "nanochat_grad_clip_0", "nanocha
 
 
 # With --fit_tokenizer each recipe trains with a tokenizer fitted with GPT-2's split (scripts.train_tokenizer's
-# default), or with the split named here. nanochat's own split (GPT-4's pattern, digits in pairs) carries as many bytes
-# a token as Llama-3's on the prose corpus at 6,400 tokens (3.40 against GPT-2's 3.17), and Llama-3's learned no more
-# per byte there (`best_llama3_split`), so the emulation keeps GPT-2's: the stronger reference.
+# default), or with the split named here. nanochat's own split is GPT-4's pattern, Llama-3's but for digits in pairs;
+# Llama-3's carries more bytes a token on the prose corpus (3.40 against GPT-2's 3.17 at 6,400 tokens) but learned no
+# more per byte there (`best_llama3_split`), so the emulation keeps GPT-2's: the stronger reference.
 TOKENIZER_SPLITS = {"best_llama3_split": "llama3"}
 
 
