@@ -21,5 +21,6 @@ if __name__ == "__main__":
         start_from="sft",
         start_required=True,
         add_flags=add_dpo_flags,
-        make_objective=lambda model, args, start, tokenizer: DirectPreference(load_flagged(start, args), args.beta, start),
+        make_objective=lambda model, args, start, tokenizer: DirectPreference(load_flagged(start, args), args.beta,
+                                                                              start),
     )))

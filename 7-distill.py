@@ -2,8 +2,8 @@
 
 The teacher is any checkpoint 3-eval.py loads (a tinymind .pth/.safetensors or a Hugging Face directory,
 dense or MoE, with its config beside it), frozen; it must share the student's tokenizer (a student from random
-init takes the teacher's). The student starts from --init_from or random init with the shape the flags give. Pretrain-format jsonl trains on every token, SFT-format on
-the answers.
+init takes the teacher's). The student starts from --init_from or random init with the shape the flags give.
+Pretrain-format jsonl trains on every token, SFT-format on the answers.
 
     python 7-distill.py --config configs/tiny.json --hidden_size 64 --num_hidden_layers 2 \\
         --teacher output/sft_dense/sft_128.pth --data_path data/sft.jsonl

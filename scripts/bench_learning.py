@@ -263,8 +263,8 @@ def tokenizer_kind(recipe, args):
 def run_log(recipe, out_dir, args, *flags):
     """Train the recipe with `flags` into `out_dir`; its CSV log."""
     argv = [*args.model, *RECIPES[named(recipe)], *flags, "--data_path", args.data, "--seed", str(args.seed),
-            "--device", args.device, "--tokenizer_path", args.tokenizers[tokenizer_kind(recipe, args)], "--save_interval",
-            str(10**9), "--out_dir", str(out_dir)]
+            "--device", args.device, "--tokenizer_path", args.tokenizers[tokenizer_kind(recipe, args)],
+            "--save_interval", str(10**9), "--out_dir", str(out_dir)]
     train_stage(stage_for(named(recipe)), argv)
     run = resolved(recipe, args)
     moe = run.model_type == "moe"
