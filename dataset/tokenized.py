@@ -114,6 +114,24 @@ class TokenizedJsonlDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.rows)
 
+    def token_pairs(self, max_tokens=None):
+        """(token, next token) for every trained target of the samples, as two int64 arrays: the data's bigrams.
+        With `max_tokens`, only the samples (in file order) that the first `max_tokens` stored ids fall in."""
+        rows = self.rows
+        if max_tokens is not None:
+            rows = rows[: int(np.searchsorted(np.cumsum(self.lengths), max_tokens)) + 1]
+        table = self.samples.data.table.take(rows)
+        ids, spans = (table.column(name).combine_chunks() for name in ("input_ids", "loss_spans"))
+        values = ids.flatten().to_numpy().astype(np.int64)
+        starts = ids.offsets.to_numpy()[:-1] - ids.offsets[0].as_py()  # each sample's first position in `values`
+        span_rows = np.repeat(np.arange(len(rows)), np.diff(spans.offsets.to_numpy()) // 2)
+        bounds = spans.flatten().to_numpy().reshape(-1, 2) + starts[span_rows, None]
+        inside = np.zeros(len(values) + 1, dtype=np.int64)  # +1 where a span begins, -1 where it ends
+        np.add.at(inside, bounds[:, 0], 1)
+        np.add.at(inside, bounds[:, 1], -1)
+        targets = np.flatnonzero(np.cumsum(inside[:-1]) > 0)  # never a sample's first position: spans start at 1
+        return values[targets - 1], values[targets]
+
     def __getitem__(self, index):
         """(input_ids, targets, loss_mask), one shorter than the sample's ids; targets[t] follows input_ids[t]."""
         return shifted(*self.ids_and_targets(int(self.rows[index])))

@@ -174,6 +174,10 @@ RECIPES = {
     "default_zero_init": [*MUON_WSD, "--zero_init_out"],
     "default_warmdown65": [*MUON_WSD, "--decay_fraction", "0.65"],
     "default_best_fit": [*MUON_WSD, "--pack", "shared", "--pack_fit", "best"],
+    # the embedding, final norm and head first fitted to the data's bigram counts (trainer/bigram.py)
+    "best_bigram_10": [*BEST, "--bigram_steps", "10"],
+    "best_bigram_20": [*BEST, "--bigram_steps", "20"],
+    "best_bigram_40": [*BEST, "--bigram_steps", "40"],
     "default_lr_4e-3": [*MUON_WSD, "--learning_rate", "4e-3"],
     "default_lr_9e-3": [*MUON_WSD, "--learning_rate", "9e-3"],
     "moe_baseline": [*BASELINE, *MOE],
@@ -278,12 +282,15 @@ def train(recipe, steps, args, out_dir):
     return log[log["val_bits_per_byte"].notna()][["step", "tokens", "seconds", "val_bits_per_byte"]]
 
 
-def seconds_per_step(recipe, args, out_dir):
-    """Mean step time of a short run of the recipe, its first steps left out as warm-up. The mean, not the median:
-    batches of short samples are quick and of long ones slow, and a corpus of mostly short documents would make
-    the median step a quick one, the schedule too long for the budget."""
+def step_timing(recipe, args, out_dir):
+    """(mean step time, the seconds before the steps) of a short run of the recipe, its first steps left out as
+    warm-up. The mean, not the median: batches of short samples are quick and of long ones slow, and a corpus of
+    mostly short documents would make the median step a quick one, the schedule too long for the budget. The
+    seconds before the steps (a bigram warm start; else about nothing) come off each run's budget."""
     log = run_log(recipe, out_dir, args, "--max_steps", str(args.calibration_steps), "--log_interval", "1")
-    return float(log["seconds"].diff().dropna().iloc[min(5, args.calibration_steps // 2):].mean())
+    seconds = log["seconds"]
+    step = float(seconds.diff().dropna().iloc[min(5, args.calibration_steps // 2):].mean())
+    return step, max(0.0, float(seconds.iloc[0]) - step)
 
 
 def reached(curve, target):
@@ -360,8 +367,9 @@ def main(argv=None):
         timings = {named(recipe): [] for recipe in recipes}
         for attempt in range(2):
             for recipe in timings:
-                timings[recipe].append(seconds_per_step(recipe, args, Path(scratch) / f"calibrate_{recipe}_{attempt}"))
-        steps = {recipe: max(8, int(budget(recipe, args) / statistics.median(timings[named(recipe)])))
+                timings[recipe].append(step_timing(recipe, args, Path(scratch) / f"calibrate_{recipe}_{attempt}"))
+        steps = {recipe: max(8, int((budget(recipe, args) - statistics.median(t[1] for t in timings[named(recipe)]))
+                                    / statistics.median(t[0] for t in timings[named(recipe)])))
                  for recipe in recipes}
         print("steps per recipe:", steps, flush=True)
         for round_ in range(args.repeats):

@@ -81,6 +81,13 @@ def all_reduce_sum(tensor):
     return tensor
 
 
+def broadcast_from_main(tensors):
+    """Every process's `tensors` set, in place, to the main process's."""
+    if dist.is_initialized():
+        for tensor in tensors:
+            dist.broadcast(tensor.data, src=0)
+
+
 def whole(tensor):
     """A plain tensor of the whole value (FSDP2's gradient norm is a DTensor)."""
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor

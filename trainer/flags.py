@@ -144,6 +144,10 @@ def add_training_flags(parser, default_data):
     group.add_argument("--zero_init_out", action="store_true",
                        help="a model from random init starts its blocks' output projections (attention o_proj, "
                             "feed-forward down_proj) at zero, as nanochat: every block begins as the identity")
+    group.add_argument("--bigram_steps", type=int, default=0,
+                       help="a model from random init first fits its embedding, final norm and head to the training "
+                            "data's bigram counts with this many full-batch steps, counted as training time "
+                            "(0: off)")
     group.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0: no clipping)")
     group.add_argument("--num_workers", type=int,
                        help="DataLoader worker processes, which collate the next batches while the device trains "
@@ -341,7 +345,7 @@ def validate(args):
                                      "keep_last", "val_samples", "max_new_tokens", "yarn_original_length",
                                      "eval_interval"),
                  not_negative=("learning_rate", "embedding_lr", "head_lr", "weight_decay", "grad_clip", "warmup_steps",
-                               "num_workers", "temperature"))
+                               "num_workers", "temperature", "bigram_steps"))
     for name, value in vars(args).items():
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"--{name} {value}: must be a finite number")

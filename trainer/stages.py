@@ -16,6 +16,7 @@ from model import CheckpointError, TinyMindConfig, TinyMindForCausalLM, config_p
 from . import distributed
 from .distributed import say
 from .errors import UserError
+from .bigram import warm_start
 from .flags import (add_model_flags, add_training_flags, checked_config, flag_overrides, model_config, new_parser,
                     parse)
 from .loading import load_flagged
@@ -123,8 +124,8 @@ def train(stage, args):
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     built = build_model(stage.name, start, args)
-    tokenizer = run_tokenizer(args, paths, [start, stage.tokenizer_from(args)], built.config.vocab_size,
-                              fresh=start is None and not args.resume)
+    fresh = start is None and not args.resume
+    tokenizer = run_tokenizer(args, paths, [start, stage.tokenizer_from(args)], built.config.vocab_size, fresh)
     with distributed.main_process_first():
         dataset = stage.dataset(args.data_path, tokenizer, args.max_seq_len, skip_bad_lines=args.skip_bad_lines)
         if args.pack != "none":
@@ -134,10 +135,12 @@ def train(stage, args):
         say(note, err=True)
     if built.config.tie_word_embeddings and "embedding_lr" not in args.given_flags:
         args.embedding_lr = None  # a stage's embedding rate is for an embedding of its own, not one that is the head
+    warm_seconds = warm_start(built, dataset, args.bigram_steps, args.device) if fresh and args.bigram_steps else 0
     model = stage.adapt_model(built, args)
     objective = stage.make_objective(model, args, start, tokenizer)
     trainer = Trainer(model, dataset, objective, args, paths, stage.write_weights, val, tokenizer,
                       stage.same_run_flags)
+    trainer.progress.seconds = warm_seconds  # the warm start is training time (a resumed run reads its own)
     say(describe_run(trainer.raw_model, dataset, trainer))
     say(describe_optimizer(trainer))
     trainer.train()
@@ -195,7 +198,8 @@ def build_model(stage_name, start, args):
         return TinyMindForCausalLM(checked_config({**TinyMindConfig.from_json_file(own).to_dict(), **flag_overrides(args)}))
     if start is None:
         return new_model(args)
-    for flag, shaped in (("zero_init_out", args.zero_init_out), ("init", args.init != "normal")):
+    for flag, shaped in (("zero_init_out", args.zero_init_out), ("init", args.init != "normal"),
+                         ("bigram_steps", args.bigram_steps)):
         if shaped:
             raise UserError(f"--{flag}: it shapes a model from random init, and this one starts from {start}")
     model = load_flagged(start, args)
