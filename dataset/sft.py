@@ -16,14 +16,14 @@ from .jsonl import FIX, DataError
 from .tokenized import TokenizedJsonlDataset
 
 
-def truncate_turns(messages, max_length):
-    """Each user and assistant text (and thinking) cut to `max_length // 2` characters.
+def truncate_turns(messages, limit):
+    """Each user and assistant text (and thinking) cut to `limit` characters.
 
     Characters are a cheap stand-in for tokens that bounds the work before tokenizing; the exact token cap is
-    enforced afterwards, on the rendered template. System turns, tool calls and tool results are never cut here: a
-    cut would leave a broken JSON object in the prompt.
+    enforced afterwards, on the rendered template, and `limit` is set so that only a text too long to fit is cut
+    here (`character_limit`). System turns, tool calls and tool results are never cut here: a cut would leave a
+    broken JSON object in the prompt.
     """
-    limit = max_length // 2
     cut = []
     for message in messages:
         if message["role"] in ("user", "assistant"):
@@ -32,6 +32,12 @@ def truncate_turns(messages, max_length):
                 message["reasoning_content"] = message["reasoning_content"][:limit]
         cut.append(message)
     return cut
+
+
+def character_limit(tokenizer, max_length):
+    """The characters past which a text cannot fit in `max_length` tokens: no token of the vocabulary spans more
+    than its longest entry's bytes, and a character is at least one byte."""
+    return max_length * max(map(len, tokenizer.get_vocab()))
 
 
 class SFTDataset(TokenizedJsonlDataset):
@@ -73,7 +79,8 @@ def encode_together(groups, tokenizer, max_length):
     exchanges, each at most `max_length` ids. Older exchanges matter least for learning the last answer, so they
     go first, from every chat of a group alike until the longest fits (a preference pair keeps one prompt on both
     sides); then each is cut to `max_length`."""
-    chats = [[_exchanges(*chat_messages(conversations, tools), max_length) for conversations, tools in group]
+    limit = character_limit(tokenizer, max_length)
+    chats = [[_exchanges(*chat_messages(conversations, tools), limit) for conversations, tools in group]
              for group in groups]
     tokenized = iter(_tokenize_chats([_chat(*chat) for group in chats for chat in group], tokenizer))
     results = []
@@ -88,9 +95,10 @@ def encode_together(groups, tokenizer, max_length):
     return results
 
 
-def _exchanges(messages, tools, max_length):
-    """(system turns, [exchange, ...], tools): the truncated turns, split where each user turn begins an exchange."""
-    messages = truncate_turns(messages, max_length)
+def _exchanges(messages, tools, limit):
+    """(system turns, [exchange, ...], tools): the turns cut to `limit` characters, split where each user turn
+    begins an exchange."""
+    messages = truncate_turns(messages, limit)
     system = messages[:1] if messages[0]["role"] == "system" else []
     exchanges = []
     for message in messages[len(system):]:

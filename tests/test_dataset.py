@@ -105,18 +105,27 @@ def test_pretrain_frames_shifts_and_collates_with_an_attention_mask_from_the_len
 
 
 @pytest.mark.parametrize(
-    "question, answer, max_length, expected",
+    "question, answer, limit, expected",
     [
-        ("abcdefghij", "0123456789", 8, ("abcd", "0123")),
-        ("abcdefghij", "0123456789", 7, ("abc", "012")),
-        ("你好世界你好世界", "", 9, ("你好世界", "")),
+        ("abcdefghij", "0123456789", 4, ("abcd", "0123")),
+        ("你好世界你好世界", "", 4, ("你好世界", "")),
         ("short", "text", 100, ("short", "text")),
     ],
 )
-def test_truncate_turns_cuts_each_question_and_answer_to_half_max_length_characters(question, answer, max_length, expected):
+def test_truncate_turns_cuts_each_question_and_answer_to_the_limit(question, answer, limit, expected):
     turns = [{"role": "user", "content": question}, {"role": "assistant", "content": answer, "reasoning_content": answer}]
-    cut = truncate_turns(turns, max_length)
+    cut = truncate_turns(turns, limit)
     assert (cut[0]["content"], cut[1]["content"]) == expected and cut[1]["reasoning_content"] == expected[1]
+
+
+def test_sft_keeps_an_english_answer_that_fits_whole_with_its_end(tmp_path, tokenizer):
+    # 360 characters, about a hundred tokens: the chat fits in 256, though the answer is longer than 256 // 2
+    # characters (an answer once cut there was trained to end mid-sentence).
+    answer = "The quick brown fox jumps over the lazy dog, and then it rests in the sun. " * 5
+    turns = [{"role": "user", "content": "Tell me about the fox."}, {"role": "assistant", "content": answer}]
+    assert len(chat_ids(tokenizer, turns)) <= 256 and len(answer) > 256 // 2
+    item = SFTDataset(write_jsonl(tmp_path / "sft.jsonl", [{"conversations": turns}]), tokenizer, max_length=256)[0]
+    assert trained_text(tokenizer, item) == answer + "<|im_end|>"
 
 
 def test_truncate_turns_never_cuts_system_turns_tool_calls_or_tool_results():
