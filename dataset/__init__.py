@@ -15,7 +15,7 @@ from .tokenizer import DEFAULT_TOKENIZER_PATH, load_tokenizer, save_tokenizer, t
 def text_or_chat_dataset(path, tokenizer, max_length, skip_bad_lines=False):
     """An SFTDataset for a file of {"conversations": ...} lines, else a PretrainDataset (its first line tells)."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", errors="replace") as f:  # the dataset names a line that is not UTF-8
             first = next((line for line in f if line.strip()), "")
     except OSError:
         first = ""  # the dataset names the missing or unreadable file

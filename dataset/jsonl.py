@@ -55,9 +55,12 @@ def load_jsonl(path, columns, record_problem, skip_bad_lines=False, optional=(),
             records = datasets.load_dataset("json", data_files=str(path), split="train", parse_agent_traces=False)
         # Arrow's JSON reader lets invalid UTF-8 through inside strings; find it now, not mid-tokenizing.
         records.data.table.validate(full=True)
-    except (datasets.exceptions.DatasetGenerationError, pyarrow.ArrowException, ValueError, StopIteration) as error:
-        if not skip_bad_lines:
-            raise bad_line_error(path, record_problem, f"could not be read as jsonl ({' '.join(str(error).split())})") from None
+    except (datasets.exceptions.DatasetGenerationError, pyarrow.ArrowException, ValueError, StopIteration):
+        bad = None if skip_bad_lines else first_bad_line(path, record_problem)
+        if bad:
+            raise bad from None
+        # Skipping bad lines, or no line is bad: Arrow gave up on something no line breaks (a key this file does not
+        # use holding a number in one block of lines and a string in a later one). Read line by line instead.
         records = _records_by_line(path, columns)
     for column in optional:  # a key no line has is a column of nulls
         if column not in records.column_names:
@@ -91,6 +94,11 @@ def _quiet_logger(name):
 
 def bad_line_error(path, record_problem, fallback):
     """A DataError for the first bad line of `path`; `fallback` says what went wrong if no line is to blame."""
+    return first_bad_line(path, record_problem) or DataError(f"{path}: {fallback}")
+
+
+def first_bad_line(path, record_problem):
+    """A DataError naming the first bad line of `path` (or saying it holds no record); None if every line is good."""
     records_seen = 0
     for line_number, record, problem in _parse_lines(path):
         problem = problem or record_problem(record)
@@ -99,7 +107,7 @@ def bad_line_error(path, record_problem, fallback):
         records_seen += 1
     if records_seen == 0:
         return DataError(f"{path} is empty: write one JSON object per line")
-    return DataError(f"{path}: {fallback}")
+    return None
 
 
 def line_number(path, record_index):
@@ -138,6 +146,8 @@ def _parse_line(raw):
         record = json.loads(text)
     except json.JSONDecodeError as error:
         return None, f"not valid JSON ({error.msg}: column {error.colno}); each line must hold one complete JSON object, {FIX}"
+    except (ValueError, RecursionError) as error:  # a number of over 4,300 digits; objects nested thousands deep
+        return None, f"not readable JSON ({error.__class__.__name__}: {str(error).split(';')[0]}); {FIX}"
     if not isinstance(record, dict):
         return None, f"expected a JSON object, got {json_type(record)}; {FIX}"
     try:

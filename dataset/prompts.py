@@ -54,7 +54,7 @@ class PromptDataset(TokenizedJsonlDataset):
     def record_problem(record):
         if not isinstance(record.get("answer"), str):
             return f'needs a string "answer" (what the reward checks), got {json_type(record.get("answer"))}; {FIX}'
-        if record.get("reward") is not None and record["reward"] not in REWARDS:
+        if record.get("reward") is not None and (not isinstance(record["reward"], str) or record["reward"] not in REWARDS):
             return f'"reward" {json.dumps(record["reward"])} is none of {", ".join(REWARDS)}; {FIX}'
         problem = chat_problem(record.get("conversations"), record.get("tools"), ending="user")
         return problem and f"{problem}; {FIX}"

@@ -11,11 +11,17 @@ import unicodedata
 
 def final_answer(text):
     """What follows the last "答案"/"answer" marker, else the whole text, NFKC-folded, lower-cased, without
-    whitespace or punctuation."""
-    marker = list(re.finditer(r"(答案|answer)\s*(is|是|为)?\s*[:：]?", text, flags=re.I))
+    whitespace or punctuation, but for the marks that make a number (a minus before a digit, a decimal point or a
+    fraction's bar between two)."""
+    marker = list(re.finditer(r"(答案|\banswer\b)\s*(is|是|为)?\s*[:：]?", text, flags=re.I))
     text = text[marker[-1].end():] if marker else text
     text = unicodedata.normalize("NFKC", text).lower()
-    return "".join(ch for ch in text if not (ch.isspace() or unicodedata.category(ch).startswith("P")))
+    numeric = {mark.start() for mark in NUMBER_MARKS.finditer(text)}
+    return "".join(ch for at, ch in enumerate(text)
+                   if at in numeric or not (ch.isspace() or unicodedata.category(ch).startswith("P")))
+
+
+NUMBER_MARKS = re.compile(r"(?<!\d)-(?=\d)|(?<=\d)[./](?=\d)")
 
 
 def exact_match(completion, answer):
@@ -28,9 +34,12 @@ NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 def numeric_match(completion, answer):
     """1.0 when the completion's last number equals the answer's number (thousands' commas ignored in both)."""
-    found = NUMBER.findall(completion.replace(",", ""))
-    return float(bool(found) and math.isclose(float(found[-1]), float(answer.replace(",", "")), rel_tol=1e-9,
+    found = NUMBER.findall(THOUSANDS.sub("", completion))
+    return float(bool(found) and math.isclose(float(found[-1]), float(THOUSANDS.sub("", answer)), rel_tol=1e-9,
                                               abs_tol=1e-9))
+
+
+THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")  # the comma in 1,000 (not in 1,5)
 
 
 def contains(completion, answer):

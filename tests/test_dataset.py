@@ -7,7 +7,8 @@ import datasets
 import pytest
 import torch
 
-from dataset import DEFAULT_TOKENIZER_PATH, DataError, PretrainDataset, SFTDataset, load_tokenizer, truncate_turns
+from dataset import (DEFAULT_TOKENIZER_PATH, DataError, PretrainDataset, SFTDataset, load_tokenizer, text_or_chat_dataset,
+                     truncate_turns)
 
 from conftest import pretrain_file, write_jsonl
 
@@ -217,6 +218,7 @@ BAD_LINES = [
     (PretrainDataset, b'{"text": 42}', "must be a string"),
     (PretrainDataset, b'{"text": "caf\xe9"}', "UTF-8"),
     (PretrainDataset, b'["text", "a list"]', "JSON object"),
+    (PretrainDataset, b'{"text": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "not readable JSON"),
     (SFTDataset, b'{"conversations": [{"role": "user", "content": "Hi"}', "not valid JSON"),
     (SFTDataset, b'{"messages": []}', '"conversations"'),
     (SFTDataset, b'{"conversations": "Hi"}', "list of turns"),
@@ -228,6 +230,7 @@ BAD_LINES = [
     (SFTDataset, b'{"conversations": [{"role": "user", "content": 7}, {"role": "assistant", "content": "x"}]}', 'string "content"'),
     (SFTDataset, b'{"conversations": [{"role": "user", "content": "Hi"}, {"role": "assistant"}]}', 'string "content"'),
     (SFTDataset, b'{"conversations": [{"role": "user", "content": "\\ud800"}, {"role": "assistant", "content": "x"}]}', "surrogate"),
+    (SFTDataset, b'{"conversations": [], "n": ' + b"9" * 5000 + b"}", "not readable JSON"),
 ]
 
 
@@ -240,6 +243,24 @@ def test_bad_line_is_reported_with_file_and_exact_line_number(tmp_path, tokenize
         dataset_class(path, tokenizer, max_length=64)
     message = str(error.value)
     assert message.startswith(f"{path}, line 5: ") and words in message and "\n" not in message
+
+
+def test_a_key_no_dataset_reads_may_change_type_across_the_file(tmp_path, tokenizer):
+    # Arrow reads a file in blocks and gives up when a column's type changes between them, though no line is bad.
+    path = tmp_path / "mixed.jsonl"
+    with path.open("w") as f:
+        for n in range(60_000):  # over 10 MB: the last line lands in a later block
+            f.write(json.dumps({"text": f"line {n} " + "x" * 180, "meta": 1}) + "\n")
+        f.write(json.dumps({"text": "the last line", "meta": "a string"}) + "\n")
+    data = PretrainDataset(path, tokenizer, max_length=8)
+    assert len(data) == 60_001
+
+
+def test_a_first_line_that_is_not_utf8_is_named_by_the_dataset(tmp_path, tokenizer):
+    path = tmp_path / "gbk.jsonl"
+    path.write_bytes('{"text": "你好"}\n'.encode("gbk"))
+    with pytest.raises(DataError, match=f"{path}, line 1: invalid UTF-8"):
+        text_or_chat_dataset(path, tokenizer, 64)
 
 
 @pytest.mark.parametrize("dataset_class", [PretrainDataset, SFTDataset])

@@ -57,10 +57,18 @@ def test_kl_is_zero_while_the_policy_is_the_reference():
     (exact_match, "答案：“疑是地上霜”。", "疑是地上霜", 1.0),
     (exact_match, "The answer is: Paris!", "paris", 1.0),
     (exact_match, "Paris, France", "Paris", 0.0),
+    # a number keeps its sign, decimal point and fraction bar; "answer" is a marker only as a word
+    (exact_match, "答案：-5", "5", 0.0),
+    (exact_match, "答案：-5", "-5", 1.0),
+    (exact_match, "The answer is 3.14.", "314", 0.0),
+    (exact_match, "The answer is 3.14.", "3.14", 1.0),
+    (exact_match, "answer: 1/2", "12", 0.0),
+    (exact_match, "Answering: 42", "ing42", 0.0),
     (numeric_match, "3 + 4 = 7", "7", 1.0),
     (numeric_match, "it is 1,250.0 in all", "1250", 1.0),
     (numeric_match, "the total is 1000", "1,000", 1.0),
     (numeric_match, "7 or maybe 8", "7", 0.0),
+    (numeric_match, "x is 1,5", "15", 0.0),  # a comma not before three digits is no thousands' separator
     (numeric_match, "no number", "7", 0.0),
     (contains, "下一句是“疑是地上霜”，出自李白的《静夜思》。", "疑是地上霜", 1.0),
     (contains, "下一句是“举头望明月”。", "疑是地上霜", 0.0),
@@ -170,6 +178,14 @@ def test_a_prompt_of_only_a_system_turn_is_described_as_written(tmp_path, tokeni
     message = str(error.value)
     assert message.startswith(f"{path}, line 1: the conversation holds only a system turn: after an optional system "
                               "turn: user, then the assistant;") and "ending with user or tool;" in message
+
+
+@pytest.mark.parametrize("reward", [["exact"], {"name": "exact"}, 3, "exactly"])
+def test_a_reward_that_names_no_registry_function_is_one_line(tmp_path, tokenizer, reward):
+    path = write_jsonl(tmp_path / "grpo.jsonl", [{"conversations": [{"role": "user", "content": "1 + 1?"}],
+                                                  "answer": "2", "reward": reward}])
+    with pytest.raises(DataError, match=f"{path}, line 1: \"reward\" .* is none of exact, numeric, contains"):
+        PromptDataset(path, tokenizer, max_length=48)
 
 
 # ---- agentic rollouts: the model calls tools while it answers ---------------------------------------------
