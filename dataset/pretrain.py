@@ -1,11 +1,12 @@
-"""Pretraining data: {"text": ...} per jsonl line → <|im_start|> text <|im_end|>, cut to max_length."""
+"""Pretraining data: {"text": ...} per jsonl line → <|im_start|> text <|im_end|>, a long document in several samples."""
 
 from .jsonl import FIX, json_type
 from .tokenized import TokenizedJsonlDataset
 
 
 class PretrainDataset(TokenizedJsonlDataset):
-    """Each item is (input_ids, targets, loss_mask), at most `max_length - 1` long; every target is trained."""
+    """Each item is (input_ids, targets, loss_mask), at most `max_length - 1` long; every target is trained. A document
+    longer than `max_length` ids is stored whole and served as several samples (see TokenizedJsonlDataset)."""
 
     columns = ("text",)
 
@@ -22,6 +23,6 @@ class PretrainDataset(TokenizedJsonlDataset):
     def encode(records, tokenizer, max_length):
         texts = tokenizer([record["text"] for record in records], add_special_tokens=False)["input_ids"]
         bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-        input_ids = [([bos] + ids + [eos])[:max_length] for ids in texts]
+        input_ids = [[bos] + ids + [eos] for ids in texts]
         # Every real token after the first is a target; the first has nothing before it to predict it from.
         return {"input_ids": input_ids, "loss_spans": [[1, len(ids)] for ids in input_ids]}

@@ -89,7 +89,13 @@ class TokenizedJsonlDataset(torch.utils.data.Dataset):
         # Samples are read straight from the memory-mapped Arrow table (tens of microseconds
         # each, nothing held in RAM), and a Dataset pickles as a file reference for DataLoader workers.
         self.samples = encoded
-        self.rows = np.flatnonzero(has_target)
+        # A stored row longer than max_length (pretraining stores each document whole) is several samples: windows
+        # of max_length ids, each starting on the last id of the one before, so every target is trained once.
+        rows = np.flatnonzero(has_target)
+        windows = np.maximum(1, -(-(self.stored_lengths[rows] - 1) // (max_length - 1)))
+        self.rows = np.repeat(rows, windows)  # each sample's Arrow row
+        self.starts = (np.arange(len(self.rows)) - np.repeat(np.cumsum(windows) - windows, windows)) * (max_length - 1)
+        self.split = int((windows > 1).sum())
 
     @staticmethod
     def usable(encoded):
@@ -104,12 +110,20 @@ class TokenizedJsonlDataset(torch.utils.data.Dataset):
         if self.skipped:
             notes.append(f"{self.path}: skipped {self.skipped} samples that kept no trainable token after "
                          f"truncation to {self.max_length} tokens")
+        if self.split:
+            notes.append(f"{self.path}: {self.split:,} documents longer than {self.max_length} tokens make "
+                         f"{len(self.rows) - len(np.unique(self.rows)) + self.split:,} samples of at most that")
         return notes
+
+    @property
+    def stored_lengths(self):
+        """Ids in each Arrow row."""
+        return pyarrow.compute.list_value_length(self.samples.data.column("input_ids")).to_numpy()
 
     @property
     def lengths(self):
         """Tokens in each sample before padding, for batching samples of similar length together."""
-        return pyarrow.compute.list_value_length(self.samples.data.column("input_ids")).to_numpy()[self.rows]
+        return np.minimum(self.stored_lengths[self.rows] - self.starts, self.max_length)
 
     def __len__(self):
         return len(self.rows)
@@ -117,9 +131,9 @@ class TokenizedJsonlDataset(torch.utils.data.Dataset):
     def token_pairs(self, max_tokens=None):
         """(token, next token) for every trained target of the samples, as two int64 arrays: the data's bigrams.
         With `max_tokens`, only the samples (in file order) that the first `max_tokens` stored ids fall in."""
-        rows = self.rows
+        rows = np.unique(self.rows)
         if max_tokens is not None:
-            rows = rows[: int(np.searchsorted(np.cumsum(self.lengths), max_tokens)) + 1]
+            rows = rows[: int(np.searchsorted(np.cumsum(self.stored_lengths[rows]), max_tokens)) + 1]
         table = self.samples.data.table.take(rows)
         ids, spans = (table.column(name).combine_chunks() for name in ("input_ids", "loss_spans"))
         values = ids.flatten().to_numpy().astype(np.int64)
@@ -134,7 +148,9 @@ class TokenizedJsonlDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         """(input_ids, targets, loss_mask), one shorter than the sample's ids; targets[t] follows input_ids[t]."""
-        return shifted(*self.ids_and_targets(int(self.rows[index])))
+        ids, is_target = self.ids_and_targets(int(self.rows[index]))
+        window = slice(int(self.starts[index]), int(self.starts[index]) + self.max_length)
+        return shifted(ids[window], is_target[window])
 
     def ids_and_targets(self, row):
         """The stored ids of Arrow row `row` and a 0/1 tensor marking those inside its loss spans."""

@@ -78,7 +78,10 @@ def test_pretrain_frames_shifts_and_collates_with_an_attention_mask_from_the_len
     short, long = "a<|endoftext|>b 你好", "The quick brown fox jumps over the lazy dog. " * 10
     path = write_jsonl(tmp_path / "pretrain.jsonl", [{"text": short}, {"text": long}])
     data = PretrainDataset(path, tokenizer, max_length=16)
-    assert len(data) == 2 and data.skipped == 0 and data.bad_lines == 0 and data.notes() == []
+    long_framed = [1, *tokenizer(long, add_special_tokens=False)["input_ids"], 2]
+    windows = -(-(len(long_framed) - 1) // 15)
+    assert len(data) == 1 + windows and data.skipped == 0 and data.bad_lines == 0
+    assert data.notes() == [f"{path}: 1 documents longer than 16 tokens make {windows} samples of at most that"]
 
     framed = [1, *tokenizer(short, add_special_tokens=False)["input_ids"], 2]
     assert 0 in framed[1:-1]
@@ -89,10 +92,13 @@ def test_pretrain_frames_shifts_and_collates_with_an_attention_mask_from_the_len
     assert torch.equal(targets[:-1], input_ids[1:])
     assert loss_mask.tolist() == [1] * (len(framed) - 1)
 
-    input_ids, targets, loss_mask = data[1]
-    assert input_ids[0] == 1 and 2 not in targets.tolist()  # cut to 16 tokens: no room for the eos
-    assert unpadded(data[1], 16) == [1, *tokenizer(long, add_special_tokens=False)["input_ids"][:15]]
-    assert loss_mask.tolist() == [1] * 15
+    # The long document in windows of 16 ids, each starting on the last of the one before: every token after its
+    # first is a target exactly once, the eos included.
+    parts = [data[1 + n] for n in range(windows)]
+    assert unpadded(parts[0], 16) == long_framed[:16]
+    assert torch.cat([targets for _, targets, _ in parts]).tolist() == long_framed[1:]
+    assert all(mask.all() for _, _, mask in parts)
+    assert list(data.lengths) == [len(framed)] + [16] * (windows - 1) + [len(long_framed) - 15 * (windows - 1)]
 
     batch = data.collate([data[0], data[1]])  # padded to the longest sample, not to max_length
     assert batch.input_ids.shape == (2, 15) and len(batch) == 2
@@ -252,7 +258,7 @@ def test_a_key_no_dataset_reads_may_change_type_across_the_file(tmp_path, tokeni
         for n in range(60_000):  # over 10 MB: the last line lands in a later block
             f.write(json.dumps({"text": f"line {n} " + "x" * 180, "meta": 1}) + "\n")
         f.write(json.dumps({"text": "the last line", "meta": "a string"}) + "\n")
-    data = PretrainDataset(path, tokenizer, max_length=8)
+    data = PretrainDataset(path, tokenizer, max_length=512)
     assert len(data) == 60_001
 
 
