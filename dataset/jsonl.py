@@ -100,7 +100,7 @@ def bad_line_error(path, record_problem, fallback):
 def first_bad_line(path, record_problem):
     """A DataError naming the first bad line of `path` (or saying it holds no record); None if every line is good."""
     records_seen = 0
-    for line_number, record, problem in _parse_lines(path):
+    for line_number, record, problem in parse_lines(path):
         problem = problem or record_problem(record)
         if problem:
             return DataError(f"{path}, line {line_number}: {problem}")
@@ -112,7 +112,7 @@ def first_bad_line(path, record_problem):
 
 def line_number(path, record_index):
     """The line of `path` that holds record `record_index` (records are its non-blank lines)."""
-    for index, (number, _, _) in enumerate(_parse_lines(path)):
+    for index, (number, _, _) in enumerate(parse_lines(path)):
         if index == record_index:
             return number
     return None
@@ -120,12 +120,12 @@ def line_number(path, record_index):
 
 def _readable_records(path, columns, version):
     """Every non-blank line as a record restricted to `columns`; an unreadable line as all nulls."""
-    for _, record, problem in _parse_lines(path):
+    for _, record, problem in parse_lines(path):
         # As JSON text: a Json column stores a string as it comes and parses it back, so "391" would read as 391.
         yield {column: json.dumps(None if problem else record.get(column), ensure_ascii=False) for column in columns}
 
 
-def _parse_lines(path):
+def parse_lines(path):
     """Yield (1-based line number, record, problem) for each non-blank line; record is None when problem is set."""
     with open(path, "rb") as lines:
         for line_number, raw in enumerate(lines, start=1):

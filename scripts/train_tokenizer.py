@@ -30,7 +30,6 @@ Usage:
 """
 
 import argparse
-import json
 import random
 import sys
 from pathlib import Path
@@ -38,7 +37,10 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from dataset import PretrainDataset
+from dataset.jsonl import parse_lines
 from model.gguf_export import LLAMA3_SPLIT
+from model.weights import atomic_folder
 from scripts.data.pipeline import cjk_share
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -49,16 +51,16 @@ SPLITS = ("gpt2", "llama3")  # the first is the default
 
 
 def read_texts(path: Path) -> list[str]:
+    """The "text" of every line, read as the pretraining dataset reads it (blank lines skipped); a bad line ends
+    the program with one line naming it."""
     if not path.exists():
         sys.exit(f"train_tokenizer: {path} not found; run `python -m scripts.prepare_data` first or pass --data")
     texts = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, 1):
-            try:
-                texts.append(json.loads(line)["text"])
-            except (ValueError, KeyError, TypeError):
-                sys.exit(f"train_tokenizer: {path}:{line_number} is not a {{\"text\": ...}} json line; "
-                         f"regenerate it with `python -m scripts.prepare_data`")
+    for line_number, record, problem in parse_lines(path):
+        problem = problem or PretrainDataset.record_problem(record)
+        if problem:
+            sys.exit(f"train_tokenizer: {path}, line {line_number}: {problem}")
+        texts.append(record["text"])
     return texts
 
 
@@ -99,6 +101,8 @@ def train(texts: list[str], vocab_size: int, split: str = SPLITS[0]) -> Tokenize
 
 
 def save(tokenizer: Tokenizer, out_dir: Path) -> None:
+    """Saved and checked in a temporary folder swapped in for `out_dir`: a failed check or a crash leaves the
+    tokenizer there before whole."""
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token="<|im_start|>",
@@ -110,7 +114,7 @@ def save(tokenizer: Tokenizer, out_dir: Path) -> None:
         # The default cleanup deletes spaces before punctuation, which breaks decode(encode(s)) == s.
         clean_up_tokenization_spaces=False,
     )
-    wrapped.save_pretrained(out_dir)
+    atomic_folder(out_dir, lambda tmp: (wrapped.save_pretrained(tmp), check(tmp)))
 
 
 def check(out_dir: Path) -> None:
@@ -160,7 +164,6 @@ def fit(data: Path, out_dir: Path, vocab_size: int, max_chars: int | None = None
     texts = sample_chars(read_texts(data), max_chars, seed)
     print(f"training a {vocab_size}-token BPE ({split} split) on {len(texts)} documents, {sum(map(len, texts))} chars")
     save(train(texts, vocab_size, split), out_dir)
-    check(out_dir)
     print(f"saved to {out_dir}")
 
 

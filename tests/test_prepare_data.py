@@ -182,8 +182,31 @@ def test_unknown_source_is_one_clear_error(tmp_path):
 
 def test_trained_tokenizer_round_trips_and_speaks_chatml(tmp_path):
     texts = ["床前明月光，疑是地上霜。举头望明月，低头思故乡。", "To be, or not to be: that is the question."] * 50
-    train_tokenizer.save(train_tokenizer.train(texts, vocab_size=300), tmp_path)
-    train_tokenizer.check(tmp_path)  # raises on any broken promise
+    train_tokenizer.save(train_tokenizer.train(texts, vocab_size=300), tmp_path / "tokenizer")
+    train_tokenizer.check(tmp_path / "tokenizer")  # raises on any broken promise
+
+
+def test_a_tokenizer_that_fails_its_check_leaves_the_one_before_in_place(tmp_path, monkeypatch):
+    texts = ["床前明月光，疑是地上霜。", "To be, or not to be: that is the question."] * 50
+    train_tokenizer.save(train_tokenizer.train(texts, vocab_size=300), tmp_path / "tokenizer")
+    before = (tmp_path / "tokenizer" / "tokenizer.json").read_bytes()
+
+    def broken(out_dir):
+        raise AssertionError("decode(encode(s)) does not give s back")
+    monkeypatch.setattr(train_tokenizer, "check", broken)
+    with pytest.raises(Exception, match="decode"):
+        train_tokenizer.save(train_tokenizer.train(texts, vocab_size=280), tmp_path / "tokenizer")
+    assert (tmp_path / "tokenizer" / "tokenizer.json").read_bytes() == before
+
+
+def test_the_corpus_is_read_as_the_pretraining_data_is(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"text": "one"}\n\n{"text": "two"}\r\n')  # a BOM, a blank line, CRLF
+    assert train_tokenizer.read_texts(path) == ["one", "two"]
+    for line, words in ((b'{"text": 42}', "must be a string"), ('{"text": "你好"}'.encode("gbk"), "invalid UTF-8")):
+        path.write_bytes(b'{"text": "one"}\n' + line + b"\n")
+        with pytest.raises(SystemExit, match=f"{path}, line 2: .*{words}"):
+            train_tokenizer.read_texts(path)
 
 
 def test_the_split_before_the_merges_keeps_punctuation_with_the_letters_after_it_and_digits_in_threes():
