@@ -167,6 +167,54 @@ def test_resume_state_without_its_data_order_is_resumed_with_a_warning(workdir, 
             f"samples and skip others") in err
 
 
+def test_resume_that_would_log_other_columns_names_them_and_leaves_the_log(workdir, capsys):
+    assert run_in_process(capsys, "--max_steps", 2)[0] == 0
+    log = workdir / "output/pretrain_dense/pretrain_64_log.csv"
+    before = log.read_text()
+    code, err = run_in_process(capsys, "--max_steps", 4, "--z_loss", 1e-4, "--val_data", "data/pretrain.jsonl",
+                               "--resume")
+    assert code == 2
+    assert err[-1] == ("error: --resume: this run logs other columns than output/pretrain_dense/pretrain_64_log.csv "
+                       "holds (adds z, val_perplexity, val_bits_per_byte); resume with the --z_loss and --val_data "
+                       "the run began with, or start a new run without --resume")
+    assert log.read_text() == before
+    assert run_in_process(capsys, "--max_steps", 4, "--val_data", "data/pretrain.jsonl", "--resume")[0] == 2
+    assert run_in_process(capsys, "--max_steps", 4, "--resume")[0] == 0  # the same columns: it continues
+    assert log_steps(log) == [1, 2, 3, 4]
+
+
+def test_resume_in_another_save_format_leaves_only_its_weights(workdir, capsys):
+    from trainer.run_folder import RunPaths
+
+    assert run_in_process(capsys, "--max_steps", 2)[0] == 0
+    run_dir = workdir / "output/pretrain_dense"
+    assert run_in_process(capsys, "--max_steps", 4, "--save_format", "safetensors", "--resume")[0] == 0
+    assert not (run_dir / "pretrain_64.pth").exists()
+    assert RunPaths(run_dir, "pretrain_64").existing_weights() == run_dir / "pretrain_64.safetensors"
+    latest = torch.load(run_dir / "pretrain_64_resume_00000004.pt", weights_only=True)["model"]
+    weights = weights_io.read_state_dict(run_dir / "pretrain_64.safetensors")
+    assert all(torch.equal(weights[key], latest[key]) for key in weights)
+
+
+def test_resume_with_the_head_in_a_group_of_its_own_continues_its_optimizer_state_exactly(workdir, capsys):
+    """Muon takes the blocks' matrices and --embedding_lr the embedding: --head_lr then takes the last matrix from
+    AdamW's group of matrices, which must not be left empty (torch.distributed.checkpoint refuses it)."""
+    import shutil
+
+    run = ["--max_steps", 4, "--save_interval", 2, "--keep_last", 2, "--optimizer", "muon", "--tie_word_embeddings",
+           "false", "--embedding_lr", 1e-3]
+    assert run_in_process(capsys, *run, "--out_dir", "straight")[0] == 0
+    straight = workdir / "straight/pretrain_dense"
+    resumed = workdir / "resumed/pretrain_dense"
+    resumed.mkdir(parents=True)
+    shutil.copy(straight / "pretrain_64_resume_00000002.pt", resumed)
+    # The head's rate as it was (the run's --learning_rate, 5e-4), in a group of its own from step 3.
+    assert run_in_process(capsys, *run, "--head_lr", 5e-4, "--out_dir", "resumed", "--resume")[0] == 0
+    a = torch.load(straight / "pretrain_64.pth", weights_only=True)
+    b = torch.load(resumed / "pretrain_64.pth", weights_only=True)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
 def test_resume_without_state_says_so(workdir, capsys):
     code, err = run_in_process(capsys, "--max_steps", 2, "--resume")
     assert code == 2 and "no resume state" in err[-1]

@@ -391,6 +391,38 @@ def test_learning_rate_schedules_warm_up_then_end_at_a_tenth(schedule):
         assert rates[5:79] == [1.0] * 74 and rates[89] == pytest.approx(0.1 + 0.9 * 10 / 20)
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_a_warmup_that_ends_on_the_second_last_step_still_ends_at_the_final_rate(schedule):
+    from trainer.loop import lr_at
+
+    assert [lr_at(step, 2, 1, 1.0, schedule) for step in range(2)] == pytest.approx([1.0, 0.1])
+    assert [lr_at(step, 4, 3, 1.0, schedule) for step in range(4)] == pytest.approx([1 / 3, 2 / 3, 1.0, 0.1])
+
+
+def test_a_warmup_as_long_as_the_run_is_refused_in_one_line(tmp_path):
+    from trainer.loop import plan_steps
+
+    assert plan_steps(tiny_args(tmp_path, "--max_steps", 4, "--warmup_steps", 3), 100, 1) == (4, 3)
+    for warmup in (4, 10):
+        with pytest.raises(UserError, match=rf"^--warmup_steps {warmup}: the run has 4 steps; warm up over fewer"):
+            plan_steps(tiny_args(tmp_path, "--max_steps", 4, "--warmup_steps", warmup), 100, 1)
+    assert plan_steps(tiny_args(tmp_path, "--max_steps", 1), 100, 1) == (1, 1)  # the default: 2%, at least 1
+
+
+def test_an_epoch_plans_the_steps_of_the_samples_every_process_takes(tmp_path):
+    from trainer.loop import plan_steps
+
+    args = tiny_args(tmp_path, "--epochs", 2, "--batch_size", 2, "--accumulation_steps", 2)
+    for samples, world_size in ((9, 2), (17, 2), (16, 2), (11, 3), (5, 1), (7, 4)):
+        # as step_batches takes them: the order cut to a multiple of world_size, every world_size-th sample each
+        per_process = len(range(samples - samples % world_size)[::world_size])
+        steps = math.ceil(per_process / (args.batch_size * args.accumulation_steps))
+        assert plan_steps(args, samples, world_size) == (2 * steps, 1), (samples, world_size)
+    with pytest.raises(UserError, match=r"^the training data has 3 samples, fewer than the 4 processes: each needs "
+                                        r"one at least; add data or run fewer processes$"):
+        plan_steps(tiny_args(tmp_path, "--max_steps", 5), 3, 4)
+
+
 def test_warmdown_over_the_last_decay_fraction_of_the_steps(tmp_path):
     from trainer.loop import lr_at
 

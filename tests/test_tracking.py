@@ -77,6 +77,21 @@ def test_tensorboard_and_trackio_record_every_csv_row_and_a_resumed_run_continue
                 assert last[int(row["step"])][column] == pytest.approx(float(row[column]), rel=1e-5)
 
 
+def test_a_fresh_run_drops_the_tensorboard_events_a_dead_run_left_in_its_folder(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    prepare(tmp_path)
+    run_stage("1-pretrain.py", *TINY, "--max_steps", 3, "--report_to", "tensorboard", cwd=tmp_path)
+    run_dir = tmp_path / "output/pretrain_dense"
+    for state in run_dir.glob("*_resume_*.pt"):  # as a run killed before its first save leaves its folder
+        state.unlink()
+    run_stage("1-pretrain.py", *TINY, "--max_steps", 2, "--report_to", "tensorboard", cwd=tmp_path)
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    logged = [int(row["step"]) for row in csv_rows(tmp_path)]
+    assert [event.step for event in events.Scalars("loss")] == logged == [1, 2]  # this run's steps, once each
+
+
 def test_report_to_takes_none_or_trackers_separated_by_commas():
     assert tracker_names("none") == ()
     assert tracker_names("tensorboard, trackio,tensorboard") == ("tensorboard", "trackio")

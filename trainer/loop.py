@@ -29,7 +29,7 @@ from . import distributed
 from .distributed import say
 from .errors import UserError
 from .metrics import CsvLog, ExpertLoadWatch, held_out_column, log_columns, peak_memory_bytes
-from .tracking import open_tracker
+from .tracking import clear_local_output, open_tracker
 from .objectives import Step
 from .precision import autocast_context, grad_scaler
 from .run_folder import RESUME_FLAGS, check_resume_flags, read_resume_state, rng_state, set_rng_state
@@ -49,7 +49,9 @@ class Progress:
 
 def lr_at(step, total_steps, warmup_steps, peak, schedule="cosine", decay_fraction=0.2, final_fraction=0.1):
     """Linear warmup to `peak`, then either cosine decay to `final_fraction` of the peak at the last step, or
-    warmup-stable-decay: `peak` until the last `decay_fraction` of the steps, then linear decay to that end."""
+    warmup-stable-decay: `peak` until the last `decay_fraction` of the steps, then linear decay to that end.
+    The warmup must end before the last step (`plan_steps` refuses one as long as the run) for the rate to reach
+    that end."""
     if step < warmup_steps:
         return peak * (step + 1) / warmup_steps
     final = peak * final_fraction
@@ -57,8 +59,26 @@ def lr_at(step, total_steps, warmup_steps, peak, schedule="cosine", decay_fracti
         decay_steps = max(1, round(decay_fraction * total_steps))
         left = (total_steps - 1 - step) / decay_steps  # 1 where the decay starts, 0 at the last step
         return final + (peak - final) * min(max(left, 0.0), 1.0)
-    progress = (step - warmup_steps) / max(1, total_steps - 1 - warmup_steps)  # 0 after warmup, 1 at the last step
+    span = total_steps - 1 - warmup_steps  # from the first step after warmup to the last; 0: that one is the last
+    progress = (step - warmup_steps) / span if span > 0 else 1.0  # 0 after warmup, 1 at the last step
     return final + (peak - final) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def plan_steps(args, samples, world_size):
+    """(total steps, warmup steps): --max_steps, else --epochs passes over the samples the processes take (cut to a
+    multiple of `world_size`, as `step_batches` cuts them, so an epoch ends where the plan says); the warmup is
+    --warmup_steps, else 2% of the steps (at least 1). Refused in one line: fewer samples than processes (none
+    would get any: the run would wait forever) and a given warmup as long as the run (it would end at the peak)."""
+    taken = samples - samples % world_size
+    if not taken:
+        raise UserError(f"the training data has {samples} samples, fewer than the {world_size} processes: each "
+                        "needs one at least; add data or run fewer processes")
+    samples_per_step = args.batch_size * args.accumulation_steps * world_size
+    total = args.max_steps or args.epochs * math.ceil(taken / samples_per_step)
+    if args.warmup_steps is not None and args.warmup_steps >= total:
+        raise UserError(f"--warmup_steps {args.warmup_steps}: the run has {total} steps; warm up over fewer, so the "
+                        "rate reaches its peak and then its final rate")
+    return total, args.warmup_steps if args.warmup_steps is not None else max(1, total // 50)
 
 
 def make_optimizers(model, args):
@@ -67,8 +87,10 @@ def make_optimizers(model, args):
     Weight decay on matrices only: decaying norms' gains and the like only hurts. Muon's update is scaled to
     AdamW's RMS (`match_rms_adamw`), so one --learning_rate serves both. --embedding_lr and --head_lr give the
     embedding tables and an untied head peak rates of their own (nanochat's per-group rates), in groups of their
-    own after the two above, so a resume state written without them still loads. Every group's rate follows
-    the one schedule, scaled to its peak."""
+    own after the two above. No group is left empty: a resume state's optimizer state is matched to this run's
+    groups by parameter name (torch.distributed.checkpoint), which refuses empty groups, so a run resumed with
+    either rate newly given (or dropped) continues every weight's state. Every group's rate follows the one
+    schedule, scaled to its peak."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     optimizers = []
     if args.optimizer == "muon":
@@ -92,11 +114,13 @@ def make_optimizers(model, args):
             groups.append({"params": params, "lr": getattr(args, flag)})
     grouped = {id(p) for group in groups for p in group["params"]}
     rest = [p for _, p in named if id(p) not in grouped]
-    groups = [
+    groups = [group for group in [
         {"params": [p for p in rest if p.dim() >= 2], "weight_decay": args.weight_decay},
         {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
         *groups,
-    ]
+    ] if group["params"]]
+    if not groups:  # Muon takes every weight trained (LoRA's adapters)
+        return optimizers
     # Fused: one kernel for all the tensors, on a CPU too (where it is several times faster than the foreach
     # default), and it skips a step on the device (`found_inf`), which the non-fused implementations cannot.
     adamw = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
@@ -197,8 +221,7 @@ class Trainer:
         self.scaler = grad_scaler(args)
         self.world_size = distributed.world_size()
         self.samples_per_step = args.batch_size * args.accumulation_steps * self.world_size
-        self.total_steps = args.max_steps or args.epochs * math.ceil(len(dataset) / self.samples_per_step)
-        self.warmup_steps = args.warmup_steps if args.warmup_steps is not None else max(1, self.total_steps // 50)
+        self.total_steps, self.warmup_steps = plan_steps(args, len(dataset), self.world_size)
         self.expert_loads = ExpertLoadWatch(self.raw_model.moe_layers())
         self.tokenizer, self.eval_tasks = tokenizer, []
         if args.eval_tasks:  # checked now, not at the first evaluation: an unknown name is one line before training
@@ -218,8 +241,9 @@ class Trainer:
     def train(self):
         if self.args.resume:
             self.resume()
-        elif distributed.is_main():
-            self.log.path.unlink(missing_ok=True)  # a fresh run's log starts empty
+        elif distributed.is_main():  # a fresh run's log and tracker events start empty
+            self.log.path.unlink(missing_ok=True)
+            clear_local_output(self.paths.dir)
         if distributed.is_main():
             config = {key: value for key, value in vars(self.args).items() if isinstance(value, (str, int, float, bool))}
             self.tracker = open_tracker(self.args.report_to, self.paths.dir, self.paths.name, self.run_id, config,
@@ -452,7 +476,8 @@ class Trainer:
     # ---- what a checkpoint holds -------------------------------------------------------------
 
     def save(self):
-        """The weights later stages read, then the resume state; resume states beyond --keep_last are removed.
+        """The weights later stages read (and no older ones in the other --save_format), then the resume state;
+        resume states beyond --keep_last are removed.
         Every process calls it (FSDP gathers shards); the main process writes."""
         self.read_steps()  # the skipped steps' count, and no save of a run that diverged since the last read
         state = self.state_dict()
@@ -460,6 +485,7 @@ class Trainer:
         def write():
             self.paths.dir.mkdir(parents=True, exist_ok=True)
             self.write_weights(self.raw_model, state["model"], self.paths)
+            self.paths.other_weights.unlink(missing_ok=True)
             atomic_write(self.paths.resume_state(state["progress"]["step"]), lambda tmp: torch.save(state, tmp))
             for old in self.paths.resume_states()[:-self.args.keep_last]:
                 old.unlink(missing_ok=True)
@@ -499,5 +525,6 @@ class Trainer:
     def resume(self):
         path, state = read_resume_state(self.paths)
         check_resume_flags(state, self.args, self.world_size, self.paths, self.same_run_flags)
+        self.log.check_continues()
         self.load_state_dict(state)
         say(f"resumed {path.name}: step {self.progress.step} of {self.total_steps}", err=True)

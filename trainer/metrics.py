@@ -8,6 +8,8 @@ import torch
 
 from model import atomic_write
 
+from .errors import UserError
+
 
 def log_columns(objective, expert_loads, held_out, eval_tasks=()):
     """The CSV header: progress (training seconds exclude evaluation), the loss and the objective's metrics, the
@@ -26,6 +28,11 @@ def held_out_column(name):
     return "val_" + name.replace(" ", "_").replace("-", "_")
 
 
+def column_flag(column):
+    """The flag whose giving or dropping adds or removes a log column a resumed run may differ in (None: another)."""
+    return "--val_data" if column.startswith("val_") else "--z_loss" if column == "z" else None
+
+
 class CsvLog:
     """Appends one row per log interval; `truncate(rows)` drops rows written after a resumed checkpoint."""
 
@@ -38,6 +45,24 @@ class CsvLog:
             return 0
         with open(self.path, newline="") as f:
             return max(sum(1 for _ in csv.reader(f)) - 1, 0)
+
+    def check_continues(self):
+        """A resumed run appends under the header of the log it continues: one logging other columns (--z_loss or
+        --val_data given or dropped) would write its rows under the wrong ones, so it is refused in one line naming
+        the columns, before the log is touched."""
+        if not self.path.is_file():
+            return
+        with open(self.path, newline="") as f:
+            header = next(csv.reader(f), None)
+        if header is None or header == self.columns:
+            return
+        added = [column for column in self.columns if column not in header]
+        dropped = [column for column in header if column not in self.columns]
+        changes = [f"{what} {', '.join(columns)}" for what, columns in (("adds", added), ("drops", dropped)) if columns]
+        changed = "; ".join(changes) or "the same ones in another order"
+        flags = " and ".join(dict.fromkeys(filter(None, map(column_flag, added + dropped)))) or "flags"
+        raise UserError(f"--resume: this run logs other columns than {self.path} holds ({changed}); resume with the "
+                        f"{flags} the run began with, or start a new run without --resume")
 
     def truncate(self, rows):
         if not self.path.is_file():

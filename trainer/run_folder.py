@@ -53,6 +53,12 @@ class RunPaths:
     def resume_states(self) -> list[Path]:
         return sorted(self.dir.glob(f"{self.name}_resume_*.pt"))
 
+    @property
+    def other_weights(self) -> Path:
+        """The weights in the other --save_format: removed once these are written (a run resumed in another format),
+        so a later stage never reads the older file."""
+        return self.weights.with_suffix(".safetensors" if self.save_format == "pth" else ".pth")
+
     def existing_weights(self) -> Path:
         """The weights a later stage reads: the `.pth`, or the `.safetensors` when only that exists."""
         pth = self.dir / f"{self.name}.pth"

@@ -10,14 +10,15 @@ SWANLAB_MODE does; TensorBoard writes `tensorboard/` in the run folder; Trackio 
 """
 
 import argparse
-import argparse
 import importlib
 import os
+import shutil
 
 from .errors import UserError
 
 PROJECT = "tinymind"
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "swanlab": "swanlab", "trackio": "trackio"}
+TENSORBOARD_DIR = "tensorboard"  # in the run folder
 
 
 def tracker_names(value):
@@ -38,6 +39,14 @@ def open_tracker(names, run_dir, run_name, run_id, config, step):
         except ImportError:
             raise UserError(f"--report_to {name}: its package is not installed; pip install {PACKAGES[name]}") from None
     return Trackers([TRACKERS[name](run_dir, run_name, run_id, config, step) for name in names]) if names else None
+
+
+def clear_local_output(run_dir):
+    """A fresh run's start: the TensorBoard events an earlier run left in its folder are removed, as its CSV log is.
+    TensorBoard draws every event file of the folder as one run, so a dead run's steps would show as this run's
+    twice over. wandb, SwanLab and Trackio keep each run under its own id: an earlier run stays a run of its own
+    there (an offline one can still be synced), and this run's curves are its own."""
+    shutil.rmtree(run_dir / TENSORBOARD_DIR, ignore_errors=True)
 
 
 class Trackers:
@@ -63,7 +72,7 @@ class TensorBoard:
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step: events a crashed run logged after the step it resumes from are dropped.
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step + 1 if step else None)
+        self.writer = SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=step + 1 if step else None)
         if not step:
             self.writer.add_text("flags", "\n".join(f"    {key}: {value}" for key, value in sorted(config.items())))
 
