@@ -123,6 +123,17 @@ def test_an_error_on_the_main_process_stops_every_process_with_its_one_line(work
     assert "[rank1]" not in result.stderr and "exitcode: 2" in result.stderr
 
 
+def test_outside_the_process_group_only_torchruns_first_process_speaks(monkeypatch, capsys):
+    # An error every process raises before the group starts, or after it ends, is said once, not once a process.
+    from trainer import distributed
+
+    monkeypatch.setenv("RANK", "1")
+    distributed.say("error: from the second process", err=True)
+    monkeypatch.setenv("RANK", "0")
+    distributed.say("error: from the first process", err=True)
+    assert capsys.readouterr().err == "error: from the first process\n"
+
+
 @pytest.fixture
 def sft_workdir(workdir, sft_trained):
     """An SFT checkpoint to start the post-training stages from, and their data."""

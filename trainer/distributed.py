@@ -56,7 +56,9 @@ def shutdown(finished=True):
 
 
 def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    """This process's rank; torchrun's before the process group starts and after it ends (so an error every
+    process raises is said once)."""
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
 
 
 def world_size() -> int:
