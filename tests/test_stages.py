@@ -537,6 +537,12 @@ def test_fsdp_falls_back_to_adamw_at_adamws_rate_unless_a_rate_is_given(capsys):
     assert pretrain_args("--fsdp", "--learning_rate", "1e-3").learning_rate == 1e-3
 
 
+def test_adamw_asked_of_a_muon_stage_takes_adamws_rate_unless_a_rate_is_given(capsys):
+    assert pretrain_args("--optimizer", "adamw").learning_rate == 5e-4
+    assert "--optimizer adamw: AdamW at lr 0.0005, not this stage's 0.006 (Muon's)" in capsys.readouterr().err
+    assert pretrain_args("--optimizer", "adamw", "--learning_rate", "1e-3").learning_rate == 1e-3
+
+
 def test_a_run_says_its_optimizer_and_rate_first(pretrained):
     assert ("optimizer: Muon on the blocks' matrices, AdamW on the rest, peak lr 0.006, embedding lr 0.1, "
             "1 warmup step, warmup-stable-decay to 0.1 x lr") in (pretrained / "stdout.txt").read_text().splitlines()[:3]

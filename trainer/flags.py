@@ -360,8 +360,15 @@ def validate(args):
             args.learning_rate = ADAMW_LEARNING_RATE
         say(f"note: --fsdp: AdamW at lr {args.learning_rate:g} instead of the default Muon (Muon orthogonalises "
             "whole matrices, which FSDP2 shards)", err=True)
-    for flag, what in (("normuon", "NorMuon normalises"), ("polar_express", "Polar Express orthogonalises")):
-        if getattr(args, flag, False) and args.optimizer != "muon":
+    if (getattr(args, "optimizer", None) == "adamw" and "optimizer" in args.given_flags
+            and "learning_rate" not in args.given_flags and args.learning_rate != ADAMW_LEARNING_RATE):
+        say(f"note: --optimizer adamw: AdamW at lr {ADAMW_LEARNING_RATE:g}, not this stage's {args.learning_rate:g} "
+            "(Muon's); pass --learning_rate to choose", err=True)
+        args.learning_rate = ADAMW_LEARNING_RATE
+    for flag, what in (("normuon", "NorMuon normalises"), ("polar_express", "Polar Express orthogonalises"),
+                       ("muon_momentum", "it sets the momentum of")):
+        if (getattr(args, flag, False) and args.optimizer != "muon"
+                and (flag != "muon_momentum" or flag in args.given_flags)):
             raise UserError(f"--{flag}: {what} Muon's update and this run's optimizer is {args.optimizer}; "
                             "pass --optimizer muon (without --fsdp)")
     if not 0 <= args.dropout < 1:

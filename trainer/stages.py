@@ -108,6 +108,13 @@ def train_stage(stage: Stage, argv=None):
         args.compile = False
     if args.val_data is None and Path(stage.default_val).is_file():
         args.val_data = stage.default_val
+    if "eval_interval" in args.given_flags and not (args.val_data or args.eval_tasks):
+        parser.error("--eval_interval: it says how often to evaluate --val_data or --eval_tasks; give one of them")
+    if "eval_limit" in args.given_flags and not args.eval_tasks:
+        parser.error("--eval_limit: it caps the examples of each --eval_tasks task; add --eval_tasks")
+    if args.fsdp and not distributed.launched_by_torchrun():
+        parser.error("--fsdp: it shards the model across the processes torchrun starts; run under torchrun "
+                     "--nproc_per_node N (one process has nothing to shard)")
     distributed.setup(args)
     try:
         train(stage, args)
