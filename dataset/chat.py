@@ -302,12 +302,15 @@ def parse_reply(text, tools=True, final=True):
         body = text[at + len(CALL[0]):] if at >= 0 else ""
         end = body.find(CALL[1])
         if at < 0 or end < 0:  # no call, or one still open
-            kept = text if final else text[:at] if at >= 0 else text[:len(text) - _partial_tag(text, CALL[0])] if tools else text
-            _text_event(events, "content", _framed(events, kept).rstrip())
+            if final:  # the tail is the reply's own: it frames no call
+                _text_event(events, "content", _framed(events, text))
+            else:  # whitespace at the end may yet frame a call
+                kept = text[:at] if at >= 0 else text[:len(text) - _partial_tag(text, CALL[0])] if tools else text
+                _text_event(events, "content", _framed(events, kept).rstrip())
             break
         call = parse_call(body[:end])
         block = text[at:at + len(CALL[0]) + end + len(CALL[1])]
-        _text_event(events, "content", _framed(events, text[:at]).rstrip() if call else _framed(events, text[:at]) + block)
+        _text_event(events, "content", _framed(events, text[:at]).rstrip() if call else _framed(events, text[:at] + block))
         if call:
             events.append(("tool_call", call))
         text = body[end + len(CALL[1]):]
@@ -315,8 +318,13 @@ def parse_reply(text, tools=True, final=True):
 
 
 def _framed(events, text):
-    """Text that follows thinking or a call loses the newlines that framed them."""
-    return text.lstrip() if events and events[-1][0] != "content" else text
+    """Text that follows thinking or a call loses the whitespace that framed them. Text after a call that had text
+    before it starts on a new line: the two read apart once the call is taken out of the content."""
+    if not events or events[-1][0] == "content":
+        return text
+    text = text.lstrip()
+    after_text = events[-1][0] == "tool_call" and any(kind == "content" for kind, _ in events)
+    return "\n" + text if text and after_text else text
 
 
 def _text_event(events, kind, text):

@@ -169,17 +169,34 @@ def test_without_tools_a_call_is_plain_text():
     assert read_reply(CALL_TEXT, tools=False) == {"reasoning_content": None, "content": CALL_TEXT, "tool_calls": []}
 
 
-def test_streamed_pieces_add_up_to_the_whole_reply():
-    text = f"<think>\nfirst, think\n</think>\n\nThe answer is {CALL_TEXT} then <tool_call>oops</tool_call> done.\n"
+def streamed(text):
+    """The events a ReplyReader gives for `text` decoded one character at a time."""
     reader, events = ReplyReader(), []
     for end in range(1, len(text) + 1):
         events += reader.feed(text[:end])
-    events += reader.finish(text)
+    return events + reader.finish(text)
+
+
+def test_streamed_pieces_add_up_to_the_whole_reply():
+    text = f"<think>\nfirst, think\n</think>\n\nThe answer is {CALL_TEXT} then <tool_call>oops</tool_call> done.\n"
+    events = streamed(text)
     whole = read_reply(text)
     assert "".join(v for k, v in events if k == "reasoning") == whole["reasoning_content"] == "first, think"
     assert "".join(v for k, v in events if k == "content") == whole["content"]
     assert [v["function"] for k, v in events if k == "tool_call"] == [c["function"] for c in whole["tool_calls"]]
     assert not any("<think" in v or "</think" in v for k, v in events if k != "tool_call")
+
+
+@pytest.mark.parametrize("text, content", [
+    ("Hello\n", "Hello\n"),  # the tail is the reply's own
+    ("<think>\nhm\n</think>\n\nHello  \n", "Hello  \n"),
+    (f"Let me check. \n{CALL_TEXT}\n", "Let me check."),  # the whitespace that framed a call is not
+    # text on both sides of a MiniMind-style inline call stays apart
+    (f"Let me check.\n{CALL_TEXT}\nI will wait.", "Let me check.\nI will wait."),
+])
+def test_a_reply_keeps_its_own_whitespace_and_texts_around_a_call_stay_apart(text, content):
+    assert read_reply(text)["content"] == "".join(v for k, v in streamed(text) if k == "content") == content
+    assert chat_messages([TOOL_CHAT[1], {"role": "assistant", "content": text}])[0][1]["content"] == content
 
 
 def test_messages_keep_no_keys_the_template_does_not_read():
