@@ -22,13 +22,14 @@ import torch
 from .generate import Decoder, Sampling, next_tokens
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself, not its fields: two alike requests are two (the queue removes by it)
 class Request:
     prompt: list  # token ids
     max_tokens: int
     sampling: Sampling
-    # Called on the engine's thread: emit(token, None) for each new token, then emit(None, finish reason),
-    # the reason being "stop" (end token), "length" (max_tokens or the context), "cancelled" or "error: ...".
+    # Called on the engine's thread (or cancel's, for a request cancelled while it waits): emit(token, None) for
+    # each new token, then emit(None, finish reason), the reason being "stop" (end token), "length" (max_tokens
+    # or the context), "cancelled" or "error: ...".
     emit: Callable
     seed: int | None = None
     ignore_eos: bool = False  # decode exactly max_tokens
@@ -50,6 +51,8 @@ class Engine:
         """`context`: the longest prompt + completion a request may have (each slot's cache holds that many).
         `graphs`: decode through the compiled fixed-shape step (a CUDA graph on CUDA; default: on CUDA only, as
         on a CPU it measured slower than the eager decoder: scripts/gpu_check.py's engine rows)."""
+        if max_batch < 1:  # no slot would ever free: requests would wait forever while the thread spins
+            raise ValueError(f"max_batch {max_batch}: an engine needs at least 1 slot")
         self.model, self.eos = model.eval(), eos_token_id
         self.max_len = min(context, model.config.max_position_embeddings)
         self.slots = max_batch
@@ -77,9 +80,13 @@ class Engine:
         return True
 
     def cancel(self, request):
-        """Stop `request` before its next step (a client that went away, a stop string)."""
+        """Stop `request` before its next step (a client that went away, a stop string); one still waiting leaves
+        the queue at once, its place free for the next."""
         request.cancelled = True
         with self.condition:
+            if request in self.waiting:
+                self.waiting.remove(request)
+                request.emit(None, "cancelled")
             self.condition.notify()
 
     def close(self):
@@ -124,7 +131,7 @@ class Engine:
         try:
             work(slot, request)
         except Exception as err:  # one bad request must not stop the engine
-            self._finish(slot, f"error: {type(err).__name__}: {err}")
+            self._finish(slot, failure(err))
 
     def _prefill(self, slot, request):
         state = _Running(request, None, len(request.prompt))
@@ -151,16 +158,15 @@ class Engine:
             logits = self._decode(slots, tokens, positions)
         except Exception as err:
             for slot in slots:
-                self._finish(slot, f"error: {type(err).__name__}: {err}")
+                self._finish(slot, failure(err))
             return
         states = [self.running[slot] for slot in slots]
-        try:
-            tokens = self._sample(logits, states)
-        except Exception as err:
-            for slot in slots:
-                self._finish(slot, f"error: {type(err).__name__}: {err}")
-            return
-        for slot, state, token, value in zip(slots, states, tokens, tokens.view(-1).tolist()):  # one transfer
+        tokens, errors = self._sample(logits, states)
+        values = tokens.view(-1).tolist()  # one transfer
+        for slot, state, token, value, error in zip(slots, states, tokens, values, errors):
+            if error is not None:
+                self._finish(slot, failure(error))
+                continue
             self._guarded(slot, state.request,
                           lambda slot, request, state=state, token=token, value=value: self._advance(
                               slot, state, token[None], value))
@@ -182,24 +188,39 @@ class Engine:
             return self.decoder.decode(slots, tokens, positions)
         return logits[index]
 
-    @staticmethod
-    def _sample(logits, states):
-        """[rows, 1] next tokens for a step's rows, each by its request's sampling: the rows that share their
-        settings (and no seeded generator of their own) in one call, their `seen` ids padded with a repeat of
-        their own last id (which the repetition penalty treats the same)."""
+    @classmethod
+    def _sample(cls, logits, states):
+        """([rows, 1] next tokens for a step's rows, each by its request's sampling, and for each row the error
+        its sampling raised or None): the rows that share their settings (and no seeded generator of their own)
+        in one call. A call that fails is made again row by row, so that one request's failure (a NaN in its
+        logits) ends that request alone."""
         tokens = torch.empty(len(states), 1, dtype=torch.long, device=logits.device)
+        errors = [None] * len(states)
         groups = {}
         for row, state in enumerate(states):
             key = (astuple(state.request.sampling), id(state.generator) if state.generator is not None else None)
             groups.setdefault(key, []).append(row)
-        for rows in groups.values():
-            seen = [states[row].seen[0] for row in rows]
-            width = max(len(ids) for ids in seen)
-            padded = torch.stack([torch.cat([ids, ids[-1:].expand(width - len(ids))]) for ids in seen])
-            first = states[rows[0]]
-            index = torch.tensor(rows, device=logits.device)
-            tokens[index] = next_tokens(logits[index], padded, first.request.sampling, first.generator)
-        return tokens
+        calls = list(groups.values())
+        for rows in calls:  # the list grows by the rows of a call that failed, each alone
+            try:
+                cls._sample_rows(logits, states, rows, tokens)
+            except Exception as err:
+                if len(rows) == 1:
+                    errors[rows[0]] = err
+                else:
+                    calls += [[row] for row in rows]
+        return tokens, errors
+
+    @staticmethod
+    def _sample_rows(logits, states, rows, tokens):
+        """Sample rows `rows` (of one sampling) into `tokens` in one call, their `seen` ids padded with a repeat
+        of their own last id (which the repetition penalty treats the same)."""
+        seen = [states[row].seen[0] for row in rows]
+        width = max(len(ids) for ids in seen)
+        padded = torch.stack([torch.cat([ids, ids[-1:].expand(width - len(ids))]) for ids in seen])
+        first = states[rows[0]]
+        index = torch.tensor(rows, device=logits.device)
+        tokens[index] = next_tokens(logits[index], padded, first.request.sampling, first.generator)
 
     def _advance(self, slot, state, token, value):
         """Hand over the request's next token (`token` [1, 1], `value` its id) and finish the request if it is
@@ -221,3 +242,8 @@ class Engine:
         with self.condition:
             heapq.heappush(self.free, slot)
         state.request.emit(None, reason)
+
+
+def failure(err):
+    """The finish reason of a request that `err` ended."""
+    return f"error: {type(err).__name__}: {err}"

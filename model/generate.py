@@ -18,10 +18,14 @@ import torch.nn.functional as F
 from .model import MoEFeedForward, attend, gated, rms_norm, softcap
 
 
+# Dividing logits by a tinier temperature overflows them to inf, and softmax makes that NaN (vLLM draws the line here).
+GREEDY_BELOW = 1e-5
+
+
 @dataclass
 class Sampling:
     """How the next token is chosen, in Hugging Face `generate`'s order: repetition penalty, temperature,
-    top-k, top-p. `temperature=0` is greedy (the penalty still applies)."""
+    top-k, top-p. A temperature below `GREEDY_BELOW` is greedy (the penalty still applies)."""
 
     temperature: float = 0.0
     top_k: int = 0  # 0: no top-k cut
@@ -36,7 +40,7 @@ def next_tokens(logits, seen, sampling, generator=None):
         penalised = torch.where(previous < 0, previous * sampling.repetition_penalty,
                                 previous / sampling.repetition_penalty)
         logits = logits.scatter(1, seen, penalised)
-    if sampling.temperature <= 0:
+    if sampling.temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits / sampling.temperature
     if sampling.top_k:

@@ -5,12 +5,13 @@
 
 Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET / (chat page), and for
 the page's tools (--tools) GET /v1/tinymind/tools and POST /v1/tinymind/tools/call.
-Requests take max_tokens (or max_completion_tokens), temperature, top_p, stop, seed, stream, and
-tinymind's top_k, repetition_penalty and ignore_eos. Chats may carry tools, tool_choice (auto, none, required or a
-named function), assistant tool_calls and role "tool" results, and chat_template_kwargs {"enable_thinking": false};
-replies give the thinking as reasoning_content and the calls as tool_calls (finish_reason "tool_calls"), streamed as
-OpenAI streams them; a call the model writes malformed comes back as text. Every active request decodes in one batch (model/engine.py);
-a bad request gets a 4xx in OpenAI's error format and the others go on.
+Requests take max_tokens (or max_completion_tokens), temperature, top_p, stop, seed, stream, and tinymind's top_k,
+repetition_penalty and ignore_eos. A message's content is text or a list of text parts. Chats may carry tools,
+tool_choice (auto, none, required or a named function), assistant tool_calls and role "tool" results, and
+chat_template_kwargs {"enable_thinking": false}; replies give the thinking as reasoning_content and the calls as
+tool_calls (finish_reason "tool_calls"), streamed as OpenAI streams them; a call the model writes malformed comes back
+as text. Every active request decodes in one batch (model/engine.py); a bad request gets a 4xx in OpenAI's error
+format and the others go on.
 """
 
 import asyncio
@@ -28,7 +29,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dataset.chat import THINKING_PREFIX, ReplyReader, chat_messages, chat_problem, read_reply, render_chat
@@ -37,7 +38,7 @@ from model.engine import Engine
 from model.engine import Request as EngineRequest
 from trainer import run_cli
 from trainer.distributed import say
-from trainer.flags import add_model_flags, new_parser, parse
+from trainer.flags import add_model_flags, check_ranges, new_parser, parse
 from trainer.loading import add_checkpoint_flags, load_checkpoint_flags
 from trainer.tools import load_tools
 
@@ -69,6 +70,18 @@ class Message(BaseModel):
     tool_call_id: str | None = None
     name: str | None = None
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def text_of_parts(cls, content):
+        """OpenAI's content parts [{"type": "text", "text": ...}, ...] as one text, joined by newlines as vLLM
+        joins them: the model reads text alone."""
+        if not isinstance(content, list):
+            return content
+        if not all(isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+                   for part in content):
+            raise ValueError('only text parts are supported: [{"type": "text", "text": "..."}]')
+        return "\n".join(part["text"] for part in content)
+
 
 class Sampled(BaseModel):
     """The fields both endpoints share, with the bounds a request must keep."""
@@ -79,7 +92,7 @@ class Sampled(BaseModel):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)
-    repetition_penalty: float = Field(1.0, gt=0, le=10)
+    repetition_penalty: float = Field(1.0, ge=0.01, le=10)  # a tinier one overflows the logits it divides
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
     stream: bool = False
@@ -135,7 +148,8 @@ class ChatRequest(Sampled):
         if self.tool_choice == "required":
             return '<tool_call>\n{"name": "'
         if isinstance(self.tool_choice, dict):
-            return f'<tool_call>\n{{"name": "{self.tool_choice["function"]["name"]}", "arguments": '
+            name = json.dumps(self.tool_choice["function"]["name"], ensure_ascii=False)  # a quote in it stays JSON
+            return f'<tool_call>\n{{"name": {name}, "arguments": '
         return ""
 
 
@@ -181,6 +195,10 @@ def create_app(model, tokenizer, model_name, max_batch=8, max_queue=16, context=
         return error_response(err.status_code, str(err.detail), "not_found_error" if err.status_code == 404 else
                               "invalid_request_error")
 
+    @app.exception_handler(Exception)
+    async def server_error(request, err):  # a bug of ours: the client still gets OpenAI's format (uvicorn logs it)
+        return error_response(500, f"the server failed on this request ({type(err).__name__})", "server_error")
+
     app.add_middleware(Guard, api_key=api_key)
 
     async def read(request, kind, check_model=True):
@@ -195,6 +213,10 @@ def create_app(model, tokenizer, model_name, max_batch=8, max_queue=16, context=
             raise APIError(400, f"the body is not valid JSON ({type(err).__name__}: {str(err)[:200]})") from None
         if not isinstance(body, dict):
             raise APIError(400, "the body must be a JSON object")
+        where = lone_surrogate(body)
+        if where is not None:
+            raise APIError(400, f"{where}: holds a lone surrogate (an unpaired \\ud800-\\udfff escape), which is "
+                                "not text", param=where)
         try:
             parsed = kind.model_validate(body)
         except ValidationError as err:
@@ -278,7 +300,11 @@ def create_app(model, tokenizer, model_name, max_batch=8, max_queue=16, context=
         request = await read(raw, ChatRequest)
         offered = request.tools if request.tool_choice != "none" else None
         messages, tools = chat_messages([message.model_dump(exclude_none=True) for message in request.messages], offered)
-        prompt = render_chat(tokenizer, messages, tools, add_generation_prompt=True, thinking=request.thinking())
+        try:
+            prompt = render_chat(tokenizer, messages, tools, add_generation_prompt=True, thinking=request.thinking())
+        except (RecursionError, TypeError) as err:  # tools nested past Python's recursion limit, a value it cannot take
+            raise APIError(400, f"messages and tools: the chat template cannot render them ({type(err).__name__}: "
+                                f"{str(err)[:200]})") from None
         prompt_ids = tokenizer(prompt + request.forced(), add_special_tokens=False).input_ids
         return await respond(raw, request, prompt_ids, request.max_completion_tokens or request.max_tokens,
                              ChatReply(model_name, bool(tools), request.reply_prefix()))
@@ -438,6 +464,26 @@ class ChatReply(TextReply):
         return {**self.envelope(), "choices": [{"index": 0, "message": message, "finish_reason": reason}]}
 
 
+def lone_surrogate(body):
+    """Where in a parsed JSON body (a dotted path) a string, value or key, holds a lone surrogate, or None: JSON's
+    "\\ud800" escape parses, but UTF-8 cannot encode it, so the tokenizer or the reply would fail on it."""
+    pending = [("", body)]
+    while pending:  # a loop, not recursion: a body may nest as deep as the JSON parser allows
+        path, value = pending.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                where = f"{path}.{key}" if path else key
+                pending += [(where, key), (where, item)]
+        elif isinstance(value, list):
+            pending += [(f"{path}.{index}", item) for index, item in enumerate(value)]
+        elif isinstance(value, str) and not value.isascii():
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                return path.encode(errors="backslashreplace").decode()  # a key's own surrogate, written out
+    return None
+
+
 def sse(payload):
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
@@ -514,7 +560,9 @@ def parse_args(argv=None):
     group.add_argument("--model_name", help="the model id clients send (default: the checkpoint's file stem)")
     group.add_argument("--tools", help="tools the chat page offers the model and runs here (as 3-eval.py --tools): "
                        "built-in names (calculator) and Python files of functions, comma-separated")
-    return parse(parser, argv)
+    args = parse(parser, argv)
+    check_ranges(args, at_least_one=("max_batch", "context", "max_tokens_cap"), not_negative=("max_queue",))
+    return args
 
 
 def main(argv=None):

@@ -355,10 +355,63 @@ def test_the_engine_samples_a_steps_rows_together_as_each_would_alone():
                                 generator=None if seed is None else torch.Generator().manual_seed(seed))
                 for sampling, ids, seed in zip(settings, seen, seeds)]
 
-    together = Engine._sample(logits, states())
+    together, errors = Engine._sample(logits, states())
     alone = [next_tokens(logits[row:row + 1], state.seen, state.request.sampling, state.generator)
              for row, state in enumerate(states())]
-    assert torch.equal(together, torch.cat(alone))
+    assert torch.equal(together, torch.cat(alone)) and errors == [None] * 5
+
+
+def test_a_temperature_too_small_to_divide_by_is_greedy():
+    torch.manual_seed(0)
+    logits, seen = torch.randn(3, 97) * 3, torch.randint(0, 97, (3, 4))
+    for temperature in (1e-40, 3.4e-38):  # logits / temperature overflow to inf, and softmax makes NaN of them
+        assert torch.equal(next_tokens(logits, seen, Sampling(temperature=temperature)), logits.argmax(-1, keepdim=True))
+
+
+def test_a_request_whose_sampling_fails_ends_alone_while_its_batch_goes_on(monkeypatch):
+    import model.engine
+    from model.engine import Engine, Request
+
+    def failing(logits, seen, sampling, generator=None):  # B's (prompt [7]) rows, padded to 3 ids or more, fail
+        if bool((seen[:, 0] == 7).any()) and seen.size(1) >= 3:
+            raise RuntimeError("probability tensor contains nan (simulated)")
+        return next_tokens(logits, seen, sampling, generator)
+
+    monkeypatch.setattr(model.engine, "next_tokens", failing)
+    engine = Engine(make_model(use_moe=False), eos_token_id=None, max_batch=2, context=64)
+    tokens, ends, done = {"A": [], "B": []}, {}, threading.Event()
+
+    def emitter(name):
+        def emit(token, reason):
+            tokens[name].append(token) if reason is None else ends.setdefault(name, reason)
+            if len(ends) == 2:
+                done.set()
+        return emit
+    with engine.condition:  # admitted together: one sampling, so one call samples both rows
+        assert engine.submit(Request([5, 9], 8, Sampling(), emitter("A"), ignore_eos=True))
+        assert engine.submit(Request([7], 8, Sampling(), emitter("B"), ignore_eos=True))
+    assert done.wait(60)
+    engine.close()
+    assert ends == {"A": "length", "B": "error: RuntimeError: probability tensor contains nan (simulated)"}
+    assert (len(tokens["A"]), len(tokens["B"])) == (8, 2)
+
+
+def test_a_request_cancelled_while_it_waits_leaves_the_queue_at_once():
+    from model.engine import Engine, Request
+
+    engine = Engine(make_model(use_moe=False), eos_token_id=None, max_batch=1, max_queue=1, context=4096)
+    ends, started = [], threading.Event()
+
+    def emit(token, reason):
+        started.set() if reason is None else ends.append(reason)
+    assert engine.submit(Request([5, 9], 10**6, Sampling(), emit, ignore_eos=True))  # holds the one slot
+    assert started.wait(60)
+    waiting = Request([7], 4, Sampling(), emit)
+    assert engine.submit(waiting)
+    engine.cancel(waiting)  # its client gave up
+    assert ends == ["cancelled"]  # told at once, though no slot has freed
+    assert engine.submit(Request([7], 4, Sampling(), emit))  # and its place in the queue is free for another
+    engine.close()
 
 
 @pytest.mark.parametrize("use_moe, graphed, bf16", [(False, False, False), (True, False, False), (False, True, False),

@@ -12,7 +12,11 @@ import pytest
 import torch
 
 from dataset import load_tokenizer
+from dataset.chat import read_reply
 from model import TinyMindForCausalLM, fast_generate, save_weights
+from model.engine import Engine
+from scripts.serve import ChatRequest, parse_args
+from trainer.errors import UserError
 
 from conftest import MODEL, Server, greedy, run_stage, tiny_config
 
@@ -90,6 +94,9 @@ def test_raw_completions_and_models_and_health(server):
     assert httpx2.get(f"{server.url}/health").json()["status"] == "ok"
 
 
+NESTED = {"type": "object"}
+for _ in range(400):  # past Python's recursion limit in the template's rendering
+    NESTED = {"type": "object", "properties": {"a": NESTED}}
 BAD = [
     (b"{not json", 400, "not valid JSON"),
     (json.dumps({"model": "tiny"}).encode(), 400, "messages"),
@@ -113,6 +120,17 @@ BAD = [
         {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
             "name": "calculator", "arguments": "[" * 100_000}}]},
         {"role": "tool", "content": "1"}]}).encode(), 400, "arguments"),
+    (json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "repetition_penalty": 1e-40}).encode(),
+     400, "repetition_penalty"),  # it would divide the logits past float's range
+    # lone surrogates: JSON spells them, UTF-8 cannot
+    (json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi \ud800"}]}).encode(), 400,
+     "messages.0.content: holds a lone surrogate"),
+    (json.dumps({"model": "x\ud800", "messages": [{"role": "user", "content": "hi"}]}).encode(), 400, "model: holds"),
+    (json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": NESTED}}]}).encode(), 400, "chat template"),
+    (json.dumps({"model": "tiny", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}]}).encode(), 400,
+     "only text parts are supported"),
 ]
 
 
@@ -235,3 +253,49 @@ def test_a_model_failing_mid_stream_ends_the_stream_with_an_error_event(checkpoi
         assert greedy(running.client(), "hi").choices[0].finish_reason in ("stop", "length")  # still serving
     finally:
         running.stop()
+
+
+def test_a_tiny_temperature_decodes_greedily_and_text_parts_read_as_their_text(server):
+    client = server.client()
+    tiny = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Tell me a story."}],
+                                          max_tokens=16, temperature=1e-40)  # a 500 when logits / it overflowed
+    assert tiny.choices[0].message.content == greedy(client, "Tell me a story.").choices[0].message.content
+    parts = [{"type": "text", "text": "Tell me"}, {"type": "text", "text": "a story."}]
+    assert greedy(client, parts).choices[0].message.content == greedy(client, "Tell me\na story.").choices[0].message.content
+
+
+def test_a_completion_prompt_with_a_lone_surrogate_is_a_400_naming_it(server):
+    response = httpx2.post(f"{server.url}/v1/completions", content=b'{"model": "tiny", "prompt": "hi \\udc00"}',
+                           headers={"Content-Type": "application/json"}, timeout=30)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
+
+
+def test_a_server_bug_is_a_json_500_and_the_server_goes_on(server, monkeypatch):
+    import scripts.serve
+
+    def broken(*args):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(scripts.serve, "chat_messages", broken)
+    response = httpx2.post(f"{server.url}/v1/chat/completions", timeout=30,
+                           json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert response.status_code == 500 and response.json()["error"]["type"] == "server_error"
+    monkeypatch.undo()
+    assert greedy(server.client(), "hi", 2).choices[0].message.content is not None
+
+
+def test_a_named_tool_choice_opens_the_call_as_json_whatever_the_name():
+    name = 'say "hi"'
+    request = ChatRequest.model_validate({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                                          "tools": [{"type": "function", "function": {"name": name}}],
+                                          "tool_choice": {"type": "function", "function": {"name": name}}})
+    reply = read_reply('{"x": 1}}\n</tool_call>', prefix=request.reply_prefix())
+    assert [call["function"] for call in reply["tool_calls"]] == [{"name": name, "arguments": '{"x": 1}'}]
+
+
+@pytest.mark.parametrize("flag", ["--max_batch", "--context", "--max_tokens_cap"])
+def test_a_size_below_one_is_refused_at_startup(flag):
+    with pytest.raises(UserError, match=f"^{flag} 0: must be at least 1$"):
+        parse_args([flag, "0"])
+    with pytest.raises(ValueError, match="at least 1 slot"):  # an engine of no slots would spin, its requests waiting
+        Engine(TinyMindForCausalLM(tiny_config()), None, max_batch=0)
