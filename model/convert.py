@@ -32,7 +32,8 @@ A model with `qk_norm` (a learned RMSNorm on every query and key head before the
 MiniMind-3 and Qwen3) is a Qwen3 or Qwen3-MoE. Without `qk_norm` no Qwen3 can stand in for a
 tinymind model (the norm divides each head by its own RMS, which no weights undo), and a MoE with
 `qk_norm` and shared experts has no stock architecture. YaRN rotary scaling (`rope_scaling`) is
-written as the config's `rope_parameters` and read back from them.
+written as the config's `rope_parameters` and read back from them, and written again as transformers 4's
+`rope_scaling` for the tools pinned to it.
 
 The MoE heads are written untied (`lm_head` a copy of the embedding) because llama.cpp's
 qwen2moe loader requires an output tensor and not every runtime ties Mixtral's.
@@ -48,6 +49,7 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import snapshot_download
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, MixtralConfig, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig
 
@@ -136,7 +138,18 @@ def export_hf(model: TinyMindForCausalLM, out_dir, dtype=None) -> str:
     hf_model = AutoModelForCausalLM.from_config(hf_config)
     hf_model.load_state_dict(hf_state, strict=True)
     hf_model.to(dtype or model.dtype).save_pretrained(out_dir)
+    if config.rope_scaling is not None:
+        add_transformers4_rope_scaling(Path(out_dir) / "config.json")
     return type(hf_model).__name__
+
+
+def add_transformers4_rope_scaling(config_file):
+    """transformers 5 writes YaRN only as `rope_parameters`; version 4, and tools pinned to it, read only
+    `rope_scaling` and would run plain RoPE without it. Version 5 reads `rope_scaling` first, taking the top-level
+    `rope_theta` into it: the same rotary either way."""
+    written = json.loads(config_file.read_text())
+    written["rope_scaling"] = {key: value for key, value in written["rope_parameters"].items() if key != "rope_theta"}
+    config_file.write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
 
 
 def common_hf_fields(config: TinyMindConfig) -> dict:
@@ -245,7 +258,8 @@ def expert_weights(state, prefix):
 
 
 def load_hf(path_or_repo) -> TinyMindForCausalLM:
-    """A tinymind model from a Hugging Face directory or `owner/name` repo id (see SUPPORTED)."""
+    """A tinymind model from a Hugging Face directory or `owner/name` repo id (see SUPPORTED), in float32 whatever
+    the files hold; `weights_dtype` keeps the dtype its config.json declares, which an export writes back."""
     path = local_directory(path_or_repo)
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -264,15 +278,26 @@ def load_hf(path_or_repo) -> TinyMindForCausalLM:
     config, state = IMPORTERS[model_type](hf_model.state_dict(), hf_config, path)
     model = TinyMindForCausalLM(config)
     model.load_state_dict(state, strict=True)
+    model.weights_dtype = hf_config.dtype or torch.float32
     return model
 
 
 def names_hf_model(path_or_repo) -> bool:
-    """A directory, or an `owner/name` Hub repo id (which may hold dots, as `Qwen/Qwen2.5-0.5B` does)."""
+    """A directory, or an `owner/name` Hub repo id (which may hold dots, as `Qwen/Qwen2.5-0.5B` does, but not
+    spaces or a leading `./`)."""
     path = Path(path_or_repo)
     if path.is_dir():
         return True
-    return not path.exists() and path.suffix not in WEIGHT_SUFFIXES and str(path_or_repo).count("/") == 1
+    return (not path.exists() and path.suffix not in WEIGHT_SUFFIXES and str(path_or_repo).count("/") == 1
+            and is_repo_id(str(path_or_repo)))
+
+
+def is_repo_id(name) -> bool:
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def local_directory(path_or_repo) -> Path:
@@ -281,7 +306,7 @@ def local_directory(path_or_repo) -> Path:
     if path.is_dir():
         return path
     if not names_hf_model(path_or_repo):
-        raise FileNotFoundError(f"{path_or_repo}: no such model directory, nor an owner/name Hub repo id")
+        raise FileNotFoundError(f"{path_or_repo}: no such file or directory, nor an owner/name Hub repo id")
     try:
         # Only configs and safetensors: a repo's pickled .bin files are never fetched.
         return Path(snapshot_download(str(path_or_repo), allow_patterns=["*.json", "*.safetensors"]))
@@ -303,6 +328,7 @@ def load_tinymind_directory(path) -> TinyMindForCausalLM:
     if model.config.tie_word_embeddings:
         state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])  # save_pretrained drops the tied copy
     model.load_state_dict(state, strict=True)
+    model.weights_dtype = model.config.dtype or torch.float32  # as in load_hf
     return model
 
 
@@ -399,8 +425,8 @@ def from_qwen2_moe(hf_state, hf_config, path):
     n_shared = set()
     for i in range(hf_config.num_hidden_layers):
         layer = f"model.layers.{i}."
-        for proj in ATTENTION_BIASES:
-            if hf_state[f"{layer}self_attn.{proj}.bias"].any():
+        for proj in ATTENTION_BIASES:  # absent when the config says qkv_bias false: zero all the same
+            if hf_state.get(f"{layer}self_attn.{proj}.bias", torch.zeros(1)).any():
                 raise UnsupportedArchitecture(f"{path}: layer {i} has a non-zero {proj} bias; tinymind has none")
 
         shared = [hf_state[f"{layer}mlp.shared_expert.{name}.weight"] for name in SWIGLU]

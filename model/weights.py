@@ -25,12 +25,23 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import TinyMindConfig
-from .convert import UnsupportedArchitecture, load_hf, names_hf_model
+from .convert import WEIGHT_SUFFIXES, UnsupportedArchitecture, load_hf, names_hf_model
 from .model import TinyMindForCausalLM
 
 
 class CheckpointError(Exception):
     """A weights file that cannot be read, written or loaded into the model asked for."""
+
+
+# What a write cut short raises (a full disk, a vanished folder): OSError from plain files, SafetensorError from
+# safetensors, RuntimeError from torch.save's zip writer.
+WRITE_FAILURES = (OSError, SafetensorError, RuntimeError)
+
+
+def write_failure(target, err, what) -> CheckpointError:
+    """One line for a failed write, whichever writer failed (an OSError's strerror, else its message)."""
+    reason = getattr(err, "strerror", None) or " ".join(str(err).split()) or type(err).__name__
+    return CheckpointError(f"could not write {target}: {reason}; the previous {what} there is untouched")
 
 
 def atomic_write(path, write):
@@ -42,12 +53,10 @@ def atomic_write(path, write):
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as err:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"could not write {path}: {err.strerror or err}; the previous file there is untouched"
-                              ) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        if isinstance(err, WRITE_FAILURES):
+            raise write_failure(path, err, "file") from None
         raise
 
 
@@ -72,9 +81,8 @@ def atomic_folder(directory, write):
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         put_back()
-        if isinstance(err, OSError):
-            raise CheckpointError(f"could not write {directory}: {err.strerror or err}; the previous folder there is "
-                                  "untouched") from None
+        if isinstance(err, WRITE_FAILURES):
+            raise write_failure(directory, err, "folder") from None
         raise
     shutil.rmtree(old, ignore_errors=True)
 
@@ -162,11 +170,28 @@ def check_zip_checksums(path):
                               "after it was saved); copy or download it again")
 
 
+EMBEDDING, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+
+def with_head(model, state, source) -> dict:
+    """`state` with the head that a tied `.safetensors` leaves out taken from the embedding (whether or not the
+    model ties them). A tied model refuses a head of its own: loading both into the one tensor would silently
+    replace the embedding with the head."""
+    if EMBEDDING not in state:
+        return state
+    if HEAD not in state:
+        return {**state, HEAD: state[EMBEDDING]}
+    if model.config.tie_word_embeddings and not torch.equal(state[HEAD], state[EMBEDDING]):
+        raise CheckpointError(f"{source} has an untied head (its lm_head differs from its embedding) but the model "
+                              "asked for ties them; drop the tie_word_embeddings override (pass "
+                              "--tie_word_embeddings false, also over a preset that ties them)")
+    return state
+
+
 def load_into(model, state, source):
     """Strictly load `state` into `model`, or name the first mismatching keys and the flags that fix them."""
     own = model.state_dict()
-    if model.config.tie_word_embeddings and "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
-        state = {**state, "lm_head.weight": state["model.embed_tokens.weight"]}
+    state = with_head(model, state, source)
     # A model that balances its experts by a routing bias starts from weights without one at a bias of zero.
     state = {**{key: torch.zeros_like(own[key]) for key in own if key.endswith(".expert_bias")}, **state}
     missing = [key for key in own if key not in state]
@@ -199,7 +224,8 @@ def load_model(path, overrides=None, shape: TinyMindConfig | None = None) -> Tin
 
     Its config is the one written beside the weights (for a bare `.pth`: `shape`, else an error), with
     `overrides` (config field → value: a YaRN stretch at inference, a MoE routing switch) applied over it;
-    the weights must still fit the result.
+    the weights must still fit the result. The model is float32 whatever the weights were stored in; that
+    dtype is kept as `model.weights_dtype` (an export writes it back by default).
     """
     path = Path(path)
     if names_hf_model(path):
@@ -207,24 +233,44 @@ def load_model(path, overrides=None, shape: TinyMindConfig | None = None) -> Tin
             loaded = load_hf(str(path))
         except UnsupportedArchitecture as err:
             raise CheckpointError(f"{path}: {err}") from None
-        except OSError as err:  # a missing directory, or a repo id that cannot be fetched
+        except OSError as err:  # a repo id that cannot be fetched
             raise CheckpointError(f"{path}: cannot load it ({' '.join(str(err).split())})") from None
-        config, state = with_overrides(loaded.config, overrides, path), None
+        config = with_overrides(loaded.config, overrides, path)
         if config.to_dict() == loaded.config.to_dict():
             return loaded
-        state = loaded.state_dict()
+        state, stored_dtype = loaded.state_dict(), loaded.weights_dtype
     else:
-        if config_path(path).is_file():
-            config = TinyMindConfig.from_json_file(config_path(path))
-        elif shape is not None:
-            config = shape
-        else:
-            raise CheckpointError(f"{path}: no {config_path(path).name} beside it; give the model shape with flags "
-                                  "or --config")
-        config, state = with_overrides(config, overrides, path), read_state_dict(path)
+        state = read_state_dict(existing(path))
+        config, stored_dtype = with_overrides(file_config(path, shape), overrides, path), first_dtype(state)
     model = TinyMindForCausalLM(config)
     load_into(model, state, path)
+    model.weights_dtype = stored_dtype
     return model
+
+
+def existing(path) -> Path:
+    """`path` if something is there, else the error saying so; a name without a weights suffix may have been meant
+    as a Hub repo id, but names_hf_model found it none."""
+    if path.exists():
+        return path
+    if path.suffix in WEIGHT_SUFFIXES:
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    raise CheckpointError(f"{path}: no such file or directory, nor an owner/name Hub repo id")
+
+
+def file_config(path, shape) -> TinyMindConfig:
+    """The config written beside the weights file `path`, else `shape` (the model flags or --config)."""
+    if config_path(path).is_file():
+        return TinyMindConfig.from_json_file(config_path(path))
+    if shape is None:
+        raise CheckpointError(f"{path}: no {config_path(path).name} beside it; give the model shape with flags "
+                              "or --config")
+    return shape
+
+
+def first_dtype(state) -> torch.dtype:
+    """The dtype the weights were stored in: their first floating tensor's (the embedding's)."""
+    return next((value.dtype for value in state.values() if value.is_floating_point()), torch.float32)
 
 
 def with_overrides(config, overrides, source) -> TinyMindConfig:

@@ -26,22 +26,41 @@ from trainer import UserError, load_for_use, run_cli
 from trainer.distributed import say
 
 
+# Written into every export: the one kind of folder with files in it that an export replaces.
+EXPORT_MARKER = ".tinymind_export"
+
+
 def export(args):
     model, tokenizer = load_for_use(args.checkpoint, tokenizer_path=args.tokenizer_path, shape=read_config(args.config))
+    dtype = getattr(torch, args.dtype) if args.dtype else model.weights_dtype
     written = {}
 
     def write(folder):  # into a folder swapped in whole: no mix with an earlier export, nothing half written
-        written["architecture"] = export_hf(model, folder, dtype=getattr(torch, args.dtype) if args.dtype else None)
+        written["architecture"] = export_hf(model, folder, dtype=dtype)
         tokenizer.save_pretrained(folder)
+        (folder / EXPORT_MARKER).write_text(f"exported from {args.checkpoint} by scripts/convert_hf.py, whose next "
+                                            "export here replaces this folder whole\n")
     out = Path(args.out).resolve()
-    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
-        raise UserError(f"--out {args.out}: the folder holds files and no earlier export (no config.json); an export "
-                        "replaces its folder whole, so give a new or empty one")
+    check_out(args.out, out, [Path(args.checkpoint), Path(tokenizer.name_or_path)])
     try:
         atomic_folder(out, write)
     except UnsupportedArchitecture as err:
         raise UserError(f"{args.checkpoint}: {err}") from None
     say(f"wrote {args.out} ({written['architecture']})")
+
+
+def check_out(name, out, sources):
+    """Refuse an --out whose replacement would lose what is not an export's: a file, a folder holding (or inside)
+    the checkpoint or tokenizer being read, or a folder of files that no earlier export wrote."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {name}: a file is there and an export writes a folder; give a new or empty one")
+    for source in (source.resolve() for source in sources if source.exists()):
+        if out == source or out in source.parents or (source.is_dir() and source in out.parents):
+            raise UserError(f"--out {name}: the export would replace or write into {source}, which it reads; give a "
+                            "folder of its own")
+    if out.is_dir() and any(out.iterdir()) and not (out / EXPORT_MARKER).is_file():
+        raise UserError(f"--out {name}: the folder holds files and no earlier export (no {EXPORT_MARKER}); an export "
+                        "replaces its folder whole, so give a new or empty one")
 
 
 def to_gguf(args):
@@ -86,7 +105,7 @@ def main(argv=None):
     to_hf.add_argument("--tokenizer_path", help="tokenizer directory copied alongside (default: the one saved with "
                                                 "the checkpoint, else model/tokenizer)")
     to_hf.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                       help="weight dtype written (default: the checkpoint's)")
+                       help="weight dtype written (default: the one the checkpoint's weights are stored in)")
     to_hf.set_defaults(run=export)
 
     from_hf = commands.add_parser("import", help="Hugging Face directory or repo id → tinymind .pth")

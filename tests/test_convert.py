@@ -115,6 +115,19 @@ def test_single_expert_routing_with_a_shared_expert_exports_with_the_same_logits
     assert (logits(stock, ids) - logits(model, ids)).abs().max().item() < 1e-4
 
 
+def test_a_yarn_export_also_writes_transformers_4s_rope_scaling_and_transformers_5_computes_the_same(tokens, tmp_path):
+    ids, vocab_size = tokens
+    model = tiny_model(vocab_size, rope_scaling=TinyMindConfig.yarn(4, 8))
+    export_hf(model, tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["rope_scaling"] == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8,
+                                       "beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": 1.0}
+    assert written["rope_parameters"] == {**written["rope_scaling"], "rope_theta": model.config.rope_theta}
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert (logits(stock, ids) - logits(model, ids)).abs().max().item() < 1e-4
+    assert load_hf(tmp_path).config.rope_scaling == model.config.rope_scaling
+
+
 def test_bfloat16_export_writes_bfloat16_weights(tokens, tmp_path):
     ids, vocab_size = tokens
     model = tiny_model(vocab_size, use_moe=True, n_shared_experts=1)
@@ -204,6 +217,23 @@ def test_stock_qwen2_moe_with_a_learned_shared_gate_is_refused(tmp_path):
         load_hf(tmp_path)
 
 
+def test_stock_qwen2_moe_without_qkv_biases_imports_with_the_same_logits(tokens, tmp_path):
+    ids, vocab_size = tokens
+    config = Qwen2MoeConfig(vocab_size=vocab_size, hidden_size=64, moe_intermediate_size=48,
+                            shared_expert_intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, initializer_range=0.1,
+                            qkv_bias=False, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    stock = Qwen2MoeForCausalLM(config).eval()
+    with torch.no_grad():  # the constant gate tinymind's shared experts stand for (see SHARED_GATE_WEIGHT)
+        for layer in stock.model.layers:
+            layer.mlp.shared_expert_gate.weight.fill_(2.0**-64)
+    stock.save_pretrained(tmp_path)
+    model = load_hf(tmp_path).eval()
+    assert (model.config.n_shared_experts, model.config.intermediate_size) == (2, 48)
+    assert (logits(model, ids) - logits(stock, ids)).abs().max().item() < 1e-4
+
+
 def test_cli_unsupported_directory_is_one_line_and_exit_2(tmp_path, capsys):
     GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64).save_pretrained(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
@@ -247,6 +277,44 @@ def test_an_export_replaces_an_earlier_one_whole_and_a_refused_one_leaves_it(tmp
     assert (tmp_path / "notes" / "mine.txt").read_text() == "not an export"
 
 
+def test_an_export_refuses_an_out_that_is_a_file_holds_what_it_reads_or_is_another_models_folder(tmp_path, capsys):
+    checkpoint, model = tmp_path / "run" / "sft_64.pth", tiny_model(6400)
+    checkpoint.parent.mkdir()
+    save_weights(model.state_dict(), model.config, checkpoint)
+    (tmp_path / "precious.pth").write_bytes(b"mine")
+    stock = tmp_path / "my_llama"  # a model folder of the user's own, with its notes
+    LlamaForCausalLM(LlamaConfig(vocab_size=6400, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(stock)
+    (stock / "README.md").write_text("my notes")
+    convert_main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "hf")])
+    before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    for source, out, expected in [
+        (checkpoint, tmp_path / "precious.pth", "a file is there and an export writes a folder"),
+        (checkpoint, tmp_path / "run", f"the export would replace or write into {checkpoint}, which it reads"),
+        (stock, stock, f"the export would replace or write into {stock}, which it reads"),
+        (stock, stock / "hf", f"the export would replace or write into {stock}, which it reads"),
+        (tmp_path / "hf", tmp_path / "hf", f"the export would replace or write into {tmp_path / 'hf'}, which"),
+        (checkpoint, stock, "the folder holds files and no earlier export"),  # a config.json is no export's mark
+    ]:
+        with pytest.raises(SystemExit):
+            convert_main(["export", "--checkpoint", str(source), "--out", str(out)])
+        assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: --out {out}: {expected}")
+    assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before
+
+
+def test_an_export_writes_the_dtype_the_checkpoint_is_stored_in_unless_told(tmp_path):
+    model = tiny_model(6400).to(torch.bfloat16)
+    checkpoint = tmp_path / "sft_64.safetensors"
+    save_weights(model.state_dict(), model.config, checkpoint)
+
+    def exported_dtype(source, out, *flags):
+        convert_main(["export", "--checkpoint", str(source), "--out", str(tmp_path / out), *flags])
+        return AutoModelForCausalLM.from_pretrained(tmp_path / out).dtype
+    assert exported_dtype(checkpoint, "hf") == torch.bfloat16
+    assert exported_dtype(tmp_path / "hf", "again") == torch.bfloat16  # a Hugging Face folder: its config's dtype
+    assert exported_dtype(checkpoint, "hf32", "--dtype", "float32") == torch.float32
+
+
 def test_cli_round_trip(tokens, tmp_path):
     """Export as a user runs it (a subprocess), import in-process: each Python start costs seconds."""
     _, vocab_size = tokens
@@ -279,3 +347,13 @@ def test_hub_repo_ids_are_told_from_weight_files(tmp_path):
     assert not names_hf_model(tmp_path / "w.pth")  # an existing file
     assert not names_hf_model("output/pretrain_512.pth")  # a missing weights file, not a repo
     assert not names_hf_model("a/b/c")
+    assert not names_hf_model("my runs/sft_512") and not names_hf_model("./sft_512")  # no valid repo ids
+
+
+def test_a_missing_path_that_is_no_hub_repo_id_is_one_line(tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match=r"^\./sft_512: no such file or directory, nor an owner/name Hub"):
+        load_hf("./sft_512")
+    with pytest.raises(SystemExit):
+        convert_main(["import", "--model", "my runs/sft_512", "--out", str(tmp_path / "x.pth")])
+    assert capsys.readouterr().err.strip() == ("error: my runs/sft_512: no such file or directory, nor an owner/name "
+                                               "Hub repo id")

@@ -362,6 +362,34 @@ def test_sampling_generation_runs_with_cache():
     assert out.shape == (2, 9)
 
 
+def test_tying_the_head_over_an_untied_checkpoint_is_refused_instead_of_overwriting_the_embedding(tmp_path):
+    from model import CheckpointError, load_model, save_weights
+
+    torch.manual_seed(0)
+    untied = TinyMindForCausalLM(tiny_config(tie_word_embeddings=False))
+    save_weights(untied.state_dict(), untied.config, tmp_path / "untied.pth")
+    with pytest.raises(CheckpointError, match=r"untied.pth has an untied head .*pass --tie_word_embeddings false"):
+        load_model(tmp_path / "untied.pth", overrides={"tie_word_embeddings": True})
+    tied = TinyMindForCausalLM(tiny_config())  # a tied head equal to its embedding still loads under the override
+    save_weights(tied.state_dict(), tied.config, tmp_path / "tied.pth")
+    assert load_model(tmp_path / "tied.pth", overrides={"tie_word_embeddings": True}).config.tie_word_embeddings
+
+
+@pytest.mark.parametrize("suffix", ["pth", "safetensors"])  # a tied .safetensors holds no lm_head at all
+def test_untying_the_head_over_a_tied_checkpoint_starts_it_from_the_embedding(tmp_path, suffix):
+    from model import load_model, save_weights
+
+    torch.manual_seed(0)
+    tied = TinyMindForCausalLM(tiny_config()).eval()
+    save_weights(tied.state_dict(), tied.config, tmp_path / f"tied.{suffix}")
+    untied = load_model(tmp_path / f"tied.{suffix}", overrides={"tie_word_embeddings": False}).eval()
+    assert untied.lm_head.weight is not untied.model.embed_tokens.weight
+    assert torch.equal(untied.lm_head.weight, tied.model.embed_tokens.weight)
+    ids = torch.arange(3, 11)[None]
+    with torch.no_grad():
+        assert torch.equal(untied(ids).logits, tied(ids).logits)
+
+
 def test_save_load_round_trips_bit_exactly(tmp_path):
     torch.manual_seed(0)
     model = TinyMindForCausalLM(moe_config())

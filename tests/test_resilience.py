@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
 import model.weights as weights_io
 import trainer.objectives
@@ -373,6 +374,49 @@ def test_full_disk_during_save_keeps_the_previous_checkpoint(workdir, capsys, mo
                       "the previous file there is untouched"
     assert weights.read_bytes() == before
     assert no_partial_files(workdir / "output")
+
+
+@pytest.mark.parametrize("suffix, writer, failure", [
+    ("safetensors", "save_file", SafetensorError("Error while serializing: I/O error: No space left on device")),
+    ("pth", "torch.save", RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed "
+                                       "writing file data/3: file write failed")),
+], ids=["safetensors", "torch.save"])
+def test_a_full_disk_in_any_writer_is_one_line_keeping_the_previous_file(tmp_path, monkeypatch, suffix, writer,
+                                                                         failure):
+    from model import TinyMindConfig, TinyMindForCausalLM
+
+    config = TinyMindConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=100)
+    weights = tmp_path / f"w.{suffix}"
+    weights_io.save_weights(TinyMindForCausalLM(config).state_dict(), config, weights)
+    before = weights.read_bytes()
+
+    def full_disk(state, path, *args, **kwargs):
+        Path(path).write_bytes(b"partial")
+        raise failure
+    monkeypatch.setattr(weights_io.torch if writer == "torch.save" else weights_io, writer.split(".")[-1], full_disk)
+    with pytest.raises(weights_io.CheckpointError) as error:
+        weights_io.save_weights(TinyMindForCausalLM(config).state_dict(), config, weights)
+    assert str(error.value) == f"could not write {weights}: {failure}; the previous file there is untouched"
+    assert weights.read_bytes() == before and no_partial_files(tmp_path)
+
+    def full_disk_in_folder(folder):
+        folder.mkdir()
+        full_disk(None, folder / "model.safetensors")
+    with pytest.raises(weights_io.CheckpointError, match=f"^could not write {tmp_path / 'folder'}: .*; the previous "
+                                                         "folder there is untouched$"):
+        weights_io.atomic_folder(tmp_path / "folder", full_disk_in_folder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.json", f"w.{suffix}"]
+
+
+@pytest.mark.parametrize("path, expected", [
+    ("absent.pth", "absent.pth: no such checkpoint file"),  # not "no absent.json beside it"
+    ("my runs/sft_512", "my runs/sft_512: no such file or directory, nor an owner/name Hub repo id"),
+    ("./sft_512", "sft_512: no such file or directory, nor an owner/name Hub repo id"),
+])
+def test_a_missing_checkpoint_is_one_line_saying_so(workdir, path, expected):
+    with pytest.raises(weights_io.CheckpointError) as error:
+        weights_io.load_model(path)
+    assert str(error.value) == expected
 
 
 def test_a_folder_left_by_a_crash_between_the_swaps_comes_back_and_a_failed_save_keeps_it(tmp_path):
