@@ -20,6 +20,7 @@ from .model import MoEFeedForward, attend, gated, rms_norm, softcap
 
 # Dividing logits by a tinier temperature overflows them to inf, and softmax makes that NaN (vLLM draws the line here).
 GREEDY_BELOW = 1e-5
+LEAST_REPETITION_PENALTY = 0.01  # a tinier penalty overflows the logits it divides
 
 
 @dataclass

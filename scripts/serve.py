@@ -36,6 +36,7 @@ from dataset.chat import THINKING_PREFIX, ReplyReader, chat_messages, chat_probl
 from model import Sampling
 from model.engine import Engine
 from model.engine import Request as EngineRequest
+from model.generate import LEAST_REPETITION_PENALTY
 from trainer import run_cli
 from trainer.distributed import say
 from trainer.flags import add_model_flags, check_ranges, new_parser, parse
@@ -92,7 +93,7 @@ class Sampled(BaseModel):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)
-    repetition_penalty: float = Field(1.0, ge=0.01, le=10)  # a tinier one overflows the logits it divides
+    repetition_penalty: float = Field(1.0, ge=LEAST_REPETITION_PENALTY, le=10)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
     stream: bool = False

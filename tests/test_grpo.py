@@ -200,6 +200,15 @@ def agent_args(**overrides):
                         "tools": "calculator", "max_tool_calls": 2, "max_seq_len": 1024, **overrides})
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1e-6])
+def test_a_temperature_that_decodes_greedily_is_refused(tokenizer, temperature):
+    from trainer.errors import UserError
+    from trainer.grpo import GroupRelativePolicy
+
+    with pytest.raises(UserError, match=f"--temperature {temperature}: GRPO compares different completions"):
+        GroupRelativePolicy(None, tokenizer, agent_args(temperature=temperature), "start")
+
+
 def test_a_rollout_runs_the_call_and_trains_only_the_models_own_tokens(tool_caller, tokenizer):
     from conftest import QUESTION
 

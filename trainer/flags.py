@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from model import TinyMindConfig
+from model.generate import LEAST_REPETITION_PENALTY
 
 from .distributed import say
 from .tracking import tracker_names
@@ -387,6 +388,9 @@ def validate(args):
             raise UserError(f"--{beta} {getattr(args, beta)}: must lie in [0, 1)")
     if args.yarn_factor < 1:
         raise UserError(f"--yarn_factor {args.yarn_factor}: must be at least 1 (1 is off)")
+    if getattr(args, "repetition_penalty", 1.0) < LEAST_REPETITION_PENALTY:
+        raise UserError(f"--repetition_penalty {args.repetition_penalty}: must be at least "
+                        f"{LEAST_REPETITION_PENALTY:g} (1 is off)")
     if getattr(args, "top_p", 1.0) is not None and not 0 < getattr(args, "top_p", 1.0) <= 1:
         raise UserError(f"--top_p {args.top_p}: must lie in (0, 1]")
     if args.device.startswith("cuda") and not torch.cuda.is_available():

@@ -39,6 +39,7 @@ from dataset.chat import read_reply, render_chat
 from dataset.jsonl import line_number
 from dataset.rewards import REWARDS
 from model import Sampling, stream_tokens
+from model.generate import GREEDY_BELOW
 
 from . import distributed
 from .errors import UserError
@@ -150,9 +151,9 @@ class GroupRelativePolicy(Objective):
                             "with DDP (drop --fsdp)")
         if args.num_generations < 2:
             raise UserError(f"--num_generations {args.num_generations}: a group needs at least 2 completions to compare")
-        if args.temperature <= 0:
+        if args.temperature < GREEDY_BELOW:
             raise UserError(f"--temperature {args.temperature}: GRPO compares different completions of one prompt; "
-                            "greedy decoding makes them all alike (use a temperature above 0)")
+                            f"greedy decoding (any temperature below {GREEDY_BELOW:g}) makes them all alike")
         self.reference, self.tokenizer, self.data_path, self.start = reference, tokenizer, args.data_path, str(start)
         # A user's function scores every line; else a line's own "reward", else --reward.
         self.custom_reward = load_reward_fn(args.reward_fn) if args.reward_fn else None
