@@ -501,6 +501,17 @@ def test_resume_from_a_middle_state_ends_bit_identical(workdir, capsys, recipe):
     assert all(torch.equal(a[key], b[key]) for key in a)
 
 
+@pytest.mark.parametrize("flags, words", [
+    (["--eval_interval", "5", "--val_data", ""], "error: --eval_interval: it says how often to evaluate --val_data"),
+    (["--eval_limit", "5"], "error: --eval_limit: it caps the examples of each --eval_tasks task"),
+    (["--optimizer", "adamw", "--fsdp"], "error: --fsdp: it shards the model across the processes torchrun starts"),
+    (["--optimizer", "adamw", "--muon_momentum", "0.9"], "error: --muon_momentum: it sets the momentum of Muon's"),
+])
+def test_a_flag_that_would_do_nothing_is_refused_in_one_line(workdir, capsys, flags, words):
+    code, err = run_in_process(capsys, "--max_steps", 1, *flags)
+    assert code == 2 and err[-1].startswith(words), err
+
+
 def test_muon_under_fsdp_is_refused_in_one_line(workdir, capsys):
     code, err = run_in_process(capsys, "--optimizer", "muon", "--fsdp")
     assert code == 2 and err[-1].startswith("error: --optimizer muon with --fsdp: Muon orthogonalises whole matrices")
