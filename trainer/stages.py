@@ -34,12 +34,14 @@ def run_cli(main):
         raise SystemExit(2) from None
 
 
-# 1-pretrain.py's recipe, the one scripts/bench_learning.py measured best (its `default`, and `best`): Muon on the
-# blocks' matrices at lr 6e-3 with warmup-stable-decay, rows packed best-fit with whole documents and attention
-# across them, an untied head, and the embedding at lr 0.1 (for a tied embedding, which is also the head, the
-# embedding's rate is --learning_rate unless --embedding_lr is given).
+# 1-pretrain.py's recipe, the one scripts/bench_learning.py measured best (its `default`): Muon on the blocks'
+# matrices at lr 6e-3 with warmup-stable-decay, rows packed best-fit with whole documents and attention across them,
+# an untied head, and the bigram warm start (trainer/bigram.py): the embedding, final norm and head fitted to the
+# data's bigram counts first, then trained on at rates far below the matrices' (0.003 and 1e-3), which keep what the
+# warm start found (for a tied embedding, which is also the head, the run's rate unless --embedding_lr is given).
 PRETRAIN_DEFAULTS = {"optimizer": "muon", "learning_rate": 6e-3, "schedule": "wsd", "pack": "shared",
-                     "pack_fit": "best", "tie_word_embeddings": False, "embedding_lr": 0.1}
+                     "pack_fit": "best", "tie_word_embeddings": False, "bigram_steps": 40, "embedding_lr": 0.003,
+                     "head_lr": 1e-3}
 
 
 def language_modeling(model, args, start, tokenizer):
@@ -140,8 +142,10 @@ def train(stage, args):
         val = stage.dataset(args.val_data, tokenizer, args.max_seq_len) if args.val_data else None
     for note in dataset.notes() + (val.notes() if val else []):
         say(note, err=True)
-    if built.config.tie_word_embeddings and "embedding_lr" not in args.given_flags:
-        args.embedding_lr = None  # a stage's embedding rate is for an embedding of its own, not one that is the head
+    if built.config.tie_word_embeddings:  # a stage's table rates are for an embedding and a head of their own
+        for flag in ("embedding_lr", "head_lr"):
+            if flag not in args.given_flags:
+                setattr(args, flag, None)
     warm_seconds = warm_start(built, dataset, args.bigram_steps, args.device) if fresh and args.bigram_steps else 0
     model = stage.adapt_model(built, args)
     objective = stage.make_objective(model, args, start, tokenizer)
@@ -206,7 +210,7 @@ def build_model(stage_name, start, args):
     if start is None:
         return new_model(args)
     for flag, shaped in (("zero_init_out", args.zero_init_out), ("init", args.init != "normal"),
-                         ("bigram_steps", args.bigram_steps)):
+                         ("bigram_steps", args.bigram_steps and "bigram_steps" in args.given_flags)):
         if shaped:
             raise UserError(f"--{flag}: it shapes a model from random init, and this one starts from {start}")
     model = load_flagged(start, args)
