@@ -9,6 +9,7 @@ class PretrainDataset(TokenizedJsonlDataset):
     longer than `max_length` ids is stored whole and served as several samples (see TokenizedJsonlDataset)."""
 
     columns = ("text",)
+    windows = True
 
     @staticmethod
     def record_problem(record):

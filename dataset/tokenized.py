@@ -38,6 +38,7 @@ class TokenizedJsonlDataset(torch.utils.data.Dataset):
     features = ENCODED_FEATURES  # what `encode` returns per record, as stored in Arrow
     optional = ()  # columns a file may leave out (they read as null)
     nested = False  # the columns hold JSON whose shape varies by line (see `load_jsonl`)
+    windows = False  # a stored row longer than max_length is several samples (pretraining's long documents)
 
     @staticmethod
     def record_problem(record):
@@ -89,10 +90,13 @@ class TokenizedJsonlDataset(torch.utils.data.Dataset):
         # Samples are read straight from the memory-mapped Arrow table (tens of microseconds
         # each, nothing held in RAM), and a Dataset pickles as a file reference for DataLoader workers.
         self.samples = encoded
-        # A stored row longer than max_length (pretraining stores each document whole) is several samples: windows
-        # of max_length ids, each starting on the last id of the one before, so every target is trained once.
+        # With `windows`, a stored row longer than max_length (pretraining stores each document whole) is several
+        # samples: windows of max_length ids, each starting on the last id of the one before, so every target is
+        # trained once.
         rows = np.flatnonzero(has_target)
-        windows = np.maximum(1, -(-(self.stored_lengths[rows] - 1) // (max_length - 1)))
+        windows = np.ones(len(rows), dtype=np.int64)
+        if self.windows:
+            windows = np.maximum(1, -(-(self.stored_lengths[rows] - 1) // (max_length - 1)))
         self.rows = np.repeat(rows, windows)  # each sample's Arrow row
         self.starts = (np.arange(len(self.rows)) - np.repeat(np.cumsum(windows) - windows, windows)) * (max_length - 1)
         self.split = int((windows > 1).sum())
@@ -123,7 +127,8 @@ class TokenizedJsonlDataset(torch.utils.data.Dataset):
     @property
     def lengths(self):
         """Tokens in each sample before padding, for batching samples of similar length together."""
-        return np.minimum(self.stored_lengths[self.rows] - self.starts, self.max_length)
+        lengths = self.stored_lengths[self.rows] - self.starts
+        return np.minimum(lengths, self.max_length) if self.windows else lengths
 
     def __len__(self):
         return len(self.rows)

@@ -45,7 +45,7 @@ def with_batch(batch_size):
     return flags
 
 
-ADAMW = ["--optimizer", "adamw", "--learning_rate", "5e-4"]
+ADAMW = ["--optimizer", "adamw", "--learning_rate", "5e-4", "--bigram_steps", "0"]  # the default recipe: below
 
 
 @pytest.fixture(scope="session")
@@ -100,7 +100,7 @@ def test_two_process_checkpoint_resumes_in_one_process(workdir):
 def test_fsdp_trains_and_saves_a_loadable_full_checkpoint(workdir, dtype, request):
     # Two micro-batches a step: the first backward skips the gradients' reduce-scatter.
     result = torchrun(*with_batch(1), "--accumulation_steps", 2, *MOE, *STEPS, "--fsdp", "--dtype", dtype,
-                      "--out_dir", "fsdp", cwd=workdir)
+                      "--bigram_steps", 0, "--out_dir", "fsdp", cwd=workdir)
     assert "AdamW at lr 0.0005 instead of the default Muon" in result.stdout + result.stderr
     weights = workdir / "fsdp/pretrain_moe/pretrain_64_moe.pth"
     model = load_model(weights)

@@ -80,8 +80,8 @@ def test_init_from_a_hugging_face_directory_keeps_what_no_flag_sets(tmp_path):
     torch.manual_seed(0)
     stock = LlamaForCausalLM(config).eval()
     stock.save_pretrained(tmp_path / "llama")
-    run_stage("1-pretrain.py", *TINY, "--max_steps", "1", "--learning_rate", "0", "--embedding_lr", "0", "--init_from",
-              "llama", cwd=tmp_path)
+    run_stage("1-pretrain.py", *TINY, "--max_steps", "1", "--learning_rate", "0", "--embedding_lr", "0", "--head_lr", "0",
+              "--init_from", "llama", cwd=tmp_path)
     trained = load_model(tmp_path / "output/pretrain_dense/pretrain_64.pth").eval()
     c = trained.config
     assert (c.rope_theta, c.rms_norm_eps, c.intermediate_size, c.tie_word_embeddings) == (10000.0, 1e-6, 128, False)
@@ -308,7 +308,7 @@ def test_eval_interval_logs_held_out_bits_per_byte_into_the_csv(tmp_path):
     (tmp_path / "data").mkdir()
     pretrain_file(tmp_path / "data")
     result = run_stage("1-pretrain.py", *TINY, "--max_steps", "6", "--log_interval", "4", "--eval_interval", "3",
-                       "--val_data", "data/pretrain.jsonl", "--pack", "isolated", cwd=tmp_path)
+                       "--val_data", "data/pretrain.jsonl", "--pack", "isolated", "--bigram_steps", "0", cwd=tmp_path)
     with open(tmp_path / "output/pretrain_dense/pretrain_64_log.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(row["step"]) for row in rows] == [0, 3, 4, 6]  # before, every 3 steps, every 4th log, the end
