@@ -47,7 +47,8 @@ class TokenizedJsonlDataset(torch.utils.data.Dataset):
 
     @staticmethod
     def encode(records, tokenizer, max_length):
-        """{"input_ids": [...], "loss_spans": [...]} for a batch of good records, ids at most `max_length` long."""
+        """{"input_ids": [...], "loss_spans": [...]} for a batch of good records, ids at most `max_length` long (with
+        `windows`, any length: the dataset serves a long row as several samples)."""
         raise NotImplementedError
 
     def __init__(self, path, tokenizer, max_length, skip_bad_lines=False):
@@ -135,10 +136,12 @@ class TokenizedJsonlDataset(torch.utils.data.Dataset):
 
     def token_pairs(self, max_tokens=None):
         """(token, next token) for every trained target of the samples, as two int64 arrays: the data's bigrams.
-        With `max_tokens`, only the samples (in file order) that the first `max_tokens` stored ids fall in."""
+        With `max_tokens`, only those of a seeded random choice of documents holding about that many ids (a file
+        grouped by source is sampled from every part of it)."""
         rows = np.unique(self.rows)
-        if max_tokens is not None:
-            rows = rows[: int(np.searchsorted(np.cumsum(self.stored_lengths[rows]), max_tokens)) + 1]
+        if max_tokens is not None and self.stored_lengths[rows].sum() > max_tokens:
+            rows = np.random.default_rng(0).permutation(rows)
+            rows = np.sort(rows[: int(np.searchsorted(np.cumsum(self.stored_lengths[rows]), max_tokens)) + 1])
         table = self.samples.data.table.take(rows)
         ids, spans = (table.column(name).combine_chunks() for name in ("input_ids", "loss_spans"))
         values = ids.flatten().to_numpy().astype(np.int64)
@@ -153,17 +156,19 @@ class TokenizedJsonlDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         """(input_ids, targets, loss_mask), one shorter than the sample's ids; targets[t] follows input_ids[t]."""
-        ids, is_target = self.ids_and_targets(int(self.rows[index]))
-        window = slice(int(self.starts[index]), int(self.starts[index]) + self.max_length)
-        return shifted(ids[window], is_target[window])
+        return shifted(*self.ids_and_targets(int(self.rows[index]), int(self.starts[index]), self.max_length))
 
-    def ids_and_targets(self, row):
-        """The stored ids of Arrow row `row` and a 0/1 tensor marking those inside its loss spans."""
-        ids = torch.from_numpy(self.samples.data.column("input_ids")[row].values.to_numpy().astype(np.int64))
+    def ids_and_targets(self, row, start=0, length=None):
+        """The stored ids of Arrow row `row` (`length` of them from `start`: a window of a long document reads no
+        more of it) and a 0/1 tensor marking those inside its loss spans."""
+        stored = self.samples.data.column("input_ids")[row].values
+        if length is not None:
+            stored = stored.slice(start, length)
+        ids = torch.from_numpy(stored.to_numpy().astype(np.int64))
         spans = self.samples.data.column("loss_spans")[row].values.to_numpy()
         is_target = torch.zeros(len(ids), dtype=torch.long)
-        for start, end in spans.reshape(-1, 2):
-            is_target[start:end] = 1
+        for begin, end in spans.reshape(-1, 2) - start:
+            is_target[max(begin, 0):max(end, 0)] = 1
         return ids, is_target
 
     def collate(self, samples):

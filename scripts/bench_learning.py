@@ -66,7 +66,7 @@ MOE = ["--model_type", "moe", "--n_routed_experts", "4", "--num_experts_per_tok"
 # of the weights it does not zero (`nanochat_init_width`) made it weaker here, so the emulation keeps transformers'
 # normal init, the stronger reference. Not emulated: its per-layer residual and x0 scalars; its ReLU² feed-forward is
 # ungated and 4x wide (here gated at 8/3x, the same parameters); its norms have no gains; it crops documents to
-# fill rows (here rows hold whole documents).
+# fill rows (here rows hold whole samples, a long document's windows of a row each).
 NANOCHAT = ["--optimizer", "muon", "--learning_rate", "9e-3", "--schedule", "wsd", "--decay_fraction", "0.65",
             "--warmup_steps", "0", "--hidden_act", "relu2", "--qk_norm", "true", "--tie_word_embeddings", "false",
             "--logit_softcap", "15", "--num_attention_heads", "1", "--num_key_value_heads", "1", "--value_embeds",
@@ -290,7 +290,8 @@ def step_timing(recipe, args, out_dir):
     """(mean step time, the seconds before the steps) of a short run of the recipe, its first steps left out as
     warm-up. The mean, not the median: batches of short samples are quick and of long ones slow, and a corpus of
     mostly short documents would make the median step a quick one, the schedule too long for the budget. The
-    seconds before the steps (a bigram warm start; else about nothing) come off each run's budget."""
+    seconds before the steps (the bigram warm start, and whatever else the first step costs beyond the others, a
+    compilation on CUDA) come off each run's budget."""
     log = run_log(recipe, out_dir, args, "--max_steps", str(args.calibration_steps), "--log_interval", "1")
     seconds = log["seconds"]
     step = float(seconds.diff().dropna().iloc[min(5, args.calibration_steps // 2):].mean())

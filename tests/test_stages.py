@@ -523,12 +523,14 @@ def test_a_tied_embedding_trains_at_the_runs_rate_unless_its_own_is_given(tmp_pa
     data = pretrain_file(tmp_path)
     said = {}
     for name, flags in (("default", []), ("tied", ["--tie_word_embeddings", "true"]),
-                        ("tied_own", ["--tie_word_embeddings", "true", "--embedding_lr", "0.05"])):
+                        ("tied_own", ["--tie_word_embeddings", "true", "--embedding_lr", "0.05"]),
+                        ("cold", ["--bigram_steps", "0"])):
         result = run_stage("1-pretrain.py", *TINY, "--max_steps", "1", "--data_path", data, "--out_dir",
                            tmp_path / name, *flags, cwd=tmp_path)
         said[name] = next(line for line in result.stdout.splitlines() if line.startswith("optimizer:"))
     assert "peak lr 0.006, embedding lr 0.003, head lr 0.001," in said["default"]
     assert "embedding lr" not in said["tied"] and "head lr" not in said["tied"]
+    assert "peak lr 0.006, embedding lr 0.1, 1 warmup step" in said["cold"]  # no warm start: the cold tables' rates
     assert "peak lr 0.006, embedding lr 0.05," in said["tied_own"]
 
 

@@ -58,7 +58,9 @@ def shutdown(finished=True):
 def rank() -> int:
     """This process's rank; torchrun's before the process group starts and after it ends (so an error every
     process raises is said once)."""
-    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+    if dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", 0)) if launched_by_torchrun() else 0
 
 
 def world_size() -> int:

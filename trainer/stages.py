@@ -42,6 +42,9 @@ def run_cli(main):
 PRETRAIN_DEFAULTS = {"optimizer": "muon", "learning_rate": 6e-3, "schedule": "wsd", "pack": "shared",
                      "pack_fit": "best", "tie_word_embeddings": False, "bigram_steps": 40, "embedding_lr": 0.003,
                      "head_lr": 1e-3}
+# The tables' rates of that recipe from a cold start (`--bigram_steps 0`), where they begin random: the embedding
+# fast, the head at --learning_rate (scripts/bench_learning.py's `best`).
+COLD_TABLE_RATES = {"embedding_lr": 0.1, "head_lr": None}
 
 
 def language_modeling(model, args, start, tokenizer):
@@ -142,6 +145,10 @@ def train(stage, args):
         val = stage.dataset(args.val_data, tokenizer, args.max_seq_len) if args.val_data else None
     for note in dataset.notes() + (val.notes() if val else []):
         say(note, err=True)
+    if stage.defaults.get("bigram_steps") and not args.bigram_steps:  # the warm start turned off: cold tables
+        for flag, rate in COLD_TABLE_RATES.items():
+            if flag not in args.given_flags:
+                setattr(args, flag, rate)
     if built.config.tie_word_embeddings:  # a stage's table rates are for an embedding and a head of their own
         for flag in ("embedding_lr", "head_lr"):
             if flag not in args.given_flags:
