@@ -1,10 +1,10 @@
 """Stage 1: next-token pretraining on {"text": ...} jsonl, from random init (or --init_from).
 
-Its recipe (trainer.PRETRAIN_DEFAULTS, measured by scripts/bench_learning.py): the bigram warm start (the embedding,
-final norm and head first fitted to the data's bigram counts), then Muon for the matrices inside the blocks and
-AdamW for the rest at lr 6e-3, warmup-stable-decay; rows packed best-fit with whole samples (`--pack shared
---pack_fit best`); an untied head, the fitted embedding and head trained on at 3e-3 and 1e-3. `--bigram_steps 0`
-starts cold (the embedding then at 0.1, the head at the run's rate).
+Its recipe (trainer.PRETRAIN_DEFAULTS, measured by scripts/bench_learning.py): Muon for the matrices inside the
+blocks and AdamW for the rest at lr 6e-3, warmup-stable-decay; rows packed best-fit with whole samples (`--pack
+shared --pack_fit best`); an untied head, and the embedding at lr 0.1. For a budget of a minute or two,
+`--bigram_steps 40 --embedding_lr 0.003 --head_lr 1e-3` first fits the embedding, final norm and head to the data's
+bigram counts (it loses on longer runs).
 
     python 1-pretrain.py --config configs/tiny.json            # CPU demo size
     python 1-pretrain.py --model_type moe --config configs/moe.json

@@ -106,9 +106,3 @@ def test_the_warm_start_is_refused_for_a_model_that_starts_from_weights(tmp_path
                        "--bigram_steps", 5, cwd=tmp_path, check=False)
     assert result.returncode == 2 and "error: --bigram_steps" in result.stderr and "starts from" in result.stderr
 
-
-def test_pretraining_on_from_weights_skips_the_default_warm_start(tmp_path, pretrained):
-    pretrain_file(tmp_path / "data")
-    result = run_stage("1-pretrain.py", *TINY, "--max_steps", 1, "--init_from",
-                       pretrained / "output/pretrain_dense/pretrain_64.pth", "--out_dir", "more", cwd=tmp_path)
-    assert "bigram warm start" not in result.stdout and "initialised from" in result.stdout

@@ -34,17 +34,13 @@ def run_cli(main):
         raise SystemExit(2) from None
 
 
-# 1-pretrain.py's recipe, the one scripts/bench_learning.py measured best (its `default`): Muon on the blocks'
-# matrices at lr 6e-3 with warmup-stable-decay, rows packed best-fit with whole documents and attention across them,
-# an untied head, and the bigram warm start (trainer/bigram.py): the embedding, final norm and head fitted to the
-# data's bigram counts first, then trained on at rates far below the matrices' (0.003 and 1e-3), which keep what the
-# warm start found (for a tied embedding, which is also the head, the run's rate unless --embedding_lr is given).
+# 1-pretrain.py's recipe, the one scripts/bench_learning.py measured best over a demo's length (its `default`, and
+# `best`): Muon on the blocks' matrices at lr 6e-3 with warmup-stable-decay, rows packed best-fit with whole samples
+# and attention across them, an untied head, and the embedding at lr 0.1 (for a tied embedding, which is also the
+# head, the embedding's rate is --learning_rate unless --embedding_lr is given). The bigram warm start
+# (`--bigram_steps 40 --embedding_lr 0.003 --head_lr 1e-3`) wins runs of 50-100 s and loses a demo's 567 steps.
 PRETRAIN_DEFAULTS = {"optimizer": "muon", "learning_rate": 6e-3, "schedule": "wsd", "pack": "shared",
-                     "pack_fit": "best", "tie_word_embeddings": False, "bigram_steps": 40, "embedding_lr": 0.003,
-                     "head_lr": 1e-3}
-# The tables' rates of that recipe from a cold start (`--bigram_steps 0`), where they begin random: the embedding
-# fast, the head at --learning_rate (scripts/bench_learning.py's `best`).
-COLD_TABLE_RATES = {"embedding_lr": 0.1, "head_lr": None}
+                     "pack_fit": "best", "tie_word_embeddings": False, "embedding_lr": 0.1}
 
 
 def language_modeling(model, args, start, tokenizer):
@@ -145,10 +141,6 @@ def train(stage, args):
         val = stage.dataset(args.val_data, tokenizer, args.max_seq_len) if args.val_data else None
     for note in dataset.notes() + (val.notes() if val else []):
         say(note, err=True)
-    if stage.defaults.get("bigram_steps") and not args.bigram_steps:  # the warm start turned off: cold tables
-        for flag, rate in COLD_TABLE_RATES.items():
-            if flag not in args.given_flags:
-                setattr(args, flag, rate)
     if built.config.tie_word_embeddings:  # a stage's table rates are for an embedding and a head of their own
         for flag in ("embedding_lr", "head_lr"):
             if flag not in args.given_flags:
