@@ -14,9 +14,9 @@ from dataset import DataError, Packed, load_tokenizer, save_tokenizer, tokenizer
 from model import CheckpointError, TinyMindConfig, TinyMindForCausalLM, config_path
 
 from . import distributed
+from .bigram import warm_start
 from .distributed import say
 from .errors import UserError
-from .bigram import warm_start
 from .flags import (add_model_flags, add_training_flags, checked_config, flag_overrides, model_config, new_parser,
                     parse)
 from .loading import load_flagged
@@ -141,10 +141,8 @@ def train(stage, args):
         val = stage.dataset(args.val_data, tokenizer, args.max_seq_len) if args.val_data else None
     for note in dataset.notes() + (val.notes() if val else []):
         say(note, err=True)
-    if built.config.tie_word_embeddings:  # a stage's table rates are for an embedding and a head of their own
-        for flag in ("embedding_lr", "head_lr"):
-            if flag not in args.given_flags:
-                setattr(args, flag, None)
+    if built.config.tie_word_embeddings and "embedding_lr" not in args.given_flags:
+        args.embedding_lr = None  # a stage's embedding rate is for an embedding of its own, not one that is the head
     warm_seconds = warm_start(built, dataset, args.bigram_steps, args.device) if fresh and args.bigram_steps else 0
     model = stage.adapt_model(built, args)
     objective = stage.make_objective(model, args, start, tokenizer)
@@ -209,7 +207,7 @@ def build_model(stage_name, start, args):
     if start is None:
         return new_model(args)
     for flag, shaped in (("zero_init_out", args.zero_init_out), ("init", args.init != "normal"),
-                         ("bigram_steps", args.bigram_steps and "bigram_steps" in args.given_flags)):
+                         ("bigram_steps", args.bigram_steps)):
         if shaped:
             raise UserError(f"--{flag}: it shapes a model from random init, and this one starts from {start}")
     model = load_flagged(start, args)
