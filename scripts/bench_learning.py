@@ -15,9 +15,10 @@ against seconds.
 
 `baseline` is the recipe 1-pretrain.py had before this benchmark (AdamW β2 0.95, lr 5e-4, 2% warmup then cosine,
 length-grouped batches); `muon_wsd` the one after it (Muon for the matrices in the blocks, lr 2e-3, warmup-stable-
-decay), which the `default_*` recipes vary; `default` is its recipe now (trainer.PRETRAIN_DEFAULTS: the `best` of
-those variations, rows packed best-fit at lr 6e-3 with an untied head and the embedding at lr 0.1), and
-`warm_start` that recipe after the bigram warm start, its tables then at 3e-3 and 1e-3. The `minimind`
+decay), which the `default_*` recipes vary; `default` is 1-pretrain.py as it runs now: its defaults
+(trainer.PRETRAIN_DEFAULTS, `best` of those variations: rows packed best-fit at lr 6e-3 with an untied head and the
+embedding at lr 0.1), and for a plan of at most 200 steps the bigram warm start first, its tables then at 3e-3 and
+1e-3 (trainer.PRETRAIN_SHORT_PLAN; `warm_start` at any length, `best` always cold). The `minimind`
 recipe emulates MiniMind's own training code: AdamW at lr 5e-4 with PyTorch's betas (0.9, 0.999)
 and weight decay 0.01, cosine to lr/10 without warmup, and every row padded to the maximum length in batches
 drawn at random (tinymind groups samples of similar length and pads each batch to its longest). The `nanochat`
@@ -25,7 +26,7 @@ recipe emulates nanochat's base_train in tinymind's flags (see NANOCHAT below); 
 `--reference nanochat`, on your own corpus with a tokenizer fitted to it first (`--fit_tokenizer`):
 
     python -m scripts.bench_learning --data my/pretrain.jsonl --val my/pretrain_val.jsonl --fit_tokenizer \\
-        --reference nanochat --recipes nanochat default warm_start warm_start@50
+        --reference nanochat --recipes nanochat default default@50
 """
 
 import argparse
@@ -45,7 +46,7 @@ import torch.nn.functional as F  # noqa: E402
 from dataset import PretrainDataset, load_tokenizer  # noqa: E402
 from dataset.batch import collate  # noqa: E402
 from scripts.train_tokenizer import SHIPPED, SPLITS, fit, report_compression  # noqa: E402
-from trainer import PRETRAIN_DEFAULTS, Stage, run_cli, train_stage  # noqa: E402
+from trainer import PRETRAIN_DEFAULTS, PRETRAIN_SHORT_PLAN, Stage, run_cli, train_stage  # noqa: E402
 from trainer.flags import parse  # noqa: E402
 from trainer.stages import stage_parser  # noqa: E402
 
@@ -53,9 +54,6 @@ MODEL = ["--hidden_size", "128", "--num_hidden_layers", "4", "--num_attention_he
          "--vocab_size", "6400", "--max_seq_len", "256", "--batch_size", "16"]
 BASELINE = ["--optimizer", "adamw", "--learning_rate", "5e-4", "--schedule", "cosine"]  # the recipe before Muon
 MUON_WSD = ["--optimizer", "muon", "--learning_rate", "2e-3", "--schedule", "wsd"]  # 1-pretrain.py's defaults before
-# 1-pretrain.py's defaults now, spelled out (the benchmark's stage has none of its own, so every recipe is its flags)
-DEFAULT = [text for name, value in PRETRAIN_DEFAULTS.items()
-           for text in (f"--{name}", str(value).lower() if isinstance(value, bool) else str(value))]
 MOE = ["--model_type", "moe", "--n_routed_experts", "4", "--num_experts_per_tok", "2", "--n_shared_experts", "1"]
 # nanochat's base_train at this width, in tinymind's flags: Muon + AdamW, ReLU², QK-norm, an untied head, logit
 # softcap 15, one attention head of 128 (its head size), value embeddings in every other block, the blocks' output
@@ -82,7 +80,7 @@ RECIPES = {
     "adamw_lr_2e-3": [*BASELINE, "--learning_rate", "2e-3"],
     "muon": [*BASELINE, "--optimizer", "muon", "--learning_rate", "2e-3"],
     "muon_wsd": MUON_WSD,
-    "default": DEFAULT,  # equal to `best`
+    "default": [],  # 1-pretrain.py's defaults (AS_1_PRETRAIN)
     "default_qk_norm": [*MUON_WSD, "--qk_norm", "true"],
     "default_packed": [*MUON_WSD, "--pack", "isolated"],
     "default_packed_shared": [*MUON_WSD, "--pack", "shared"],
@@ -187,7 +185,7 @@ RECIPES = {
     "default_lr_4e-3": [*MUON_WSD, "--learning_rate", "4e-3"],
     "default_lr_9e-3": [*MUON_WSD, "--learning_rate", "9e-3"],
     "moe_baseline": [*BASELINE, *MOE],
-    "moe": [*DEFAULT, *MOE],  # `1-pretrain.py --model_type moe` now
+    "moe": MOE,  # `1-pretrain.py --model_type moe` now
     "moe_default": [*MUON_WSD, *MOE],
     # top-1 with the router's probability as the expert's weight (renormalised, it would be 1: no gradient)
     "moe_top1": [*MUON_WSD, *MOE, "--num_experts_per_tok", "1", "--norm_topk_prob", "false"],
@@ -198,10 +196,15 @@ RECIPES = {
     "moe_fine_bias": [*MUON_WSD, *MOE, "--n_routed_experts", "8", "--intermediate_size", "192",
                       "--expert_bias_rate", "1e-3", "--aux_loss_alpha", "0"],
     # the same two changes on the present recipe: the bias alone, then with the finer experts
-    "moe_bias": [*DEFAULT, *MOE, "--expert_bias_rate", "1e-3", "--aux_loss_alpha", "0"],
-    "moe_fine": [*DEFAULT, *MOE, "--n_routed_experts", "8", "--intermediate_size", "192", "--expert_bias_rate", "1e-3",
+    "moe_bias": [*MOE, "--expert_bias_rate", "1e-3", "--aux_loss_alpha", "0"],
+    "moe_fine": [*MOE, "--n_routed_experts", "8", "--intermediate_size", "192", "--expert_bias_rate", "1e-3",
                  "--aux_loss_alpha", "0"],
 }
+
+
+# Recipes that run as 1-pretrain.py does, from its defaults and its short-plan rule (their flags are what they add);
+# every other recipe is its flags alone.
+AS_1_PRETRAIN = {"default", "moe", "moe_bias", "moe_fine"}
 
 
 # Recipes whose flags hold at the benchmark's width of 128 only: nanochat's one head of 128 and its rates scaled to
@@ -237,8 +240,9 @@ class PaddedToMaximum(PretrainDataset):
 def stage_for(recipe):
     # No default held-out file: a run evaluates only on the --val_data `train` gives it (the step-time calibration
     # runs on no held-out data at all).
+    as_1_pretrain = {"defaults": PRETRAIN_DEFAULTS, "short_plan": PRETRAIN_SHORT_PLAN} if recipe in AS_1_PRETRAIN else {}
     return Stage(name="pretrain", description="", dataset=PaddedToMaximum if recipe == "minimind" else PretrainDataset,
-                 default_data="data/pretrain.jsonl", default_val="", packs=True, z_loss=True)
+                 default_data="data/pretrain.jsonl", default_val="", packs=True, z_loss=True, **as_1_pretrain)
 
 
 def named(spec):

@@ -106,3 +106,42 @@ def test_the_warm_start_is_refused_for_a_model_that_starts_from_weights(tmp_path
                        "--bigram_steps", 5, cwd=tmp_path, check=False)
     assert result.returncode == 2 and "error: --bigram_steps" in result.stderr and "starts from" in result.stderr
 
+
+
+def pretrain_stage():
+    from trainer import PRETRAIN_DEFAULTS, PRETRAIN_SHORT_PLAN, Stage
+    return Stage(name="pretrain", description="", dataset=PretrainDataset, default_data="data/pretrain.jsonl",
+                 default_val="", defaults=PRETRAIN_DEFAULTS, short_plan=PRETRAIN_SHORT_PLAN)
+
+
+@pytest.mark.parametrize("flags, samples, warm", [
+    ([], 200 * 4, True),  # 4 rows a step: 200 steps, the longest short plan
+    ([], 200 * 4 + 1, False),  # 201 steps
+    (["--epochs", "2"], 100 * 4, True),  # two passes of 100 steps: the plan's steps decide
+    (["--epochs", "2"], 101 * 4, False),
+    (["--max_steps", "50"], 10**6, True),  # a short plan over a large corpus
+    (["--bigram_steps", "0"], 100, False),  # any of the rule's flags given: the run is as given
+    (["--embedding_lr", "0.1"], 100, False),
+    (["--head_lr", "6e-3"], 100, False),
+    (["--tie_word_embeddings", "true"], 100, False),  # the measured recipe fits an untied head
+])
+def test_a_short_plan_from_random_init_starts_warm_unless_a_flag_says_otherwise(flags, samples, warm):
+    from trainer.flags import model_config, parse
+    from trainer.stages import PRETRAIN_SHORT_PLAN, stage_parser, start_short_plan
+    stage = pretrain_stage()
+    args = parse(stage_parser(stage), ["--device", "cpu", *TINY, *flags])
+    before = dict(vars(args))
+    start_short_plan(stage, args, model_config(args), samples)
+    assert vars(args) == ({**before, **PRETRAIN_SHORT_PLAN} if warm else before)
+
+
+def test_1_pretrain_with_a_short_plan_says_it_starts_warm_and_its_tables_train_slowly(tmp_path):
+    pretrain_file(tmp_path / "data")
+    result = run_stage("1-pretrain.py", *TINY, "--max_steps", 2, cwd=tmp_path)
+    assert "a short plan (2 steps, at most 200) starts warm: --bigram_steps 40 --embedding_lr 0.003 --head_lr 0.001" \
+        in result.stdout
+    assert "bigram warm start:" in result.stdout and "embedding lr 0.003, head lr 0.001" in result.stdout
+    # Started from trained weights, a run has nothing to warm up: SFT from it says nothing of the kind
+    sft_file(tmp_path / "data")
+    sft = run_stage("2-sft.py", *TINY, "--max_steps", 1, cwd=tmp_path)
+    assert "short plan" not in sft.stdout and "bigram" not in sft.stdout

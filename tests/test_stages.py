@@ -12,7 +12,7 @@ from dataset import LENGTH_GROUP_STEPS, PretrainDataset, SFTDataset, epoch_order
 from model import TinyMindConfig, TinyMindForCausalLM, load_model, save_weights
 from model import model as model_module
 from trainer.flags import add_model_flags, add_training_flags, model_config, new_parser, parse
-from trainer import PRETRAIN_DEFAULTS, Stage, UserError
+from trainer import PRETRAIN_DEFAULTS, PRETRAIN_SHORT_PLAN, Stage, UserError
 from trainer.stages import stage_parser
 from trainer.loop import Trainer
 from trainer.run_folder import run_paths
@@ -511,10 +511,12 @@ def test_the_learning_benchmarks_default_is_1_pretrains_and_its_best_recipe():
     def without_given(args):
         return {key: value for key, value in vars(args).items() if key != "given_flags"}
 
-    def recipe(name):  # as the benchmark runs it: its stage has no defaults, a recipe is its flags
+    def recipe(name):  # as the benchmark runs it: 1-pretrain's defaults for `default`, the flags alone for the rest
         return without_given(parse(stage_parser(stage_for(name)), ["--device", "cpu", *BENCH_MODEL, *RECIPES[name]]))
 
     assert recipe("default") == recipe("best") == without_given(pretrain_args(*BENCH_MODEL))
+    # ...and a short plan starts warm in `default`, as in 1-pretrain.py, and never in `best`
+    assert stage_for("default").short_plan == PRETRAIN_SHORT_PLAN and not stage_for("best").short_plan
     assert {**recipe("best"), "bigram_steps": 40, "embedding_lr": 0.003, "head_lr": 1e-3} == recipe("warm_start")
     assert recipe("muon_wsd")["pack"] == "none" and recipe("muon_wsd")["learning_rate"] == 2e-3
 

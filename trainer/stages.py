@@ -20,7 +20,7 @@ from .errors import UserError
 from .flags import (add_model_flags, add_training_flags, checked_config, flag_overrides, model_config, new_parser,
                     parse)
 from .loading import load_flagged
-from .loop import Trainer, write_model_weights
+from .loop import Trainer, plan_steps, write_model_weights
 from .objectives import LanguageModeling
 from .run_folder import prepare_run_dir, run_paths
 
@@ -37,10 +37,17 @@ def run_cli(main):
 # 1-pretrain.py's recipe, the one scripts/bench_learning.py measured best over a demo's length (its `default`, and
 # `best`): Muon on the blocks' matrices at lr 6e-3 with warmup-stable-decay, rows packed best-fit with whole samples
 # and attention across them, an untied head, and the embedding at lr 0.1 (for a tied embedding, which is also the
-# head, the embedding's rate is --learning_rate unless --embedding_lr is given). The bigram warm start
-# (`--bigram_steps 40 --embedding_lr 0.003 --head_lr 1e-3`) wins runs of 50-100 s and loses a demo's 567 steps.
+# head, the embedding's rate is --learning_rate unless --embedding_lr is given).
 PRETRAIN_DEFAULTS = {"optimizer": "muon", "learning_rate": 6e-3, "schedule": "wsd", "pack": "shared",
                      "pack_fit": "best", "tie_word_embeddings": False, "embedding_lr": 0.1}
+# A short plan starts warm: a model from random init with an untied head, planned for at most SHORT_PLAN_STEPS
+# steps, first fits its embedding, final norm and head to the data's bigram counts (trainer/bigram.py), and those
+# then train at rates far below a cold start's. At width 128 (docs/learning.md) it ends ahead of the cold recipe in
+# plans of up to about 230 steps on the default corpus (3.3% lower bits per byte at 150 steps) and 400 on English
+# prose, and behind it beyond (3.3% higher over the demo's 567 steps). Unless the command line or preset gives any of
+# these flags: then the run is as given.
+SHORT_PLAN_STEPS = 200
+PRETRAIN_SHORT_PLAN = {"bigram_steps": 40, "embedding_lr": 0.003, "head_lr": 1e-3}
 
 
 def language_modeling(model, args, start, tokenizer):
@@ -66,6 +73,8 @@ class Stage:
     # (distillation: the teacher's)
     tokenizer_from: Callable = lambda args: None
     add_flags: Callable = lambda parser: None  # the stage's own flags
+    # the flag defaults of a plan of at most SHORT_PLAN_STEPS steps from random init (pretraining: the warm start)
+    short_plan: dict = field(default_factory=dict)
     same_run_flags: tuple = ()  # those of them a resumed run must keep (what its saved state was built with)
     check_flags: Callable = lambda args: None  # and their checks (a value no run can use: a UserError)
     adapt_model: Callable = lambda model, args: model  # the module to train, made from the built model
@@ -143,6 +152,8 @@ def train(stage, args):
         say(note, err=True)
     if built.config.tie_word_embeddings and "embedding_lr" not in args.given_flags:
         args.embedding_lr = None  # a stage's embedding rate is for an embedding of its own, not one that is the head
+    if start is None:
+        start_short_plan(stage, args, built.config, len(dataset))
     warm_seconds = warm_start(built, dataset, args.bigram_steps, args.device) if fresh and args.bigram_steps else 0
     model = stage.adapt_model(built, args)
     objective = stage.make_objective(model, args, start, tokenizer)
@@ -153,6 +164,19 @@ def train(stage, args):
     say(describe_optimizer(trainer))
     trainer.train()
     say(f"saved {paths.weights}")
+
+
+def start_short_plan(stage, args, config, samples):
+    """Give `args` the stage's short-plan defaults where the run, from random init, plans at most SHORT_PLAN_STEPS
+    steps, its head is untied and none of those flags was given (a resumed run decides as its first part did)."""
+    if not stage.short_plan or config.tie_word_embeddings or stage.short_plan.keys() & args.given_flags:
+        return
+    steps, _ = plan_steps(args, samples, distributed.world_size())
+    if steps <= SHORT_PLAN_STEPS:
+        vars(args).update(stage.short_plan)
+        flags = " ".join(f"--{flag} {value:g}" for flag, value in stage.short_plan.items())
+        say(f"a short plan ({steps} steps, at most {SHORT_PLAN_STEPS}) starts warm: {flags} (pass --bigram_steps 0 "
+            "for a cold start)")
 
 
 def run_tokenizer(args, paths, weights, vocab_size, fresh):
