@@ -111,7 +111,7 @@ bench-nanochat: setup
 	$(PY) -m scripts.prepare_data --sources shakespeare,reviews --out_dir data/prose
 	$(PY) -m scripts.bench_learning --data data/prose/pretrain.jsonl --val data/prose/pretrain_val.jsonl \
 		--fit_tokenizer --reference nanochat --budget 100 --repeats 1 --out docs/learning_nanochat.png \
-		--calibration_steps 32 --recipes nanochat nanochat_no_softcap warm_start warm_start@50
+		--calibration_steps 32 --recipes nanochat nanochat_no_softcap default default@50 warm_start
 
 bench-data: setup
 	$(PY) -m scripts.bench_data --size_gb 2

@@ -186,6 +186,7 @@ RECIPES = {
     "default_lr_9e-3": [*MUON_WSD, "--learning_rate", "9e-3"],
     "moe_baseline": [*BASELINE, *MOE],
     "moe": MOE,  # `1-pretrain.py --model_type moe` now
+    "moe_cold": [*MOE, "--bigram_steps", "0"],  # the same never warm-started
     "moe_default": [*MUON_WSD, *MOE],
     # top-1 with the router's probability as the expert's weight (renormalised, it would be 1: no gradient)
     "moe_top1": [*MUON_WSD, *MOE, "--num_experts_per_tok", "1", "--norm_topk_prob", "false"],
@@ -204,7 +205,7 @@ RECIPES = {
 
 # Recipes that run as 1-pretrain.py does, from its defaults and its short-plan rule (their flags are what they add);
 # every other recipe is its flags alone.
-AS_1_PRETRAIN = {"default", "moe", "moe_bias", "moe_fine"}
+AS_1_PRETRAIN = {"default", "moe", "moe_cold", "moe_bias", "moe_fine"}
 
 
 # Recipes whose flags hold at the benchmark's width of 128 only: nanochat's one head of 128 and its rates scaled to

@@ -43,7 +43,7 @@ PRETRAIN_DEFAULTS = {"optimizer": "muon", "learning_rate": 6e-3, "schedule": "ws
 # A short plan starts warm: a model from random init with an untied head, planned for at most SHORT_PLAN_STEPS
 # steps, first fits its embedding, final norm and head to the data's bigram counts (trainer/bigram.py), and those
 # then train at rates far below a cold start's. At width 128 (docs/learning.md) it ends ahead of the cold recipe in
-# plans of up to about 230 steps on the default corpus (3.3% lower bits per byte at 150 steps) and 400 on English
+# plans of up to about 240 steps on the default corpus (3.3% lower bits per byte at 150 steps) and 400 on English
 # prose, and behind it beyond (3.3% higher over the demo's 567 steps). Unless the command line or preset gives any of
 # these flags: then the run is as given.
 SHORT_PLAN_STEPS = 200
