@@ -107,7 +107,6 @@ def test_the_warm_start_is_refused_for_a_model_that_starts_from_weights(tmp_path
     assert result.returncode == 2 and "error: --bigram_steps" in result.stderr and "starts from" in result.stderr
 
 
-
 def pretrain_stage():
     from trainer import PRETRAIN_DEFAULTS, PRETRAIN_SHORT_PLAN, Stage
     return Stage(name="pretrain", description="", dataset=PretrainDataset, default_data="data/pretrain.jsonl",

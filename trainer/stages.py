@@ -73,13 +73,13 @@ class Stage:
     # (distillation: the teacher's)
     tokenizer_from: Callable = lambda args: None
     add_flags: Callable = lambda parser: None  # the stage's own flags
-    # the flag defaults of a plan of at most SHORT_PLAN_STEPS steps from random init (pretraining: the warm start)
-    short_plan: dict = field(default_factory=dict)
     same_run_flags: tuple = ()  # those of them a resumed run must keep (what its saved state was built with)
     check_flags: Callable = lambda args: None  # and their checks (a value no run can use: a UserError)
     adapt_model: Callable = lambda model, args: model  # the module to train, made from the built model
     write_weights: Callable = write_model_weights  # (model, its full state dict, RunPaths): what later stages read
     defaults: dict = field(default_factory=dict)  # the stage's own flag defaults; presets and flags override them
+    # and those of a plan of at most SHORT_PLAN_STEPS steps from random init (pretraining: the warm start)
+    short_plan: dict = field(default_factory=dict)
     # What the stage does with the shared flags some stages have no use for (refused where it is False):
     packs: bool = False  # its samples are token sequences that --pack may put back to back
     z_loss: bool = False  # its objective adds --z_loss
