@@ -29,10 +29,11 @@ import pytest
 import torch
 import uvicorn
 
-from dataset import SFTDataset, load_tokenizer
+from dataset import PretrainDataset, SFTDataset, load_tokenizer
 from filelock import FileLock
 from model import TinyMindConfig, TinyMindForCausalLM, load_model, save_weights
 from scripts.serve import create_app
+from trainer import PRETRAIN_DEFAULTS, PRETRAIN_SHORT_PLAN, Stage
 from trainer.tools import load_tools
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,6 +67,12 @@ def write_jsonl(path, records):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records), encoding="utf-8")
     return path
+
+
+def pretrain_stage():
+    """1-pretrain.py's Stage: its defaults and its short-plan rule."""
+    return Stage(name="pretrain", description="", dataset=PretrainDataset, default_data="data/pretrain.jsonl",
+                 default_val="", defaults=PRETRAIN_DEFAULTS, short_plan=PRETRAIN_SHORT_PLAN)
 
 
 def pretrain_file(directory, copies=4):

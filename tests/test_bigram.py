@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY, TEXTS, pretrain_file, run_stage, sft_file, tiny_config, write_jsonl
+from conftest import TINY, TEXTS, pretrain_file, pretrain_stage, run_stage, sft_file, tiny_config, write_jsonl
 from dataset import Packed, PretrainDataset, SFTDataset
 from model import TinyMindForCausalLM
 from trainer.bigram import bigram_counts, bigram_loss, warm_start
@@ -105,12 +105,6 @@ def test_the_warm_start_is_refused_for_a_model_that_starts_from_weights(tmp_path
     result = run_stage("2-sft.py", *TINY, "--init_from", pretrained / "output/pretrain_dense/pretrain_64.pth",
                        "--bigram_steps", 5, cwd=tmp_path, check=False)
     assert result.returncode == 2 and "error: --bigram_steps" in result.stderr and "starts from" in result.stderr
-
-
-def pretrain_stage():
-    from trainer import PRETRAIN_DEFAULTS, PRETRAIN_SHORT_PLAN, Stage
-    return Stage(name="pretrain", description="", dataset=PretrainDataset, default_data="data/pretrain.jsonl",
-                 default_val="", defaults=PRETRAIN_DEFAULTS, short_plan=PRETRAIN_SHORT_PLAN)
 
 
 @pytest.mark.parametrize("flags, samples, warm", [

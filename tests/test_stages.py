@@ -12,14 +12,14 @@ from dataset import LENGTH_GROUP_STEPS, PretrainDataset, SFTDataset, epoch_order
 from model import TinyMindConfig, TinyMindForCausalLM, load_model, save_weights
 from model import model as model_module
 from trainer.flags import add_model_flags, add_training_flags, model_config, new_parser, parse
-from trainer import PRETRAIN_DEFAULTS, PRETRAIN_SHORT_PLAN, Stage, UserError
+from trainer import PRETRAIN_SHORT_PLAN, UserError
 from trainer.stages import stage_parser
 from trainer.loop import Trainer
 from trainer.run_folder import run_paths
 import trainer.objectives
 from trainer.objectives import LanguageModeling
 
-from conftest import MODEL, ROOT, TINY, copy_output, pretrain_file, run_stage, sft_file
+from conftest import MODEL, ROOT, TINY, copy_output, pretrain_file, pretrain_stage, run_stage, sft_file
 
 
 def tiny_args(tmp_path, *extra):
@@ -492,9 +492,7 @@ def test_dropout_is_a_model_flag_that_reaches_the_config_and_is_checked(tmp_path
 
 def pretrain_args(*argv):
     """The flags as 1-pretrain.py parses them: its own defaults, then a preset, then the command line."""
-    stage = Stage(name="pretrain", description="", dataset=PretrainDataset, default_data="data/pretrain.jsonl",
-                  default_val="", defaults=PRETRAIN_DEFAULTS)
-    return parse(stage_parser(stage), ["--device", "cpu", *argv])
+    return parse(stage_parser(pretrain_stage()), ["--device", "cpu", *argv])
 
 
 @pytest.mark.parametrize("preset", ["small", "moe", "minimind2_768", "minimind3_moe_768"])
