@@ -44,11 +44,10 @@ def load_jsonl(path, columns, record_problem, skip_bad_lines=False, optional=(),
     if not path.is_file():
         what = "is a directory, not a jsonl file" if path.is_dir() else "does not exist"
         raise DataError(f"{path} {what}; pass --data_path with a jsonl file (scripts/prepare_data.py makes them)")
+    if next(parse_lines(path), None) is None:  # the readers below fail on a file of no records without saying which
+        raise DataError(f"{path} is empty: write one JSON object per line")
     if nested:
-        records = _records_by_line(path, columns)
-        if len(records) == 0:
-            raise bad_line_error(path, record_problem, "no records")
-        return records
+        return _records_by_line(path, columns)
     try:
         with _quiet_logger("datasets.packaged_modules.json.json"):  # it logs the Arrow error we are about to explain
             # parse_agent_traces=False: a user's jsonl is read as it is, never reinterpreted as agent logs.
@@ -66,7 +65,7 @@ def load_jsonl(path, columns, record_problem, skip_bad_lines=False, optional=(),
         if column not in records.column_names:
             records = records.add_column(column, [None] * len(records))
     missing = [column for column in columns if column not in records.column_names]
-    if len(records) == 0 or missing:
+    if missing:
         raise bad_line_error(path, record_problem, f"no record has the key {missing}")
     return records.select_columns(list(columns))
 
@@ -98,15 +97,11 @@ def bad_line_error(path, record_problem, fallback):
 
 
 def first_bad_line(path, record_problem):
-    """A DataError naming the first bad line of `path` (or saying it holds no record); None if every line is good."""
-    records_seen = 0
+    """A DataError naming the first bad line of `path`; None if every line is good."""
     for line_number, record, problem in parse_lines(path):
         problem = problem or record_problem(record)
         if problem:
             return DataError(f"{path}, line {line_number}: {problem}")
-        records_seen += 1
-    if records_seen == 0:
-        return DataError(f"{path} is empty: write one JSON object per line")
     return None
 
 

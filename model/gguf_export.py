@@ -231,7 +231,8 @@ def add_tensor(writer, name, tensor, tensor_type):
 
 # The project's chat template and its translation into ollama's Go template language (tools and thinking included).
 CHAT_TEMPLATE = Path(__file__).resolve().parent / "tokenizer" / "chat_template.jinja"
-OLLAMA_TEMPLATE = CHAT_TEMPLATE.with_suffix(".gotmpl")
+# Beside the model code, not in the tokenizer folder, which retraining the shipped tokenizer replaces whole.
+OLLAMA_TEMPLATE = Path(__file__).resolve().parent / "ollama_template.gotmpl"
 
 
 def modelfile(tokenizer, gguf_name) -> str:
@@ -247,7 +248,7 @@ def modelfile(tokenizer, gguf_name) -> str:
 
 def ollama_template(tokenizer):
     """(the tokenizer's chat template in ollama's Go template language or None, what it is, in words). The project's
-    own template is translated by hand (chat_template.gotmpl, tools and thinking included, which turns on ollama's
+    own template is translated by hand (ollama_template.gotmpl, tools and thinking included, which turns on ollama's
     tool calling and thinking for the model); another one is derived when it frames each message on its own (prefix
     + content + suffix per role, as ChatML does), without tools; else none, and ollama uses the GGUF's own."""
     if tokenizer.chat_template == CHAT_TEMPLATE.read_text():

@@ -7,7 +7,8 @@ import datasets
 import pytest
 import torch
 
-from dataset import (DEFAULT_TOKENIZER_PATH, DataError, PretrainDataset, SFTDataset, load_tokenizer, text_or_chat_dataset,
+from dataset import (DEFAULT_TOKENIZER_PATH, DataError, PreferenceDataset, PretrainDataset, PromptDataset, SFTDataset,
+                     load_tokenizer, text_or_chat_dataset,
                      truncate_turns)
 
 from conftest import pretrain_file, write_jsonl
@@ -277,13 +278,15 @@ def test_file_missing_the_key_everywhere_is_blamed_on_its_first_line(tmp_path, t
         dataset_class(path, tokenizer, max_length=64)
 
 
+@pytest.mark.parametrize("skip_bad_lines", [False, True])
+@pytest.mark.parametrize("dataset_class", [PretrainDataset, SFTDataset, PreferenceDataset, PromptDataset])
 @pytest.mark.parametrize("content, words", [(None, "does not exist"), (b"", "is empty"), (b"\n  \n\n", "is empty")])
-def test_missing_or_empty_file_is_a_data_error(tmp_path, tokenizer, content, words):
+def test_missing_or_empty_file_is_a_data_error(tmp_path, tokenizer, content, words, dataset_class, skip_bad_lines):
     path = tmp_path / "data.jsonl"
     if content is not None:
         path.write_bytes(content)
     with pytest.raises(DataError, match=words) as error:
-        PretrainDataset(path, tokenizer, max_length=64)
+        dataset_class(path, tokenizer, max_length=64, skip_bad_lines=skip_bad_lines)
     assert str(path) in str(error.value)
 
 

@@ -244,6 +244,15 @@ def test_committed_tokenizer_meets_the_contract():
     assert len(json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]) == 6400
 
 
+def test_retraining_the_shipped_tokenizer_loses_no_file_of_its_folder(tmp_path):
+    """`python -m scripts.train_tokenizer` replaces model/tokenizer/ whole: every file the project keeps there must be
+    one the retrained tokenizer writes again (the GGUF export's ollama template once lived there and was lost)."""
+    texts = ["床前明月光，疑是地上霜。", "To be, or not to be: that is the question."] * 50
+    train_tokenizer.save(train_tokenizer.train(texts, vocab_size=300), tmp_path / "tokenizer")
+    shipped = {path.name for path in (ROOT / "model" / "tokenizer").iterdir()}
+    assert shipped == {path.name for path in (tmp_path / "tokenizer").iterdir()}
+
+
 def test_minimind3_files_read_in_their_layouts_and_their_tool_chats_train(tmp_path, tokenizer):
     from dataset import SFTDataset
     from scripts.data.fetch import MINIMIND_FILES
