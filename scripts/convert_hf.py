@@ -8,7 +8,7 @@ Export writes safetensors, config and tokenizer (chat template included) that
 `AutoModelForCausalLM.from_pretrained(DIR)` loads without trust_remote_code: a dense model as
 LlamaForCausalLM or Qwen3ForCausalLM, a MoE as MixtralForCausalLM, Qwen2MoeForCausalLM or
 Qwen3MoeForCausalLM (model/convert.py says which, why and how exactly).
-Import reads such a directory (or a tinymind one) and writes the .pth plus its .json config.
+Import reads such a directory (or a tinymind one) and writes the .pth, its .json config and its tokenizer/.
 gguf writes one file llama.cpp runs (`llama-cli -m FILE`), tokenizer and chat template inside, and an
 ollama `Modelfile` beside it (`ollama create NAME -f Modelfile`); model/gguf_export.py says which
 llama.cpp architecture each model becomes.
@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from model import TinyMindConfig, atomic_folder, atomic_write, load_model, save_weights
+from dataset import load_tokenizer, save_tokenizer, tokenizer_beside
+from model import TinyMindConfig, atomic_folder, atomic_write, save_weights
 from model.convert import UnsupportedArchitecture, export_hf
 from model.gguf_export import DTYPES, architecture, modelfile, ollama_template, write_gguf
 from trainer import UserError, load_for_use, run_cli
@@ -87,10 +88,25 @@ def read_config(path):
 
 
 def import_(args):
-    model = load_model(args.model)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    save_weights(model.state_dict(), model.config, args.out)
-    say(f"wrote {args.out} and {Path(args.out).with_suffix('.json')}")
+    """The weights and config, and beside them the tokenizer they were trained with (which every later load
+    takes from there), or none is written."""
+    model, tokenizer = load_for_use(args.model, tokenizer_path=args.tokenizer_path)
+    if args.tokenizer_path is None and tokenizer_beside(args.model) is None:  # not the project's in its place
+        raise UserError(f"{args.model} holds no tokenizer.json; pass --tokenizer_path with the tokenizer its weights "
+                        "were trained with")
+    out = Path(args.out)
+    saved = out.parent / "tokenizer"
+    if tokenizer_beside(out) is not None and not same_tokenizer(load_tokenizer(saved), tokenizer):
+        raise UserError(f"{saved} holds another tokenizer, the one of the weights already there; give --out a folder "
+                        "of its own")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_weights(model.state_dict(), model.config, out)
+    save_tokenizer(tokenizer, saved)
+    say(f"wrote {out}, {out.with_suffix('.json')} and {saved} ({tokenizer.name_or_path}, {len(tokenizer):,} tokens)")
+
+
+def same_tokenizer(a, b):
+    return a.backend_tokenizer.to_str() == b.backend_tokenizer.to_str() and a.chat_template == b.chat_template
 
 
 def main(argv=None):
@@ -110,7 +126,9 @@ def main(argv=None):
 
     from_hf = commands.add_parser("import", help="Hugging Face directory or repo id → tinymind .pth")
     from_hf.add_argument("--model", required=True, help="Hugging Face directory or owner/name repo id")
-    from_hf.add_argument("--out", required=True, help=".pth to write (its .json config goes beside it)")
+    from_hf.add_argument("--out", required=True, help=".pth to write (its .json config and tokenizer/ go beside it)")
+    from_hf.add_argument("--tokenizer_path", help="tokenizer directory saved beside the weights (default: the "
+                                                  "model's own tokenizer.json)")
     from_hf.set_defaults(run=import_)
 
     to_gguf_file = commands.add_parser("gguf", help="tinymind .pth → one GGUF file for llama.cpp / ollama")

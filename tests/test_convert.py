@@ -17,6 +17,8 @@ from transformers import (  # noqa: E402
 
 from model import TinyMindConfig, TinyMindForCausalLM, save_weights  # noqa: E402
 from model.convert import UnsupportedArchitecture, export_hf, load_hf, names_hf_model  # noqa: E402
+from dataset import load_tokenizer, tokenizer_beside  # noqa: E402
+from scripts import train_tokenizer  # noqa: E402
 from scripts.convert_hf import main as convert_main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -331,12 +333,36 @@ def test_cli_round_trip(tokens, tmp_path):
     if (TOKENIZER / "chat_template.jinja").is_file():
         assert AutoTokenizer.from_pretrained(hf_dir).chat_template
 
-    imported = tmp_path / "imported.pth"
+    imported = tmp_path / "imported" / "imported.pth"
     convert_main(["import", "--model", str(hf_dir), "--out", str(imported)])
     state = torch.load(imported, weights_only=True)
     assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
     config = TinyMindConfig.from_json_file(imported.with_suffix(".json"))
     assert (config.use_moe, config.n_shared_experts, config.num_experts_per_tok) == (True, 2, 2)
+    # The tokenizer travels with the weights, so chat, serving and the stages load the one they were trained with.
+    assert tokenizer_beside(imported) == imported.parent / "tokenizer"
+    assert load_tokenizer(imported.parent / "tokenizer").get_vocab() == load_tokenizer(hf_dir).get_vocab()
+
+
+def test_import_refuses_a_model_without_its_tokenizer_and_a_folder_holding_another(tokens, tmp_path, capsys):
+    _, vocab_size = tokens
+    hf_dir = tmp_path / "hf"
+    export_hf(tiny_model(vocab_size), hf_dir)  # weights and config, no tokenizer
+    with pytest.raises(SystemExit):
+        convert_main(["import", "--model", str(hf_dir), "--out", str(tmp_path / "a" / "m.pth")])
+    assert capsys.readouterr().err.strip() == (f"error: {hf_dir} holds no tokenizer.json; pass --tokenizer_path with "
+                                               "the tokenizer its weights were trained with")
+    assert not (tmp_path / "a").exists()
+    convert_main(["import", "--model", str(hf_dir), "--out", str(tmp_path / "a" / "m.pth"), "--tokenizer_path",
+                  str(TOKENIZER)])
+    assert load_tokenizer(tmp_path / "a" / "tokenizer").get_vocab() == load_tokenizer(TOKENIZER).get_vocab()
+    fitted = tmp_path / "fitted"
+    train_tokenizer.save(train_tokenizer.train(TEXTS * 20, vocab_size=300), fitted)
+    with pytest.raises(SystemExit):
+        convert_main(["import", "--model", str(hf_dir), "--out", str(tmp_path / "a" / "n.pth"), "--tokenizer_path",
+                      str(fitted)])
+    assert "holds another tokenizer" in capsys.readouterr().err
+    assert not (tmp_path / "a" / "n.pth").exists()
 
 
 def test_hub_repo_ids_are_told_from_weight_files(tmp_path):
