@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> None:
     max_sft = args.max_sft
     if args.max_chars:
         pretrain = sample_evenly(pretrain, args.max_chars, len, args.seed)
-        if max_sft is None:
+        if max_sft is None and full_chars:  # no pretraining text to take a fraction of: the chats stay whole
             sampled_chars = sum(len(t) for texts in pretrain.values() for t in texts)
             max_sft = round(sum(map(len, sft.values())) * sampled_chars / max(full_chars, 1))
     if max_sft is not None:

@@ -154,6 +154,18 @@ def test_run_writes_jsonl_from_the_cache(tmp_path, capsys):
     assert len(agent) == 40 and {p["reward"] for p in agent} == {"numeric"} and not any("tools" in p for p in agent)
 
 
+def test_chat_sources_alone_keep_their_chats_under_max_chars(tmp_path):
+    """--max_chars caps the pretraining text and scales the chats by the same fraction; with no pretraining text
+    there is no fraction, and the chats stay whole (not none)."""
+    write_fake_packages(tmp_path / "cache")
+    args = argparse.Namespace(sources="chatterbot", out_dir=str(tmp_path), max_chars=1000, max_sft=None,
+                              max_lora=100, max_dpo=100, max_grpo=50, max_agent=40, seed=0)
+    prep.run(args)
+    chats = [json.loads(line) for name in ("sft.jsonl", "sft_val.jsonl") for line in open(tmp_path / name)]
+    firsts = {c["conversations"][-2]["content"] for c in chats if "tools" not in c}
+    assert {"Hi", "你好"} <= firsts  # both chatterbot chats, beside the arithmetic ones
+
+
 def test_an_interrupted_write_leaves_the_previous_data_file_whole(tmp_path):
     from scripts.data.pipeline import write_lines
 
