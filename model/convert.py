@@ -153,7 +153,10 @@ def add_transformers4_rope_scaling(config_file):
 
 
 def common_hf_fields(config: TinyMindConfig) -> dict:
-    rope = {"rope_type": "default"} if config.rope_scaling is None else {**config.rope_scaling, "rope_type": "yarn"}
+    # tinymind's YaRN leaves the tables unscaled unless told (MiniMind's convention); transformers' default is
+    # 0.1 ln(factor) + 1, so the factor is always written
+    rope = ({"rope_type": "default"} if config.rope_scaling is None else
+            {"attention_factor": 1.0, **config.rope_scaling, "rope_type": "yarn"})
     rope.pop("type", None)
     return {
         **{name: getattr(config, name) for name in COMMON_FIELDS},

@@ -117,17 +117,21 @@ def test_single_expert_routing_with_a_shared_expert_exports_with_the_same_logits
     assert (logits(stock, ids) - logits(model, ids)).abs().max().item() < 1e-4
 
 
-def test_a_yarn_export_also_writes_transformers_4s_rope_scaling_and_transformers_5_computes_the_same(tokens, tmp_path):
+@pytest.mark.parametrize("yarn", [TinyMindConfig.yarn(4, 8),  # as --yarn_factor writes it
+                                  {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8}],
+                         ids=["explicit", "defaults"])
+def test_a_yarn_export_also_writes_transformers_4s_rope_scaling_and_transformers_5_computes_the_same(yarn, tokens,
+                                                                                                   tmp_path):
     ids, vocab_size = tokens
-    model = tiny_model(vocab_size, rope_scaling=TinyMindConfig.yarn(4, 8))
+    assert ids.shape[1] > 8  # past the original length, where YaRN changes the rotary
+    model = tiny_model(vocab_size, rope_scaling=yarn)
     export_hf(model, tmp_path)
     written = json.loads((tmp_path / "config.json").read_text())
-    assert written["rope_scaling"] == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8,
-                                       "beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": 1.0}
+    assert written["rope_scaling"] == {**yarn, "attention_factor": 1.0}
     assert written["rope_parameters"] == {**written["rope_scaling"], "rope_theta": model.config.rope_theta}
     stock = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert (logits(stock, ids) - logits(model, ids)).abs().max().item() < 1e-4
-    assert load_hf(tmp_path).config.rope_scaling == model.config.rope_scaling
+    assert load_hf(tmp_path).config.rope_scaling == TinyMindConfig.yarn(4, 8)
 
 
 def test_bfloat16_export_writes_bfloat16_weights(tokens, tmp_path):
