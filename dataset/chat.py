@@ -30,13 +30,14 @@ THINKING_PREFIX = THINK[0] + "\n"  # what the generation prompt ends with when t
 # ---- checking what a user wrote ---------------------------------------------------------------------------
 
 
-def chat_problem(turns, tools=None, ending="assistant"):
+def chat_problem(turns, tools=None, ending="assistant", calls_in_text=True):
     """What is wrong with a conversation as written (turns numbered from 1), or None.
 
     After an optional system turn it starts with a user turn; a user turn is answered by the assistant; an assistant
     turn that calls tools is followed by one tool turn per result, and those by the assistant again. It ends with an
     assistant answer (`ending="assistant"`, training data) or with what the model is to answer (`ending="user"`: a
-    user turn or tool results).
+    user turn or tool results). `calls_in_text`: an assistant's `<tool_call>` blocks in its text are calls
+    (MiniMind-3's files); else only its "tool_calls" are (OpenAI's format, where such text is what the model wrote).
     """
     if turns is None:
         return 'no "conversations" key (or it is null); lines look like {"conversations": [{"role": "user", "content": "..."}, ...]}'
@@ -58,7 +59,7 @@ def chat_problem(turns, tools=None, ending="assistant"):
         return f"the conversation holds only a system turn: {order}"
     previous = None
     for number, turn in enumerate(turns[first:], start=first + 1):
-        allowed = _may_follow(previous)
+        allowed = _may_follow(previous, calls_in_text)
         if turn["role"] not in allowed:
             return f"turn {number} has role {turn['role']!r} where {' or '.join(repr(r) for r in allowed)} belongs: {order}"
         previous = turn
@@ -70,14 +71,15 @@ def chat_problem(turns, tools=None, ending="assistant"):
     return None
 
 
-def _may_follow(previous):
+def _may_follow(previous, calls_in_text):
     if previous is None:
         return ("user",)
     if previous["role"] == "user":
         return ("assistant",)
     if previous["role"] == "tool":  # the assistant answers the results; a user may also go on without that answer
         return ("tool", "assistant", "user")
-    calls = previous.get("tool_calls") or inline_calls(split_thinking(previous.get("content") or "")[1])[1]
+    calls = previous.get("tool_calls") or (calls_in_text and
+                                           inline_calls(split_thinking(previous.get("content") or "")[1])[1])
     return ("tool",) if calls else ("user",)
 
 
@@ -144,11 +146,12 @@ def tools_problem(tools):
 # ---- the one form every stage uses -----------------------------------------------------------------------
 
 
-def chat_messages(turns, tools=None):
+def chat_messages(turns, tools=None, calls_in_text=True):
     """(messages, tools) in the form the template renders, from a conversation that `chat_problem` accepts.
 
     Tool calls get their arguments as objects; inline thinking becomes "reasoning_content"; MiniMind-3's
-    system-turn "functions" become the tools. Other keys are dropped.
+    system-turn "functions" become the tools, and (`calls_in_text`) its calls written into the text become
+    "tool_calls". Other keys are dropped.
     """
     tools = _loaded(tools)
     if tools is None and turns and turns[0]["role"] == "system":
@@ -164,7 +167,7 @@ def chat_messages(turns, tools=None):
                 message["reasoning_content"] = reasoning.strip("\n")
                 message["content"] = message["content"].lstrip("\n")
             calls = _loaded(turn.get("tool_calls"))
-            if not calls:  # MiniMind-3 writes its calls into the text
+            if not calls and calls_in_text:  # MiniMind-3 writes its calls into the text
                 message["content"], calls = inline_calls(message["content"])
             if calls:
                 message["tool_calls"] = [_call(call) for call in calls]

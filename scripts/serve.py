@@ -119,8 +119,10 @@ class ChatRequest(Sampled):
 
     @model_validator(mode="after")
     def turns_in_order(self):
+        # OpenAI's format: calls travel in "tool_calls"; a <tool_call> block in an answer's text is text the model
+        # wrote where it was offered no tools (the server returns it as content), not a call awaiting results
         problem = chat_problem([message.model_dump(exclude_none=True) for message in self.messages], self.tools,
-                               ending="user")
+                               ending="user", calls_in_text=False)
         if problem:
             raise ValueError(f"messages: {problem}" if problem.startswith(("turn", "the conversation")) else problem)
         if self.tool_choice is not None and not self.tools and self.tool_choice != "none":
@@ -300,7 +302,8 @@ def create_app(model, tokenizer, model_name, max_batch=8, max_queue=16, context=
     async def chat_completions(raw: Request):
         request = await read(raw, ChatRequest)
         offered = request.tools if request.tool_choice != "none" else None
-        messages, tools = chat_messages([message.model_dump(exclude_none=True) for message in request.messages], offered)
+        messages, tools = chat_messages([message.model_dump(exclude_none=True) for message in request.messages], offered,
+                                        calls_in_text=False)
         try:
             prompt = render_chat(tokenizer, messages, tools, add_generation_prompt=True, thinking=request.thinking())
         except (RecursionError, TypeError) as err:  # tools nested past Python's recursion limit, a value it cannot take

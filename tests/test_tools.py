@@ -150,6 +150,16 @@ def test_a_call_cut_short_comes_back_as_text_and_bad_tool_requests_are_400s(serv
     assert hello.choices[0].message.content == "Hello!"  # and it goes on serving
 
 
+def test_a_call_the_server_returned_as_text_is_text_in_the_next_request(server):
+    """Offered no tools, a model that writes a well-formed call gets it back as content; sent back so, it is what the
+    assistant said, and the chat goes on (calls travel in "tool_calls" in OpenAI's format)."""
+    written = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "17*23"}}\n</tool_call>'
+    history = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": written},
+               {"role": "user", "content": GREETING[0]["content"]}]
+    reply = server.client().chat.completions.create(model="tiny", messages=history, temperature=0, max_tokens=20)
+    assert reply.choices[0].finish_reason in ("stop", "length")
+
+
 def test_a_huge_power_is_refused_at_once():
     import time
 
