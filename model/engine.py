@@ -119,7 +119,11 @@ class Engine:
                             admitted.append((heapq.heappop(self.free), request))
                 for slot, request in admitted:
                     self._guarded(slot, request, self._prefill)
-                self._step()
+                try:
+                    self._step()
+                except Exception as err:  # a failure outside any one request's work (on CUDA, an asynchronous
+                    for slot in list(self.running):  # device error surfaces at the step's one read): the step's
+                        self._finish(slot, failure(err))  # requests end with it and the engine serves on
         for request in [*self.waiting, *(state.request for state in self.running.values())]:
             with contextlib.suppress(Exception):  # one failing callback must not keep the others waiting
                 request.emit(None, "cancelled")

@@ -316,7 +316,8 @@ def create_app(model, tokenizer, model_name, max_batch=8, max_queue=16, context=
     @app.post("/v1/completions")
     async def completions(raw: Request):
         request = await read(raw, CompletionRequest)
-        prompt_ids = [tokenizer.bos_token_id] + tokenizer(request.prompt, add_special_tokens=False).input_ids
+        bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]  # Qwen3's tokenizer has none
+        prompt_ids = bos + tokenizer(request.prompt, add_special_tokens=False).input_ids
         return await respond(raw, request, prompt_ids, request.max_tokens, TextReply(model_name))
 
     @app.get("/v1/models")

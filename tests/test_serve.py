@@ -94,6 +94,20 @@ def test_raw_completions_and_models_and_health(server):
     assert httpx2.get(f"{server.url}/health").json()["status"] == "ok"
 
 
+def test_raw_completions_of_a_tokenizer_without_a_begin_token(checkpoint):
+    """Qwen3's tokenizer (a Hugging Face directory the server loads) has no BOS: the prompt is its text alone."""
+    import copy
+
+    tokenizer = copy.deepcopy(load_tokenizer())
+    tokenizer.bos_token = None
+    running = Server(checkpoint[1], tokenizer)
+    try:
+        text = running.client().completions.create(model="tiny", prompt="床前明月光", max_tokens=5, temperature=0)
+        assert text.usage.prompt_tokens == len(tokenizer("床前明月光", add_special_tokens=False).input_ids)
+    finally:
+        running.stop()
+
+
 NESTED = {"type": "object"}
 for _ in range(400):  # past Python's recursion limit in the template's rendering
     NESTED = {"type": "object", "properties": {"a": NESTED}}
@@ -250,6 +264,30 @@ def test_a_model_failing_mid_stream_ends_the_stream_with_an_error_event(checkpoi
             for _ in stream:
                 pass
         monkeypatch.setattr(model.generate.Decoder, "decode", decode)
+        assert greedy(running.client(), "hi").choices[0].finish_reason in ("stop", "length")  # still serving
+    finally:
+        running.stop()
+
+
+def test_a_step_failing_outside_any_request_ends_its_requests_and_the_engine_serves_on(checkpoint, monkeypatch):
+    """On CUDA a device error raised by one kernel surfaces at the next read of the device, the step's one transfer
+    of its tokens: its requests end with the error instead of waiting forever on a dead engine thread."""
+    import model.engine
+
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA error: device-side assert triggered (simulated)")
+        return sample(*args, **kwargs)
+
+    sample = model.engine.Engine._sample
+    monkeypatch.setattr(model.engine.Engine, "_sample", staticmethod(failing))
+    running = Server(checkpoint[1], load_tokenizer())
+    try:
+        with pytest.raises(openai.APIError, match="device-side assert"):
+            greedy(running.client(), "hi", extra_body={"ignore_eos": True})
         assert greedy(running.client(), "hi").choices[0].finish_reason in ("stop", "length")  # still serving
     finally:
         running.stop()

@@ -21,6 +21,7 @@ import ast
 import importlib.util
 import inspect
 import json
+import operator
 from pathlib import Path
 
 from simpleeval import SimpleEval
@@ -30,12 +31,31 @@ from dataset import DataError
 from dataset.chat import results_framing
 
 
+# What a calculator shows: every operation's result is at most this large and an expression at most this long, so
+# no request holds the process (the server's engine and its event loop with it) while Python multiplies huge numbers.
+LARGEST = 10**1000
+LONGEST_EXPRESSION = 1000
+
+
 def bounded_power(base, exponent):
-    """`base ** exponent` for numbers a calculator shows: a huge power would hold the process (and the server) for
-    seconds while it multiplies."""
+    """`base ** exponent`, refused before it is computed when it could be huge."""
     if abs(exponent) > 64 or abs(base) > 10**12:
         raise ValueError(f"{base} ** {exponent} is too large for this calculator")
     return base**exponent
+
+
+def bounded(operation):
+    def apply(*operands):
+        value = operation(*operands)
+        if isinstance(value, int) and abs(value) > LARGEST:
+            raise ValueError("a number in it is too large for this calculator (above 10**1000)")
+        return value
+    return apply
+
+
+ARITHMETIC = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+              ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: bounded_power, ast.USub: operator.neg,
+              ast.UAdd: operator.pos}
 
 
 def calculator(expression: str) -> str:
@@ -44,8 +64,11 @@ def calculator(expression: str) -> str:
     Args:
         expression: numbers joined by + - * / % ** and parentheses
     """
-    evaluator = SimpleEval(functions={}, names={})
-    evaluator.operators[ast.Pow] = bounded_power
+    if len(expression) > LONGEST_EXPRESSION:
+        raise ValueError(f"the expression is {len(expression):,} characters; this calculator takes at most "
+                         f"{LONGEST_EXPRESSION:,}")
+    evaluator = SimpleEval(operators={kind: bounded(operation) for kind, operation in ARITHMETIC.items()},
+                           functions={}, names={})
     value = evaluator.eval(expression.replace("×", "*").replace("÷", "/"))
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{expression!r} is not arithmetic")
