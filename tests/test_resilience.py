@@ -216,6 +216,20 @@ def test_resume_with_the_head_in_a_group_of_its_own_continues_its_optimizer_stat
     assert all(torch.equal(a[key], b[key]) for key in a)
 
 
+def test_a_resume_past_an_unreadable_state_keeps_the_good_ones(workdir, capsys):
+    """The newest state unreadable: the run resumes from the one before, and what it saves next is kept (the
+    unreadable one, at a later step, must not count among --keep_last and push the good ones out)."""
+    assert run_in_process(capsys, "--max_steps", 4, "--save_interval", 2)[0] == 0
+    run_dir = workdir / "output/pretrain_dense"
+    (run_dir / "pretrain_64_resume_00000004.pt").write_bytes(b"cut off by a crash")
+    code, err = run_in_process(capsys, "--max_steps", 3, "--keep_last", 1, "--resume")  # stopped again at step 3
+    assert code == 0 and any("pretrain_64_resume_00000004.pt is unreadable" in line for line in err)
+    assert sorted(path.name for path in run_dir.glob("*_resume_*.pt")) == ["pretrain_64_resume_00000003.pt",
+                                                                           "pretrain_64_resume_00000004.pt"]
+    code, err = run_in_process(capsys, "--max_steps", 6, "--resume")
+    assert code == 0 and any("pretrain_64_resume_00000004.pt is unreadable" in line for line in err)
+
+
 def test_resume_without_state_says_so(workdir, capsys):
     code, err = run_in_process(capsys, "--max_steps", 2, "--resume")
     assert code == 2 and "no resume state" in err[-1]

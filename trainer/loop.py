@@ -486,8 +486,11 @@ class Trainer:
             self.paths.dir.mkdir(parents=True, exist_ok=True)
             self.write_weights(self.raw_model, state["model"], self.paths)
             self.paths.other_weights.unlink(missing_ok=True)
-            atomic_write(self.paths.resume_state(state["progress"]["step"]), lambda tmp: torch.save(state, tmp))
-            for old in self.paths.resume_states()[:-self.args.keep_last]:
+            written = self.paths.resume_state(state["progress"]["step"])
+            atomic_write(written, lambda tmp: torch.save(state, tmp))
+            # Only this state and those before it count: a later one is one a resume found unreadable and fell back
+            # from, and counting it would delete the good states (the names sort as the steps do).
+            for old in [path for path in self.paths.resume_states() if path <= written][:-self.args.keep_last]:
                 old.unlink(missing_ok=True)
 
         distributed.main_process_alone(write)
