@@ -83,7 +83,8 @@ def add_model_flags(parser):
     group.add_argument("--tokenizer_path", help="tokenizer directory; model/tokenizer when not given")
     group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
     group.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                       help="autocast dtype; bfloat16 on CUDA when supported, else float32")
+                       help="autocast dtype; on CUDA bfloat16 where the GPU computes it natively (Ampere on), else "
+                            "float16 with a loss scaler; float32 on a CPU")
     group.add_argument("--seed", type=int, default=42, help="seeds init, data order and sampling")
     group.add_argument("--out_dir", default="output", help="run folders go in here")
 
@@ -245,8 +246,7 @@ def parse(parser, argv=None):
     args = parser.parse_args(argv)
     args.given_flags = set(preset) | given_on_command_line(parser, argv)
     if args.dtype is None:
-        cuda_bf16 = args.device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        args.dtype = "bfloat16" if cuda_bf16 else "float32"
+        args.dtype = default_dtype(args.device)
     cuda = args.device.startswith("cuda")
     if getattr(args, "compile", False) is None:
         args.compile = cuda
@@ -254,6 +254,14 @@ def parse(parser, argv=None):
         args.num_workers = 2 if cuda else 0
     validate(args)
     return args
+
+
+def default_dtype(device):
+    """bfloat16 autocast on a GPU that computes it natively (Ampere and later), float16 with a loss scaler on an older
+    one (a T4, a V100: torch emulates bfloat16 there, slower than float32), float32 on a CPU."""
+    if not (device.startswith("cuda") and torch.cuda.is_available()):
+        return "float32"
+    return "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
 
 
 def given_on_command_line(parser, argv):
