@@ -9,7 +9,8 @@ from .preference import PairBatch, PreferenceDataset
 from .pretrain import PretrainDataset
 from .prompts import PromptDataset
 from .sft import SFTDataset, truncate_turns
-from .tokenizer import DEFAULT_TOKENIZER_PATH, load_tokenizer, save_tokenizer, token_bytes, tokenizer_beside
+from .tokenizer import (DEFAULT_TOKENIZER_PATH, load_tokenizer, same_tokenizer, save_tokenizer, token_bytes,
+                        tokenizer_beside)
 
 
 def text_or_chat_dataset(path, tokenizer, max_length, skip_bad_lines=False):
@@ -22,5 +23,5 @@ def text_or_chat_dataset(path, tokenizer, max_length, skip_bad_lines=False):
     dataset_class = SFTDataset if '"conversations"' in first else PretrainDataset
     return dataset_class(path, tokenizer, max_length, skip_bad_lines=skip_bad_lines)
 
-__all__ = ["LENGTH_GROUP_STEPS", "Batch", "Packed", "collate", "epoch_order", "DataError", "PairBatch", "PreferenceDataset", "PretrainDataset", "PromptDataset", "SFTDataset", "truncate_turns", "load_tokenizer", "DEFAULT_TOKENIZER_PATH", "save_tokenizer", "tokenizer_beside",
+__all__ = ["LENGTH_GROUP_STEPS", "Batch", "Packed", "collate", "epoch_order", "DataError", "PairBatch", "PreferenceDataset", "PretrainDataset", "PromptDataset", "SFTDataset", "truncate_turns", "load_tokenizer", "DEFAULT_TOKENIZER_PATH", "same_tokenizer", "save_tokenizer", "tokenizer_beside",
            "text_or_chat_dataset", "token_bytes"]

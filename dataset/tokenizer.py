@@ -44,6 +44,11 @@ def tokenizer_beside(weights) -> Path | None:
     return None
 
 
+def same_tokenizer(a, b) -> bool:
+    """The same vocabulary, merges, special tokens and chat template."""
+    return a.backend_tokenizer.to_str() == b.backend_tokenizer.to_str() and a.chat_template == b.chat_template
+
+
 def save_tokenizer(tokenizer, directory):
     """`tokenizer.save_pretrained` into a temporary folder swapped in for `directory`: a crash leaves the previous
     one whole."""

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from dataset import load_tokenizer, save_tokenizer, tokenizer_beside
+from dataset import load_tokenizer, same_tokenizer, save_tokenizer, tokenizer_beside
 from model import TinyMindConfig, atomic_folder, atomic_write, save_weights
 from model.convert import UnsupportedArchitecture, export_hf
 from model.gguf_export import DTYPES, architecture, modelfile, ollama_template, write_gguf
@@ -103,10 +103,6 @@ def import_(args):
     save_weights(model.state_dict(), model.config, out)
     save_tokenizer(tokenizer, saved)
     say(f"wrote {out}, {out.with_suffix('.json')} and {saved} ({tokenizer.name_or_path}, {len(tokenizer):,} tokens)")
-
-
-def same_tokenizer(a, b):
-    return a.backend_tokenizer.to_str() == b.backend_tokenizer.to_str() and a.chat_template == b.chat_template
 
 
 def main(argv=None):

@@ -230,6 +230,20 @@ def test_a_resume_past_an_unreadable_state_keeps_the_good_ones(workdir, capsys):
     assert code == 0 and any("pretrain_64_resume_00000004.pt is unreadable" in line for line in err)
 
 
+def test_resume_refuses_another_tokenizer_and_leaves_the_runs_own(workdir, capsys):
+    from scripts import train_tokenizer
+
+    assert run_in_process(capsys, "--max_steps", 2)[0] == 0
+    own = workdir / "output/pretrain_dense/tokenizer/tokenizer.json"
+    before = own.read_bytes()
+    train_tokenizer.save(train_tokenizer.train(["To be, or not to be: that is the question."] * 50, vocab_size=300),
+                         workdir / "other")
+    code, err = run_in_process(capsys, "--max_steps", 4, "--resume", "--tokenizer_path", "other")
+    assert code == 2 and err[-1].startswith("error: --resume: --tokenizer_path other is not the tokenizer the run in")
+    assert own.read_bytes() == before
+    assert run_in_process(capsys, "--max_steps", 4, "--resume", "--tokenizer_path", ROOT / "model/tokenizer")[0] == 0
+
+
 def test_resume_without_state_says_so(workdir, capsys):
     code, err = run_in_process(capsys, "--max_steps", 2, "--resume")
     assert code == 2 and "no resume state" in err[-1]

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from dataset import DataError, Packed, load_tokenizer, save_tokenizer, tokenizer_beside
+from dataset import DataError, Packed, load_tokenizer, same_tokenizer, save_tokenizer, tokenizer_beside
 from model import CheckpointError, TinyMindConfig, TinyMindForCausalLM, config_path
 
 from . import distributed
@@ -183,8 +183,12 @@ def run_tokenizer(args, paths, weights, vocab_size, fresh):
     """--tokenizer_path, else the run's own (resumed), else the first one saved with `weights` (the starting weights,
     then any the stage names: a distillation's teacher), else the project's; it must fit the model's `vocab_size`
     (a `fresh` model's from --vocab_size). Saved in the run folder, so it travels with the run's checkpoints."""
-    tokenizer = load_tokenizer(args.tokenizer_path or (tokenizer_beside(paths.weights) if args.resume else None)
+    own = tokenizer_beside(paths.weights) if args.resume else None
+    tokenizer = load_tokenizer(args.tokenizer_path or own
                                or next(filter(None, (tokenizer_beside(w) for w in weights if w)), None))
+    if args.tokenizer_path and own and not same_tokenizer(tokenizer, load_tokenizer(own)):
+        raise UserError(f"--resume: --tokenizer_path {args.tokenizer_path} is not the tokenizer the run in {paths.dir} "
+                        f"trains with ({own}); drop --tokenizer_path to continue it")
     if len(tokenizer) > vocab_size:
         fix = (f"--vocab_size is {vocab_size}; pass --vocab_size {len(tokenizer)} or more" if fresh else
                f"the model has {vocab_size}; pass the --tokenizer_path its weights were trained with")
