@@ -230,3 +230,27 @@ def test_task_names_resolve_with_tags_expanded_and_an_unknown_one_is_one_line():
                      "tinymind_next_line"]
     with pytest.raises(UserError, match="--eval_tasks: no task named nope"):
         resolve_tasks("nope", flag="--eval_tasks")
+
+
+def test_task_accuracies_leave_the_runs_random_streams_as_they_were(tmp_path, monkeypatch):
+    """--eval_tasks during training: lm-eval seeds the global generators, which must not restart the run's own
+    (dropout's masks would repeat after every evaluation)."""
+    import random
+    from types import SimpleNamespace
+
+    from trainer.benchmarks import task_accuracies
+
+    monkeypatch.chdir(tmp_path)  # tinymind_arithmetic reads data/tasks/ here
+    write_jsonl(tmp_path / "data/tasks/tinymind_arithmetic.jsonl", [{"question": "1 + 2 =", "answer": "3"}])
+    model = TinyMindForCausalLM(tiny_config(vocab_size=6400))
+    args = SimpleNamespace(seed=0, eval_limit=1, batch_size=1, device="cpu", dtype="float32")
+
+    def draws():
+        return torch.rand(3).tolist(), random.random()
+
+    torch.manual_seed(7), random.seed(7)
+    expected = draws()
+    torch.manual_seed(7), random.seed(7)
+    assert "tinymind_arithmetic" in task_accuracies(model, load_tokenizer(), ["tinymind_arithmetic"], args)
+    assert draws() == expected
+

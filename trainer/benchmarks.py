@@ -14,9 +14,11 @@ Tasks are lm-eval's: its registry by name (they download their data from the Hug
 
 import functools
 import json
+import random
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lm_eval import simple_evaluate
@@ -242,7 +244,14 @@ def task_accuracies(model, tokenizer, tasks, args):
     held-out figures a training run logs with --eval_tasks."""
     manager, _ = resolve_tasks(",".join(tasks), flag="--eval_tasks")
     lm = TinyMindLM(model, tokenizer, args.batch_size, args)
-    results = simple_evaluate(model=lm, tasks=list(tasks), limit=args.eval_limit, task_manager=manager,
-                              log_samples=False, verbosity="ERROR", random_seed=args.seed,
-                              numpy_random_seed=args.seed, torch_random_seed=args.seed, fewshot_random_seed=args.seed)
+    # lm-eval seeds Python's, numpy's and torch's generators: the run's own streams (dropout) go on as they were
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    device = torch.device(args.device)
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        results = simple_evaluate(model=lm, tasks=list(tasks), limit=args.eval_limit, task_manager=manager,
+                                  log_samples=False, verbosity="ERROR", random_seed=args.seed,
+                                  numpy_random_seed=args.seed, torch_random_seed=args.seed,
+                                  fewshot_random_seed=args.seed)
+    random.setstate(python_state)
+    np.random.set_state(numpy_state)
     return accuracies(results)
