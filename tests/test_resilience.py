@@ -288,6 +288,32 @@ def test_a_nan_between_log_rows_is_said_and_counted_at_the_next_row(workdir, cap
     assert state["progress"]["skipped_steps"] == 1
 
 
+class OverflowingGradient(torch.autograd.Function):
+    """The loss as it is, its gradient infinite: what float16's loss scaler meets at too high a scale."""
+
+    @staticmethod
+    def forward(ctx, loss):
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def test_a_float16_step_the_scaler_skips_leaves_the_routing_bias(workdir, capsys, monkeypatch):
+    """An overflow in float16 with a finite loss is the scaler's to skip (not divergence), and the skipped step moves
+    nothing, the MoE's balancing bias included."""
+    real = trainer.objectives.masked_cross_entropy
+    monkeypatch.setattr(trainer.objectives, "masked_cross_entropy",
+                        lambda *args, **kwargs: OverflowingGradient.apply(real(*args, **kwargs)))
+    code, _ = run_in_process(capsys, "--max_steps", 2, "--dtype", "float16", "--model_type", "moe",
+                             "--expert_bias_rate", 0.01, "--bigram_steps", 0)
+    assert code == 0
+    state = torch.load(sorted((workdir / "output/pretrain_moe").glob("*_resume_*.pt"))[-1], weights_only=True)
+    biases = [value for key, value in state["model"].items() if key.endswith("expert_bias")]
+    assert biases and all(torch.equal(bias, torch.zeros_like(bias)) for bias in biases)
+
+
 def test_repeated_nan_stops_and_keeps_the_last_good_checkpoint(workdir, capsys, monkeypatch):
     poison_loss(monkeypatch, bad_calls=set(range(3, 100)))
     code, err = run_in_process(capsys, "--max_steps", 20, "--save_interval", 2)

@@ -394,7 +394,9 @@ class Trainer:
         if self.expert_loads.layers:
             self.expert_loads.observe(loads / loads.sum(dim=1, keepdim=True).clamp(min=1))
             for layer, counts in zip(self.expert_loads.layers, loads):  # every process: the same, reduced counts
-                layer.update_bias(counts * ~bad)  # no counts, no move: a skipped step changes nothing
+                # no counts, no move: a skipped step changes nothing (float16's scaler skips every step whose
+                # gradients overflowed, counted as divergence or not)
+                layer.update_bias(counts * (finite_loss & finite_gradients))
         self.progress.step += 1
         self.progress.position += samples
         self.unread = torch.cat([totals, grad_norm, agreed]), lr
