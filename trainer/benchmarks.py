@@ -222,7 +222,7 @@ def accuracies(results):
 def task_manager(include_path=None):
     """lm-eval's index of its registry, tinymind's tasks/ and `include_path` (built once each: it reads every
     task's YAML)."""
-    return TaskManager(include_path=[str(OWN_TASKS)] + ([include_path] if include_path else []), verbosity="ERROR")
+    return TaskManager(include_path=[str(OWN_TASKS)] + ([include_path] if include_path else []))
 
 
 def resolve_tasks(names, include_path=None, flag="--tasks"):
