@@ -200,6 +200,42 @@ def agent_args(**overrides):
                         "tools": "calculator", "max_tool_calls": 2, "max_seq_len": 1024, **overrides})
 
 
+@pytest.mark.parametrize("temperature", [0.5, 1.0])
+def test_the_policy_gradient_is_that_of_the_distribution_the_completions_were_sampled_from(tokenizer, temperature):
+    """Sampled at temperature T, a completion's score is ∇ log softmax(z / T)[y]: the loss's gradient on the logits
+    of a completion token is −A·(onehot(y) − softmax(z / T)) / T / units, and nothing on prompt or padding."""
+    from dataset import collate
+    from model import TinyMindForCausalLM
+    from trainer.grpo import GroupRelativePolicy, Rollouts
+    from trainer.objectives import Step
+
+    from conftest import tiny_config
+
+    torch.manual_seed(0)
+    model = TinyMindForCausalLM(tiny_config(initializer_range=0.5))
+    policy = GroupRelativePolicy(None, tokenizer, agent_args(temperature=temperature, tools=None), "start")
+    trained = torch.tensor([0, 0, 0, 1, 1, 1, 1])  # a 3-token prompt, then the completion
+    rows = [torch.randint(1, 64, (7,)), torch.randint(1, 64, (5,))]  # the second shorter: padded
+    sequences = collate([(ids[:-1], ids[1:], trained[1:len(ids)]) for ids in rows], tokenizer.pad_token_id)
+    advantages = torch.tensor([0.7, -0.7])
+    rollouts = Rollouts(sequences, advantages, torch.tensor([1.0, 0.0]), 1, 0.0)
+    policy.rollouts = [rollouts]
+    logits = []
+
+    def keep(module, inputs, out):
+        out.logits.retain_grad()
+        logits.append(out.logits)
+
+    model.register_forward_hook(keep)
+    units = int(sequences.loss_mask.sum())  # 4 + 2 completion tokens
+    policy(model, rollouts, Step(units=units, micro_batches=1, processes=1)).loss.backward()
+    [z] = logits
+    expected = torch.softmax(z.detach() / temperature, dim=-1)
+    expected.scatter_add_(-1, sequences.targets[..., None], -torch.ones_like(expected[..., :1]))
+    expected *= (advantages / temperature / units)[:, None, None] * sequences.loss_mask[..., None]
+    torch.testing.assert_close(z.grad, expected)
+
+
 @pytest.mark.parametrize("temperature", [0.0, 1e-6])
 def test_a_temperature_that_decodes_greedily_is_refused(tokenizer, temperature):
     from trainer.errors import UserError

@@ -218,8 +218,8 @@ class GroupRelativePolicy(Objective):
             device = next(model.parameters()).device
             with torch.no_grad(), autocast_context(self.args):
                 on_device = sequences.to(device)
-                old_logp = token_logprobs(model(on_device.input_ids, **on_device.model_inputs()).logits,
-                                          on_device).cpu()
+                old_logp = self.logprobs(model(on_device.input_ids, **on_device.model_inputs()).logits,
+                                         on_device).cpu()
         return Rollouts(sequences, advantages, rewards, len(batch), time.perf_counter() - started, old_logp)
 
     def converse(self, model, prompt, chat, rows, sampling, generator=None):
@@ -276,14 +276,20 @@ class GroupRelativePolicy(Objective):
         raise UserError(f"{path}, line {line_number(path, index)}: the reward function {what} for this prompt's "
                         f"completion; fix the function or the line's \"answer\"")
 
+    def logprobs(self, logits, batch):
+        """[rows, width] log-probabilities of the sampled tokens under the distribution they were sampled from,
+        softmax(logits / --temperature) (the policy's, the reference's and the reused rollouts' alike): at temperature
+        1 the policy gradient of completions sampled at another one is biased, and the k3 KL estimate too."""
+        temperature = self.sampling.temperature
+        return token_logprobs(logits if temperature == 1 else logits / temperature, batch)
+
     def __call__(self, model, rollouts, step):
         batch = rollouts.sequences
         out = model(batch.input_ids, **batch.model_inputs())
-        logp = token_logprobs(out.logits, batch)
+        logp = self.logprobs(out.logits, batch)
         if self.beta > 0:
             with torch.no_grad():
-                ref_logp = token_logprobs(self.reference(batch.input_ids, **batch.model_inputs()).logits,
-                                          batch)
+                ref_logp = self.logprobs(self.reference(batch.input_ids, **batch.model_inputs()).logits, batch)
         else:
             ref_logp = logp.detach()
         old_logp = rollouts.old_logp if rollouts.old_logp is not None else logp.detach()
