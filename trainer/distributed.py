@@ -85,6 +85,15 @@ def all_reduce_sum(tensor):
     return tensor
 
 
+def gather_objects(value):
+    """Every process's `value` (picklable), in rank order; every process must call it. One process: [value]."""
+    if not dist.is_initialized():
+        return [value]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def broadcast_from_main(tensors):
     """Every process's `tensors` set, in place, to the main process's."""
     if dist.is_initialized():

@@ -171,24 +171,28 @@ class GroupRelativePolicy(Objective):
         return int(rollouts.sequences.loss_mask.sum())
 
     def state_dict(self):
-        """The sampling position and any rollouts still to be reused (the generator is reseeded every step)."""
+        """The sampling position and the rollouts still to be reused, every process's (the generator is reseeded
+        for every prompt). Every process calls it."""
         pending = [{**vars(r), "sequences": vars(r.sequences)} for r in self.rollouts] if self.reuses_left else []
         return {"start": self.start, "sampled_steps": self.sampled_steps, "reuses_left": self.reuses_left,
-                "rollouts": pending}
+                "rollouts_per_process": distributed.gather_objects(pending)}
 
     def load_state_dict(self, state):
         check_same_source("reference model", "--init_from", state.get("start", self.start), self.start)
         self.sampled_steps, self.reuses_left = state.get("sampled_steps", 0), state.get("reuses_left", 0)
-        self.rollouts = [Rollouts(**{**r, "sequences": Batch(**r["sequences"])}) for r in state.get("rollouts", [])]
+        per_process = state.get("rollouts_per_process", [state.get("rollouts", [])])
+        if self.reuses_left and len(per_process) != distributed.world_size():
+            raise UserError(f"--resume: the run stopped with rollouts still to reuse (--num_iterations), sampled by "
+                            f"{len(per_process)} processes; resume it with {len(per_process)} (the next sampling "
+                            "step may then change the count)")
+        mine = per_process[distributed.rank()] if self.reuses_left else []
+        self.rollouts = [Rollouts(**{**r, "sequences": Batch(**r["sequences"])}) for r in mine]
 
     def prepare(self, model, micro_batches):
         """Sample and score this step's rollouts, or, within --num_iterations, reuse the last ones."""
         if self.reuses_left:
             self.reuses_left -= 1
             return self.rollouts
-        # Seeded by (seed, sampling step, process): every process samples its own completions, and a resumed
-        # run samples what the uninterrupted one did.
-        self.generator.manual_seed(self.args.seed * 1_000_003 + self.sampled_steps * 1_009 + distributed.rank())
         self.sampled_steps += 1
         was_training = model.training
         model.eval()  # generation leaves the MoE load counters and aux loss alone
@@ -205,6 +209,9 @@ class GroupRelativePolicy(Objective):
         with autocast_context(self.args):
             for prompt, answer, reward, index, chat in zip(batch.prompts, batch.answers, batch.rewards, batch.indices,
                                                            batch.chats):
+                # Seeded by (seed, sampling step, the prompt's line): a resumed run samples what the uninterrupted
+                # one did, whatever the number of processes and however the prompts fall into micro-batches.
+                self.generator.manual_seed(hash((self.args.seed, self.sampled_steps, index)) & (2**63 - 1))
                 for ids, trained, text in self.converse(model, prompt, chat, self.generations, self.sampling,
                                                         self.generator):
                     rewards.append(self.score(text, answer, reward, index, self.data_path))
