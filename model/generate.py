@@ -229,6 +229,9 @@ class Decoder:
 
         def cached_attention(i, q, k, v):
             self.keys[i][rows, :, start:end], self.values[i][rows, :, start:end] = k, v
+            if start == 0:  # a new sequence in these rows: clear what an earlier one left after it, which the
+                # batched steps read masked, times zero (a NaN or inf there would poison every later request)
+                self.keys[i][rows, :, end:], self.values[i][rows, :, end:] = 0, 0
             return attend(q, self.keys[i][rows, :, :end], self.values[i][rows, :, :end], causal=seq > 1)
 
         return self.run(input_ids, self.cos[:, :, start:end], self.sin[:, :, start:end], cached_attention)

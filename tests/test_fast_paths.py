@@ -70,11 +70,11 @@ def test_one_token_moe_decoding_with_relu2_experts_and_a_routing_bias_equals_the
     assert not torch.equal(biased, plain.route(h)[2])  # the bias did change some choices
 
 
-def prefilled(model, lengths):
-    """A decoder of one cache row per length, each prefilled with all but the last token of a random sequence
-    one longer; and the sequences."""
+def prefilled(model, lengths, decoder=None):
+    """A decoder of one cache row per length (or `decoder`, its rows reused), each prefilled with all but the last
+    token of a random sequence one longer; and the sequences."""
     sequences = [torch.randint(3, 97, (1, n + 1)) for n in lengths]
-    decoder = Decoder(model, batch=len(lengths), max_len=8)
+    decoder = decoder or Decoder(model, batch=len(lengths), max_len=8)
     for row, sequence in enumerate(sequences):
         decoder(sequence[:, :-1], 0, rows=slice(row, row + 1))
     return decoder, sequences
@@ -91,6 +91,21 @@ def test_decode_of_rows_at_their_own_positions_equals_the_modules(rows):
         logits = decoder.decode(rows, torch.cat([sequences[row][:, -1] for row in rows]), [lengths[row] for row in rows])
         for index, row in enumerate(rows):
             torch.testing.assert_close(logits[index], model(sequences[row]).logits[0, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_a_row_reused_after_a_sequence_that_left_nan_in_its_cache_decodes_cleanly():
+    """A cache row outlives its request: what a failed one left past the next prompt (NaN from an overflow) is read
+    by the batched steps masked, times zero, and must not poison the row's next request."""
+    model = make_model(use_moe=False)
+    with torch.no_grad():
+        decoder, _ = prefilled(model, [7, 7])
+        for cache in decoder.keys + decoder.values:
+            cache[1, :, 3:] = float("nan")  # the end of row 1's earlier sequence
+        decoder, sequences = prefilled(model, [4, 5], decoder)
+        tokens, positions = torch.cat([sequence[:, -1] for sequence in sequences]), torch.tensor([4, 5])
+        for logits in (decoder.step(tokens, positions), decoder.decode([0, 1], tokens, [4, 5])):
+            for row, sequence in enumerate(sequences):
+                torch.testing.assert_close(logits[row], model(sequence).logits[0, -1], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("use_moe", [False, True])
