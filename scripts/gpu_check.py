@@ -4,7 +4,7 @@
     python -m scripts.gpu_check --quick --device cpu # the same code end to end in seconds (the tests run it)
 
 Rows: the device and torch; the bf16 matmul peak it measures (MFU is against it); which SDPA kernel the
-training shapes run; training steps of configs/small.json (dense) and configs/moe.json, eager and compiled,
+training shapes run (causal, and under the document mask of rows packed with --pack isolated); training steps of configs/small.json (dense) and configs/moe.json, eager and compiled,
 AdamW and Muon, as tokens/s, MFU, host syncs per step (CUDA's sync debug mode, over the timed steps) and peak
 memory; the peak memory of the loss over a 151,936-token vocabulary (Qwen3's) at 32 × 512 positions, chunked
 (tinymind's) and as one float32 cross-entropy; decoding tokens/s at batch 1 and 8, tinymind's fast decoder
@@ -40,6 +40,7 @@ from transformers import LlamaForCausalLM
 
 from model import Sampling, TinyMindConfig, TinyMindForCausalLM, fast_generate, masked_cross_entropy, token_cross_entropy
 from model.convert import llama_config
+from model.model import attend, causal_mask
 from model.engine import Engine, Request
 from model.muon import BatchedMuon, is_hidden_matrix
 
@@ -134,14 +135,20 @@ def matmul_peak(device, quick):
     return 2 * size**3 / timed(lambda: a @ b, device, 3 if quick else 20)
 
 
-def sdpa_kernel(device, config, seq):
-    """The attention kernel SDPA picks for the training shapes (causal, bf16 under autocast on CUDA)."""
+def sdpa_kernel(device, config, seq, documents=False):
+    """The attention kernel SDPA picks for the training shapes through the model's own attention core (bf16 under
+    autocast on CUDA): causal, or (`documents`) under the mask of rows packed with --pack isolated, two documents a
+    row, where grouped-query heads may leave SDPA only its math kernel."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     q = torch.randn(2, config.num_attention_heads, seq, config.head_dim, device=device, dtype=dtype)
     k, v = (torch.randn(2, config.num_key_value_heads, seq, config.head_dim, device=device, dtype=dtype)
             for _ in range(2))
+    mask = None
+    if documents:
+        document = (torch.arange(seq, device=device) >= seq // 2).int() + 1
+        mask = causal_mask(document.expand(2, seq), 2, seq, 0, device, look=False)
     with torch.profiler.profile() as profile:
-        F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        attend(q, k, v, mask, causal=mask is None)
     names = [event.name for event in profile.events() if "attention" in event.name or "_sdpa" in event.name]
     kernels = [name for name in names if name != "aten::scaled_dot_product_attention"]
     return kernels[0].replace("aten::", "") if kernels else "math (unfused)"
@@ -425,8 +432,9 @@ def main(argv=None):
     dense = TinyMindConfig(**shapes["dense"])
     report.add({"check": f"device: {name}", "note": f"torch {torch.__version__}"})
     report.add({"check": "bf16 matmul peak (measured)", "note": f"{peak / 1e12:.1f} TFLOP/s"})
-    report.attempt("SDPA kernel, training shapes", lambda: [{
-        "check": "SDPA kernel, training shapes", "note": sdpa_kernel(device, dense, 64 if args.quick else 512)}])
+    for check, documents in (("SDPA kernel, training shapes", False), ("SDPA kernel, --pack isolated", True)):
+        report.attempt(check, lambda check=check, documents=documents: [{
+            "check": check, "note": sdpa_kernel(device, dense, 64 if args.quick else 512, documents)}])
     training_rows(report, shapes, device, args.quick, peak, args.profile_dir)
     loss_memory_rows(report, device, args.quick)
     decode_rows(report, shapes["dense"], device, args.quick, args.profile_dir)
