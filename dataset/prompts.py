@@ -15,7 +15,7 @@ from datasets import Features, List, Value
 from .jsonl import FIX, json_type
 from .chat import chat_messages, chat_problem, render_chat
 from .sft import SFTDataset
-from .rewards import REWARDS
+from .rewards import REWARDS, number_answer
 from .tokenized import TokenizedJsonlDataset
 
 
@@ -56,6 +56,8 @@ class PromptDataset(TokenizedJsonlDataset):
             return f'needs a string "answer" (what the reward checks), got {json_type(record.get("answer"))}; {FIX}'
         if record.get("reward") is not None and (not isinstance(record["reward"], str) or record["reward"] not in REWARDS):
             return f'"reward" {json.dumps(record["reward"])} is none of {", ".join(REWARDS)}; {FIX}'
+        if record.get("reward") == "numeric" and number_answer(record["answer"]) is None:
+            return f'"answer" {json.dumps(record["answer"], ensure_ascii=False)} is not a number, which the numeric reward needs; {FIX}'
         problem = chat_problem(record.get("conversations"), record.get("tools"), ending="user")
         return problem and f"{problem}; {FIX}"
 

@@ -9,16 +9,18 @@ import re
 import unicodedata
 
 
-def final_answer(text):
+def final_answer(text, spaced=False):
     """What follows the last "答案"/"answer" marker, else the whole text, NFKC-folded, lower-cased, without
     whitespace or punctuation, but for the marks that make a number (a minus before a digit, a decimal point or a
-    fraction's bar between two)."""
+    fraction's bar between two). `spaced`: a run of whitespace and punctuation between two Latin letters or digits
+    is one space instead, so words and numbers stay apart."""
     marker = list(re.finditer(r"(答案|\banswer\b)\s*(is|是|为)?\s*[:：]?", text, flags=re.I))
     text = text[marker[-1].end():] if marker else text
     text = unicodedata.normalize("NFKC", text).lower()
     numeric = {mark.start() for mark in NUMBER_MARKS.finditer(text)}
-    return "".join(ch for at, ch in enumerate(text)
-                   if at in numeric or not (ch.isspace() or unicodedata.category(ch).startswith("P")))
+    kept = "".join(ch if at in numeric or not (ch.isspace() or unicodedata.category(ch).startswith("P"))
+                   else " " for at, ch in enumerate(text))
+    return re.sub(r"(?<![a-z0-9]) | (?![a-z0-9])", "", " ".join(kept.split())) if spaced else kept.replace(" ", "")
 
 
 NUMBER_MARKS = re.compile(r"(?<!\d)-(?=\d)|(?<=\d)[./](?=\d)")
@@ -29,22 +31,36 @@ def exact_match(completion, answer):
     return float(final_answer(completion) == final_answer(answer))
 
 
-NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+# A number, signed by a minus that follows no letter or digit ("3-5" is 3 and 5, "= -5" is -5)
+NUMBER = re.compile(r"(?:(?<![0-9A-Za-z.])-)?(?<![0-9.])\d+(?:\.\d+)?")
 
 
 def numeric_match(completion, answer):
     """1.0 when the completion's last number equals the answer's number (thousands' commas ignored in both)."""
+    expected = number_answer(answer)
+    if expected is None:
+        raise ValueError(f"the answer {answer!r} is not a number, which the numeric reward compares with")
     found = NUMBER.findall(THOUSANDS.sub("", completion))
-    return float(bool(found) and math.isclose(float(found[-1]), float(THOUSANDS.sub("", answer)), rel_tol=1e-9,
-                                              abs_tol=1e-9))
+    return float(bool(found) and math.isclose(float(found[-1]), expected, rel_tol=1e-9, abs_tol=1e-9))
+
+
+def number_answer(answer):
+    """The number an answer for the numeric reward holds (thousands' commas allowed), or None."""
+    try:
+        return float(THOUSANDS.sub("", answer.strip()))
+    except ValueError:
+        return None
 
 
 THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")  # the comma in 1,000 (not in 1,5)
 
 
 def contains(completion, answer):
-    """1.0 when the normalised answer appears in the normalised completion (a next line inside a sentence)."""
-    return float(bool(final_answer(answer)) and final_answer(answer) in final_answer(completion))
+    """1.0 when the normalised answer appears in the normalised completion (a next line inside a sentence) as a whole:
+    a Latin word or a number not inside a longer one ("5" is not in "15", "-5" or "3.5"; "no" is not in "know")."""
+    needle = final_answer(answer, spaced=True)
+    return float(bool(needle) and re.search(rf"(?<![a-z0-9.\-]){re.escape(needle)}(?![a-z0-9]|[./]\d)",
+                                            final_answer(completion, spaced=True)) is not None)
 
 
 REWARDS = {"exact": exact_match, "numeric": numeric_match, "contains": contains}

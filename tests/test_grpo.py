@@ -70,8 +70,19 @@ def test_kl_is_zero_while_the_policy_is_the_reference():
     (numeric_match, "7 or maybe 8", "7", 0.0),
     (numeric_match, "x is 1,5", "15", 0.0),  # a comma not before three digits is no thousands' separator
     (numeric_match, "no number", "7", 0.0),
+    (numeric_match, "答案是7", "7", 1.0),
+    (numeric_match, "The answer is 3-5", "-5", 0.0),  # a hyphen between numbers is no minus
+    (numeric_match, "348 - 719 = -371", "-371", 1.0),
     (contains, "下一句是“疑是地上霜”，出自李白的《静夜思》。", "疑是地上霜", 1.0),
     (contains, "下一句是“举头望明月”。", "疑是地上霜", 0.0),
+    # a word or number only as a whole: not a digit of a longer number, not letters inside a word
+    (contains, "answer: 15", "5", 0.0),
+    (contains, "answer is -5", "5", 0.0),
+    (contains, "it is 3.5", "5", 0.0),
+    (contains, "it is 5, yes", "5", 1.0),
+    (contains, "I do not know", "no", 0.0),
+    (contains, "No, I think not.", "no", 1.0),
+    (contains, "To be,or not to be: that is the question", "to be, or not to be", 1.0),
 ])
 def test_registry_rewards(reward, completion, answer, expected):
     assert reward(completion, answer) == expected
@@ -168,6 +179,16 @@ def test_reused_rollouts_clip_and_resume_exactly_in_the_middle_of_their_reuse(tm
     run_stage("6-grpo.py", *flags, "--resume", cwd=tmp_path)
     weights = torch.load(tmp_path / "output/grpo_dense/grpo_64.pth", weights_only=True)
     assert all(torch.equal(straight[key], weights[key]) for key in straight)
+
+
+def test_a_numeric_prompt_whose_answer_is_no_number_is_refused_at_its_line(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "grpo.jsonl", [
+        {"conversations": [{"role": "user", "content": "1 + 1?"}], "answer": "2", "reward": "numeric"},
+        {"conversations": [{"role": "user", "content": "half?"}], "answer": "1/2", "reward": "numeric"}])
+    with pytest.raises(DataError, match=f'{path}, line 2: "answer" "1/2" is not a number, which the numeric reward'):
+        PromptDataset(path, tokenizer, 64)
+    with pytest.raises(ValueError, match="'1/2' is not a number"):  # a line of the run's --reward: at its rollout
+        numeric_match("no number here", "1/2")
 
 
 def test_a_prompt_of_only_a_system_turn_is_described_as_written(tmp_path, tokenizer):
