@@ -1,8 +1,9 @@
 """On-policy preference pairs for 5-dpo.py: a checkpoint's own answers as rejected, the reference answers as chosen.
 
 DPO pays most on the model's own mistakes. For each SFT conversation of --data, the model answers the
-prompt (every turn but the last); where its answer differs from the reference answer, the pair
-{"chosen": prompt + reference, "rejected": prompt + the model's answer} goes to --out.
+prompt (every turn but the last, with the line's tools); where its answer ends (an answer cut off at
+--max_new_tokens is left out: as a whole answer it would end where the model did not) and differs from the
+reference answer, the pair {"chosen": prompt + reference, "rejected": prompt + the model's answer} goes to --out.
 
     python -m scripts.sample_pairs --config configs/tiny.json --checkpoint output/sft_dense/sft_128.pth \\
         --data data/sft.jsonl --out data/dpo_onpolicy.jsonl --limit 2000
@@ -14,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from dataset import SFTDataset
+from dataset.chat import chat_messages, render_chat
 from dataset.jsonl import bad_line_error, load_jsonl
 from model import Sampling, atomic_write, stream_tokens
 from trainer import run_cli
@@ -41,32 +43,38 @@ def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     model, tokenizer, _ = load_checkpoint_flags(args)
-    records = load_jsonl(args.data, ("conversations",), SFTDataset.record_problem)
+    records = load_jsonl(args.data, SFTDataset.columns, SFTDataset.record_problem, optional=SFTDataset.optional,
+                         nested=SFTDataset.nested)
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p)
-    pairs, same = [], 0
+    pairs, same, cut = [], 0, 0
     for record in tqdm(records.select(range(min(args.limit, len(records)))), desc="sampling answers"):
         problem = SFTDataset.record_problem(record)
         if problem:
             raise bad_line_error(args.data, SFTDataset.record_problem, problem)  # names the file and line
-        conversation = record["conversations"]
-        prompt = tokenizer.apply_chat_template(conversation[:-1], tokenize=False, add_generation_prompt=True)
-        input_ids = tokenizer(prompt, return_tensors="pt").input_ids[:, -args.max_seq_len:].to(args.device)
+        conversation, tools = record["conversations"], record.get("tools")
+        messages, offered = chat_messages(conversation[:-1], tools)
+        prompt = render_chat(tokenizer, messages, offered, add_generation_prompt=True)
+        input_ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
         with autocast_context(args):
-            tokens = [int(t) for t in stream_tokens(model, input_ids, args.max_new_tokens, sampling,
-                                                   tokenizer.eos_token_id)]
-        answer = tokenizer.decode([t for t in tokens if t != tokenizer.eos_token_id], skip_special_tokens=True)
+            tokens = [int(t) for t in stream_tokens(model, input_ids[:, -args.max_seq_len:].to(args.device),
+                                                   args.max_new_tokens, sampling, tokenizer.eos_token_id)]
+        if tokenizer.eos_token_id not in tokens:  # cut off: as a whole answer it would end where the model did not
+            cut += 1
+            continue
+        answer = tokenizer.decode(tokens[:tokens.index(tokenizer.eos_token_id)], skip_special_tokens=True)
         if answer.strip() == conversation[-1]["content"].strip():
             same += 1
             continue
-        pairs.append({"chosen": conversation,
-                      "rejected": [*conversation[:-1], {"role": "assistant", "content": answer}]})
+        pair = {"chosen": conversation, "rejected": [*conversation[:-1], {"role": "assistant", "content": answer}]}
+        pairs.append(pair if tools is None else {**pair, "tools": tools})
 
     def write(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(pair, ensure_ascii=False) + "\n" for pair in pairs)
 
     atomic_write(args.out, write)
-    say(f"wrote {len(pairs)} pairs to {args.out} ({same} answers equal to the reference were left out)")
+    say(f"wrote {len(pairs)} pairs to {args.out} ({same} answers equal to the reference and {cut} cut off at "
+        f"--max_new_tokens {args.max_new_tokens} were left out)")
 
 
 if __name__ == "__main__":

@@ -181,17 +181,27 @@ def test_bad_preference_lines_name_file_line_and_fix(tmp_path, tokenizer, line, 
     assert str(error.value).startswith(f"{path}, line 2: ") and "fix or delete that line" in str(error.value)
 
 
-def test_on_policy_pairs_reject_the_models_own_answers(tmp_path, tokenizer, sft_trained):
-    sft = sft_file(tmp_path / "data", copies=1)
-    copy_output(sft_trained, tmp_path)
-    result = run_stage("-m", "scripts.sample_pairs", *MODEL, "--limit", 3, "--max_new_tokens", 6, cwd=tmp_path)
-    assert "wrote 3 pairs to data/dpo_onpolicy.jsonl" in result.stdout
-    pairs = PreferenceDataset(tmp_path / "data/dpo_onpolicy.jsonl", tokenizer, max_length=48)
-    assert len(pairs) == 3
-    lines = [json.loads(line) for line in (tmp_path / "data/dpo_onpolicy.jsonl").read_text().splitlines()]
-    originals = [json.loads(line)["conversations"] for line in sft.read_text().splitlines()[:3]]
-    assert [line["chosen"] for line in lines] == originals
-    assert all(line["rejected"][-1]["content"] != line["chosen"][-1]["content"] for line in lines)
+def test_on_policy_pairs_reject_the_models_own_finished_answers(tmp_path, tool_caller):
+    """The model's greedy answer is the rejected one where it differs from the reference; one equal to it, or cut off
+    at --max_new_tokens (as a whole answer it would end where the model did not), makes no pair."""
+    from conftest import GREETING, QUESTION
+    from trainer.tools import load_tools
+
+    greeting = GREETING[0]
+    data = write_jsonl(tmp_path / "sft.jsonl", [
+        {"conversations": [greeting, {"role": "assistant", "content": "Hi there."}]},  # it says "Hello!"
+        {"conversations": GREETING},  # it says what the reference says
+        # offered the calculator (the line's tools reach the prompt), it thinks, then calls it: past 8 tokens
+        {"conversations": [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": "391"}],
+         "tools": load_tools("calculator").schemas},
+    ])
+    result = run_stage("-m", "scripts.sample_pairs", "--checkpoint", tool_caller[0], "--data", data, "--temperature", 0,
+                       "--max_new_tokens", 8, "--out", "pairs.jsonl", cwd=tmp_path)
+    assert ("wrote 1 pairs to pairs.jsonl (1 answers equal to the reference and 1 cut off at --max_new_tokens 8 were "
+            "left out)") in result.stdout
+    [pair] = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    assert pair == {"chosen": [greeting, {"role": "assistant", "content": "Hi there."}],
+                    "rejected": [greeting, {"role": "assistant", "content": "Hello!"}]}
 
 
 MOE = ["--model_type", "moe", "--n_routed_experts", 4, "--num_experts_per_tok", 2, "--n_shared_experts", 0]
