@@ -47,6 +47,24 @@ def test_loss_equals_a_hand_computation_with_clipping_engaged():
     assert kl.item() == pytest.approx(kl_total, rel=1e-6) and clipped.item() == clipped_count
 
 
+def test_log_probabilities_far_apart_outside_the_completion_leave_the_loss_finite():
+    """Prompt and padding places are masked out, whatever their log-probabilities: exp of a gap of 1000 nats would
+    be inf there, and inf × 0 a NaN that skips the step."""
+    logp, mask = torch.zeros(1, 3), torch.tensor([[0, 1, 1]])
+    old, ref = torch.tensor([[-1000.0, 0.0, 0.0]]), torch.tensor([[1000.0, 0.0, 0.0]])
+    loss, kl, clipped = grpo_loss(logp, old, ref, torch.ones(1), mask, 0.2, 0.1, 2)
+    assert (loss.item(), kl.item(), clipped.item()) == (-1.0, 0.0, 0)
+
+
+@pytest.mark.parametrize("value, expected", [(True, 1.0), (False, 0.0), (torch.tensor(0.5), 0.5), (3, 3.0)])
+def test_a_reward_function_may_return_any_number(tokenizer, value, expected):
+    from trainer.grpo import GroupRelativePolicy
+
+    policy = GroupRelativePolicy(None, tokenizer, agent_args(tools=None), "start")
+    policy.custom_reward = lambda completion, answer: value
+    assert policy.score("text", "answer", None, 0, "grpo.jsonl") == expected
+
+
 def test_kl_is_zero_while_the_policy_is_the_reference():
     logp = torch.randn(3, 5)
     _, kl, _ = grpo_loss(logp, logp, logp, torch.ones(3), torch.ones(3, 5), 0.2, 0.1, 15)

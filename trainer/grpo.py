@@ -108,14 +108,15 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps, beta, units)
 
     Per token: −min(ratio·A, clip(ratio, 1 ± ε)·A) + β·(exp(ref − logp) − (ref − logp) − 1), summed and
     divided by `units`, the step's completion tokens."""
-    ratio = torch.exp(logp - old_logp)
+    trained = mask.bool()  # the other places' log-probabilities may be anything: exp of a large one is inf, inf × 0 NaN
+    ratio = torch.exp(torch.where(trained, logp - old_logp, 0))
     advantages = advantages[:, None]
     clipped_ratio = ratio.clamp(1 - clip_eps, 1 + clip_eps)
     policy = -torch.minimum(ratio * advantages, clipped_ratio * advantages)
-    log_ratio = ref_logp - logp
+    log_ratio = torch.where(trained, ref_logp - logp, 0)
     kl = torch.exp(log_ratio) - log_ratio - 1
     per_token = policy + beta * kl
-    clipped = (ratio * advantages > clipped_ratio * advantages) & mask.bool()
+    clipped = (ratio * advantages > clipped_ratio * advantages) & trained
     return (per_token * mask).sum() / units, (kl * mask).sum(), clipped.sum()
 
 
@@ -277,8 +278,12 @@ class GroupRelativePolicy(Objective):
         except Exception as err:
             what = f"raised {type(err).__name__}: {err}"
         else:
-            if not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value):
-                return float(value)
+            try:  # a bool, a numpy or 0-dim torch number are numbers too; a string is not
+                number = None if isinstance(value, (str, bytes)) else float(value)
+            except (TypeError, ValueError):
+                number = None
+            if number is not None and math.isfinite(number):
+                return number
             what = f"returned {value!r}, not a finite number"
         raise UserError(f"{path}, line {line_number(path, index)}: the reward function {what} for this prompt's "
                         f"completion; fix the function or the line's \"answer\"")
