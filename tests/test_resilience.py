@@ -230,6 +230,17 @@ def test_a_resume_past_an_unreadable_state_keeps_the_good_ones(workdir, capsys):
     assert code == 0 and any("pretrain_64_resume_00000004.pt is unreadable" in line for line in err)
 
 
+def test_resume_on_other_data_says_the_continuation_is_not_the_runs(workdir, capsys):
+    assert run_in_process(capsys, "--max_steps", 2)[0] == 0
+    data = workdir / "data/pretrain.jsonl"
+    data.write_text(data.read_text() + '{"text": "One more document."}\n')
+    code, err = run_in_process(capsys, "--max_steps", 4, "--resume")
+    assert code == 0 and any(line.startswith("warning: the training data (data/pretrain.jsonl) has ") and
+                             "the continuation is not the run's" in line for line in err)
+    code, err = run_in_process(capsys, "--max_steps", 6, "--resume")  # the run's data from here on: nothing said
+    assert code == 0 and not any("the training data" in line for line in err)
+
+
 def test_resume_refuses_another_tokenizer_and_leaves_the_runs_own(workdir, capsys):
     from scripts import train_tokenizer
 

@@ -504,7 +504,8 @@ class Trainer:
             "progress": asdict(self.progress), "model": model_state, "optimizer": optimizer_state,
             "scaler": self.scaler.state_dict(), "rng": rng_state(self.device), "objective": self.objective.state_dict(),
             "flags": {name: getattr(self.args, name) for name in RESUME_FLAGS + self.same_run_flags},
-            "world_size": self.world_size, "data_order": LENGTH_GROUP_STEPS, "log_rows": self.log.rows(),
+            "world_size": self.world_size, "data_order": LENGTH_GROUP_STEPS, "samples": len(self.dataset),
+            "log_rows": self.log.rows(),
             "run_id": self.run_id,
         }
 
@@ -532,4 +533,9 @@ class Trainer:
         check_resume_flags(state, self.args, self.world_size, self.paths, self.same_run_flags)
         self.log.check_continues()
         self.load_state_dict(state)
+        if state.get("samples", len(self.dataset)) != len(self.dataset):
+            say(f"warning: the training data ({self.args.data_path}) has {len(self.dataset):,} samples where the run in "
+                f"{self.paths.dir} had {state['samples']:,}: the rest of this epoch follows another order, so the "
+                "continuation is not the run's (to train on other data from these weights, start a run with "
+                "--init_from)", err=True)
         say(f"resumed {path.name}: step {self.progress.step} of {self.total_steps}", err=True)
