@@ -54,11 +54,12 @@ def log_steps(path):
 
 
 def start_pretrain(cwd, out_dir, *extra):
-    # The test's own environment (its thread count too, which the bits of a step depend on), as run_stage's.
+    # The test's own environment (its thread count too, which the bits of a step depend on), as run_stage's; a
+    # process group of its own, as a command started from a terminal.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
     return subprocess.Popen(
         [sys.executable, str(ROOT / "1-pretrain.py"), *TINY, "--out_dir", out_dir, *map(str, extra)],
-        cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
 
 
@@ -98,13 +99,14 @@ def test_sigkill_then_resume_is_bit_identical(workdir):
 
 
 def test_sigint_saves_and_says_how_to_resume(workdir):
-    process = start_pretrain(workdir, "output", *STEPS)
+    """Ctrl-C as a terminal sends it: to the trainer and its data-loading workers, which leave it to the trainer."""
+    process = start_pretrain(workdir, "output", *STEPS, "--num_workers", 2)
     run_dir = workdir / "output/pretrain_dense"
     wait_for_resume_state(run_dir, process)
-    process.send_signal(signal.SIGINT)
+    os.killpg(process.pid, signal.SIGINT)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 128 + signal.SIGINT
-    assert "--resume" in err
+    assert "--resume" in err and err.count("SIGINT: saving a checkpoint after this step") == 1
     latest = sorted(run_dir.glob("*_resume_*.pt"))[-1]
     state = torch.load(latest, weights_only=True)
     assert 5 <= state["progress"]["step"] < 60

@@ -64,6 +64,14 @@ def lr_at(step, total_steps, warmup_steps, peak, schedule="cosine", decay_fracti
     return final + (peak - final) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def leave_stop_signals_to_the_trainer(worker_id):
+    """In a DataLoader worker: Ctrl-C reaches every process of the terminal's group, and a worker inherits the
+    trainer's handler, which would say it saves (once per worker) and, at a second Ctrl-C, kill the worker under the
+    loader. The trainer stops its workers itself."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def plan_steps(args, samples, world_size):
     """(total steps, warmup steps): --max_steps, else --epochs passes over the samples the processes take (cut to a
     multiple of `world_size`, as `step_batches` cuts them, so an epoch ends where the plan says); the warmup is
@@ -321,6 +329,7 @@ class Trainer:
             # Its own generator: seeding workers must not draw from the global RNG a resumed run restores.
             generator=torch.Generator().manual_seed(self.args.seed),
             pin_memory=self.device.type == "cuda",
+            worker_init_fn=leave_stop_signals_to_the_trainer,
         )
         group = []
         for batch in loader:
