@@ -12,15 +12,18 @@ import unicodedata
 def final_answer(text, spaced=False):
     """What follows the last "答案"/"answer" marker, else the whole text, NFKC-folded, lower-cased, without
     whitespace or punctuation, but for the marks that make a number (a minus before a digit, a decimal point or a
-    fraction's bar between two). `spaced`: a run of whitespace and punctuation between two Latin letters or digits
-    is one space instead, so words and numbers stay apart."""
+    fraction's bar between two), and the thousands' commas of numbers. `spaced`: a run of whitespace and punctuation
+    between two ASCII letters or digits (or before a negative number) is one space instead, so words and numbers stay
+    apart."""
     marker = list(re.finditer(r"(答案|\banswer\b)\s*(is|是|为)?\s*[:：]?", text, flags=re.I))
     text = text[marker[-1].end():] if marker else text
-    text = unicodedata.normalize("NFKC", text).lower()
+    text = THOUSANDS.sub("", unicodedata.normalize("NFKC", text).lower())
     numeric = {mark.start() for mark in NUMBER_MARKS.finditer(text)}
     kept = "".join(ch if at in numeric or not (ch.isspace() or unicodedata.category(ch).startswith("P"))
                    else " " for at, ch in enumerate(text))
-    return re.sub(r"(?<![a-z0-9]) | (?![a-z0-9])", "", " ".join(kept.split())) if spaced else kept.replace(" ", "")
+    if not spaced:
+        return kept.replace(" ", "")
+    return re.sub(r"(?<![a-z0-9]) | (?![a-z0-9]|-\d)", "", " ".join(kept.split()))
 
 
 NUMBER_MARKS = re.compile(r"(?<!\d)-(?=\d)|(?<=\d)[./](?=\d)")
@@ -47,9 +50,10 @@ def numeric_match(completion, answer):
 def number_answer(answer):
     """The number an answer for the numeric reward holds (thousands' commas allowed), or None."""
     try:
-        return float(THOUSANDS.sub("", answer.strip()))
+        value = float(THOUSANDS.sub("", answer.strip()))
     except ValueError:
         return None
+    return value if math.isfinite(value) else None  # "nan" or "inf" would match nothing, silently
 
 
 THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")  # the comma in 1,000 (not in 1,5)
@@ -59,7 +63,7 @@ def contains(completion, answer):
     """1.0 when the normalised answer appears in the normalised completion (a next line inside a sentence) as a whole:
     a Latin word or a number not inside a longer one ("5" is not in "15", "-5" or "3.5"; "no" is not in "know")."""
     needle = final_answer(answer, spaced=True)
-    return float(bool(needle) and re.search(rf"(?<![a-z0-9.\-]){re.escape(needle)}(?![a-z0-9]|[./]\d)",
+    return float(bool(needle) and re.search(rf"(?<![a-z0-9./\-]){re.escape(needle)}(?![a-z0-9]|[./]\d)",
                                             final_answer(completion, spaced=True)) is not None)
 
 

@@ -123,7 +123,8 @@ class Engine:
                     self._step()
                 except Exception as err:  # a failure outside any one request's work (on CUDA, an asynchronous
                     for slot in list(self.running):  # device error surfaces at the step's one read): the step's
-                        self._finish(slot, failure(err))  # requests end with it and the engine serves on
+                        with contextlib.suppress(Exception):  # requests end with it and the engine serves on
+                            self._finish(slot, failure(err))
         for request in [*self.waiting, *(state.request for state in self.running.values())]:
             with contextlib.suppress(Exception):  # one failing callback must not keep the others waiting
                 request.emit(None, "cancelled")

@@ -101,7 +101,7 @@ CACHE_STEP = 256  # the streams' cache lengths are rounded up to a multiple of t
 def decoder_for(model, batch, length):
     """The model's decoder for `batch` rows of up to `length` positions: the one its last stream ran if that has
     this batch, cache length (`length` rounded up to CACHE_STEP, within the model's positions where they allow),
-    dtype and parameters, its cache cleared and any weights it copies (`Decoder.weights`) made anew, in place once
+    dtype and parameters, any weights it copies (`Decoder.weights`) made anew, in place once
     a CUDA graph reads them (the model may have been trained since: fused optimizers change weights without
     marking them changed), so a compiled step, and on CUDA its captured graph, serve every later stream; else a
     new one."""
@@ -111,9 +111,7 @@ def decoder_for(model, batch, length):
     if decoder is None or (decoder.shape, decoder.addresses) != (shape, weight_addresses(model)):
         decoder = DECODERS[model] = Decoder(model, batch, length)
         return decoder
-    decoder.refresh(model)
-    for cache in (*decoder.keys, *decoder.values):
-        cache.zero_()
+    decoder.refresh(model)  # its cache needs no clearing: a prefill clears its rows past the prompt
     return decoder
 
 

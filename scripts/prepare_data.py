@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> None:
         pretrain = sample_evenly(pretrain, args.max_chars, len, args.seed)
         if max_sft is None and full_chars:  # no pretraining text to take a fraction of: the chats stay whole
             sampled_chars = sum(len(t) for texts in pretrain.values() for t in texts)
-            max_sft = round(sum(map(len, sft.values())) * sampled_chars / max(full_chars, 1))
+            max_sft = round(sum(map(len, sft.values())) * sampled_chars / full_chars)
     if max_sft is not None:
         sft = sample_evenly(sft, max_sft, lambda conversation: 1, args.seed)
     sft = add_system_turns(sft, args.seed)

@@ -134,10 +134,12 @@ def test_a_new_chat_during_an_answer_starts_clean_and_a_failure_mid_stream_shows
     server = Server(TinyMindForCausalLM(tiny_config(vocab_size=6400, initializer_range=0.1)).eval(), load_tokenizer())
     browser = browse(server)
     try:
-        browser.find_element(By.ID, "max_tokens").clear()
-        browser.find_element(By.ID, "max_tokens").send_keys("200")
+        for field, value in (("temperature", "0"), ("max_tokens", "200")):  # greedy: a random model writes no end
+            browser.find_element(By.ID, field).clear()
+            browser.find_element(By.ID, field).send_keys(value)
         browser.find_element(By.ID, "input").send_keys("你好", Keys.ENTER)
         WebDriverWait(browser, 30).until(lambda b: b.find_element(By.CSS_SELECTOR, ".assistant").text)
+        assert browser.find_element(By.ID, "send").get_attribute("disabled")  # still answering
         browser.find_element(By.ID, "new").click()
         WebDriverWait(browser, 30).until(lambda b: not b.find_element(By.ID, "send").get_attribute("disabled"))
         ask(browser, "你好", 1)

@@ -385,15 +385,17 @@ def test_a_step_with_found_inf_leaves_weights_and_state_as_they_were_without_a_h
         torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("available, native_bf16, expected", [(False, False, "float32"), (True, True, "bfloat16"),
-                                                              (True, False, "float16")])
-def test_the_default_dtype_is_bfloat16_only_where_the_gpu_computes_it(monkeypatch, available, native_bf16, expected):
+@pytest.mark.parametrize("available, native_bf16, training, inference", [
+    (False, False, "float32", "float32"), (True, True, "bfloat16", "bfloat16"), (True, False, "float16", "float32")])
+def test_the_default_dtype_is_bfloat16_only_where_the_gpu_computes_it(monkeypatch, available, native_bf16, training,
+                                                                     inference):
     """A T4 or a V100 would run bfloat16 emulated, slower than float32 (torch's is_bf16_supported() says True there
-    unless asked about native support): such a GPU trains in float16 with a loss scaler."""
+    unless asked about native support): such a GPU trains in float16 with a loss scaler, and decodes in float32."""
     from trainer.flags import default_dtype
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported",
                         lambda including_emulation=True: native_bf16 or including_emulation)
-    assert default_dtype("cuda") == expected and default_dtype("cpu") == "float32"
+    assert (default_dtype("cuda", training=True), default_dtype("cuda", training=False)) == (training, inference)
+    assert default_dtype("cpu", training=True) == "float32"
 

@@ -101,6 +101,12 @@ def test_kl_is_zero_while_the_policy_is_the_reference():
     (contains, "I do not know", "no", 0.0),
     (contains, "No, I think not.", "no", 1.0),
     (contains, "To be,or not to be: that is the question", "to be, or not to be", 1.0),
+    (contains, "it is -5.", "-5", 1.0),  # a negative number stands apart from the word before it
+    (contains, "the values are 3, -5", "-5", 1.0),
+    (contains, "1,000 apples", "1000", 1.0),  # thousands' commas are no separators
+    (contains, "it costs 1000 dollars", "1,000", 1.0),
+    (contains, "it is 3/5", "3", 0.0),  # a number inside a fraction is not the number
+    (contains, "it is 3/5", "5", 0.0),
 ])
 def test_registry_rewards(reward, completion, answer, expected):
     assert reward(completion, answer) == expected
@@ -207,6 +213,8 @@ def test_a_numeric_prompt_whose_answer_is_no_number_is_refused_at_its_line(tmp_p
         PromptDataset(path, tokenizer, 64)
     with pytest.raises(ValueError, match="'1/2' is not a number"):  # a line of the run's --reward: at its rollout
         numeric_match("no number here", "1/2")
+    with pytest.raises(ValueError, match="'nan' is not a number"):  # which nothing would ever equal
+        numeric_match("nan", "nan")
 
 
 def test_a_prompt_of_only_a_system_turn_is_described_as_written(tmp_path, tokenizer):

@@ -247,11 +247,13 @@ def task_accuracies(model, tokenizer, tasks, args):
     # lm-eval seeds Python's, numpy's and torch's generators: the run's own streams (dropout) go on as they were
     python_state, numpy_state = random.getstate(), np.random.get_state()
     device = torch.device(args.device)
-    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-        results = simple_evaluate(model=lm, tasks=list(tasks), limit=args.eval_limit, task_manager=manager,
-                                  log_samples=False, verbosity="ERROR", random_seed=args.seed,
-                                  numpy_random_seed=args.seed, torch_random_seed=args.seed,
-                                  fewshot_random_seed=args.seed)
-    random.setstate(python_state)
-    np.random.set_state(numpy_state)
+    try:
+        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+            results = simple_evaluate(model=lm, tasks=list(tasks), limit=args.eval_limit, task_manager=manager,
+                                      log_samples=False, verbosity="ERROR", random_seed=args.seed,
+                                      numpy_random_seed=args.seed, torch_random_seed=args.seed,
+                                      fewshot_random_seed=args.seed)
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
     return accuracies(results)

@@ -84,7 +84,7 @@ def add_model_flags(parser):
     group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
     group.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                        help="autocast dtype; on CUDA bfloat16 where the GPU computes it natively (Ampere on), else "
-                            "float16 with a loss scaler; float32 on a CPU")
+                            "float16 with a loss scaler to train and float32 to decode; float32 on a CPU")
     group.add_argument("--seed", type=int, default=42, help="seeds init, data order and sampling")
     group.add_argument("--out_dir", default="output", help="run folders go in here")
 
@@ -246,7 +246,7 @@ def parse(parser, argv=None):
     args = parser.parse_args(argv)
     args.given_flags = set(preset) | given_on_command_line(parser, argv)
     if args.dtype is None:
-        args.dtype = default_dtype(args.device)
+        args.dtype = default_dtype(args.device, training=hasattr(args, "learning_rate"))  # a stage's flags
     cuda = args.device.startswith("cuda")
     if getattr(args, "compile", False) is None:
         args.compile = cuda
@@ -256,12 +256,15 @@ def parse(parser, argv=None):
     return args
 
 
-def default_dtype(device):
-    """bfloat16 autocast on a GPU that computes it natively (Ampere and later), float16 with a loss scaler on an older
-    one (a T4, a V100: torch emulates bfloat16 there, slower than float32), float32 on a CPU."""
+def default_dtype(device, training):
+    """bfloat16 autocast on a GPU that computes it natively (Ampere and later); on an older one (a T4, a V100, where
+    torch emulates bfloat16, slower than float32) float16 with a loss scaler to train, float32 to decode and score (a
+    model trained in bfloat16 may overflow float16's range); float32 on a CPU."""
     if not (device.startswith("cuda") and torch.cuda.is_available()):
         return "float32"
-    return "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
+    if torch.cuda.is_bf16_supported(including_emulation=False):
+        return "bfloat16"
+    return "float16" if training else "float32"
 
 
 def given_on_command_line(parser, argv):

@@ -11,6 +11,7 @@ from bit-exactly (`state_dict` / `load_state_dict`, in the run folder of trainer
 import contextlib
 import ctypes
 import math
+import os
 import signal
 import time
 import uuid
@@ -65,11 +66,12 @@ def lr_at(step, total_steps, warmup_steps, peak, schedule="cosine", decay_fracti
 
 
 def leave_stop_signals_to_the_trainer(worker_id):
-    """In a DataLoader worker: Ctrl-C reaches every process of the terminal's group, and a worker inherits the
-    trainer's handler, which would say it saves (once per worker) and, at a second Ctrl-C, kill the worker under the
-    loader. The trainer stops its workers itself."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
+    """In a DataLoader worker: out of the terminal's process group, which Ctrl-C (or a SIGTERM to the group) reaches,
+    and with the default handlers back. A worker inherits the trainer's, which would say it saves (once per worker) and,
+    at a second Ctrl-C, kill the worker under the loader; the trainer stops its workers itself (a SIGTERM each)."""
+    os.setpgrp()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def plan_steps(args, samples, world_size):
@@ -507,7 +509,8 @@ class Trainer:
         distributed.main_process_alone(write)
 
     def state_dict(self):
-        """Everything `--resume` needs to continue exactly. Under FSDP every process must call it."""
+        """Everything `--resume` needs to continue exactly. Every process must call it (FSDP gathers the shards,
+        GRPO every process's pending rollouts)."""
         model_state, optimizer_state = distributed.full_state_dicts(self.model, self.optimizers)
         return {
             "progress": asdict(self.progress), "model": model_state, "optimizer": optimizer_state,

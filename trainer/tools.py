@@ -24,7 +24,7 @@ import json
 import operator
 from pathlib import Path
 
-from simpleeval import SimpleEval
+from simpleeval import InvalidExpression, SimpleEval
 from transformers.utils import get_json_schema
 
 from dataset import DataError
@@ -62,16 +62,21 @@ def calculator(expression: str) -> str:
     """Evaluate arithmetic, such as (17 + 4) * 23.
 
     Args:
-        expression: numbers joined by + - * / % ** and parentheses
+        expression: numbers joined by + - * / // % ** and parentheses
     """
     if len(expression) > LONGEST_EXPRESSION:
         raise ValueError(f"the expression is {len(expression):,} characters; this calculator takes at most "
                          f"{LONGEST_EXPRESSION:,}")
     evaluator = SimpleEval(operators={kind: bounded(operation) for kind, operation in ARITHMETIC.items()},
                            functions={}, names={})
-    value = evaluator.eval(expression.replace("×", "*").replace("÷", "/"))
+    try:
+        value = evaluator.eval(expression.replace("×", "*").replace("÷", "/"))
+    except (InvalidExpression, KeyError):  # an operator, name or function it does not take (^, <<, <, open)
+        value = None
+    except RecursionError:
+        raise ValueError("the expression nests too deeply for this calculator") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{expression!r} is not arithmetic")
+        raise ValueError(f"{expression!r} is not arithmetic: use + - * / // % ** and parentheses")
     return str(round(value, 10) if isinstance(value, float) else value)
 
 
