@@ -69,7 +69,8 @@ def leave_stop_signals_to_the_trainer(worker_id):
     """In a DataLoader worker: out of the terminal's process group, which Ctrl-C (or a SIGTERM to the group) reaches,
     and with the default handlers back. A worker inherits the trainer's, which would say it saves (once per worker) and,
     at a second Ctrl-C, kill the worker under the loader; the trainer stops its workers itself (a SIGTERM each)."""
-    os.setpgrp()
+    if hasattr(os, "setpgrp"):  # POSIX
+        os.setpgrp()
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
