@@ -58,11 +58,13 @@ ARITHMETIC = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.m
               ast.UAdd: operator.pos}
 
 
+# The docstring below is the tool's schema, which the demo's tool chats (prepare_data) train the model on: a change to
+# its words changes every prompt that offers the calculator, and what a tool-tuned model does with it.
 def calculator(expression: str) -> str:
     """Evaluate arithmetic, such as (17 + 4) * 23.
 
     Args:
-        expression: numbers joined by + - * / // % ** and parentheses
+        expression: numbers joined by + - * / % ** and parentheses
     """
     if len(expression) > LONGEST_EXPRESSION:
         raise ValueError(f"the expression is {len(expression):,} characters; this calculator takes at most "
