@@ -246,7 +246,7 @@ def parse(parser, argv=None):
     args = parser.parse_args(argv)
     args.given_flags = set(preset) | given_on_command_line(parser, argv)
     if args.dtype is None:
-        args.dtype = default_dtype(args.device, training=hasattr(args, "learning_rate"))  # a stage's flags
+        args.dtype = default_dtype(args.device, training=hasattr(args, "learning_rate"))  # the training flags: it trains
     cuda = args.device.startswith("cuda")
     if getattr(args, "compile", False) is None:
         args.compile = cuda
